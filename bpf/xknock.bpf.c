@@ -1,0 +1,100 @@
+/* xknock.bpf.c: the XDP entry. Parse, check the deny-list, classify the
+ * destination with one lookup, then judge guarded and knock ports. One exit,
+ * where the verdict is counted and monitor mode applied. */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/icmpv6.h>
+
+#include "xknock_consts.h"
+#include "xknock_structs.h"
+#include "xknock_parsing.h"
+#include "xknock_maps.h"
+#include "xknock_stats.h"
+#include "xknock_policy.h"
+#include "xknock_knock.h"
+
+static __always_inline int is_drop(__u32 reason)
+{
+	return reason >= XK_DROP_DENYLIST && reason < XK_VERDICT_REASONS;
+}
+
+static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set_out)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 zero = 0;
+	struct xk_packet *pkt = scratch.lookup(&zero);
+	if (!pkt)
+		return XK_DROP_MALFORMED;
+	struct xk_control *ctl = control.lookup(&zero);
+	if (!ctl)
+		return XK_DROP_MALFORMED;   /* cannot happen: arrays always have index 0 */
+	__u32 bank = ctl->active_bank & 1;
+	struct xk_settings *set = settings.lookup(&bank);
+	if (!set)
+		return XK_DROP_MALFORMED;
+	*set_out = set;
+#ifdef XK_TEST_CLOCK
+	__u64 now = ctl->test_now_ns;
+#else
+	__u64 now = bpf_ktime_get_ns();
+#endif
+
+	__builtin_memset(pkt, 0, sizeof(*pkt));
+	pkt->parsed = parse_packet(data, data_end, pkt);
+	/* Read back from map memory: every parse path joins into one state here. */
+	__u8 parsed = *(volatile __u8 *)&pkt->parsed;
+	switch (parsed) {
+	case XK_PARSED_NOT_IP:
+		return XK_PASS_NOT_IP;
+	case XK_PARSED_MALFORMED:
+		return XK_DROP_MALFORMED;
+	case XK_PARSED_BAD_FRAGMENT:
+		return XK_DROP_FRAGMENT;
+	default:
+		break;
+	}
+	/* The source is known from here on, for every parse result left. */
+	if ((set->flags & XK_SET_HAS_DENY) && source_listed(1, bank, &pkt->src))
+		return XK_DROP_DENYLIST;
+	if (parsed == XK_PARSED_FRAGMENT)
+		return XK_PASS_FRAGMENT;
+	if (parsed == XK_PARSED_OTHER_L4)
+		return XK_PASS_OTHER_L4;
+
+	struct xk_port_key pkey = {};
+	pkey.bank = bank;
+	pkey.proto = pkt->proto;
+	pkey.port = pkt->dport;
+	struct xk_port_val *port = ports.lookup(&pkey);
+	if (!port)
+		return XK_PASS_UNGUARDED;
+	if (port->flags & XK_PORT_GUARDED)
+		return guarded_verdict(pkt, set, bank, now);
+	if (port->flags & XK_PORT_KNOCK) {
+		handle_knock(pkt, port, now);
+		return XK_DROP_KNOCK;
+	}
+	return XK_PASS_UNGUARDED;
+}
+
+int xdp_knock(struct xdp_md *ctx)
+{
+	struct xk_settings *set = NULL;
+	__u32 reason = decide(ctx, &set);
+	count(reason);
+	if (!is_drop(reason))
+		return XDP_PASS;
+	if (set && set->mode == XK_MODE_MONITOR) {
+		count(XK_MONITOR_PASSED);
+		return XDP_PASS;
+	}
+	return XDP_DROP;
+}

@@ -1,0 +1,104 @@
+/* xknock_consts.h: limits, flags and the numbered reasons shared with the
+ * controller. Mirrored by controller/layout.py; tests/test_layout.py checks
+ * that both sides agree. Every limit can be overridden at build time. */
+#ifndef XKNOCK_CONSTS_H
+#define XKNOCK_CONSTS_H
+
+#ifndef XK_MAX_SEQUENCES            /* sequence slots per policy bank */
+#define XK_MAX_SEQUENCES 64
+#endif
+#ifndef XK_MAX_STEPS                /* knocks per sequence; a step mask is 32 bits */
+#define XK_MAX_STEPS 16
+#endif
+#ifndef XK_MAX_OPEN                 /* ports one sequence opens */
+#define XK_MAX_OPEN 8
+#endif
+#ifndef XK_MAX_SEQS_PER_PORT        /* sequences that may share one knock port */
+#define XK_MAX_SEQS_PER_PORT 4
+#endif
+#ifndef XK_PORT_ENTRIES             /* classified ports, both banks together */
+#define XK_PORT_ENTRIES 4096
+#endif
+#ifndef XK_PROGRESS_ENTRIES         /* (source, sequence) knocks in progress, LRU */
+#define XK_PROGRESS_ENTRIES 262144
+#endif
+#ifndef XK_GRANT_ENTRIES            /* (source, port) grants; never evicted */
+#define XK_GRANT_ENTRIES 65536
+#endif
+#ifndef XK_LIST_ENTRIES             /* allow- or deny-list CIDRs, both banks together */
+#define XK_LIST_ENTRIES 262144
+#endif
+#ifndef XK_MAX_EXT_HDRS             /* IPv6 extension headers walked before giving up */
+#define XK_MAX_EXT_HDRS 8
+#endif
+#ifndef XK_MAX_VLAN                 /* stacked 802.1Q / 802.1ad tags */
+#define XK_MAX_VLAN 2
+#endif
+#ifndef XK_GRANT_REFRESH_NS         /* how coarsely traffic refreshes a grant's idle clock */
+#define XK_GRANT_REFRESH_NS 1000000000ULL
+#endif
+#ifndef XK_CAS_ATTEMPTS             /* compare-and-swap retries on a contended knock */
+#define XK_CAS_ATTEMPTS 2
+#endif
+#ifndef XK_EVENT_PAGES              /* ring buffer size in pages (power of two) */
+#define XK_EVENT_PAGES 64
+#endif
+
+#if XK_MAX_STEPS > 32
+#error "XK_MAX_STEPS must fit the 32-bit step mask"
+#endif
+
+/* Protocols as the maps spell them: IP protocol numbers, ICMPv6 echo folded into ICMP. */
+#define XK_PROTO_ICMP 1
+#define XK_PROTO_TCP 6
+#define XK_PROTO_UDP 17
+
+/* xk_port_val.flags */
+#define XK_PORT_GUARDED (1U << 0)   /* opened only by the allow-list or a grant */
+#define XK_PORT_KNOCK   (1U << 1)   /* a step of one or more sequences */
+
+/* xk_settings.mode */
+#define XK_MODE_ENFORCE 0
+#define XK_MODE_MONITOR 1
+
+/* xk_settings.flags: lets the hot path skip empty lists */
+#define XK_SET_HAS_ALLOW (1U << 0)
+#define XK_SET_HAS_DENY  (1U << 1)
+
+/* Event types on the ring buffer. */
+#define XK_EV_GRANTED      1   /* a sequence completed and its grants were written */
+#define XK_EV_GRANT_FAILED 2   /* a sequence completed but the grants map was full */
+#define XK_EV_RESET        3   /* a wrong knock ended a sequence in progress */
+#define XK_EV_TIMED_OUT    4   /* a knock came too late; progress was dropped */
+
+/* One counter per reason. The verdict reasons come first: every packet counts
+ * exactly one of them. The knock and grant counters after them count events. */
+enum xk_reason {
+	XK_PASS_NOT_IP = 0,        /* ARP, LLDP and other non-IP frames */
+	XK_PASS_UNGUARDED = 1,     /* IP to a port that is neither guarded nor a knock */
+	XK_PASS_OTHER_L4 = 2,      /* IP protocols without ports (GRE, ESP, SCTP...) */
+	XK_PASS_FRAGMENT = 3,      /* later fragments: their first fragment was judged */
+	XK_PASS_ALLOWLIST = 4,     /* guarded port, source on the allow-list */
+	XK_PASS_GRANT = 5,         /* guarded port, live grant */
+	XK_DROP_DENYLIST = 6,      /* source on the deny-list */
+	XK_DROP_NO_GRANT = 7,      /* guarded port, no live grant */
+	XK_DROP_KNOCK = 8,         /* every packet to a knock port */
+	XK_DROP_MALFORMED = 9,     /* truncated or invalid headers */
+	XK_DROP_FRAGMENT = 10,     /* tiny first or overlapping later fragments */
+	XK_VERDICT_REASONS = 11,
+	XK_KNOCK_ADVANCED = 16,    /* a right step, sequence not finished yet */
+	XK_KNOCK_COMPLETED = 17,
+	XK_KNOCK_RESET = 18,       /* a wrong step ended progress */
+	XK_KNOCK_TIMED_OUT = 19,
+	XK_KNOCK_REPEATED = 20,    /* the step just accepted, again: ignored */
+	XK_KNOCK_IGNORED = 21,     /* no progress and not a first step, or TCP without SYN */
+	XK_KNOCK_CONTENDED = 22,   /* lost every compare-and-swap to other CPUs */
+	XK_GRANT_ISSUED = 23,      /* grant entries written */
+	XK_GRANT_FAILED = 24,      /* grant entries refused: grants map full */
+	XK_GRANT_EXPIRED = 25,     /* dead grants removed by the data path */
+	XK_EVENT_LOST = 26,        /* ring buffer full */
+	XK_MONITOR_PASSED = 27,    /* would have dropped, passed in monitor mode */
+	XK_COUNTERS = 32,
+};
+
+#endif

@@ -1,0 +1,38 @@
+/* xknock_maps.h: every map of the filter. Pinned under XK_PIN_DIR (set by the
+ * controller per interface group) so that a new program re-adopts them. */
+#ifndef XKNOCK_MAPS_H
+#define XKNOCK_MAPS_H
+
+#ifndef XK_PIN_DIR
+#error "XK_PIN_DIR must name the bpffs directory for the maps"
+#endif
+
+/* which policy bank is live, and the test clock */
+BPF_TABLE_PINNED("array", u32, struct xk_control, control, 1, XK_PIN_DIR "/control");
+/* per bank: enforce or monitor, and which lists are non-empty */
+BPF_TABLE_PINNED("array", u32, struct xk_settings, settings, 2, XK_PIN_DIR "/settings");
+/* (bank, protocol, port) -> guarded, or which steps of which sequences */
+BPF_TABLE_PINNED("hash", struct xk_port_key, struct xk_port_val, ports, XK_PORT_ENTRIES,
+		 XK_PIN_DIR "/ports");
+/* sequence definitions: slot = bank * XK_MAX_SEQUENCES + index */
+BPF_TABLE_PINNED("array", u32, struct xk_seq, seqs, 2 * XK_MAX_SEQUENCES, XK_PIN_DIR "/seqs");
+/* knock progress per (source, sequence uid); the least recently used goes first */
+BPF_TABLE_PINNED("lru_hash", struct xk_progress_key, u64, progress, XK_PROGRESS_ENTRIES,
+		 XK_PIN_DIR "/progress");
+/* live grants per (source, protocol, port); a plain hash, so nothing evicts them */
+BPF_TABLE_PINNED("hash", struct xk_grant_key, struct xk_grant, grants, XK_GRANT_ENTRIES,
+		 XK_PIN_DIR "/grants");
+/* allow- and deny-lists, both banks in one trie each */
+BPF_TABLE_PINNED7("lpm_trie", struct xk_lpm_key, u32, allow, XK_LIST_ENTRIES, XK_PIN_DIR "/allow",
+		  BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED7("lpm_trie", struct xk_lpm_key, u32, deny, XK_LIST_ENTRIES, XK_PIN_DIR "/deny",
+		  BPF_F_NO_PREALLOC);
+/* per-CPU counters indexed by enum xk_reason; the controller sums them */
+BPF_TABLE_PINNED("percpu_array", u32, u64, counters, XK_COUNTERS, XK_PIN_DIR "/counters");
+/* the parsed packet: kept in map memory, which the verifier does not track,
+ * so that every parse path joins into one state before the policy runs */
+BPF_PERCPU_ARRAY(scratch, struct xk_packet, 1);
+/* grants and ended sequences, for the controller's log and hooks */
+BPF_RINGBUF_OUTPUT(events, XK_EVENT_PAGES);
+
+#endif

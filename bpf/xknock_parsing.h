@@ -1,0 +1,259 @@
+/* xknock_parsing.h: bounds-checked header parsing. A cursor walks the frame;
+ * each parser returns the next protocol or -1. No policy lives here. */
+#ifndef XKNOCK_PARSING_H
+#define XKNOCK_PARSING_H
+
+/* What the policy needs to know about a packet. It lives in the per-CPU
+ * scratch map, not on the stack: the verifier does not track values in map
+ * memory, so the many paths through the headers join into one state at each
+ * header and after parsing, instead of each being verified to the end. */
+struct xk_packet {
+	struct xk_addr src;
+	__u16 dport;      /* host byte order; 0 for ICMP echo */
+	__u8 proto;       /* XK_PROTO_*, or the raw IP protocol for others */
+	__u8 tcp_flags;   /* byte 13 of the TCP header */
+	__u16 off;        /* the cursor: offset of the next header in the frame */
+	__u16 frag;       /* fragment offset in 8-byte units */
+	__u32 l4_room;    /* bytes after the IP headers, as the IP header says */
+	__u8 first_frag;  /* a first fragment with more to come */
+	__u8 parsed;      /* enum xk_parse */
+	__u8 seq_idx;     /* which of the port's sequences is being knocked */
+	__u8 pad;
+	__u32 knock;      /* what a knock did: enum xk_knock_outcome | XK_KNOCK_* bits */
+};
+
+/* How far parsing got. */
+enum xk_parse {
+	XK_PARSED_L4 = 0,       /* TCP, UDP or ICMP echo request: proto and dport are set */
+	XK_PARSED_NOT_IP,
+	XK_PARSED_OTHER_L4,     /* IP with a protocol that has no ports for us */
+	XK_PARSED_FRAGMENT,     /* a later fragment: no L4 header */
+	XK_PARSED_BAD_FRAGMENT, /* tiny first fragment, or a later one overlapping the L4 header */
+	XK_PARSED_MALFORMED,
+};
+
+struct xk_vlan_hdr {
+	__be16 tci;
+	__be16 encap_proto;
+};
+
+struct xk_ipv6_opt_hdr {
+	__u8 nexthdr;
+	__u8 hdrlen;
+};
+
+struct xk_ipv6_frag_hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off;
+	__be32 identification;
+};
+
+#define XK_TCP_SYN 0x02
+#define XK_TCP_ACK 0x10
+#define XK_IP_MF 0x2000
+#define XK_IP_OFFSET 0x1fff
+/* Headers that start further in than this are not parsed (malformed). */
+#define XK_MAX_HDR_OFFSET 1023
+/* Later fragments this close to the start could overwrite the TCP header of
+ * the first one (RFC 1858); no real stack sends them. In 8-byte units. */
+#define XK_MIN_LATER_FRAG_OFFSET 3
+
+/* The cursor: a pointer to `size` bytes at pkt->off, or NULL when they are not
+ * all in the frame. The offset is read back from map memory and masked, so the
+ * verifier sees one bounded unknown however we got here. */
+static __always_inline void *cursor(void *data, void *data_end, struct xk_packet *pkt, __u32 size)
+{
+	__u32 off = *(volatile __u16 *)&pkt->off;
+	if (off > XK_MAX_HDR_OFFSET)
+		return NULL;
+	void *pos = data + (off & XK_MAX_HDR_OFFSET);
+	if (pos + size > data_end)
+		return NULL;
+	return pos;
+}
+
+static __always_inline void advance(struct xk_packet *pkt, __u32 size)
+{
+	pkt->off += size;
+}
+
+/* Returns the EtherType after up to XK_MAX_VLAN tags, or -1. */
+static __always_inline int parse_ethhdr(void *data, void *data_end, struct xk_packet *pkt)
+{
+	struct ethhdr *eth = cursor(data, data_end, pkt, sizeof(*eth));
+	if (!eth)
+		return -1;
+	advance(pkt, sizeof(*eth));
+	__be16 proto = eth->h_proto;
+
+#pragma unroll
+	for (int i = 0; i < XK_MAX_VLAN; i++) {
+		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+			break;
+		struct xk_vlan_hdr *vlan = cursor(data, data_end, pkt, sizeof(*vlan));
+		if (!vlan)
+			return -1;
+		advance(pkt, sizeof(*vlan));
+		proto = vlan->encap_proto;
+	}
+	/* A tag deeper than we walk could hide anything. */
+	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
+		return -1;
+	return bpf_ntohs(proto);
+}
+
+/* Returns the IP protocol, or -1. */
+static __always_inline int parse_iphdr(void *data, void *data_end, struct xk_packet *pkt)
+{
+	struct iphdr *iph = cursor(data, data_end, pkt, sizeof(*iph));
+	if (!iph)
+		return -1;
+	if (iph->version != 4)
+		return -1;
+	__u32 hdrsize = iph->ihl * 4;
+	if (hdrsize < sizeof(*iph))
+		return -1;
+	__u32 tot_len = bpf_ntohs(iph->tot_len);
+	if (tot_len < hdrsize)
+		return -1;
+	if (!cursor(data, data_end, pkt, hdrsize))
+		return -1;   /* options cut short */
+	__builtin_memset(&pkt->src, 0, 10);
+	pkt->src.b[10] = 0xff;
+	pkt->src.b[11] = 0xff;
+	__builtin_memcpy(&pkt->src.b[12], &iph->saddr, 4);
+
+	__u16 frag = bpf_ntohs(iph->frag_off);
+	pkt->frag = frag & XK_IP_OFFSET;
+	pkt->first_frag = (frag & XK_IP_MF) && !(frag & XK_IP_OFFSET);
+	pkt->l4_room = tot_len - hdrsize;
+	int protocol = iph->protocol;
+	advance(pkt, hdrsize);
+	return protocol;
+}
+
+static __always_inline int ipv6_is_ext_hdr(__u8 nexthdr)
+{
+	return nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+	       nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_FRAGMENT ||
+	       nexthdr == IPPROTO_AH;
+}
+
+/* Returns the protocol after at most XK_MAX_EXT_HDRS extension headers, or -1
+ * (a longer chain, or a header cut short). */
+static __always_inline int parse_ipv6hdr(void *data, void *data_end, struct xk_packet *pkt)
+{
+	struct ipv6hdr *ip6h = cursor(data, data_end, pkt, sizeof(*ip6h));
+	if (!ip6h)
+		return -1;
+	if (ip6h->version != 6)
+		return -1;
+	__builtin_memcpy(&pkt->src, &ip6h->saddr, sizeof(pkt->src));
+	pkt->l4_room = bpf_ntohs(ip6h->payload_len);
+	__u8 nexthdr = ip6h->nexthdr;
+	advance(pkt, sizeof(*ip6h));
+
+#pragma unroll
+	for (int i = 0; i < XK_MAX_EXT_HDRS; i++) {
+		if (!ipv6_is_ext_hdr(nexthdr))
+			break;
+		struct xk_ipv6_opt_hdr *oh = cursor(data, data_end, pkt, sizeof(struct xk_ipv6_frag_hdr));
+		if (!oh)
+			return -1;
+		__u32 size;
+		if (nexthdr == IPPROTO_FRAGMENT) {
+			struct xk_ipv6_frag_hdr *fh = (void *)oh;
+			__u16 off = bpf_ntohs(fh->frag_off);
+			pkt->frag = off >> 3;
+			pkt->first_frag = (off & 1) && !(off >> 3);
+			size = sizeof(*fh);
+		} else if (nexthdr == IPPROTO_AH) {
+			size = (oh->hdrlen + 2) * 4;
+		} else {
+			size = (oh->hdrlen + 1) * 8;
+		}
+		nexthdr = oh->nexthdr;
+		if (size > pkt->l4_room)
+			return -1;
+		pkt->l4_room -= size;
+		advance(pkt, size);
+		if (pkt->frag)
+			return nexthdr;   /* a later fragment: what follows is not a header */
+	}
+	if (ipv6_is_ext_hdr(nexthdr))
+		return -1;
+	return nexthdr;
+}
+
+/* Reads the destination port (or ICMP echo) into pkt. Returns 0, -1 when the
+ * L4 header is not all there, or 1 for ICMP that is not an echo request. */
+static __always_inline int parse_l4(void *data, void *data_end, int proto, struct xk_packet *pkt)
+{
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *th = cursor(data, data_end, pkt, sizeof(*th));
+		if (!th || pkt->l4_room < sizeof(*th))
+			return -1;
+		pkt->proto = XK_PROTO_TCP;
+		pkt->dport = bpf_ntohs(th->dest);
+		pkt->tcp_flags = ((__u8 *)th)[13];
+		return 0;
+	}
+	if (proto == IPPROTO_UDP) {
+		struct udphdr *uh = cursor(data, data_end, pkt, sizeof(*uh));
+		if (!uh || pkt->l4_room < sizeof(*uh))
+			return -1;
+		pkt->proto = XK_PROTO_UDP;
+		pkt->dport = bpf_ntohs(uh->dest);
+		return 0;
+	}
+	/* ICMP and ICMPv6 share the type/code layout; echo requests are knocks. */
+	struct icmphdr *ich = cursor(data, data_end, pkt, sizeof(*ich));
+	if (!ich || pkt->l4_room < sizeof(*ich))
+		return -1;
+	pkt->proto = XK_PROTO_ICMP;
+	pkt->dport = 0;
+	if ((proto == IPPROTO_ICMP && ich->type == ICMP_ECHO) ||
+	    (proto == IPPROTO_ICMPV6 && ich->type == ICMPV6_ECHO_REQUEST))
+		return 0;
+	return 1;
+}
+
+/* Fills pkt from the frame and says how far parsing got. */
+static __always_inline enum xk_parse parse_packet(void *data, void *data_end, struct xk_packet *pkt)
+{
+	int proto;
+	int eth_type = parse_ethhdr(data, data_end, pkt);
+	if (eth_type < 0)
+		return XK_PARSED_MALFORMED;
+	if (eth_type == ETH_P_IP) {
+		proto = parse_iphdr(data, data_end, pkt);
+	} else if (eth_type == ETH_P_IPV6) {
+		proto = parse_ipv6hdr(data, data_end, pkt);
+		if (proto == IPPROTO_ICMP)
+			proto = -1;   /* ICMPv4 inside IPv6 is no message anyone sends */
+	} else {
+		return XK_PARSED_NOT_IP;
+	}
+	if (proto < 0)
+		return XK_PARSED_MALFORMED;
+
+	int has_ports = proto == IPPROTO_TCP || proto == IPPROTO_UDP ||
+			proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6;
+	if (pkt->frag) {
+		if (has_ports && pkt->frag < XK_MIN_LATER_FRAG_OFFSET)
+			return XK_PARSED_BAD_FRAGMENT;
+		return XK_PARSED_FRAGMENT;
+	}
+	if (!has_ports)
+		return XK_PARSED_OTHER_L4;
+
+	int l4 = parse_l4(data, data_end, proto, pkt);
+	if (l4 < 0)
+		return pkt->first_frag ? XK_PARSED_BAD_FRAGMENT : XK_PARSED_MALFORMED;
+	if (l4 > 0)
+		return XK_PARSED_OTHER_L4;
+	return XK_PARSED_L4;
+}
+
+#endif

@@ -1,0 +1,52 @@
+/* xknock_policy.h: the verdict for a guarded port (allow-list, grants) and the
+ * source lists. Knock handling lives in xknock_knock.h. */
+#ifndef XKNOCK_POLICY_H
+#define XKNOCK_POLICY_H
+
+static __always_inline int source_listed(int deny_list, __u32 bank, struct xk_addr *src)
+{
+	struct xk_lpm_key key = {};
+	key.prefixlen = 8 + 128;
+	key.bank = bank;
+	__builtin_memcpy(key.addr, src->b, sizeof(key.addr));
+	if (deny_list)
+		return deny.lookup(&key) != NULL;
+	return allow.lookup(&key) != NULL;
+}
+
+/* A TCP SYN opens a connection and needs the grant's window; everything else
+ * (established TCP, UDP) is kept alive by the idle clock too. */
+static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_settings *set, __u32 bank,
+					     __u64 now)
+{
+	if ((set->flags & XK_SET_HAS_ALLOW) && source_listed(0, bank, &pkt->src))
+		return XK_PASS_ALLOWLIST;
+
+	struct xk_grant_key key = {};
+	key.src = pkt->src;
+	key.proto = pkt->proto;
+	key.port = pkt->dport;
+	struct xk_grant *grant = grants.lookup(&key);
+	if (!grant)
+		return XK_DROP_NO_GRANT;
+
+	int opens = pkt->proto == XK_PROTO_TCP && (pkt->tcp_flags & XK_TCP_SYN) &&
+		    !(pkt->tcp_flags & XK_TCP_ACK);
+	__u64 last_seen = grant->last_seen_ns;
+	int in_window = now < grant->window_end_ns;
+	int idle_alive = now < last_seen + grant->idle_timeout_ns;
+	if (in_window || (!opens && idle_alive)) {
+		/* Coarse refresh: one store a second at most, not one per packet. */
+		if (now > last_seen + XK_GRANT_REFRESH_NS)
+			grant->last_seen_ns = now;
+		return XK_PASS_GRANT;
+	}
+	if (!idle_alive) {
+		/* Dead on both clocks: remove it so the map does not fill with corpses. */
+		grants.delete(&key);
+		count(XK_GRANT_EXPIRED);
+	}
+	return XK_DROP_NO_GRANT;
+}
+
+#endif

@@ -1,0 +1,107 @@
+/* xknock_structs.h: map keys and values. Mirrored byte for byte by
+ * controller/layout.py (ctypes); tests/test_layout.py compares both. */
+#ifndef XKNOCK_STRUCTS_H
+#define XKNOCK_STRUCTS_H
+
+/* Every address is 16 bytes; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d). */
+struct xk_addr {
+	__u8 b[16];
+};
+
+/* A (protocol, port) pair as the maps spell it; port in host byte order. */
+struct xk_l4port {
+	__u8 proto;
+	__u8 pad;
+	__u16 port;
+};
+
+/* ports: the one lookup that classifies a destination. */
+struct xk_port_key {
+	__u8 bank;
+	__u8 proto;
+	__u16 port;
+};
+
+struct xk_port_seq {
+	__u32 slot;        /* index into seqs */
+	__u32 step_mask;   /* bit i set: this port is step i of the sequence */
+};
+
+struct xk_port_val {
+	__u32 flags;       /* XK_PORT_* */
+	__u32 nseqs;
+	struct xk_port_seq seqs[XK_MAX_SEQS_PER_PORT];
+};
+
+/* seqs: sequence definitions, XK_MAX_SEQUENCES slots per bank. */
+struct xk_seq {
+	__u32 uid;         /* stable while the sequence is unchanged across reloads */
+	__u32 nsteps;
+	__u64 step_timeout_ns;
+	__u64 open_for_ns;
+	__u64 idle_timeout_ns;
+	__u32 nopen;
+	__u32 pad;
+	struct xk_l4port open[XK_MAX_OPEN];
+	char name[32];     /* for status and events; the data path never reads it */
+};
+
+/* progress: one packed word per (source, sequence), changed by compare-and-swap.
+ * Bits 0-7: the next step expected; bits 8-63: time of the last accepted step, us. */
+struct xk_progress_key {
+	struct xk_addr src;
+	__u32 uid;
+};
+
+/* grants: what a completed sequence (or `xknock grant`) opened for a source. */
+struct xk_grant_key {
+	struct xk_addr src;
+	__u8 proto;
+	__u8 pad;
+	__u16 port;
+};
+
+struct xk_grant {
+	__u64 window_end_ns;     /* new connections until then */
+	__u64 idle_timeout_ns;   /* established traffic keeps it alive this long */
+	__u64 last_seen_ns;      /* refreshed coarsely by passing traffic */
+	__u32 seq_uid;           /* 0 for a grant written by the operator */
+	__u32 flags;
+};
+
+/* allow and deny: LPM tries keyed by (bank, address). */
+struct xk_lpm_key {
+	__u32 prefixlen;         /* 8 bits of bank + the address prefix */
+	__u8 bank;
+	__u8 addr[16];
+	__u8 pad[3];
+};
+
+/* control[0]: which bank is live. Flipping it switches the whole policy at once. */
+struct xk_control {
+	__u32 active_bank;
+	__u32 pad;
+	__u64 test_now_ns;       /* the clock, in builds with XK_TEST_CLOCK only */
+};
+
+/* settings[bank] */
+struct xk_settings {
+	__u32 mode;              /* XK_MODE_* */
+	__u32 flags;             /* XK_SET_* */
+};
+
+/* One ring buffer record per grant, completed or failed sequence. */
+struct xk_event {
+	__u64 ts_ns;
+	struct xk_addr src;
+	__u32 seq_uid;
+	__u8 type;               /* XK_EV_* */
+	__u8 step;               /* the step reached when it ended */
+	__u8 proto;              /* the knock that ended it */
+	__u8 pad;
+	__u16 port;
+	__u16 pad2;
+	__u32 pad3;
+};
+
+#endif

@@ -1,0 +1,204 @@
+"""The data path's map layout, mirrored from bpf/xknock_consts.h and
+bpf/xknock_structs.h. tests/test_layout.py checks every size, offset and
+number against what BCC compiles from the C headers."""
+
+import ctypes
+import enum
+
+# Limits: the C defaults (each overridable at build time with -DNAME=VALUE).
+MAX_SEQUENCES = 64
+MAX_STEPS = 16
+MAX_OPEN = 8
+MAX_SEQS_PER_PORT = 4
+PORT_ENTRIES = 4096
+PROGRESS_ENTRIES = 262144
+GRANT_ENTRIES = 65536
+LIST_ENTRIES = 262144
+COUNTERS = 32
+
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_NAMES = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp"}
+PROTO_NUMBERS = {name: number for number, name in PROTO_NAMES.items()}
+
+PORT_GUARDED = 1 << 0
+PORT_KNOCK = 1 << 1
+
+MODE_ENFORCE = 0
+MODE_MONITOR = 1
+MODES = {"enforce": MODE_ENFORCE, "monitor": MODE_MONITOR}
+
+SET_HAS_ALLOW = 1 << 0
+SET_HAS_DENY = 1 << 1
+
+
+class Event(enum.IntEnum):
+    GRANTED = 1
+    GRANT_FAILED = 2
+    RESET = 3
+    TIMED_OUT = 4
+
+
+class Reason(enum.IntEnum):
+    """enum xk_reason: one per-CPU counter each."""
+
+    PASS_NOT_IP = 0
+    PASS_UNGUARDED = 1
+    PASS_OTHER_L4 = 2
+    PASS_FRAGMENT = 3
+    PASS_ALLOWLIST = 4
+    PASS_GRANT = 5
+    DROP_DENYLIST = 6
+    DROP_NO_GRANT = 7
+    DROP_KNOCK = 8
+    DROP_MALFORMED = 9
+    DROP_FRAGMENT = 10
+    KNOCK_ADVANCED = 16
+    KNOCK_COMPLETED = 17
+    KNOCK_RESET = 18
+    KNOCK_TIMED_OUT = 19
+    KNOCK_REPEATED = 20
+    KNOCK_IGNORED = 21
+    KNOCK_CONTENDED = 22
+    GRANT_ISSUED = 23
+    GRANT_FAILED = 24
+    GRANT_EXPIRED = 25
+    EVENT_LOST = 26
+    MONITOR_PASSED = 27
+
+
+VERDICT_REASONS = 11  # reasons below this are verdicts: one per packet
+
+
+def is_verdict(reason):
+    return reason < VERDICT_REASONS
+
+
+def is_drop(reason):
+    return Reason.DROP_DENYLIST <= reason < VERDICT_REASONS
+
+
+class Addr(ctypes.Structure):
+    _fields_ = [("b", ctypes.c_uint8 * 16)]
+
+
+class L4Port(ctypes.Structure):
+    _fields_ = [("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8), ("port", ctypes.c_uint16)]
+
+
+class PortKey(ctypes.Structure):
+    _fields_ = [("bank", ctypes.c_uint8), ("proto", ctypes.c_uint8), ("port", ctypes.c_uint16)]
+
+
+class PortSeq(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint32), ("step_mask", ctypes.c_uint32)]
+
+
+class PortVal(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint32),
+        ("nseqs", ctypes.c_uint32),
+        ("seqs", PortSeq * MAX_SEQS_PER_PORT),
+    ]
+
+
+class Seq(ctypes.Structure):
+    _fields_ = [
+        ("uid", ctypes.c_uint32),
+        ("nsteps", ctypes.c_uint32),
+        ("step_timeout_ns", ctypes.c_uint64),
+        ("open_for_ns", ctypes.c_uint64),
+        ("idle_timeout_ns", ctypes.c_uint64),
+        ("nopen", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("open", L4Port * MAX_OPEN),
+        ("name", ctypes.c_char * 32),
+    ]
+
+
+class ProgressKey(ctypes.Structure):
+    _fields_ = [("src", Addr), ("uid", ctypes.c_uint32)]
+
+
+class GrantKey(ctypes.Structure):
+    _fields_ = [
+        ("src", Addr),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+    ]
+
+
+class Grant(ctypes.Structure):
+    _fields_ = [
+        ("window_end_ns", ctypes.c_uint64),
+        ("idle_timeout_ns", ctypes.c_uint64),
+        ("last_seen_ns", ctypes.c_uint64),
+        ("seq_uid", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class LpmKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("bank", ctypes.c_uint8),
+        ("addr", ctypes.c_uint8 * 16),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class Control(ctypes.Structure):
+    _fields_ = [
+        ("active_bank", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("test_now_ns", ctypes.c_uint64),
+    ]
+
+
+class Settings(ctypes.Structure):
+    _fields_ = [("mode", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class EventRecord(ctypes.Structure):
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("src", Addr),
+        ("seq_uid", ctypes.c_uint32),
+        ("type", ctypes.c_uint8),
+        ("step", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint16),
+        ("pad3", ctypes.c_uint32),
+    ]
+
+
+# Progress state word: bits 0-7 the next step, bits 8-63 the last step's time in us.
+def progress_state(step, ts_us):
+    return (ts_us << 8) | (step & 0xFF)
+
+
+def progress_step(state):
+    return state & 0xFF
+
+
+def progress_ts_us(state):
+    return state >> 8
+
+
+# name in the C source -> (ctypes key type, ctypes value type); the maps every
+# tool opens by name from the running program.
+MAPS = {
+    "control": (ctypes.c_uint32, Control),
+    "settings": (ctypes.c_uint32, Settings),
+    "ports": (PortKey, PortVal),
+    "seqs": (ctypes.c_uint32, Seq),
+    "progress": (ProgressKey, ctypes.c_uint64),
+    "grants": (GrantKey, Grant),
+    "allow": (LpmKey, ctypes.c_uint32),
+    "deny": (LpmKey, ctypes.c_uint32),
+    "counters": (ctypes.c_uint32, ctypes.c_uint64),
+}
