@@ -221,8 +221,8 @@ def compile_and_load(directory, cflags=(), test_clock=False):
     if test_clock:
         flags.append("-DXK_TEST_CLOCK")
     try:
-        bpf = BPF(text=bpf_source(), cflags=flags)
-        fn = bpf.load_func(PROG_NAME, BPF.XDP)
+        bpf = BPF(text=bpf_source().encode(), cflags=flags)
+        fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
     except Exception as err:   # BCC raises bare Exception for every failure
         raise XknockError(_explain_bcc_failure(err, directory)) from err
     return Loaded(bpf, fn.fd, bpfsys.prog_info(fn.fd).id)

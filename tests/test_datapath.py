@@ -1,0 +1,318 @@
+"""The XDP program's verdicts, run in the kernel with BPF_PROG_TEST_RUN.
+
+Every case loads nothing new: one program (test clock) serves the session,
+and each case starts from the example policy with no knocks, grants or
+counters left behind (the `xk` fixture)."""
+
+import pytest
+from packets import (
+    ICMP, IP, TCP, UDP, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, Raw,
+    arp, ether, icmp_echo, raw, step, tcp, udp,
+)
+
+from xknock.controller.layout import Reason
+from xknock.controller.testrun import XDP_DROP, XDP_PASS
+
+SSH = ["tcp:7000", "udp:8000", "tcp:9000"]
+WEB = ["udp:8000", "icmp", "tcp:7001"]
+STRANGER4 = "198.51.100.7"
+STRANGER6 = "2001:db8:77::7"
+ALLOWED4 = "192.0.2.10"
+ALLOWED6 = "2001:db8:a::99"
+DENIED4 = "203.0.113.5"
+DENIED6 = "2001:db8:bad::5"
+
+
+def knock(xk, src, steps, gap=0.1):
+    verdicts = []
+    for s in steps:
+        verdicts.append(xk.run(step(src, s)))
+        xk.advance(gap)
+    return verdicts
+
+
+def counted(xk, reason):
+    return xk.counters()[reason]
+
+
+# (description, frame, verdict, reason counted)
+STATELESS_CASES = [
+    ("ARP passes", arp(), XDP_PASS, Reason.PASS_NOT_IP),
+    ("unguarded TCP passes", tcp(STRANGER4, 80), XDP_PASS, Reason.PASS_UNGUARDED),
+    ("unguarded UDP passes over IPv6", udp(STRANGER6, 53), XDP_PASS, Reason.PASS_UNGUARDED),
+    ("guarded SYN from a stranger drops", tcp(STRANGER4, 22), XDP_DROP, Reason.DROP_NO_GRANT),
+    ("guarded ACK from a stranger drops", tcp(STRANGER4, 22, flags="A"), XDP_DROP, Reason.DROP_NO_GRANT),
+    ("guarded SYN over IPv6 drops", tcp(STRANGER6, 22), XDP_DROP, Reason.DROP_NO_GRANT),
+    ("guarded UDP drops", udp(STRANGER4, 443), XDP_DROP, Reason.DROP_NO_GRANT),
+    ("guarded SYN under one VLAN tag drops", tcp(STRANGER4, 22, vlans=(10,)), XDP_DROP, Reason.DROP_NO_GRANT),
+    ("guarded SYN under QinQ drops", tcp(STRANGER6, 22, vlans=(10, 20)), XDP_DROP, Reason.DROP_NO_GRANT),
+    ("unguarded under QinQ passes", tcp(STRANGER4, 80, vlans=(10, 20)), XDP_PASS, Reason.PASS_UNGUARDED),
+    ("three VLAN tags are malformed", tcp(STRANGER4, 80, vlans=(1, 2, 3)), XDP_DROP, Reason.DROP_MALFORMED),
+    ("allow-listed IPv4 source reaches the guarded port", tcp(ALLOWED4, 22), XDP_PASS, Reason.PASS_ALLOWLIST),
+    ("allow-listed IPv6 prefix reaches the guarded port", tcp(ALLOWED6, 22), XDP_PASS, Reason.PASS_ALLOWLIST),
+    ("deny-listed source drops even unguarded", tcp(DENIED4, 80), XDP_DROP, Reason.DROP_DENYLIST),
+    ("deny-listed IPv6 prefix drops", udp(DENIED6, 53), XDP_DROP, Reason.DROP_DENYLIST),
+    ("deny-listed source drops on non-IP-port protocols", raw(ether() / IP(src=DENIED4, dst="10.77.0.1", proto=47)),
+     XDP_DROP, Reason.DROP_DENYLIST),
+    ("knock packets drop", step(STRANGER4, "tcp:7000"), XDP_DROP, Reason.DROP_KNOCK),
+    ("ICMP echo is a knock: dropped", icmp_echo(STRANGER4), XDP_DROP, Reason.DROP_KNOCK),
+    ("ICMPv6 echo is a knock: dropped", icmp_echo(STRANGER6), XDP_DROP, Reason.DROP_KNOCK),
+    ("ICMP echo reply is not a knock", raw(ether() / IP(src=STRANGER4, dst="10.77.0.1") / ICMP(type=0)),
+     XDP_PASS, Reason.PASS_OTHER_L4),
+    ("GRE passes: no ports", raw(ether() / IP(src=STRANGER4, dst="10.77.0.1", proto=47) / Raw(b"x" * 8)),
+     XDP_PASS, Reason.PASS_OTHER_L4),
+]
+
+
+@pytest.mark.parametrize("description,frame,verdict,reason", STATELESS_CASES, ids=[c[0] for c in STATELESS_CASES])
+def test_stateless_verdicts(xk, description, frame, verdict, reason):
+    assert xk.run(raw(frame) if not isinstance(frame, bytes) else frame) == verdict
+    assert counted(xk, reason) == 1
+
+
+@pytest.mark.parametrize("src", [STRANGER4, STRANGER6])
+def test_knock_opens_guarded_port_for_the_knocker_only(xk, src):
+    other = "198.51.100.8" if ":" not in src else "2001:db8:77::8"
+    assert xk.run(tcp(src, 22)) == XDP_DROP
+    assert knock(xk, src, SSH) == [XDP_DROP] * 3
+    assert xk.run(tcp(src, 22)) == XDP_PASS
+    assert xk.run(tcp(other, 22)) == XDP_DROP
+    assert xk.run(tcp(src, 443)) == XDP_DROP   # another sequence's port stays shut
+    assert counted(xk, Reason.KNOCK_COMPLETED) == 1
+    assert counted(xk, Reason.GRANT_ISSUED) == 1
+    [(addr, proto, port)] = xk.grants()
+    assert (str(addr), proto, port) == (src, "tcp", 22)
+
+
+def test_completion_opens_every_port_of_the_sequence(xk):
+    knock(xk, STRANGER4, WEB)
+    assert xk.run(tcp(STRANGER4, 443)) == XDP_PASS
+    assert xk.run(udp(STRANGER4, 443)) == XDP_PASS
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_DROP
+    assert counted(xk, Reason.GRANT_ISSUED) == 2
+
+
+def test_wrong_knock_resets_without_opening(xk):
+    # tcp:7000 after udp:8000 is wrong (a reset that starts anew at step 1),
+    # then tcp:9000 is wrong again where udp:8000 was expected.
+    knock(xk, STRANGER4, ["tcp:7000", "udp:8000", "tcp:7000", "tcp:9000"])
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_DROP
+    assert counted(xk, Reason.KNOCK_RESET) == 2
+    assert xk.grants() == {}
+
+
+def test_wrong_knock_that_is_a_first_step_starts_anew(xk):
+    knock(xk, STRANGER4, ["tcp:7000", "tcp:9000", "tcp:7000", "udp:8000", "tcp:9000"])
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS
+
+
+def test_late_step_resets(xk):
+    knock(xk, STRANGER4, SSH[:2])
+    xk.advance(5.01)
+    knock(xk, STRANGER4, SSH[2:])
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_DROP
+    assert counted(xk, Reason.KNOCK_TIMED_OUT) == 1
+
+
+def test_step_exactly_at_timeout_still_counts(xk):
+    knock(xk, STRANGER4, SSH[:2], gap=0)
+    xk.advance(5.0)
+    knock(xk, STRANGER4, SSH[2:])
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS
+
+
+def test_repeated_step_is_ignored(xk):
+    knock(xk, STRANGER4, ["tcp:7000", "tcp:7000", "udp:8000", "udp:8000", "tcp:9000", "tcp:9000"])
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS
+    # udp:8000 is also web's first step: its repeat counts there too.
+    assert counted(xk, Reason.KNOCK_REPEATED) == 4
+    assert counted(xk, Reason.KNOCK_COMPLETED) == 1
+
+
+def test_tcp_knock_counts_syns_only(xk):
+    for flags in ("A", "SA", "R", "F"):
+        xk.run(tcp(STRANGER4, 7000, flags=flags))
+    knock(xk, STRANGER4, SSH[1:])
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_DROP
+    # four non-SYNs, then udp:8000 and tcp:9000 with nothing in progress for ssh
+    assert counted(xk, Reason.KNOCK_IGNORED) == 6
+    assert counted(xk, Reason.KNOCK_ADVANCED) == 1   # udp:8000 is web's first step
+
+
+def test_sequences_sharing_a_port_progress_independently(xk):
+    # udp:8000 is step 1 of ssh and step 0 of web: one packet serves both.
+    knock(xk, STRANGER4, ["tcp:7000", "udp:8000", "icmp", "tcp:7001"])
+    assert xk.run(tcp(STRANGER4, 443)) == XDP_PASS
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_DROP
+
+
+def test_sources_progress_independently(xk):
+    a, b, c = "198.51.100.1", "198.51.100.2", "2001:db8:77::3"
+    xk.run(step(a, "tcp:7000"))
+    xk.run(step(b, "tcp:7000"))
+    xk.run(step(b, "udp:8000"))
+    xk.run(step(c, "tcp:7000"))
+    xk.run(step(a, "tcp:9000"))            # a: wrong, resets only a
+    xk.run(step(b, "tcp:9000"))            # b: completes
+    xk.run(step(c, "udp:8000"))
+    xk.run(step(c, "tcp:9000"))            # c: completes
+    assert [xk.run(tcp(s, 22)) for s in (a, b, c)] == [XDP_DROP, XDP_PASS, XDP_PASS]
+
+
+def test_window_closes_for_new_connections_but_idle_traffic_survives(xk):
+    knock(xk, STRANGER4, SSH)
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS
+    xk.advance(31)
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_DROP             # new connection: window over
+    assert xk.run(tcp(STRANGER4, 22, flags="A")) == XDP_PASS  # established: idle clock alive
+    for _ in range(20):                                        # traffic keeps it alive past idle_timeout
+        xk.advance(60)
+        assert xk.run(tcp(STRANGER4, 22, flags="PA")) == XDP_PASS
+    xk.advance(15 * 60 + 2)
+    assert xk.run(tcp(STRANGER4, 22, flags="A")) == XDP_DROP  # idle: grant dead, removed
+    assert counted(xk, Reason.GRANT_EXPIRED) == 1
+    assert xk.grants() == {}
+
+
+def test_idle_refresh_is_coarse(xk):
+    knock(xk, STRANGER4, SSH)
+    [grant] = xk.grants().values()
+    first_seen = grant.last_seen_ns
+    xk.advance(0.5)
+    xk.run(tcp(STRANGER4, 22, flags="A"))
+    assert list(xk.grants().values())[0].last_seen_ns == first_seen   # within a second: no write
+    xk.advance(1.0)
+    xk.run(tcp(STRANGER4, 22, flags="A"))
+    assert list(xk.grants().values())[0].last_seen_ns == xk.now_ns
+
+
+def test_udp_grant_lives_on_its_idle_clock(xk):
+    knock(xk, STRANGER4, WEB)
+    xk.advance(30)   # window (10s) over, idle (1m) alive
+    assert xk.run(udp(STRANGER4, 443)) == XDP_PASS
+    xk.advance(61)
+    assert xk.run(udp(STRANGER4, 443)) == XDP_DROP
+
+
+def test_revoke_ends_both_clocks(xk):
+    knock(xk, STRANGER4, SSH)
+    for key in list(xk.maps.grants.keys()):
+        xk.maps.grants.delete(key)
+    assert xk.run(tcp(STRANGER4, 22, flags="A")) == XDP_DROP
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_DROP
+
+
+def test_icmp_knocks_over_ipv6(xk):
+    knock(xk, STRANGER6, WEB)
+    assert xk.run(tcp(STRANGER6, 443)) == XDP_PASS
+
+
+def test_deny_list_beats_a_grant_and_knocks(xk):
+    knock(xk, DENIED4, SSH)
+    assert counted(xk, Reason.KNOCK_ADVANCED) == 0
+    assert xk.run(tcp(DENIED4, 22)) == XDP_DROP
+
+
+def test_monitor_mode_counts_but_drops_nothing(xk, example_config):
+    import dataclasses
+
+    xk.apply(dataclasses.replace(example_config, mode="monitor"))
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS
+    assert xk.run(step(STRANGER4, "tcp:7000")) == XDP_PASS
+    assert xk.run(tcp(DENIED4, 80)) == XDP_PASS
+    counters = xk.counters()
+    assert counters[Reason.DROP_NO_GRANT] == 1
+    assert counters[Reason.DROP_KNOCK] == 1
+    assert counters[Reason.DROP_DENYLIST] == 1
+    assert counters[Reason.MONITOR_PASSED] == 3
+    assert counters[Reason.KNOCK_ADVANCED] == 1   # knocks still progress
+
+
+def test_grants_survive_a_reload_and_removed_sequences_stop_progress(xk, example_config):
+    import dataclasses
+
+    knock(xk, STRANGER4, SSH)
+    knock(xk, "198.51.100.9", WEB[:2])
+    web_only = dataclasses.replace(example_config, sequences=example_config.sequences[1:])
+    xk.apply(web_only)
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS   # tcp:22 no longer guarded at all
+    knock(xk, "198.51.100.9", WEB[2:])               # web unchanged: progress kept
+    assert xk.run(tcp("198.51.100.9", 443)) == XDP_PASS
+    xk.apply(example_config)
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS   # guarded again, the grant is still there
+
+
+# Malformed and tricky frames aimed at the guarded port 22: (description, frame, verdict, reason)
+def _frag4(offset, mf, payload, proto=6):
+    return raw(ether() / IP(src=STRANGER4, dst="10.77.0.1", proto=proto, frag=offset, flags="MF" if mf else 0)
+               / Raw(payload))
+
+
+def _v6(*ext, l4=None):
+    pkt = ether() / IPv6(src=STRANGER6, dst="fd00:77::1")
+    for hdr in ext:
+        pkt = pkt / hdr
+    return raw(pkt / (l4 if l4 is not None else TCP(dport=22, flags="S")))
+
+
+SYN22 = bytes(TCP(sport=40000, dport=22, flags="S"))
+SYN80 = bytes(TCP(sport=40000, dport=80, flags="S"))
+
+MALFORMED_CASES = [
+    # (BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header; so do NICs.)
+    ("Ethernet header alone, IPv4 type", tcp(STRANGER4, 22)[:14], XDP_DROP, Reason.DROP_MALFORMED),
+    ("truncated IPv4 header", tcp(STRANGER4, 22)[:14 + 12], XDP_DROP, Reason.DROP_MALFORMED),
+    ("IPv4 ihl below 5", raw(ether() / IP(src=STRANGER4, dst="10.77.0.1", ihl=4) / TCP(dport=22)),
+     XDP_DROP, Reason.DROP_MALFORMED),
+    ("IPv4 version not 4", tcp(STRANGER4, 22)[:14] + bytes([0x65]) + tcp(STRANGER4, 22)[15:], XDP_DROP,
+     Reason.DROP_MALFORMED),
+    ("IPv4 total length below the header", raw(ether() / IP(src=STRANGER4, dst="10.77.0.1", len=10) / TCP(dport=22)),
+     XDP_DROP, Reason.DROP_MALFORMED),
+    ("IPv4 options cut short", raw(ether() / IP(src=STRANGER4, dst="10.77.0.1", ihl=15) / TCP(dport=22))[:14 + 40],
+     XDP_DROP, Reason.DROP_MALFORMED),
+    ("IPv4 with options, guarded", raw(ether() / IP(src=STRANGER4, dst="10.77.0.1", options=b"\x01" * 8)
+                                       / TCP(dport=22, flags="S")), XDP_DROP, Reason.DROP_NO_GRANT),
+    ("IPv4 with options, unguarded", raw(ether() / IP(src=STRANGER4, dst="10.77.0.1", options=b"\x01" * 8)
+                                         / TCP(dport=80, flags="S")), XDP_PASS, Reason.PASS_UNGUARDED),
+    ("TCP header cut short", tcp(STRANGER4, 22)[:14 + 20 + 10], XDP_DROP, Reason.DROP_MALFORMED),
+    ("TCP header past the IP total length", raw(ether() / IP(src=STRANGER4, dst="10.77.0.1", len=30)
+                                                / TCP(dport=80)), XDP_DROP, Reason.DROP_MALFORMED),
+    ("UDP header cut short", udp(STRANGER4, 443)[:14 + 20 + 4], XDP_DROP, Reason.DROP_MALFORMED),
+    ("tiny first fragment to the guarded port", _frag4(0, True, SYN22[:8]), XDP_DROP, Reason.DROP_FRAGMENT),
+    ("tiny first fragment to any port", _frag4(0, True, SYN80[:16]), XDP_DROP, Reason.DROP_FRAGMENT),
+    ("first fragment with the whole header is judged", _frag4(0, True, SYN22), XDP_DROP, Reason.DROP_NO_GRANT),
+    ("first fragment, unguarded, passes", _frag4(0, True, SYN80), XDP_PASS, Reason.PASS_UNGUARDED),
+    ("later fragment passes: its first fragment decides", _frag4(100, False, b"x" * 64), XDP_PASS,
+     Reason.PASS_FRAGMENT),
+    ("later fragment overlapping the TCP header (RFC 1858)", _frag4(1, False, b"\x00" * 16), XDP_DROP,
+     Reason.DROP_FRAGMENT),
+    ("IPv6 hop-by-hop, dest-opts, routing to the guarded port",
+     _v6(IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt(), IPv6ExtHdrRouting()), XDP_DROP, Reason.DROP_NO_GRANT),
+    ("IPv6 ext headers to an unguarded port", _v6(IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt(),
+                                                  l4=TCP(dport=80, flags="S")), XDP_PASS, Reason.PASS_UNGUARDED),
+    ("IPv6 atomic fragment to the guarded port", _v6(IPv6ExtHdrFragment(offset=0, m=0)), XDP_DROP,
+     Reason.DROP_NO_GRANT),
+    ("IPv6 first fragment without the TCP header", _v6(IPv6ExtHdrFragment(offset=0, m=1, nh=6), l4=Raw(SYN22[:8])),
+     XDP_DROP, Reason.DROP_FRAGMENT),
+    ("IPv6 later fragment passes", _v6(IPv6ExtHdrFragment(offset=100, m=0, nh=6), l4=Raw(b"x" * 40)), XDP_PASS,
+     Reason.PASS_FRAGMENT),
+    ("IPv6 later fragment overlapping the header", _v6(IPv6ExtHdrFragment(offset=1, m=0, nh=6), l4=Raw(b"x" * 40)),
+     XDP_DROP, Reason.DROP_FRAGMENT),
+    ("IPv6 chain longer than we walk", _v6(*[IPv6ExtHdrDestOpt() for _ in range(9)]), XDP_DROP,
+     Reason.DROP_MALFORMED),
+    ("IPv6 chain of eight, guarded", _v6(*[IPv6ExtHdrDestOpt() for _ in range(8)]), XDP_DROP,
+     Reason.DROP_NO_GRANT),
+    ("IPv6 ext header cut short", _v6(IPv6ExtHdrDestOpt(options=[]))[:14 + 40 + 4], XDP_DROP,
+     Reason.DROP_MALFORMED),
+    ("IPv6 payload length shorter than the ext headers",
+     raw(ether() / IPv6(src=STRANGER6, dst="fd00:77::1", plen=4) / IPv6ExtHdrDestOpt() / TCP(dport=22)),
+     XDP_DROP, Reason.DROP_MALFORMED),
+    ("ICMPv4 inside IPv6", raw(ether() / IPv6(src=STRANGER6, dst="fd00:77::1", nh=1) / Raw(b"\x08" + b"\x00" * 7)),
+     XDP_DROP, Reason.DROP_MALFORMED),
+]
+
+
+@pytest.mark.parametrize("description,frame,verdict,reason", MALFORMED_CASES, ids=[c[0] for c in MALFORMED_CASES])
+def test_malformed_and_fragmented(xk, description, frame, verdict, reason):
+    assert xk.run(frame) == verdict
+    assert counted(xk, reason) == 1
