@@ -1,0 +1,270 @@
+"""The `xknock` command: arguments in, one library call, a table or JSON out."""
+
+import ipaddress
+import json
+import logging
+import sys
+
+import click
+
+from xknock.controller import lifecycle
+from xknock.controller.config import DEFAULT_PATH, ConfigError, load_config, parse_duration, parse_step
+from xknock.controller.errors import XknockError
+from xknock.controller.events import setup_logging
+
+log = logging.getLogger("xknock")
+
+
+class StepType(click.ParamType):
+    """A knock or port step: tcp:7000, udp:8000, icmp."""
+
+    name = "STEP"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_step(value)
+        except ValueError as err:
+            self.fail(f"{value!r}: {err}", param, ctx)
+
+
+class DurationType(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_duration(value)
+        except ValueError as err:
+            self.fail(f"{value!r}: {err}", param, ctx)
+
+
+class AddressType(click.ParamType):
+    name = "ADDR"
+
+    def convert(self, value, param, ctx):
+        try:
+            return ipaddress.ip_address(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an IPv4 or IPv6 address", param, ctx)
+
+
+STEP, DURATION, ADDRESS = StepType(), DurationType(), AddressType()
+
+
+def fail_cleanly(fn):
+    """Every expected failure is one line on stderr and exit status 1."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        from xknock.controller.bpfsys import BpfError
+
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as err:
+            for line in str(err).splitlines():
+                click.echo(f"xknock: {line}", err=True)
+            sys.exit(1)
+        except (XknockError, BpfError, NetlinkError, OSError) as err:
+            click.echo(f"xknock: {err}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _load(config_path):
+    config = load_config(config_path)
+    for warning in config.warnings:
+        click.echo(f"xknock: warning: {warning}", err=True)
+    return config
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="xknock", prog_name="xknock")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", help="Log lines as key=value or JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(log_format, verbose):
+    """Port knocking in XDP: guarded ports stay dark until a source knocks."""
+    setup_logging(json_lines=log_format == "json", verbose=verbose)
+
+
+@main.command(epilog="""\b
+Examples:
+  xknock attach eth0                       # /etc/xknock/xknock.toml, foreground controller
+  xknock attach eth0 -c lab.toml --once    # attach, write the policy, exit
+  xknock attach eth0 eth1                  # one set of maps: a knock on one opens both""")
+@click.argument("ifaces", nargs=-1, required=True)
+@click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True, help="The TOML config.")
+@click.option("--xdp-mode", type=click.Choice(lifecycle.XDP_MODES), default="auto", show_default=True,
+              help="native needs driver support; auto tries native, then generic.")
+@click.option("--metrics-addr", default=None, metavar="HOST:PORT", help="Serve Prometheus metrics here.")
+@click.option("--once", is_flag=True, help="Attach and exit; the filter keeps enforcing.")
+@click.option("--force", is_flag=True, help="Replace another XDP program on the interface.")
+@fail_cleanly
+def attach(ifaces, config_path, xdp_mode, metrics_addr, once, force):
+    """Load the filter, attach it to IFACES and run the controller."""
+    from xknock.controller.daemon import Controller
+    from xknock.controller.events import EventReader
+
+    lifecycle.require_root()
+    config = _load(config_path)
+    attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=force)
+    for name in ifaces:
+        how = "replaced program %d" % attached.replaced[name] if name in attached.replaced else "attached"
+        log.info(f"{how} on {name}", extra={"fields": {
+            "iface": name, "xdp_mode": attached.modes[name], "prog_id": attached.loaded.prog_id,
+            "mode": config.mode, "sequences": len(config.sequences), "pins": attached.pin_dir}})
+    if metrics_addr:
+        log.warning("--metrics-addr: metrics are not served by this version yet")
+    if once:
+        attached.maps.close()
+        return
+    events = EventReader(attached.loaded, attached.maps)
+    Controller(attached, list(ifaces), config_path, config, events).run()
+
+
+@main.command(epilog="Example:\n\n  xknock detach eth0")
+@click.argument("ifaces", nargs=-1, required=True)
+@fail_cleanly
+def detach(ifaces):
+    """Remove the filter from IFACES (and its pins when no interface uses them)."""
+    for name in ifaces:
+        att = lifecycle.detach(name)
+        click.echo(f"detached program {att.prog_id} ({att.mode}) from {name}; traffic is no longer filtered")
+
+
+@main.command(epilog="""\b
+Examples:
+  xknock status
+  xknock status eth0 --json""")
+@click.argument("iface", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@fail_cleanly
+def status(iface, as_json):
+    """Attached interfaces, policy, counters, live grants, knocks in progress."""
+    from xknock.controller.status import status as gather
+
+    lifecycle.require_root()
+    if iface:
+        lifecycle.open_filter(iface).close()   # a clear error when nothing runs there
+    filters = gather(iface)
+    if as_json:
+        click.echo(json.dumps({"filters": filters}, indent=2))
+        return
+    if not filters:
+        click.echo("no xknock filter is attached in this network namespace")
+        return
+    for f in filters:
+        click.echo(_render(f))
+
+
+def _render(f):
+    lines = []
+    ifaces = ", ".join(f"{i['name']} ({i['xdp_mode']}, prog {i['prog_id']})" for i in f["interfaces"])
+    lines.append(f"filter on {ifaces}: {f['mode']}")
+    lines.append(f"guarded: {' '.join(f['guarded']) or 'nothing'}")
+    for s in f["sequences"]:
+        lines.append(f"  sequence {s['name']}: {' '.join(s['knock'])} -> {' '.join(s['open'])} "
+                     f"(step {s['step_timeout_s']:g}s, open {s['open_for_s']:g}s, idle {s['idle_timeout_s']:g}s)")
+    c = f["counters"]
+    passed = sum(v for k, v in c.items() if k.startswith("pass_"))
+    dropped = sum(v for k, v in c.items() if k.startswith("drop_"))
+    lines.append(f"packets: {passed} passed, {dropped} dropped")
+    for k, v in c.items():
+        if v:
+            lines.append(f"  {k:<18} {v}")
+    lines.append(f"grants: {len(f['grants'])}")
+    for g in f["grants"]:
+        lines.append(f"  {g['source']:<40} {g['port']:<10} {g['sequence']:<12} "
+                     f"window {g['window_left_s']:g}s idle {g['idle_left_s']:g}s")
+    lines.append(f"knocks in progress: {f['knocks_in_progress']}")
+    for k in f["knocks"]:
+        lines.append(f"  {k['source']:<40} {k['sequence']:<12} next step {k['next_step']} ({k['since_s']:g}s ago)")
+    return "\n".join(lines)
+
+
+@main.command(epilog="Example:\n\n  xknock reload eth0 -c /etc/xknock/xknock.toml")
+@click.argument("iface")
+@click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True)
+@fail_cleanly
+def reload(iface, config_path):
+    """Validate CONFIG and make it the live policy; grants and knocks survive."""
+    from xknock.controller.policy import apply_policy
+
+    lifecycle.require_root()
+    config = _load(config_path)
+    with lifecycle.open_filter(iface) as maps:
+        apply_policy(maps, config)
+    click.echo(f"reloaded {iface}: {len(config.sequences)} sequences, mode {config.mode}")
+
+
+@main.command(epilog="""\b
+Examples:
+  xknock grant eth0 192.0.2.7                    # every guarded port, 30s
+  xknock grant eth0 2001:db8::7 --port tcp:22 --for 10m""")
+@click.argument("iface")
+@click.argument("addr", type=ADDRESS)
+@click.option("--port", "ports", type=STEP, multiple=True, help="A guarded port (repeatable); default: all.")
+@click.option("--for", "for_ns", type=DURATION, default="30s", show_default=True, help="Window for new connections.")
+@click.option("--idle", "idle_ns", type=DURATION, default=None, help="Idle timeout (default: the --for value).")
+@fail_cleanly
+def grant(iface, addr, ports, for_ns, idle_ns):
+    """Open guarded ports to ADDR, as a completed knock would."""
+    from xknock.controller.grants import grant as write_grant
+
+    with lifecycle.open_filter(iface) as maps:
+        opened = write_grant(maps, addr, [(p.proto, p.port) for p in ports], for_ns, idle_ns)
+    click.echo(f"granted {addr}: {' '.join(f'{p}:{n}' for p, n in opened)}")
+
+
+@main.command(epilog="Example:\n\n  xknock revoke eth0 192.0.2.7")
+@click.argument("iface")
+@click.argument("addr", type=ADDRESS)
+@fail_cleanly
+def revoke(iface, addr):
+    """End every grant (both clocks) and knock in progress of ADDR."""
+    from xknock.controller.grants import revoke as remove
+
+    with lifecycle.open_filter(iface) as maps:
+        removed = remove(maps, addr)
+    click.echo(f"revoked {addr}: {removed} grant(s) removed")
+
+
+@main.command(epilog="""\b
+Examples:
+  xknock knock 10.0.0.1 tcp:7000 udp:8000 tcp:9000
+  xknock knock server.example --sequence ssh -c /etc/xknock/xknock.toml --delay 0.2""")
+@click.argument("host")
+@click.argument("steps", nargs=-1, type=STEP)
+@click.option("--sequence", "sequence_name", help="Knock this sequence of the config instead of STEPS.")
+@click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True)
+@click.option("--delay", type=float, default=0.1, show_default=True, help="Seconds between knocks.")
+@click.option("-4", "ipv4", is_flag=True, help="IPv4 only.")
+@click.option("-6", "ipv6", is_flag=True, help="IPv6 only.")
+@fail_cleanly
+def knock(host, steps, sequence_name, config_path, delay, ipv4, ipv6):
+    """Send a knock sequence to HOST (the client; needs root for ICMP)."""
+    import socket
+
+    from xknock.controller.knockclient import send_knocks
+
+    if sequence_name:
+        if steps:
+            raise click.UsageError("give STEPS or --sequence, not both")
+        config = load_config(config_path)
+        found = [s for s in config.sequences if s.name == sequence_name]
+        if not found:
+            raise XknockError(f"{config_path}: no sequence named {sequence_name!r}")
+        steps = found[0].knock
+    if not steps:
+        raise click.UsageError("give the knock STEPS (e.g. tcp:7000 udp:8000) or --sequence NAME")
+    if delay < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--delay")
+    family = socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None
+    send_knocks(host, list(steps), delay=delay, family=family)
+    click.echo(f"knocked {host}: {' '.join(str(s) for s in steps)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The controller's loop: events to the log, SIGHUP reloads, grant sweeping.
+
+The controller is never on the packet path. When it stops (SIGINT, SIGTERM,
+or killed) the filter stays attached and enforcing; a later `xknock attach`
+re-adopts the maps and loses nothing.
+"""
+
+import logging
+import signal
+import time
+
+from . import grants, policy
+from .config import ConfigError, load_config
+
+log = logging.getLogger("xknock")
+
+SWEEP_EVERY_S = 10.0
+POLL_MS = 200
+
+
+class Controller:
+    def __init__(self, attached, ifnames, config_path, config, events=None):
+        self.attached = attached
+        self.ifnames = ifnames
+        self.config_path = config_path
+        self.config = config
+        self.events = events
+        self._stop = False
+        self._reload = False
+
+    def reload(self):
+        """Validate the file, then switch policy; a bad file changes nothing."""
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as err:
+            log.error("reload refused: the running policy is unchanged", extra={"fields": {"errors": str(err)}})
+            return False
+        for warning in config.warnings:
+            log.warning(warning)
+        policy.apply_policy(self.attached.maps, config)
+        self.config = config
+        if self.events:
+            self.events.refresh_names()
+        log.info("reloaded", extra={"fields": {"config": self.config_path, "sequences": len(config.sequences)}})
+        return True
+
+    def run(self):
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload", True))
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "_stop", True))
+        next_sweep = time.monotonic() + SWEEP_EVERY_S
+        try:
+            while not self._stop:
+                if self.events:
+                    self.events.poll(POLL_MS)
+                else:
+                    time.sleep(POLL_MS / 1000)
+                if self._reload:
+                    self._reload = False
+                    self.reload()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + SWEEP_EVERY_S
+                    swept = grants.expire_grants(self.attached.maps)
+                    if swept:
+                        log.debug("expired grants removed", extra={"fields": {"count": swept}})
+        finally:
+            log.info(
+                "controller stopped; the filter stays attached and enforcing",
+                extra={"fields": {"iface": ",".join(self.ifnames)}},
+            )

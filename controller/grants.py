@@ -1,0 +1,135 @@
+"""Grants written, listed, revoked and expired by the controller.
+
+The data path writes grants when a sequence completes and removes dead ones it
+meets; the controller writes the operator's grants, revokes, and sweeps the
+dead grants nobody touched again, so the map does not fill with them.
+"""
+
+import ipaddress
+import time
+from dataclasses import dataclass
+
+from . import layout, policy
+from .errors import XknockError
+from .maps import from_addr, to_addr
+
+
+def monotonic_ns():
+    """The data path's clock: bpf_ktime_get_ns() is CLOCK_MONOTONIC."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+@dataclass
+class GrantView:
+    source: object
+    proto: str
+    port: int
+    window_left_s: float     # new connections accepted this much longer (0: closed)
+    idle_left_s: float       # alive this much longer without traffic
+    sequence: str            # the sequence's name, or "operator"
+
+    @property
+    def alive(self):
+        return self.window_left_s > 0 or self.idle_left_s > 0
+
+
+def guarded_ports(maps):
+    """[(proto name, port)] guarded by the live policy."""
+    bank = maps.active_bank()
+    return sorted(
+        (layout.PROTO_NAMES[key.proto], key.port)
+        for key, val in maps.ports.items()
+        if key.bank == bank and val.flags & layout.PORT_GUARDED
+    )
+
+
+def grant(maps, source, ports, for_ns, idle_ns=None, now=None):
+    """Open ports (default: every guarded port) to source. Returns the ports."""
+    source = ipaddress.ip_address(source)
+    guarded = guarded_ports(maps)
+    if not ports:
+        ports = guarded
+        if not ports:
+            raise XknockError("the live policy guards no port: there is nothing to grant")
+    for proto, port in ports:
+        if (proto, port) not in guarded:
+            raise XknockError(f"{proto}:{port} is not guarded by the live policy: it is open to everyone already")
+    now = monotonic_ns() if now is None else now
+    value = layout.Grant()
+    value.window_end_ns = now + for_ns
+    value.idle_timeout_ns = idle_ns if idle_ns is not None else for_ns
+    value.last_seen_ns = now
+    value.seq_uid = 0
+    with policy.map_lock(maps):
+        for proto, port in ports:
+            key = layout.GrantKey(src=to_addr(source), proto=layout.PROTO_NUMBERS[proto], port=port)
+            maps.grants.update(key, value)
+    return ports
+
+
+def revoke(maps, source):
+    """End every grant and knock in progress of source. Returns grants removed."""
+    wanted = bytes(to_addr(ipaddress.ip_address(source)).b)
+    removed = 0
+    with policy.map_lock(maps):
+        for raw in [bytes(k) for k in maps.grants.keys()]:
+            key = layout.GrantKey.from_buffer_copy(raw)
+            if bytes(key.src.b) == wanted and maps.grants.delete(key):
+                removed += 1
+        for raw in [bytes(k) for k in maps.progress.keys()]:
+            key = layout.ProgressKey.from_buffer_copy(raw)
+            if bytes(key.src.b) == wanted:
+                maps.progress.delete(key)
+    return removed
+
+
+def list_grants(maps, now=None):
+    now = monotonic_ns() if now is None else now
+    names = {seq.uid: seq.name.decode(errors="replace") for seq in policy.live_sequences(maps).values()}
+    views = []
+    for key, val in maps.grants.items():
+        views.append(GrantView(
+            source=from_addr(key.src),
+            proto=layout.PROTO_NAMES.get(key.proto, str(key.proto)),
+            port=key.port,
+            window_left_s=max(0, val.window_end_ns - now) / 1e9,
+            idle_left_s=max(0, val.last_seen_ns + val.idle_timeout_ns - now) / 1e9,
+            sequence=names.get(val.seq_uid, "operator" if val.seq_uid == 0 else f"uid {val.seq_uid:#x}"),
+        ))
+    return sorted(views, key=lambda g: (str(g.source), g.proto, g.port))
+
+
+def expire_grants(maps, now=None):
+    """Delete grants dead on both clocks. Returns how many."""
+    now = monotonic_ns() if now is None else now
+    removed = 0
+    for raw in [bytes(k) for k in maps.grants.keys()]:
+        key = layout.GrantKey.from_buffer_copy(raw)
+        val = maps.grants.lookup(key)
+        if val is None:
+            continue
+        if now >= val.window_end_ns and now >= val.last_seen_ns + val.idle_timeout_ns:
+            if maps.grants.delete(key):
+                removed += 1
+    return removed
+
+
+def knocks_in_progress(maps, limit=50, now=None):
+    """(total, [(source, sequence name, next step, seconds since last step)]) for
+    progress not yet completed or timed out, at most `limit` listed."""
+    now_us = (monotonic_ns() if now is None else now) // 1000
+    seqs = {seq.uid: seq for seq in policy.live_sequences(maps).values()}
+    total, shown = 0, []
+    for key in maps.progress.keys():
+        state = maps.progress.lookup(key)
+        seq = seqs.get(key.uid)
+        if state is None or seq is None:
+            continue
+        value = state.value
+        step, ts_us = layout.progress_step(value), layout.progress_ts_us(value)
+        if not 0 < step < seq.nsteps or now_us - ts_us > seq.step_timeout_ns // 1000:
+            continue
+        total += 1
+        if len(shown) < limit:
+            shown.append((from_addr(key.src), seq.name.decode(errors="replace"), step, (now_us - ts_us) / 1e6))
+    return total, shown
