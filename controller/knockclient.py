@@ -1,0 +1,124 @@
+"""The knock client: sends a sequence of knocks (TCP SYNs, UDP datagrams,
+ICMP echo requests) to a host. Knocks are fire and forget: the filter drops
+them, so nothing ever answers and nothing is waited for."""
+
+import errno
+import os
+import socket
+import struct
+import time
+
+from .config import Step
+from .errors import XknockError
+
+UDP_PAYLOAD = b"xknock"
+ICMP_PAYLOAD = b"xknock"
+ICMP_ECHO_REQUEST = 8
+ICMPV6_ECHO_REQUEST = 128
+# The SYN leaves during connect(); this only gives it a moment on the wire.
+# Far below the first SYN retransmission (1 s), which would knock twice.
+TCP_HOLD = 0.01
+
+
+class KnockError(XknockError):
+    """A knock could not be sent: the host does not resolve, or a socket
+    could not be opened (raw sockets for ICMP need root)."""
+
+
+def send_knocks(host: str, steps: list[Step], delay: float = 0.1, family=None) -> None:
+    """Knock on host once per step, in order, delay seconds apart. The host is
+    resolved once, so every knock goes to the same address; family
+    (socket.AF_INET or AF_INET6) forces one address family."""
+    address = resolve(host, family)
+    for step in steps:
+        if step.proto not in KNOCKERS:
+            raise KnockError(f"knock {step}: unknown protocol {step.proto!r} (use tcp, udp or icmp)")
+    for i, step in enumerate(steps):
+        if i:
+            time.sleep(delay)
+        try:
+            KNOCKERS[step.proto](address, step)
+        except KnockError:
+            raise
+        except (OSError, OverflowError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise KnockError(f"knock {step} to {address[0]} failed: {reason}") from e
+
+
+def resolve(host, family=None):
+    """(family, sockaddr without port) of the first address getaddrinfo gives."""
+    try:
+        infos = socket.getaddrinfo(host, None, family or socket.AF_UNSPEC, socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        which = {socket.AF_INET: " (IPv4)", socket.AF_INET6: " (IPv6)"}.get(family, "")
+        raise KnockError(f"cannot resolve {host!r}{which}: {e.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+def with_port(address, port):
+    """The sockaddr to reach port; IPv6 keeps its flow info and scope id."""
+    family, sockaddr = address
+    return (sockaddr[0], port, *sockaddr[2:])
+
+
+def knock_tcp(address, step):
+    """One SYN: a non-blocking connect, closed before any handshake. Closing
+    in SYN-SENT sends nothing more."""
+    family, _ = address
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        result = sock.connect_ex(with_port(address, step.port))
+        if result not in (0, errno.EINPROGRESS):
+            raise OSError(result, os.strerror(result))
+        time.sleep(TCP_HOLD)
+
+
+def knock_udp(address, step):
+    family, _ = address
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.sendto(UDP_PAYLOAD, with_port(address, step.port))
+
+
+def knock_icmp(address, step):
+    """One echo request: a raw socket as root, else the unprivileged ping
+    socket where net.ipv4.ping_group_range allows it."""
+    family, _ = address
+    v6 = family == socket.AF_INET6
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    try:
+        sock = socket.socket(family, socket.SOCK_RAW, proto)
+    except PermissionError:
+        try:
+            # The kernel sets the identifier and checksum on a ping socket.
+            sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+        except PermissionError:
+            raise KnockError(
+                "an icmp knock needs root (raw socket) or a group in net.ipv4.ping_group_range"
+            ) from None
+    with sock:
+        sock.sendto(echo_request(v6, ident=os.getpid() & 0xFFFF), with_port(address, 0))
+
+
+def echo_request(v6, ident, seq=1, payload=ICMP_PAYLOAD):
+    """An ICMP or ICMPv6 echo request. ICMPv6's checksum covers a
+    pseudo-header only the kernel knows in full, so it fills that one in."""
+    kind = ICMPV6_ECHO_REQUEST if v6 else ICMP_ECHO_REQUEST
+    header = struct.pack("!BBHHH", kind, 0, 0, ident, seq)
+    if v6:
+        return header + payload
+    checksum = internet_checksum(header + payload)
+    return header[:2] + struct.pack("!H", checksum) + header[4:] + payload
+
+
+def internet_checksum(data):
+    """RFC 1071: the ones' complement of the ones' complement sum."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total >> 16) + (total & 0xFFFF)
+    return ~total & 0xFFFF
+
+
+KNOCKERS = {"tcp": knock_tcp, "udp": knock_udp, "icmp": knock_icmp}
