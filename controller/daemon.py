@@ -11,6 +11,7 @@ import time
 
 from . import grants, policy
 from .config import ConfigError, load_config
+from .errors import XknockError
 
 log = logging.getLogger("xknock")
 
@@ -37,7 +38,11 @@ class Controller:
             return False
         for warning in config.warnings:
             log.warning(warning)
-        policy.apply_policy(self.attached.maps, config)
+        try:
+            policy.apply_policy(self.attached.maps, config)
+        except (XknockError, OSError) as err:
+            log.error("reload failed: the running policy is unchanged", extra={"fields": {"error": str(err)}})
+            return False
         self.config = config
         if self.events:
             self.events.refresh_names()
