@@ -1,0 +1,1 @@
+"""Benchmarks of xknock's data path and control plane (run with bench/run)."""

@@ -1,0 +1,333 @@
+"""Per-packet cost of xknock's XDP program, through BPF_PROG_TEST_RUN.
+
+Every number is the kernel's mean ns per run over `repeat` runs of one frame
+(BPF_PROG_TEST_RUN's duration), and the table shows the median over `rounds`
+rounds in which all variants of a row group run in turn (A B C A B C ...).
+Reference points, timed the same way on the same frame in the same rounds:
+- floor: a BCC-loaded XDP program that only returns XDP_DROP;
+- xdp-filter: xdp-tools' stateless filter with the rule "drop dst tcp port 22".
+
+Also the entry point of bench/run: `bench/run [datapath|controlplane|all] [--quick]`.
+"""
+
+import ctypes
+import ipaddress
+import os
+import random
+import sys
+import time
+
+from xknock.controller import bpfsys, grants, layout, policy
+from xknock.controller.config import parse_config
+from xknock.controller.maps import to_addr
+from xknock.controller.testrun import VERDICT_NAMES, XDP_DROP, XDP_PASS, Harness
+
+from . import common, xdpfilter
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from conftest import EXAMPLE_CONFIG  # noqa: E402
+from packets import tcp, udp  # noqa: E402
+
+STRANGER4, STRANGER6 = "198.51.100.7", "2001:db8:77::7"
+GRANTED4 = "198.51.100.20"
+KNOCKER4 = "198.51.100.30"
+FRESH4 = "198.51.100.40"
+ALLOWED4, ALLOWED6 = "192.0.2.10", "2001:db8:a::99"
+DENIED4 = "203.0.113.5"
+FLOOR_SOURCE = b"int f(struct xdp_md *ctx) { return XDP_DROP; }"
+
+
+class Settings:
+    def __init__(self, quick):
+        self.quick = quick
+        self.repeat = 2000 if quick else 100_000
+        self.rounds = 3 if quick else 7
+        self.single_runs = 50 if quick else 2000
+        self.progress_sizes = [10, 1000] if quick else [10, 1000, 100_000, 1_000_000]
+        self.allow_sizes = [1, 100] if quick else [1, 100, 10_000, 100_000]
+
+
+def load_floor():
+    from bcc import BPF
+
+    bpf = BPF(text=FLOOR_SOURCE)
+    return bpf, bpf.load_func(b"f", BPF.XDP).fd
+
+
+def example_harness(cflags=()):
+    h = Harness(cflags=cflags)
+    h.apply(parse_config(EXAMPLE_CONFIG, listening=set()))
+    return h
+
+
+def timed(fd, frame, repeat):
+    """(verdict, mean ns per run)."""
+    verdict, duration, _ = bpfsys.test_run(fd, frame, repeat=repeat)
+    return verdict, duration
+
+
+def measure_group(programs, frame, settings, repeat=None):
+    """{name: (verdict, median ns)} for one frame on several programs, interleaved."""
+    repeat = repeat or settings.repeat
+    runs = common.interleaved(list(programs.items()), settings.rounds, lambda fd: timed(fd, frame, repeat))
+    return {name: (results[0][0], common.median([ns for _, ns in results])) for name, results in runs.items()}
+
+
+def verdict_name(verdict):
+    return VERDICT_NAMES.get(verdict, str(verdict))
+
+
+def check(name, got, expected):
+    if got != expected:
+        raise SystemExit(f"bench: {name}: xknock returned {verdict_name(got)}, expected {verdict_name(expected)}")
+
+
+# --- the paths with the example policy ---------------------------------------
+
+PATHS = [
+    # (row, frame, expected verdict, what exactly runs)
+    ("unguarded pass, IPv4", lambda: tcp(STRANGER4, 80), XDP_PASS, "TCP SYN to port 80 (no rule)"),
+    ("unguarded pass, IPv6", lambda: tcp(STRANGER6, 80), XDP_PASS, "TCP SYN to port 80 (no rule)"),
+    ("guarded drop, IPv4", lambda: tcp(STRANGER4, 22), XDP_DROP, "SYN to guarded tcp:22, no grant"),
+    ("guarded drop, IPv6", lambda: tcp(STRANGER6, 22), XDP_DROP, "SYN to guarded tcp:22, no grant"),
+    ("granted pass, IPv4", lambda: tcp(GRANTED4, 22), XDP_PASS, "SYN to tcp:22 from a source with a grant"),
+    ("knock repeated, IPv4", lambda: tcp(KNOCKER4, 7000), XDP_DROP,
+     "SYN to tcp:7000 (ssh step 1) from a source already at step 1: every timed run "
+     "finds its progress and counts a repeat (no write)"),
+    ("knock, 2 sequences, IPv4", lambda: udp(KNOCKER4, 8000), XDP_DROP,
+     "UDP to 8000 (step 2 of ssh, step 1 of web) from a source at ssh step 1, web step 1: "
+     "the very first timed run advances ssh to step 2, every later run repeats on both sequences"),
+    ("deny-list drop, IPv4", lambda: tcp(DENIED4, 80), XDP_DROP, "source in 203.0.113.0/24"),
+    ("allow-list pass, IPv4", lambda: tcp(ALLOWED4, 22), XDP_PASS, "allow-listed /32 to guarded tcp:22"),
+    ("allow-list pass, IPv6", lambda: tcp(ALLOWED6, 22), XDP_PASS, "allow-listed /48 to guarded tcp:22"),
+]
+
+
+def bench_paths(h, floor_fd, xf, settings):
+    grants.grant(h.maps, GRANTED4, (), for_ns=3600 * 10**9, now=h.now_ns)
+    h.run(tcp(KNOCKER4, 7000))     # KNOCKER4 now at step 1 of ssh
+    h.run(udp(KNOCKER4, 8000))     # ...and at step 1 of web (ssh: 2)
+    h.run(tcp(KNOCKER4, 7000))     # ssh: wrong step, back to step 1
+    rows = []
+    for row, build, expected, what in PATHS:
+        frame = build()
+        programs = {"xknock": h.fd, "floor": floor_fd}
+        if xf:
+            programs["xdp-filter"] = xf.fd
+        got = measure_group(programs, frame, settings)
+        check(row, got["xknock"][0], expected)
+        rows.append((row, got, what))
+    return rows
+
+
+def bench_single_advance(h, floor_fd, settings):
+    """A real advance on every run: repeat=1, the source's progress deleted
+    before each run. Single runs include BPF_PROG_TEST_RUN's fixed overhead,
+    so compare with the floor timed the same way."""
+    frame = tcp(FRESH4, 7000)
+    uid = next(seq.uid for seq in policy.live_sequences(h.maps).values() if seq.name == b"ssh")
+    key = layout.ProgressKey(src=to_addr(FRESH4), uid=uid)
+    xknock, floor = [], []
+    for _ in range(settings.single_runs):
+        h.maps.progress.delete(key)
+        verdict, ns = timed(h.fd, frame, 1)
+        check("knock advance", verdict, XDP_DROP)
+        xknock.append(ns)
+        floor.append(timed(floor_fd, frame, 1)[1])
+    return common.median(xknock), common.median(floor)
+
+
+# --- scaling ------------------------------------------------------------------
+
+def _declare_batch():
+    fn = bpfsys.lib().bpf_map_update_batch
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def fill_progress(h, count, uid, now_us, rng):
+    """Insert count random IPv6 sources at step 1 of the sequence uid, in
+    batches; returns a sample of the keys written."""
+    update_batch = _declare_batch()
+    state = layout.progress_state(1, now_us)
+    chunk = 65536
+    sample = []
+    done = 0
+    while done < count:
+        n = min(chunk, count - done)
+        keys = (layout.ProgressKey * n)()
+        values = (ctypes.c_uint64 * n)(*([state] * n))
+        for i in range(n):
+            ctypes.memmove(keys[i].src.b, rng.randbytes(16), 16)
+            keys[i].uid = uid
+        written = ctypes.c_uint32(n)
+        ret = update_batch(h.maps.progress.fd, keys, values, ctypes.byref(written), None)
+        if ret < 0:
+            raise SystemExit(f"bench: bpf_map_update_batch on progress failed: {os.strerror(-ret)}")
+        sample.extend(layout.ProgressKey.from_buffer_copy(keys[i]) for i in range(0, n, max(1, n // 100)))
+        done += n
+    return sample
+
+
+def retained(h, sample):
+    """The fraction of sampled keys still in the (LRU) map."""
+    return sum(h.maps.progress.lookup(k) is not None for k in sample) / max(1, len(sample))
+
+
+def bench_progress_scaling(floor_fd, settings):
+    """Guarded drop and knock (repeat) with many sources tracked, in one
+    program built with room for 1M; the map is filled cumulatively."""
+    rng = random.Random(7)
+    rows = []
+    with example_harness(cflags=["-DXK_PROGRESS_ENTRIES=1048576"]) as h:
+        uid = next(seq.uid for seq in policy.live_sequences(h.maps).values() if seq.name == b"ssh")
+        sample, filled = [], 0
+        for size in settings.progress_sizes:
+            started = time.monotonic()
+            sample += fill_progress(h, size - filled, uid, h.now_ns // 1000, rng)
+            fill_s = time.monotonic() - started
+            filled = size
+            h.run(tcp(KNOCKER4, 7000))    # the measured knocker at step 1, after the fill
+            drop = measure_group({"xknock": h.fd, "floor": floor_fd}, tcp(STRANGER4, 22), settings)
+            knock = measure_group({"xknock": h.fd, "floor": floor_fd}, tcp(KNOCKER4, 7000), settings)
+            check("guarded drop", drop["xknock"][0], XDP_DROP)
+            check("knock", knock["xknock"][0], XDP_DROP)
+            rows.append((size, drop, knock, retained(h, sample), fill_s))
+    return rows
+
+
+def allow_config(count):
+    """The example config with count distinct /32 allow entries, ALLOWED4 among them."""
+    sources = [str(ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.128.0.0")) + i)) for i in range(count - 1)]
+    sources.insert(len(sources) // 2, ALLOWED4)
+    head, _, tail = EXAMPLE_CONFIG.partition("[allow]")
+    _, _, tail = tail.partition("\n\n")
+    text = head + "[allow]\nsources = [" + ", ".join(f'"{s}"' for s in sources) + "]\n\n" + tail
+    return parse_config(text, listening=set())
+
+
+def bench_allow_scaling(h, floor_fd, settings):
+    rows = []
+    for size in settings.allow_sizes:
+        config = allow_config(size)
+        started = time.monotonic()
+        h.apply(config)
+        apply_s = time.monotonic() - started
+        allow = measure_group({"xknock": h.fd, "floor": floor_fd}, tcp(ALLOWED4, 22), settings)
+        drop = measure_group({"xknock": h.fd, "floor": floor_fd}, tcp(STRANGER4, 22), settings)
+        check("allow-list pass", allow["xknock"][0], XDP_PASS)
+        check("guarded drop", drop["xknock"][0], XDP_DROP)
+        rows.append((size, allow, drop, apply_s))
+    h.apply(parse_config(EXAMPLE_CONFIG, listening=set()))
+    return rows
+
+
+# --- report -------------------------------------------------------------------
+
+def ns(value):
+    return f"{value:.0f}"
+
+
+def report(settings, paths, single, progress_rows, allow_rows, xf_note):
+    out = [f"# xknock data path benchmark ({time.strftime('%Y-%m-%d %H:%M')})", ""]
+    out += common.machine()
+    out += [
+        f"- method: BPF_PROG_TEST_RUN, repeat={settings.repeat} per measurement, median of "
+        f"{settings.rounds} interleaved rounds (xknock, floor, xdp-filter in turn on the same frame)"
+        + (" — QUICK run, numbers are not meaningful" if settings.quick else ""),
+        "- xknock built with XK_TEST_CLOCK (time read from the control map, not bpf_ktime_get_ns)",
+        "- floor: BCC-loaded XDP program returning XDP_DROP; "
+        f"xdp-filter: {xf_note}",
+        "- ns are means per run inside the kernel; only ratios within one row were measured side by side",
+        "",
+        "## Paths with the example policy",
+        "",
+    ]
+    header = ["path", "xknock ns", "floor ns", "xdp-filter ns (verdict)", "vs floor", "vs xdp-filter", "what runs"]
+    rows = []
+    for row, got, what in paths:
+        x, f = got["xknock"][1], got["floor"][1]
+        if "xdp-filter" in got:
+            xv, xns = got["xdp-filter"]
+            xf_cell, xf_ratio = f"{ns(xns)} ({verdict_name(xv)})", common.ratio(x, xns)
+        else:
+            xf_cell = xf_ratio = "-"
+        rows.append((row, ns(x), ns(f), xf_cell, common.ratio(x, f), xf_ratio, what))
+    x, f = single
+    rows.append(("knock advance, IPv4 (repeat=1)", ns(x), ns(f), "-", common.ratio(x, f), "-",
+                 f"SYN to tcp:7000 from a source with no progress, which inserts it at step 1; "
+                 f"progress deleted before each run; median of {settings.single_runs} single runs, "
+                 "each including the fixed cost of one BPF_PROG_TEST_RUN"))
+    out += [common.markdown_table(header, rows), ""]
+
+    out += ["## Tracked sources in the progress map",
+            "",
+            "Built with XK_PROGRESS_ENTRIES=1048576 (default 262144) for every point; random IPv6 sources "
+            "at step 1 of ssh, written with bpf_map_update_batch. The map is an LRU hash: 'retained' is "
+            "the share of a sample of written keys still present after the fill.",
+            ""]
+    header = ["sources", "guarded drop ns", "floor ns", "vs floor", "knock repeated ns", "floor ns", "vs floor",
+              "retained", "fill s"]
+    rows = []
+    for size, drop, knock, kept, fill_s in progress_rows:
+        rows.append((size, ns(drop["xknock"][1]), ns(drop["floor"][1]), common.ratio(drop["xknock"][1], drop["floor"][1]),
+                     ns(knock["xknock"][1]), ns(knock["floor"][1]), common.ratio(knock["xknock"][1], knock["floor"][1]),
+                     f"{kept:.0%}", f"{fill_s:.1f}"))
+    out += [common.markdown_table(header, rows), ""]
+
+    out += ["## Allow-list entries",
+            "",
+            "Distinct /32 sources applied with policy.apply_policy (LIST_ENTRIES holds both banks); "
+            "the allowed source is one of them, the guarded drop is a stranger missing the list.",
+            ""]
+    header = ["entries", "allow pass ns", "floor ns", "vs floor", "guarded drop ns", "floor ns", "vs floor", "apply s"]
+    rows = []
+    for size, allow, drop, apply_s in allow_rows:
+        rows.append((size, ns(allow["xknock"][1]), ns(allow["floor"][1]), common.ratio(allow["xknock"][1], allow["floor"][1]),
+                     ns(drop["xknock"][1]), ns(drop["floor"][1]), common.ratio(drop["xknock"][1], drop["floor"][1]),
+                     f"{apply_s:.1f}"))
+    out += [common.markdown_table(header, rows), ""]
+    return "\n".join(out)
+
+
+def run_datapath(quick):
+    settings = Settings(quick)
+    floor_bpf, floor_fd = load_floor()
+    xf, xf_note = None, ""
+    try:
+        xf = xdpfilter.XdpFilter()
+        xf.drop_dst_tcp_port(22)
+        xf_note = f"{xdpfilter.object_path()} with the rule dst tcp port 22 (drop); its verdict is shown"
+    except (xdpfilter.Unavailable, bpfsys.BpfError) as err:
+        xf_note = f"not measured: {err}"
+    try:
+        with example_harness() as h:
+            paths = bench_paths(h, floor_fd, xf, settings)
+            single = bench_single_advance(h, floor_fd, settings)
+            allow_rows = bench_allow_scaling(h, floor_fd, settings)
+        progress_rows = bench_progress_scaling(floor_fd, settings)
+    finally:
+        if xf:
+            xf.close()
+        floor_bpf.cleanup()
+    text = report(settings, paths, single, progress_rows, allow_rows, xf_note)
+    print(text)
+    print(f"written to {common.write_results('datapath', text)}")
+
+
+def main(argv):
+    quick = "--quick" in argv
+    which = [a for a in argv if not a.startswith("-")] or ["datapath"]
+    if len(which) != 1 or which[0] not in ("datapath", "controlplane", "all"):
+        raise SystemExit("usage: bench/run [datapath|controlplane|all] [--quick]")
+    if which[0] in ("datapath", "all"):
+        run_datapath(quick)
+    if which[0] in ("controlplane", "all"):
+        from . import controlplane
+
+        controlplane.run_controlplane(quick)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
