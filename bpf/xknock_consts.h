@@ -98,6 +98,8 @@ enum xk_reason {
 	XK_GRANT_EXPIRED = 25,     /* dead grants removed by the data path */
 	XK_EVENT_LOST = 26,        /* ring buffer full */
 	XK_MONITOR_PASSED = 27,    /* would have dropped, passed in monitor mode */
+	XK_GRANT_CREATED = 28,     /* grant entries that were not in the map before */
+	XK_GRANT_REMOVED = 29,     /* grants the controller removed (revoke, sweep); only it writes this */
 	XK_COUNTERS = 32,
 };
 

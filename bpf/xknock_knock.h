@@ -39,8 +39,11 @@ static __always_inline void write_grants(struct xk_seq *seq, struct xk_packet *p
 		key.proto = seq->open[i].proto;
 		key.port = seq->open[i].port;
 		/* Counting inside the loop keeps the verifier's paths from multiplying. */
+		int existed = grants.lookup(&key) != NULL;
 		if (grants.update(&key, &grant) == 0) {
 			count(XK_GRANT_ISSUED);
+			if (!existed)
+				count(XK_GRANT_CREATED);
 		} else {
 			count(XK_GRANT_FAILED);
 			failed = 1;
@@ -75,6 +78,9 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 			u64 fresh = XK_STATE(1, now_us);
 			if (progress.insert(&key, &fresh) == 0) {
 				count(XK_KNOCK_ADVANCED);
+				struct xk_seq_stats *first = seqstats.lookup(&key.uid);
+				if (first)
+					first->advanced++;
 				return;
 			}
 		}
@@ -143,6 +149,13 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 	if (outcome == XK_OUT_CONTENDED) {
 		count(XK_KNOCK_CONTENDED);
 		return;
+	}
+	struct xk_seq_stats *stats = seqstats.lookup(&key.uid);
+	if (stats) {
+		stats->timed_out += timed_out ? 1 : 0;
+		stats->reset += reset ? 1 : 0;
+		stats->advanced += outcome == XK_OUT_ADVANCED ? 1 : 0;
+		stats->completed += outcome == XK_OUT_COMPLETED ? 1 : 0;
 	}
 	if (timed_out) {
 		count(XK_KNOCK_TIMED_OUT);

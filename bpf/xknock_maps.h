@@ -29,6 +29,9 @@ BPF_TABLE_PINNED7("lpm_trie", struct xk_lpm_key, u32, deny, XK_LIST_ENTRIES, XK_
 		  BPF_F_NO_PREALLOC);
 /* per-CPU counters indexed by enum xk_reason; the controller sums them */
 BPF_TABLE_PINNED("percpu_array", u32, u64, counters, XK_COUNTERS, XK_PIN_DIR "/counters");
+/* knock outcomes per sequence uid, for metrics by sequence */
+BPF_TABLE_PINNED("percpu_hash", u32, struct xk_seq_stats, seqstats, 2 * XK_MAX_SEQUENCES,
+		 XK_PIN_DIR "/seqstats");
 /* the parsed packet: kept in map memory, which the verifier does not track,
  * so that every parse path joins into one state before the policy runs */
 BPF_PERCPU_ARRAY(scratch, struct xk_packet, 1);

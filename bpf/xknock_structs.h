@@ -90,6 +90,15 @@ struct xk_settings {
 	__u32 flags;             /* XK_SET_* */
 };
 
+/* seqstats: per-CPU knock outcomes per sequence uid; the controller creates
+ * the entries when a sequence goes live and removes them when it is gone. */
+struct xk_seq_stats {
+	__u64 advanced;
+	__u64 completed;
+	__u64 reset;
+	__u64 timed_out;
+};
+
 /* One ring buffer record per grant, completed or failed sequence. */
 struct xk_event {
 	__u64 ts_ns;

@@ -80,6 +80,7 @@ def revoke(maps, source):
             key = layout.ProgressKey.from_buffer_copy(raw)
             if bytes(key.src.b) == wanted:
                 maps.progress.delete(key)
+        maps.count_removed_grants(removed)
     return removed
 
 
@@ -103,14 +104,16 @@ def expire_grants(maps, now=None):
     """Delete grants dead on both clocks. Returns how many."""
     now = monotonic_ns() if now is None else now
     removed = 0
-    for raw in [bytes(k) for k in maps.grants.keys()]:
-        key = layout.GrantKey.from_buffer_copy(raw)
-        val = maps.grants.lookup(key)
-        if val is None:
-            continue
-        if now >= val.window_end_ns and now >= val.last_seen_ns + val.idle_timeout_ns:
-            if maps.grants.delete(key):
-                removed += 1
+    with policy.map_lock(maps):
+        for raw in [bytes(k) for k in maps.grants.keys()]:
+            key = layout.GrantKey.from_buffer_copy(raw)
+            val = maps.grants.lookup(key)
+            if val is None:
+                continue
+            if now >= val.window_end_ns and now >= val.last_seen_ns + val.idle_timeout_ns:
+                if maps.grants.delete(key):
+                    removed += 1
+        maps.count_removed_grants(removed)
     return removed
 
 

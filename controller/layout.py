@@ -66,6 +66,8 @@ class Reason(enum.IntEnum):
     GRANT_EXPIRED = 25
     EVENT_LOST = 26
     MONITOR_PASSED = 27
+    GRANT_CREATED = 28
+    GRANT_REMOVED = 29    # written by the controller only
 
 
 VERDICT_REASONS = 11  # reasons below this are verdicts: one per packet
@@ -161,6 +163,15 @@ class Settings(ctypes.Structure):
     _fields_ = [("mode", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
+class SeqStats(ctypes.Structure):
+    _fields_ = [
+        ("advanced", ctypes.c_uint64),
+        ("completed", ctypes.c_uint64),
+        ("reset", ctypes.c_uint64),
+        ("timed_out", ctypes.c_uint64),
+    ]
+
+
 class EventRecord(ctypes.Structure):
     _fields_ = [
         ("ts_ns", ctypes.c_uint64),
@@ -201,4 +212,5 @@ MAPS = {
     "allow": (LpmKey, ctypes.c_uint32),
     "deny": (LpmKey, ctypes.c_uint32),
     "counters": (ctypes.c_uint32, ctypes.c_uint64),
+    "seqstats": (ctypes.c_uint32, SeqStats),   # per CPU
 }

@@ -96,6 +96,23 @@ class PerCpuArray(Map):
         bpfsys.map_update(self.fd, ctypes.c_uint32(index), (ctypes.c_uint64 * self.cpus)())
 
 
+class PerCpuHash(Map):
+    """A per-CPU hash: lookup returns one value per CPU."""
+
+    def __init__(self, fd, name, key_type, value_type):
+        self.cpus = bpfsys.possible_cpus()
+        self.cpu_value_type = value_type
+        super().__init__(fd, name, key_type, value_type)
+
+    def lookup(self, key):
+        values = (self.cpu_value_type * self.cpus)()
+        return list(values) if bpfsys.map_lookup(self.fd, key, values) else None
+
+    def update(self, key, per_cpu_values, flags=bpfsys.BPF_ANY):
+        values = (self.cpu_value_type * self.cpus)(*per_cpu_values)
+        bpfsys.map_update(self.fd, key, values, flags)
+
+
 class FilterMaps:
     """All the maps of one running filter, opened by id from its program."""
 
@@ -123,6 +140,8 @@ class FilterMaps:
             for name, fd in fds.items():
                 if name == "counters":
                     maps[name] = PerCpuArray(fd, name)
+                elif name == "seqstats":
+                    maps[name] = PerCpuHash(fd, name, *layout.MAPS[name])
                 else:
                     key_type, value_type = layout.MAPS[name]
                     maps[name] = Map(fd, name, key_type, value_type)
@@ -158,3 +177,23 @@ class FilterMaps:
 
     def counters_by_reason(self):
         return {reason: self.counters.total(reason) for reason in layout.Reason}
+
+    def count_removed_grants(self, n):
+        """Add to GRANT_REMOVED, the one counter only the controller writes
+        (callers hold policy.map_lock, so no two writers race)."""
+        if n:
+            values = self.counters.per_cpu(layout.Reason.GRANT_REMOVED)
+            values[0] += n
+            bpfsys.map_update(self.counters.fd, ctypes.c_uint32(layout.Reason.GRANT_REMOVED),
+                              (ctypes.c_uint64 * self.counters.cpus)(*values))
+
+    def sequence_stats(self, uid):
+        """Knock outcomes of one sequence, summed over CPUs, or None."""
+        per_cpu = self.seqstats.lookup(ctypes.c_uint32(uid))
+        if per_cpu is None:
+            return None
+        total = layout.SeqStats()
+        for value in per_cpu:
+            for field, _ in layout.SeqStats._fields_:
+                setattr(total, field, getattr(total, field) + getattr(value, field))
+        return total

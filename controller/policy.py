@@ -146,6 +146,7 @@ def apply_policy(maps, config):
         maps.control.update(ctypes.c_uint32(0), control)
         time.sleep(FLIP_GRACE_S)
         _clear_bank(maps, live)
+        _forget_stats_except(maps, {seq.uid for seq in policy.seqs.values()})
         return target
 
 
@@ -161,6 +162,14 @@ def _write_bank(maps, policy):
         maps.allow.update(key, one)
     for key in policy.deny:
         maps.deny.update(key, one)
+    # Per-sequence counters: created before the sequence goes live; kept when
+    # an unchanged sequence (same uid) survives the reload.
+    for seq in policy.seqs.values():
+        try:
+            maps.seqstats.update(ctypes.c_uint32(seq.uid), [layout.SeqStats()] * maps.seqstats.cpus,
+                                 bpfsys.BPF_NOEXIST)
+        except bpfsys.KeyExists:
+            pass
     maps.settings.update(ctypes.c_uint32(policy.bank), policy.settings)
 
 
@@ -171,6 +180,12 @@ def _clear_bank(maps, bank):
             m.delete(m.key_type.from_buffer_copy(raw))
     for i in range(layout.MAX_SEQUENCES):
         maps.seqs.update(ctypes.c_uint32(bank * layout.MAX_SEQUENCES + i), layout.Seq())
+
+
+def _forget_stats_except(maps, uids):
+    for key in [k.value for k in maps.seqstats.keys()]:
+        if key not in uids:
+            maps.seqstats.delete(ctypes.c_uint32(key))
 
 
 def live_sequences(maps):

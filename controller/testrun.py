@@ -73,6 +73,8 @@ class Harness:
                 m.delete(m.key_type.from_buffer_copy(raw))
         for reason in range(layout.COUNTERS):
             self.maps.counters.zero(reason)
+        for key in list(self.maps.seqstats.keys()):
+            self.maps.seqstats.update(key, [layout.SeqStats()] * self.maps.seqstats.cpus)
 
     def grants(self):
         """{(source ip, proto name, port): layout.Grant} of everything in the map."""

@@ -316,3 +316,51 @@ MALFORMED_CASES = [
 def test_malformed_and_fragmented(xk, description, frame, verdict, reason):
     assert xk.run(frame) == verdict
     assert counted(xk, reason) == 1
+
+
+def _stats(xk, name):
+    from xknock.controller.policy import live_sequences
+
+    [seq] = [s for s in live_sequences(xk.maps).values() if s.name.decode() == name]
+    return xk.maps.sequence_stats(seq.uid)
+
+
+def test_outcomes_are_counted_per_sequence(xk):
+    knock(xk, STRANGER4, SSH)                                   # ssh: 2 advanced, 1 completed; web: 1 advanced
+    knock(xk, "198.51.100.9", ["tcp:7000", "tcp:9000"])         # ssh: 1 advanced, 1 reset
+    knock(xk, "198.51.100.10", ["tcp:7000"])
+    xk.advance(6)
+    knock(xk, "198.51.100.10", ["udp:8000"])                    # ssh: timed out; web: advanced
+    ssh, web = _stats(xk, "ssh"), _stats(xk, "web")
+    assert (ssh.advanced, ssh.completed, ssh.reset, ssh.timed_out) == (4, 1, 1, 1)
+    assert (web.advanced, web.completed, web.reset, web.timed_out) == (2, 0, 0, 0)
+
+
+def test_sequence_stats_survive_a_reload_that_keeps_the_sequence(xk, example_config):
+    import dataclasses
+
+    knock(xk, STRANGER4, SSH)
+    xk.apply(dataclasses.replace(example_config, mode="monitor"))
+    assert _stats(xk, "ssh").completed == 1
+    ssh_only = dataclasses.replace(example_config, sequences=example_config.sequences[:1])
+    xk.apply(ssh_only)
+    assert len(list(xk.maps.seqstats.keys())) == 1   # web's counters went with it
+
+
+def test_created_grants_are_told_from_refreshed_ones(xk):
+    from xknock.controller import grants
+
+    knock(xk, STRANGER4, SSH)
+    xk.advance(6)
+    knock(xk, STRANGER4, SSH)                        # the same grant, refreshed
+    counters = xk.counters()
+    assert counters[Reason.GRANT_ISSUED] == 2
+    assert counters[Reason.GRANT_CREATED] == 1
+    assert grants.revoke(xk.maps, STRANGER4) == 1
+    knock(xk, STRANGER4, ["tcp:7000"])
+    xk.advance(6)
+    knock(xk, STRANGER4, SSH)
+    assert grants.expire_grants(xk.maps, now=xk.now_ns + 16 * 60 * 10**9) == 1
+    counters = xk.counters()
+    assert counters[Reason.GRANT_CREATED] == 2
+    assert counters[Reason.GRANT_REMOVED] == 2       # one revoked, one swept
