@@ -54,6 +54,8 @@ class EventReader:
 
     def _callback(self, ctx, data, size):
         record = ctypes.cast(data, ctypes.POINTER(layout.EventRecord)).contents
+        if record.seq_uid not in self.names:
+            self.refresh_names()   # a reload by another process (`xknock reload`)
         fields = describe(record, self.names)
         log.info(fields["event"], extra={"fields": fields})
         if self.on_event:

@@ -41,15 +41,24 @@ class Attached:
 
 
 def attach(ifnames, config, xdp_mode="auto", force=False):
-    """Attach one filter, sharing one set of maps, to every interface in ifnames."""
+    """Attach one filter, sharing one set of maps, to every interface in
+    ifnames: all of them or, when one fails, none (each is put back as it was)."""
     require_root()
     if xdp_mode not in XDP_MODES:
         raise XknockError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}")
+    repeated = sorted({name for name in ifnames if ifnames.count(name) > 1})
+    if repeated:
+        raise XknockError(f"{', '.join(repeated)} named twice")
     current = {name: datapath.attachment(name) for name in ifnames}
     foreign = [a for a in current.values() if a.prog_id and not datapath.is_xknock(a)]
     if foreign and not force:
         names = ", ".join(f"{a.ifname} (program {a.prog_id} '{a.prog_name}')" for a in foreign)
         raise XknockError(f"another XDP program is attached to {names}: detach it, or pass --force to replace it")
+    for att in current.values():
+        if att.prog_id and xdp_mode != "auto" and att.mode != xdp_mode:
+            raise XknockError(
+                f"{att.ifname} runs a program in {att.mode} mode; detach it before attaching in {xdp_mode} mode"
+            )
     ours = {a.ifname: a for a in current.values() if datapath.is_xknock(a)}
     adopted_from = _single_filter(ours)
 
@@ -59,17 +68,33 @@ def attach(ifnames, config, xdp_mode="auto", force=False):
         datapath.repin(adopted_from, directory)
     loaded = datapath.compile_and_load(directory)
     maps = FilterMaps.from_prog(loaded.prog_id)
+    modes, replaced, done = {}, {}, []
     try:
         policy.apply_policy(maps, config)
-        modes, replaced = {}, {}
         for name in ifnames:
             modes[name], replaced_id = _attach_one(current[name], loaded.fd, xdp_mode)
+            done.append(name)
             if replaced_id:
                 replaced[name] = replaced_id
     except BaseException:
+        _roll_back(done, current, loaded.fd)
         maps.close()
         raise
     return Attached(loaded, maps, directory, modes, replaced)
+
+
+def _roll_back(done, current, new_fd):
+    """Put interfaces attached by a failed attach() back as they were."""
+    for name in done:
+        before = current[name]
+        try:
+            if before.prog_id:
+                with _fd_of(before.prog_id) as old_fd:
+                    datapath.xdp_attach(before.ifindex, old_fd, before.mode, replace_fd=new_fd)
+            else:
+                datapath.xdp_detach(before.ifindex, datapath.attachment(name).mode)
+        except (NetlinkError, OSError, XknockError) as err:
+            log.error(f"could not restore {name} after a failed attach: {err}; check it with `xknock status`")
 
 
 def _single_filter(ours):
@@ -90,11 +115,7 @@ def _single_filter(ours):
 def _attach_one(att, prog_fd, xdp_mode):
     """Attach to one interface; returns (mode, replaced program id or None)."""
     if att.prog_id:
-        mode = att.mode if xdp_mode == "auto" else xdp_mode
-        if mode != att.mode:
-            raise XknockError(
-                f"{att.ifname} runs a program in {att.mode} mode; detach it before attaching in {mode} mode"
-            )
+        mode = att.mode
         with _fd_of(att.prog_id) as old_fd:
             try:
                 datapath.xdp_attach(att.ifindex, prog_fd, mode, replace_fd=old_fd)

@@ -151,11 +151,6 @@ def test_bad_config_leaves_the_running_policy_untouched(attached, configs, comma
     assert policy(attached) == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: lifecycle.attach() attaches interface by interface and does not undo the ones done when a "
-    "later one fails: `attach IFACE IFACE` exits 1 ('another XDP program is attached') with the filter "
-    "left on IFACE; `attach IFACE lo --xdp-mode native` with xknock in generic mode on lo exits 1 with "
-    "the filter left on IFACE"))
 @pytest.mark.parametrize("case", ["the same interface twice", "a second interface in another mode"])
 def test_a_failed_attach_leaves_every_interface_as_it_was(bare, good_config, case):
     server, iface = bare.server, bare.server_iface

@@ -230,10 +230,7 @@ def test_plain_sockets_knock_as_well_as_the_client(net, configs, family):
 
 @pytest.mark.parametrize("how", [
     "sighup",
-    pytest.param("xknock reload", marks=pytest.mark.xfail(strict=True, reason=(
-        "product bug: `xknock reload` from another process changes the live policy but the running "
-        "controller's EventReader keeps the sequence names it read at start (refresh_names runs only on "
-        "SIGHUP), so a grant by the new sequence is logged as sequence=0x<uid>, not by its name"))),
+    "xknock reload",
 ])
 def test_foreground_controller_names_the_sequences_of_a_reloaded_config(net, configs, how):
     config = write_config(configs, "foreground.toml", config_text())
