@@ -62,7 +62,7 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 		break;
 	}
 	/* The source is known from here on, for every parse result left. */
-	if ((set->flags & XK_SET_HAS_DENY) && source_listed(1, bank, &pkt->src))
+	if ((set->flags & XK_SET_HAS_DENY) && source_listed(1, bank, pkt))
 		return XK_DROP_DENYLIST;
 	if (parsed == XK_PARSED_FRAGMENT)
 		return XK_PASS_FRAGMENT;

@@ -61,6 +61,11 @@
 #define XK_MODE_ENFORCE 0
 #define XK_MODE_MONITOR 1
 
+/* In the first byte of an LPM key, with the bank in bit 0: IPv4 entries and
+ * lookups are kept apart from IPv6 ones, so that no IPv6 prefix (::/0) ever
+ * matches an IPv4 source through its mapped form. */
+#define XK_LPM_IPV4 0x80
+
 /* xk_settings.flags: lets the hot path skip empty lists */
 #define XK_SET_HAS_ALLOW (1U << 0)
 #define XK_SET_HAS_DENY  (1U << 1)
@@ -100,6 +105,7 @@ enum xk_reason {
 	XK_MONITOR_PASSED = 27,    /* would have dropped, passed in monitor mode */
 	XK_GRANT_CREATED = 28,     /* grant entries that were not in the map before */
 	XK_GRANT_REMOVED = 29,     /* grants the controller removed (revoke, sweep); only it writes this */
+	XK_GRANT_OPERATOR = 30,    /* grants the controller created (`xknock grant`); only it writes this */
 	XK_COUNTERS = 32,
 };
 

@@ -114,6 +114,11 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 		}
 		if (next < nsteps && (mask & (1U << (next & 31)))) {
 			new_step = next + 1;
+		} else if (next == nsteps && (mask & 1)) {
+			/* After completion a first step starts anew, even when it is
+			 * also the last step: knocking again renews the grant, and a
+			 * retransmitted last knock only starts progress. */
+			new_step = 1;
 		} else if (next > 0 && (mask & (1U << ((next - 1) & 31)))) {
 			outcome = XK_OUT_REPEATED;
 			break;

@@ -18,7 +18,7 @@ struct xk_packet {
 	__u8 first_frag;  /* a first fragment with more to come */
 	__u8 parsed;      /* enum xk_parse */
 	__u8 seq_idx;     /* which of the port's sequences is being knocked */
-	__u8 pad;
+	__u8 ipv4;        /* the source is IPv4 (stored mapped in src) */
 	__u32 knock;      /* what a knock did: enum xk_knock_outcome | XK_KNOCK_* bits */
 };
 
@@ -119,6 +119,7 @@ static __always_inline int parse_iphdr(void *data, void *data_end, struct xk_pac
 		return -1;
 	if (!cursor(data, data_end, pkt, hdrsize))
 		return -1;   /* options cut short */
+	pkt->ipv4 = 1;
 	__builtin_memset(&pkt->src, 0, 10);
 	pkt->src.b[10] = 0xff;
 	pkt->src.b[11] = 0xff;

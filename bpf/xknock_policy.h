@@ -3,12 +3,12 @@
 #ifndef XKNOCK_POLICY_H
 #define XKNOCK_POLICY_H
 
-static __always_inline int source_listed(int deny_list, __u32 bank, struct xk_addr *src)
+static __always_inline int source_listed(int deny_list, __u32 bank, struct xk_packet *pkt)
 {
 	struct xk_lpm_key key = {};
 	key.prefixlen = 8 + 128;
-	key.bank = bank;
-	__builtin_memcpy(key.addr, src->b, sizeof(key.addr));
+	key.bank = bank | (pkt->ipv4 ? XK_LPM_IPV4 : 0);
+	__builtin_memcpy(key.addr, pkt->src.b, sizeof(key.addr));
 	if (deny_list)
 		return deny.lookup(&key) != NULL;
 	return allow.lookup(&key) != NULL;
@@ -19,7 +19,7 @@ static __always_inline int source_listed(int deny_list, __u32 bank, struct xk_ad
 static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_settings *set, __u32 bank,
 					     __u64 now)
 {
-	if ((set->flags & XK_SET_HAS_ALLOW) && source_listed(0, bank, &pkt->src))
+	if ((set->flags & XK_SET_HAS_ALLOW) && source_listed(0, bank, pkt))
 		return XK_PASS_ALLOWLIST;
 
 	struct xk_grant_key key = {};
@@ -43,8 +43,8 @@ static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_se
 	}
 	if (!idle_alive) {
 		/* Dead on both clocks: remove it so the map does not fill with corpses. */
-		grants.delete(&key);
-		count(XK_GRANT_EXPIRED);
+		if (grants.delete(&key) == 0)   /* another CPU or the sweep may have won */
+			count(XK_GRANT_EXPIRED);
 	}
 	return XK_DROP_NO_GRANT;
 }

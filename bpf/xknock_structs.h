@@ -71,8 +71,8 @@ struct xk_grant {
 
 /* allow and deny: LPM tries keyed by (bank, address). */
 struct xk_lpm_key {
-	__u32 prefixlen;         /* 8 bits of bank + the address prefix */
-	__u8 bank;
+	__u32 prefixlen;         /* 8 bits of bank and family + the address prefix */
+	__u8 bank;               /* the bank, | XK_LPM_IPV4 for IPv4 */
 	__u8 addr[16];
 	__u8 pad[3];
 };

@@ -29,6 +29,8 @@ MODE_ENFORCE = 0
 MODE_MONITOR = 1
 MODES = {"enforce": MODE_ENFORCE, "monitor": MODE_MONITOR}
 
+LPM_IPV4 = 0x80   # in LpmKey.bank: IPv4 entries, kept apart from IPv6 ones
+
 SET_HAS_ALLOW = 1 << 0
 SET_HAS_DENY = 1 << 1
 
@@ -68,6 +70,7 @@ class Reason(enum.IntEnum):
     MONITOR_PASSED = 27
     GRANT_CREATED = 28
     GRANT_REMOVED = 29    # written by the controller only
+    GRANT_OPERATOR = 30   # written by the controller only
 
 
 VERDICT_REASONS = 11  # reasons below this are verdicts: one per packet

@@ -52,7 +52,7 @@ def lpm_key(network, bank):
     prefix = network.prefixlen + (96 if network.version == 4 else 0)
     key = layout.LpmKey()
     key.prefixlen = 8 + prefix
-    key.bank = bank
+    key.bank = bank | (layout.LPM_IPV4 if network.version == 4 else 0)
     ctypes.memmove(key.addr, to_addr(network.network_address).b, 16)
     return key
 
@@ -175,7 +175,7 @@ def _write_bank(maps, policy):
 
 def _clear_bank(maps, bank):
     for m in (maps.ports, maps.allow, maps.deny):
-        stale = [bytes(key) for key in m.keys() if key.bank == bank]
+        stale = [bytes(key) for key in m.keys() if key.bank & 1 == bank]
         for raw in stale:
             m.delete(m.key_type.from_buffer_copy(raw))
     for i in range(layout.MAX_SEQUENCES):

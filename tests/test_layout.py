@@ -55,8 +55,7 @@ def _c_enum(name):
 
 def _c_defines():
     source = (resources.files("xknock.bpf") / "xknock_consts.h").read_text()
-    return {m.group(1): int(m.group(2), 0) for m in re.finditer(r"#define XK_(\w+)\s+(\(?1U << \d+\)?|\d+)", source)
-            if "<<" not in m.group(2)} | {
+    return {m.group(1): int(m.group(2), 0) for m in re.finditer(r"#define XK_(\w+)\s+(0x[0-9a-fA-F]+|\d+)", source)} | {
         m.group(1): 1 << int(m.group(2)) for m in re.finditer(r"#define XK_(\w+)\s+\(1U << (\d+)\)", source)}
 
 
@@ -72,7 +71,7 @@ def test_limits_and_flags_mirror_the_c_defines():
     defines = _c_defines()
     for name in ("MAX_SEQUENCES", "MAX_STEPS", "MAX_OPEN", "MAX_SEQS_PER_PORT", "PORT_ENTRIES",
                  "PROGRESS_ENTRIES", "GRANT_ENTRIES", "LIST_ENTRIES", "PROTO_ICMP", "PROTO_TCP", "PROTO_UDP",
-                 "PORT_GUARDED", "PORT_KNOCK", "MODE_ENFORCE", "MODE_MONITOR", "SET_HAS_ALLOW", "SET_HAS_DENY"):
+                 "PORT_GUARDED", "PORT_KNOCK", "LPM_IPV4", "MODE_ENFORCE", "MODE_MONITOR", "SET_HAS_ALLOW", "SET_HAS_DENY"):
         assert defines[name] == getattr(layout, name), name
     for event in layout.Event:
         assert defines["EV_" + event.name] == event.value
