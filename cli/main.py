@@ -93,35 +93,53 @@ def main(log_format, verbose):
 Examples:
   xknock attach eth0                       # /etc/xknock/xknock.toml, foreground controller
   xknock attach eth0 -c lab.toml --once    # attach, write the policy, exit
-  xknock attach eth0 eth1                  # one set of maps: a knock on one opens both""")
+  xknock attach eth0 eth1                  # one set of maps: a knock on one opens both
+  xknock attach eth0 --metrics-addr 127.0.0.1:9798   # and Prometheus metrics at /metrics""")
 @click.argument("ifaces", nargs=-1, required=True)
 @click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True, help="The TOML config.")
 @click.option("--xdp-mode", type=click.Choice(lifecycle.XDP_MODES), default="auto", show_default=True,
               help="native needs driver support; auto tries native, then generic.")
-@click.option("--metrics-addr", default=None, metavar="HOST:PORT", help="Serve Prometheus metrics here.")
+@click.option("--metrics-addr", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; the conventional "
+                   "port is 9798, e.g. 127.0.0.1:9798, [::1]:9798, or :9798 for every IPv4 address).")
 @click.option("--once", is_flag=True, help="Attach and exit; the filter keeps enforcing.")
 @click.option("--force", is_flag=True, help="Replace another XDP program on the interface.")
 @fail_cleanly
 def attach(ifaces, config_path, xdp_mode, metrics_addr, once, force):
     """Load the filter, attach it to IFACES and run the controller."""
-    from xknock.controller.daemon import Controller
+    from xknock.controller.daemon import Controller, Signals
     from xknock.controller.events import EventReader
 
+    signals = Signals().install()   # before anything is attached: see Signals
+    metrics_server = None
+    if metrics_addr:
+        from xknock.controller.metrics import MetricsServer, parse_addr
+
+        host, port = parse_addr(metrics_addr)
     lifecycle.require_root()
     config = _load(config_path)
-    attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=force)
+    if metrics_addr and once:
+        log.warning("--metrics-addr is ignored with --once: metrics are served by the running controller")
+    elif metrics_addr:
+        metrics_server = MetricsServer(host, port)   # binds now: a busy address fails before anything changes
+    try:
+        attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=force)
+    except BaseException:
+        if metrics_server:
+            metrics_server.close()
+        raise
     for name in ifaces:
         how = "replaced program %d" % attached.replaced[name] if name in attached.replaced else "attached"
         log.info(f"{how} on {name}", extra={"fields": {
             "iface": name, "xdp_mode": attached.modes[name], "prog_id": attached.loaded.prog_id,
             "mode": config.mode, "sequences": len(config.sequences), "pins": attached.pin_dir}})
-    if metrics_addr:
-        log.warning("--metrics-addr: metrics are not served by this version yet")
     if once:
         attached.maps.close()
         return
     events = EventReader(attached.loaded, attached.maps)
-    Controller(attached, list(ifaces), config_path, config, events).run()
+    if metrics_server:
+        metrics_server.start(attached.maps, list(ifaces), config)
+    Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals).run()
 
 
 @main.command(epilog="Example:\n\n  xknock detach eth0")

@@ -19,15 +19,31 @@ SWEEP_EVERY_S = 10.0
 POLL_MS = 200
 
 
+class Signals:
+    """SIGTERM and SIGINT ask to stop, SIGHUP to reload. Installed before the
+    filter is attached, so that a signal arriving meanwhile is honoured once
+    the controller runs instead of killing it half-way."""
+
+    def __init__(self):
+        self.stop = False
+        self.reload = False
+
+    def install(self):
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "reload", True))
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "stop", True))
+        return self
+
+
 class Controller:
-    def __init__(self, attached, ifnames, config_path, config, events=None):
+    def __init__(self, attached, ifnames, config_path, config, events=None, metrics=None, signals=None):
         self.attached = attached
         self.ifnames = ifnames
         self.config_path = config_path
         self.config = config
         self.events = events
-        self._stop = False
-        self._reload = False
+        self.metrics = metrics   # a metrics.MetricsServer, or None
+        self.signals = signals or Signals().install()
 
     def reload(self):
         """Validate the file, then switch policy; a bad file changes nothing."""
@@ -50,25 +66,26 @@ class Controller:
         return True
 
     def run(self):
-        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload", True))
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
-        signal.signal(signal.SIGINT, lambda *_: setattr(self, "_stop", True))
         next_sweep = time.monotonic() + SWEEP_EVERY_S
         try:
-            while not self._stop:
+            while not self.signals.stop:
                 if self.events:
                     self.events.poll(POLL_MS)
                 else:
                     time.sleep(POLL_MS / 1000)
-                if self._reload:
-                    self._reload = False
-                    self.reload()
+                if self.signals.reload:
+                    self.signals.reload = False
+                    ok = self.reload()
+                    if self.metrics:
+                        self.metrics.record_reload(ok, self.config)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SWEEP_EVERY_S
                     swept = grants.expire_grants(self.attached.maps)
                     if swept:
                         log.debug("expired grants removed", extra={"fields": {"count": swept}})
         finally:
+            if self.metrics:
+                self.metrics.close()
             log.info(
                 "controller stopped; the filter stays attached and enforcing",
                 extra={"fields": {"iface": ",".join(self.ifnames)}},

@@ -251,10 +251,6 @@ def test_foreground_controller_names_the_sequences_of_a_reloaded_config(net, con
         assert "sequence=renamed" in granted.split(), granted
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: cli/main.py logs 'attached on IFACE' before Controller.run() installs its SIGTERM/SIGHUP "
-    "handlers, so a SIGTERM (or a SIGHUP reload) sent as soon as the controller says it is attached kills it "
-    "with the default action: no clean exit 0, no 'stays attached' line"))
 def test_a_sigterm_sent_as_the_controller_logs_attached_is_handled(net, configs):
     """The "attached" line is all a supervisor sees of the controller's start.
     To hit the moment it is written every time, the controller's stderr is a
