@@ -9,7 +9,7 @@ import ipaddress
 import time
 from dataclasses import dataclass
 
-from . import layout, policy
+from . import bpfsys, layout, policy
 from .errors import XknockError
 from .maps import from_addr, to_addr
 
@@ -61,9 +61,16 @@ def grant(maps, source, ports, for_ns, idle_ns=None, now=None):
     value.last_seen_ns = now
     value.seq_uid = 0
     with policy.map_lock(maps):
+        created = 0
         for proto, port in ports:
             key = layout.GrantKey(src=to_addr(source), proto=layout.PROTO_NUMBERS[proto], port=port)
-            maps.grants.update(key, value)
+            created += maps.grants.lookup(key) is None
+            try:
+                maps.grants.update(key, value)
+            except bpfsys.MapFull as err:
+                raise XknockError(f"the grants map is full ({maps.grants.max_entries} entries): no grant written "
+                                  f"for {proto}:{port}") from err
+        maps.count_by_controller(layout.Reason.GRANT_OPERATOR, created)
     return ports
 
 
@@ -80,7 +87,7 @@ def revoke(maps, source):
             key = layout.ProgressKey.from_buffer_copy(raw)
             if bytes(key.src.b) == wanted:
                 maps.progress.delete(key)
-        maps.count_removed_grants(removed)
+        maps.count_by_controller(layout.Reason.GRANT_REMOVED, removed)
     return removed
 
 
@@ -113,7 +120,7 @@ def expire_grants(maps, now=None):
             if now >= val.window_end_ns and now >= val.last_seen_ns + val.idle_timeout_ns:
                 if maps.grants.delete(key):
                     removed += 1
-        maps.count_removed_grants(removed)
+        maps.count_by_controller(layout.Reason.GRANT_REMOVED, removed)
     return removed
 
 

@@ -178,14 +178,15 @@ class FilterMaps:
     def counters_by_reason(self):
         return {reason: self.counters.total(reason) for reason in layout.Reason}
 
-    def count_removed_grants(self, n):
-        """Add to GRANT_REMOVED, the one counter only the controller writes
-        (callers hold policy.map_lock, so no two writers race)."""
+    def count_by_controller(self, reason, n):
+        """Add to one of the counters only the controller writes (GRANT_REMOVED,
+        GRANT_OPERATOR): the data path never touches them, and callers hold
+        policy.map_lock, so this read-modify-write races with nobody."""
+        assert reason in (layout.Reason.GRANT_REMOVED, layout.Reason.GRANT_OPERATOR)
         if n:
-            values = self.counters.per_cpu(layout.Reason.GRANT_REMOVED)
+            values = self.counters.per_cpu(reason)
             values[0] += n
-            bpfsys.map_update(self.counters.fd, ctypes.c_uint32(layout.Reason.GRANT_REMOVED),
-                              (ctypes.c_uint64 * self.counters.cpus)(*values))
+            bpfsys.map_update(self.counters.fd, ctypes.c_uint32(reason), (ctypes.c_uint64 * self.counters.cpus)(*values))
 
     def sequence_stats(self, uid):
         """Knock outcomes of one sequence, summed over CPUs, or None."""
