@@ -131,13 +131,14 @@ def attachment(ifname):
         mode = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}.get(attached, attached)
     name = None
     if prog_id:
-        with _prog_fd(prog_id) as fd:
+        with prog_fd(prog_id) as fd:
             name = bpfsys.prog_info(fd).name.decode(errors="replace")
     return Attachment(ifname, index, prog_id, mode if prog_id else None, name)
 
 
 @contextlib.contextmanager
-def _prog_fd(prog_id):
+def prog_fd(prog_id):
+    """An fd for a loaded program, closed on leaving."""
     fd = bpfsys.prog_fd_by_id(prog_id)
     try:
         yield fd
@@ -152,7 +153,7 @@ def is_xknock(att):
 def running_map_ids(prog_id):
     """Map name -> map id for the maps a running xknock program uses."""
     ids = {}
-    with _prog_fd(prog_id) as fd:
+    with prog_fd(prog_id) as fd:
         for map_id in bpfsys.prog_map_ids(fd):
             map_fd = bpfsys.map_fd_by_id(map_id)
             try:

@@ -89,7 +89,7 @@ def _roll_back(done, current, new_fd):
         before = current[name]
         try:
             if before.prog_id:
-                with _fd_of(before.prog_id) as old_fd:
+                with datapath.prog_fd(before.prog_id) as old_fd:
                     datapath.xdp_attach(before.ifindex, old_fd, before.mode, replace_fd=new_fd)
             else:
                 datapath.xdp_detach(before.ifindex, datapath.attachment(name).mode)
@@ -116,7 +116,7 @@ def _attach_one(att, prog_fd, xdp_mode):
     """Attach to one interface; returns (mode, replaced program id or None)."""
     if att.prog_id:
         mode = att.mode
-        with _fd_of(att.prog_id) as old_fd:
+        with datapath.prog_fd(att.prog_id) as old_fd:
             try:
                 datapath.xdp_attach(att.ifindex, prog_fd, mode, replace_fd=old_fd)
             except NetlinkError as err:
@@ -133,26 +133,20 @@ def _attach_one(att, prog_fd, xdp_mode):
     raise XknockError(f"attaching to {att.ifname} failed ({'; '.join(reasons)})")
 
 
-@contextlib.contextmanager
-def _fd_of(prog_id):
-    from . import bpfsys
-
-    fd = bpfsys.prog_fd_by_id(prog_id)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+def running_xknock(ifname):
+    """The Attachment of the xknock filter on ifname, or an error saying what runs there."""
+    att = datapath.attachment(ifname)
+    if not att.prog_id:
+        raise XknockError(f"no XDP program on {ifname}: attach one with `xknock attach {ifname}`")
+    if not datapath.is_xknock(att):
+        raise XknockError(f"{ifname} runs XDP program {att.prog_id} '{att.prog_name}', not xknock: not touching it")
+    return att
 
 
 def open_filter(ifname):
     """The maps of the xknock filter running on ifname."""
     require_root()
-    att = datapath.attachment(ifname)
-    if not att.prog_id:
-        raise XknockError(f"no XDP program on {ifname}: attach one with `xknock attach {ifname}`")
-    if not datapath.is_xknock(att):
-        raise XknockError(f"{ifname} runs XDP program {att.prog_id} '{att.prog_name}', not xknock")
-    return FilterMaps.from_prog(att.prog_id)
+    return FilterMaps.from_prog(running_xknock(ifname).prog_id)
 
 
 def attached_filters():
@@ -174,11 +168,7 @@ def detach(ifname):
     """Detach xknock from ifname; remove its pins when no other interface of
     this namespace still uses its maps. Returns what was detached."""
     require_root()
-    att = datapath.attachment(ifname)
-    if not att.prog_id:
-        raise XknockError(f"nothing is attached to {ifname}")
-    if not datapath.is_xknock(att):
-        raise XknockError(f"{ifname} runs XDP program {att.prog_id} '{att.prog_name}', not xknock: not touching it")
+    att = running_xknock(ifname)
     control = datapath.running_map_ids(att.prog_id).get("control")
     try:
         datapath.xdp_detach(att.ifindex, att.mode)
