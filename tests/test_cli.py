@@ -229,3 +229,11 @@ def test_knock_without_steps(net):
 
 def test_knock_with_a_negative_delay(net):
     assert_fails(xknock(net.client, "knock", net.server.ipv4, "tcp:7000", "--delay", "-1"), "--delay", status=2)
+
+
+@pytest.mark.parametrize("args", [["status"], ["attach", "lo"], ["grant", "lo", "192.0.2.1"], ["detach", "lo"]])
+def test_not_root_is_one_clear_line(args):
+    result = subprocess.run(["runuser", "-u", "nobody", "--", XKNOCK, *args], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "xknock: must run as root: xknock loads XDP programs and opens BPF maps"
