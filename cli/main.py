@@ -103,9 +103,12 @@ Examples:
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; the conventional "
                    "port is 9798, e.g. 127.0.0.1:9798, [::1]:9798, or :9798 for every IPv4 address).")
 @click.option("--once", is_flag=True, help="Attach and exit; the filter keeps enforcing.")
-@click.option("--force", is_flag=True, help="Replace another XDP program on the interface.")
+@click.option("--keep-sessions", is_flag=True,
+              help="Grant established sessions to guarded ports (their traffic only, no new connections).")
+@click.option("--force", is_flag=True,
+              help="Replace another XDP program on the interface, and cut established sessions to guarded ports.")
 @fail_cleanly
-def attach(ifaces, config_path, xdp_mode, metrics_addr, once, force):
+def attach(ifaces, config_path, xdp_mode, metrics_addr, once, keep_sessions, force):
     """Load the filter, attach it to IFACES and run the controller."""
     from xknock.controller.daemon import Controller, Signals
     from xknock.controller.events import EventReader
@@ -123,7 +126,8 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, once, force):
     elif metrics_addr:
         metrics_server = MetricsServer(host, port)   # binds now: a busy address fails before anything changes
     try:
-        attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=force)
+        attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=force,
+                                    before_attach=_session_guard(config, keep_sessions, force))
     except BaseException:
         if metrics_server:
             metrics_server.close()
@@ -140,6 +144,35 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, once, force):
     if metrics_server:
         metrics_server.start(attached.maps, list(ifaces), config)
     Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals).run()
+
+
+def _session_guard(config, keep_sessions, force):
+    """Refuse to cut established sessions to guarded ports (the operator's own
+    SSH session first of all), or grant them with --keep-sessions."""
+    from xknock.controller import grants, lockout
+
+    at_risk = lockout.sessions_at_risk(config)
+
+    def check(maps):
+        now = grants.monotonic_ns()
+        left = lockout.without_grants(maps, at_risk, now)
+        if not left or force:
+            for session in left:
+                log.warning(f"cutting established session {session} (--force)")
+            return
+        if keep_sessions:
+            for session in left:
+                grants.grant(maps, session.source, [("tcp", session.port)], for_ns=0,
+                             idle_ns=lockout.idle_timeout_for(config, session.port), now=now)
+                log.info(f"kept established session {session}: granted its traffic, no new connections")
+            return
+        listed = ", ".join(str(s) for s in left)
+        raise XknockError(
+            f"attaching would cut {len(left)} established session(s) to guarded ports: {listed}. "
+            "Put the source on the [allow] list, or pass --keep-sessions to grant these sessions "
+            "(established traffic only), or --force to cut them; nothing was attached")
+
+    return check
 
 
 @main.command(epilog="Example:\n\n  xknock detach eth0")

@@ -40,9 +40,11 @@ class Attached:
     replaced: dict       # ifname -> old program id, where one was replaced
 
 
-def attach(ifnames, config, xdp_mode="auto", force=False):
+def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None):
     """Attach one filter, sharing one set of maps, to every interface in
-    ifnames: all of them or, when one fails, none (each is put back as it was)."""
+    ifnames: all of them or, when one fails, none (each is put back as it was).
+    before_attach(maps) runs once the policy is written and before any
+    interface is touched; raising there attaches nothing."""
     require_root()
     if xdp_mode not in XDP_MODES:
         raise XknockError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}")
@@ -71,6 +73,8 @@ def attach(ifnames, config, xdp_mode="auto", force=False):
     modes, replaced, done = {}, {}, []
     try:
         policy.apply_policy(maps, config)
+        if before_attach:
+            before_attach(maps)
         for name in ifnames:
             modes[name], replaced_id = _attach_one(current[name], loaded.fd, xdp_mode)
             done.append(name)
