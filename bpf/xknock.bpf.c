@@ -64,6 +64,9 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 	/* The source is known from here on, for every parse result left. */
 	if ((set->flags & XK_SET_HAS_DENY) && source_listed(1, bank, pkt))
 		return XK_DROP_DENYLIST;
+	int banned = (set->flags & XK_SET_BANS) && source_banned(pkt, now);
+	if (banned && set->ban_scope == XK_BAN_EVERYWHERE)
+		return XK_DROP_BANNED;
 	if (parsed == XK_PARSED_FRAGMENT)
 		return XK_PASS_FRAGMENT;
 	if (parsed == XK_PARSED_OTHER_L4)
@@ -76,10 +79,12 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 	struct xk_port_val *port = ports.lookup(&pkey);
 	if (!port)
 		return XK_PASS_UNGUARDED;
+	if (banned)
+		return XK_DROP_BANNED;   /* banned on knock and guarded ports only */
 	if (port->flags & XK_PORT_GUARDED)
 		return guarded_verdict(pkt, set, bank, now);
 	if (port->flags & XK_PORT_KNOCK) {
-		handle_knock(pkt, port, now);
+		handle_knock(pkt, port, now, set, bank);
 		return XK_DROP_KNOCK;
 	}
 	return XK_PASS_UNGUARDED;

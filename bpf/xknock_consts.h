@@ -28,6 +28,12 @@
 #ifndef XK_LIST_ENTRIES             /* allow- or deny-list CIDRs, both banks together */
 #define XK_LIST_ENTRIES 262144
 #endif
+#ifndef XK_FAILURE_ENTRIES          /* sources with recent failed knocks, LRU */
+#define XK_FAILURE_ENTRIES 65536
+#endif
+#ifndef XK_BAN_ENTRIES              /* banned sources; never evicted */
+#define XK_BAN_ENTRIES 65536
+#endif
 #ifndef XK_MAX_EXT_HDRS             /* IPv6 extension headers walked before giving up */
 #define XK_MAX_EXT_HDRS 8
 #endif
@@ -69,12 +75,18 @@
 /* xk_settings.flags: lets the hot path skip empty lists */
 #define XK_SET_HAS_ALLOW (1U << 0)
 #define XK_SET_HAS_DENY  (1U << 1)
+#define XK_SET_BANS      (1U << 2)   /* failed knocks lead to bans */
+
+/* xk_settings.ban_scope */
+#define XK_BAN_EVERYWHERE 0          /* a banned source is dropped on every port */
+#define XK_BAN_KNOCK_PORTS 1         /* only on knock and guarded ports */
 
 /* Event types on the ring buffer. */
 #define XK_EV_GRANTED      1   /* a sequence completed and its grants were written */
 #define XK_EV_GRANT_FAILED 2   /* a sequence completed but the grants map was full */
 #define XK_EV_RESET        3   /* a wrong knock ended a sequence in progress */
 #define XK_EV_TIMED_OUT    4   /* a knock came too late; progress was dropped */
+#define XK_EV_BANNED       5   /* too many failed knocks: the source is banned */
 
 /* One counter per reason. The verdict reasons come first: every packet counts
  * exactly one of them. The knock and grant counters after them count events. */
@@ -90,7 +102,8 @@ enum xk_reason {
 	XK_DROP_KNOCK = 8,         /* every packet to a knock port */
 	XK_DROP_MALFORMED = 9,     /* truncated or invalid headers */
 	XK_DROP_FRAGMENT = 10,     /* tiny first or overlapping later fragments */
-	XK_VERDICT_REASONS = 11,
+	XK_DROP_BANNED = 11,       /* source banned after too many failed knocks */
+	XK_VERDICT_REASONS = 12,
 	XK_KNOCK_ADVANCED = 16,    /* a right step, sequence not finished yet */
 	XK_KNOCK_COMPLETED = 17,
 	XK_KNOCK_RESET = 18,       /* a wrong step ended progress */
@@ -106,7 +119,12 @@ enum xk_reason {
 	XK_GRANT_CREATED = 28,     /* grant entries that were not in the map before */
 	XK_GRANT_REMOVED = 29,     /* grants the controller removed (revoke, sweep); only it writes this */
 	XK_GRANT_OPERATOR = 30,    /* grants the controller created (`xknock grant`); only it writes this */
-	XK_COUNTERS = 32,
+	XK_BAN_ISSUED = 31,        /* sources banned */
+	XK_BAN_EXPIRED = 32,       /* bans over, removed by the data path */
+	XK_BAN_FAILED = 33,        /* bans refused: bans map full */
+	XK_BAN_SPARED = 34,        /* allow-listed sources that reached the threshold: never banned */
+	XK_BAN_REMOVED = 35,       /* bans the controller removed (unban, sweep); only it writes this */
+	XK_COUNTERS = 48,
 };
 
 #endif

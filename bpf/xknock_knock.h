@@ -53,7 +53,8 @@ static __always_inline void write_grants(struct xk_seq *seq, struct xk_packet *p
 }
 
 /* One knock against one sequence this port belongs to. */
-static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port_seq *ps, __u64 now)
+static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port_seq *ps, __u64 now,
+					   struct xk_settings *set, __u32 bank)
 {
 	__u32 slot = ps->slot;
 	__u32 mask = ps->step_mask;
@@ -170,6 +171,8 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 		count(XK_KNOCK_RESET);
 		emit(XK_EV_RESET, now, pkt, seq->uid, reached);
 	}
+	if (timed_out || reset)
+		record_failure(pkt, set, bank, now);
 	switch (outcome) {
 	case XK_OUT_ADVANCED:
 		count(XK_KNOCK_ADVANCED);
@@ -189,7 +192,8 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 }
 
 /* Every knock port packet is dropped; this only records what it meant. */
-static __always_inline void handle_knock(struct xk_packet *pkt, struct xk_port_val *port, __u64 now)
+static __always_inline void handle_knock(struct xk_packet *pkt, struct xk_port_val *port, __u64 now,
+					 struct xk_settings *set, __u32 bank)
 {
 	if (pkt->proto == XK_PROTO_TCP &&
 	    (!(pkt->tcp_flags & XK_TCP_SYN) || (pkt->tcp_flags & XK_TCP_ACK))) {
@@ -204,7 +208,7 @@ static __always_inline void handle_knock(struct xk_packet *pkt, struct xk_port_v
 		__u32 idx = *(volatile __u8 *)&pkt->seq_idx;
 		if (idx >= port->nseqs || idx >= XK_MAX_SEQS_PER_PORT)
 			break;
-		knock_sequence(pkt, &port->seqs[idx], now);
+		knock_sequence(pkt, &port->seqs[idx], now, set, bank);
 		pkt->seq_idx = idx + 1;
 	}
 }

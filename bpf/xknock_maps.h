@@ -27,6 +27,11 @@ BPF_TABLE_PINNED7("lpm_trie", struct xk_lpm_key, u32, allow, XK_LIST_ENTRIES, XK
 		  BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED7("lpm_trie", struct xk_lpm_key, u32, deny, XK_LIST_ENTRIES, XK_PIN_DIR "/deny",
 		  BPF_F_NO_PREALLOC);
+/* failed sequences per source, for bans */
+BPF_TABLE_PINNED("lru_hash", struct xk_addr, struct xk_failures, failures, XK_FAILURE_ENTRIES,
+		 XK_PIN_DIR "/failures");
+/* banned sources and until when */
+BPF_TABLE_PINNED("hash", struct xk_addr, struct xk_ban, bans, XK_BAN_ENTRIES, XK_PIN_DIR "/bans");
 /* per-CPU counters indexed by enum xk_reason; the controller sums them */
 BPF_TABLE_PINNED("percpu_array", u32, u64, counters, XK_COUNTERS, XK_PIN_DIR "/counters");
 /* knock outcomes per sequence uid, for metrics by sequence */

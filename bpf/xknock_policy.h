@@ -14,6 +14,60 @@ static __always_inline int source_listed(int deny_list, __u32 bank, struct xk_pa
 	return allow.lookup(&key) != NULL;
 }
 
+/* Is the source banned now? A ban found over is removed on the way. */
+static __always_inline int source_banned(struct xk_packet *pkt, __u64 now)
+{
+	struct xk_ban *ban = bans.lookup(&pkt->src);
+	if (!ban)
+		return 0;
+	if (now < ban->until_ns)
+		return 1;
+	if (bans.delete(&pkt->src) == 0)
+		count(XK_BAN_EXPIRED);
+	return 0;
+}
+
+#define XK_EEXIST 17
+
+/* One more failed sequence (a reset or a time-out) for the packet's source;
+ * at the configured count within the window, the source is banned. Counting
+ * races between CPUs can lose a failure, never invent one. */
+static __always_inline void record_failure(struct xk_packet *pkt, struct xk_settings *set, __u32 bank, __u64 now)
+{
+	if (!(set->flags & XK_SET_BANS) || set->ban_after == 0)
+		return;
+	__u64 failed = 1;
+	struct xk_failures *seen = failures.lookup(&pkt->src);
+	if (!seen) {
+		struct xk_failures fresh = {};
+		fresh.window_start_ns = now;
+		fresh.count = 1;
+		failures.update(&pkt->src, &fresh);
+	} else if (now - seen->window_start_ns > set->ban_within_ns) {
+		seen->window_start_ns = now;
+		seen->count = 1;
+	} else {
+		failed = __sync_fetch_and_add(&seen->count, 1) + 1;
+	}
+	if (failed < set->ban_after)
+		return;
+	if ((set->flags & XK_SET_HAS_ALLOW) && source_listed(0, bank, pkt)) {
+		count(XK_BAN_SPARED);   /* the allow-list is never banned */
+		return;
+	}
+	struct xk_ban ban = {};
+	ban.until_ns = now + set->ban_for_ns;
+	ban.since_ns = now;
+	int err = bans.insert(&pkt->src, &ban);
+	if (err == 0) {
+		count(XK_BAN_ISSUED);
+		emit(XK_EV_BANNED, now, pkt, 0, 0);
+		failures.delete(&pkt->src);   /* after the ban, counting starts afresh */
+	} else if (err != -XK_EEXIST) {
+		count(XK_BAN_FAILED);
+	}
+}
+
 /* A TCP SYN opens a connection and needs the grant's window; everything else
  * (established TCP, UDP) is kept alive by the idle clock too. */
 static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_settings *set, __u32 bank,

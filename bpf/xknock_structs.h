@@ -88,6 +88,22 @@ struct xk_control {
 struct xk_settings {
 	__u32 mode;              /* XK_MODE_* */
 	__u32 flags;             /* XK_SET_* */
+	__u32 ban_after;         /* failed sequences (resets, time-outs) that ban a source ... */
+	__u32 ban_scope;         /* XK_BAN_* */
+	__u64 ban_within_ns;     /* ... within this long */
+	__u64 ban_for_ns;        /* and for how long */
+};
+
+/* failures: recent failed sequences per source, the LRU may forget the quiet ones. */
+struct xk_failures {
+	__u64 window_start_ns;
+	__u64 count;             /* 64 bits: BCC's LLVM fetch-adds 64-bit words only */
+};
+
+/* bans: banned sources (a plain hash: nothing evicts a ban). */
+struct xk_ban {
+	__u64 until_ns;
+	__u64 since_ns;
 };
 
 /* seqstats: per-CPU knock outcomes per sequence uid; the controller creates

@@ -229,6 +229,9 @@ def _render(f):
     for g in f["grants"]:
         lines.append(f"  {g['source']:<40} {g['port']:<10} {g['sequence']:<12} "
                      f"window {g['window_left_s']:g}s idle {g['idle_left_s']:g}s")
+    lines.append(f"bans: {len(f['bans'])}")
+    for b in f["bans"]:
+        lines.append(f"  {b['source']:<40} {b['left_s']:g}s left")
     lines.append(f"knocks in progress: {f['knocks_in_progress']}")
     for k in f["knocks"]:
         lines.append(f"  {k['source']:<40} {k['sequence']:<12} next step {k['next_step']} ({k['since_s']:g}s ago)")
@@ -282,6 +285,19 @@ def revoke(iface, addr):
     click.echo(f"revoked {addr}: {removed} grant(s) removed")
 
 
+@main.command(epilog="Example:\n\n  xknock unban eth0 192.0.2.7")
+@click.argument("iface")
+@click.argument("addr", type=ADDRESS)
+@fail_cleanly
+def unban(iface, addr):
+    """Lift the ban of ADDR and forget its failed knocks."""
+    from xknock.controller.bans import unban as lift
+
+    with lifecycle.open_filter(iface) as maps:
+        lifted = lift(maps, addr)
+    click.echo(f"unbanned {addr}" if lifted else f"{addr} was not banned")
+
+
 @main.command(epilog="""\b
 Examples:
   xknock knock 10.0.0.1 tcp:7000 udp:8000 tcp:9000
@@ -315,6 +331,11 @@ def knock(host, steps, sequence_name, config_path, delay, ipv4, ipv6):
     family = socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None
     send_knocks(host, list(steps), delay=delay, family=family)
     click.echo(f"knocked {host}: {' '.join(str(s) for s in steps)}")
+
+
+from xknock.cli.top import top  # noqa: E402
+
+main.add_command(top)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,13 @@ SHORT_SEQUENCE_STEPS = 3
 STEP_PROTOS = ("tcp", "udp", "icmp")
 OPENABLE_PROTOS = ("tcp", "udp")
 
-TOP_LEVEL_KEYS = ("filter", "sequence", "allow", "deny")
-RESERVED_TABLES = ("spa", "hooks", "ban", "limits")  # taken by features still to come
+TOP_LEVEL_KEYS = ("filter", "sequence", "allow", "deny", "ban")
+RESERVED_TABLES = ("spa", "hooks", "limits")  # taken by features still to come
+BAN_KEYS = ("after", "within", "for", "scope")
+BAN_SCOPES = {"all": layout.BAN_EVERYWHERE, "knock": layout.BAN_KNOCK_PORTS}
+DEFAULT_BAN_WITHIN_NS = 60 * NS_PER_UNIT["s"]
+DEFAULT_BAN_FOR_NS = 10 * NS_PER_UNIT["m"]
+MAX_BAN_AFTER = 1000
 FILTER_KEYS = ("mode",)
 SEQUENCE_KEYS = ("name", "knock", "step_timeout", "open", "open_for", "idle_timeout")
 LIST_KEYS = ("sources",)
@@ -88,11 +93,24 @@ class Sequence:
 
 
 @dataclasses.dataclass(frozen=True)
+class Ban:
+    """[ban]: `after` failed sequences (resets or time-outs) of one source
+    `within` a period ban it `for` a while, on every port or only on knock and
+    guarded ports (`scope`)."""
+
+    after: int
+    within_ns: int
+    for_ns: int
+    scope: str  # "all" | "knock"
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     mode: str  # "enforce" | "monitor"
     sequences: tuple[Sequence, ...]
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    ban: Ban | None = None   # None: failed knocks ban nobody
     # Where it came from and what was said about it: not part of the policy,
     # so two configs that filter alike compare equal.
     path: str | None = dataclasses.field(default=None, compare=False)
@@ -234,6 +252,7 @@ def parse_config(text, path=None, *, listening=None):
     allow = _parse_sources(report, "allow", document.get("allow", {}))
     deny = _parse_sources(report, "deny", document.get("deny", {}))
     _check_allow_deny_overlap(report, allow, deny)
+    ban = _parse_ban(report, document["ban"]) if "ban" in document else None
 
     if not report.errors:
         if not sequences:
@@ -252,6 +271,7 @@ def parse_config(text, path=None, *, listening=None):
         sequences=tuple(sequences),
         allow=tuple(network for network, _ in allow),
         deny=tuple(network for network, _ in deny),
+        ban=ban,
         path=path,
         warnings=tuple(warnings),
     )
@@ -278,6 +298,7 @@ def config_hash(config):
         ),
         "allow": sorted(str(network) for network in config.allow),
         "deny": sorted(str(network) for network in config.deny),
+        "ban": dataclasses.asdict(config.ban) if config.ban else None,
     }
     encoded = json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
@@ -358,6 +379,27 @@ def _parse_filter(report, table):
     if mode not in layout.MODES:
         report.error("filter", f'mode "{mode}": must be "enforce" or "monitor"')
     return mode
+
+
+def _parse_ban(report, table):
+    if not isinstance(table, dict):
+        report.error("ban", f"must be a table ([ban]), not {_type_name(table)}")
+        return None
+    _check_keys(report, "ban", table, BAN_KEYS)
+    after = table.get("after")
+    if after is None:
+        report.error("ban", 'missing key "after" (how many failed sequences ban a source, e.g. after = 5)')
+        after = 1
+    elif not isinstance(after, int) or isinstance(after, bool) or not 1 <= after <= MAX_BAN_AFTER:
+        report.error("ban", f"after {after!r}: must be a whole number from 1 to {MAX_BAN_AFTER}")
+        after = 1
+    within = _parse_duration_key(report, "ban", table, "within", DEFAULT_BAN_WITHIN_NS)
+    ban_for = _parse_duration_key(report, "ban", table, "for", DEFAULT_BAN_FOR_NS)
+    scope = table.get("scope", "all")
+    if scope not in BAN_SCOPES:
+        report.error("ban", f'scope {scope!r}: must be "all" (every port) or "knock" (knock and guarded ports)')
+        scope = "all"
+    return Ban(after=after, within_ns=within, for_ns=ban_for, scope=scope)
 
 
 def _parse_sequences(report, tables):

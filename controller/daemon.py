@@ -9,7 +9,7 @@ import logging
 import signal
 import time
 
-from . import grants, policy
+from . import bans, grants, policy
 from .config import ConfigError, load_config
 from .errors import XknockError
 
@@ -81,6 +81,7 @@ class Controller:
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SWEEP_EVERY_S
                     swept = grants.expire_grants(self.attached.maps)
+                    bans.expire_bans(self.attached.maps)
                     if swept:
                         log.debug("expired grants removed", extra={"fields": {"count": swept}})
         finally:

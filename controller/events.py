@@ -18,6 +18,7 @@ EVENT_NAMES = {
     layout.Event.GRANT_FAILED: "grant_failed",
     layout.Event.RESET: "knock_reset",
     layout.Event.TIMED_OUT: "knock_timed_out",
+    layout.Event.BANNED: "banned",
 }
 
 
@@ -29,7 +30,9 @@ def describe(record, sequence_names):
         "sequence": sequence_names.get(record.seq_uid, f"{record.seq_uid:#x}"),
         "step": record.step,
     }
-    if record.type in (layout.Event.RESET, layout.Event.TIMED_OUT):
+    if record.type == layout.Event.BANNED:
+        del fields["sequence"], fields["step"]
+    if record.type in (layout.Event.RESET, layout.Event.TIMED_OUT, layout.Event.BANNED):
         proto = layout.PROTO_NAMES.get(record.proto, str(record.proto))
         fields["knock"] = proto if record.proto == layout.PROTO_ICMP else f"{proto}:{record.port}"
     return fields

@@ -14,7 +14,9 @@ PORT_ENTRIES = 4096
 PROGRESS_ENTRIES = 262144
 GRANT_ENTRIES = 65536
 LIST_ENTRIES = 262144
-COUNTERS = 32
+FAILURE_ENTRIES = 65536
+BAN_ENTRIES = 65536
+COUNTERS = 48
 
 PROTO_ICMP = 1
 PROTO_TCP = 6
@@ -31,6 +33,10 @@ MODES = {"enforce": MODE_ENFORCE, "monitor": MODE_MONITOR}
 
 LPM_IPV4 = 0x80   # in LpmKey.bank: IPv4 entries, kept apart from IPv6 ones
 
+SET_BANS = 1 << 2
+BAN_EVERYWHERE = 0
+BAN_KNOCK_PORTS = 1
+
 SET_HAS_ALLOW = 1 << 0
 SET_HAS_DENY = 1 << 1
 
@@ -40,6 +46,7 @@ class Event(enum.IntEnum):
     GRANT_FAILED = 2
     RESET = 3
     TIMED_OUT = 4
+    BANNED = 5
 
 
 class Reason(enum.IntEnum):
@@ -56,6 +63,7 @@ class Reason(enum.IntEnum):
     DROP_KNOCK = 8
     DROP_MALFORMED = 9
     DROP_FRAGMENT = 10
+    DROP_BANNED = 11
     KNOCK_ADVANCED = 16
     KNOCK_COMPLETED = 17
     KNOCK_RESET = 18
@@ -71,9 +79,14 @@ class Reason(enum.IntEnum):
     GRANT_CREATED = 28
     GRANT_REMOVED = 29    # written by the controller only
     GRANT_OPERATOR = 30   # written by the controller only
+    BAN_ISSUED = 31
+    BAN_EXPIRED = 32
+    BAN_FAILED = 33
+    BAN_SPARED = 34
+    BAN_REMOVED = 35      # written by the controller only
 
 
-VERDICT_REASONS = 11  # reasons below this are verdicts: one per packet
+VERDICT_REASONS = 12  # reasons below this are verdicts: one per packet
 
 
 def is_verdict(reason):
@@ -163,7 +176,22 @@ class Control(ctypes.Structure):
 
 
 class Settings(ctypes.Structure):
-    _fields_ = [("mode", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+    _fields_ = [
+        ("mode", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("ban_after", ctypes.c_uint32),
+        ("ban_scope", ctypes.c_uint32),
+        ("ban_within_ns", ctypes.c_uint64),
+        ("ban_for_ns", ctypes.c_uint64),
+    ]
+
+
+class Failures(ctypes.Structure):
+    _fields_ = [("window_start_ns", ctypes.c_uint64), ("count", ctypes.c_uint64)]
+
+
+class Ban(ctypes.Structure):
+    _fields_ = [("until_ns", ctypes.c_uint64), ("since_ns", ctypes.c_uint64)]
 
 
 class SeqStats(ctypes.Structure):
@@ -216,4 +244,6 @@ MAPS = {
     "deny": (LpmKey, ctypes.c_uint32),
     "counters": (ctypes.c_uint32, ctypes.c_uint64),
     "seqstats": (ctypes.c_uint32, SeqStats),   # per CPU
+    "failures": (Addr, Failures),
+    "bans": (Addr, Ban),
 }

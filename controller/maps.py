@@ -182,7 +182,7 @@ class FilterMaps:
         """Add to one of the counters only the controller writes (GRANT_REMOVED,
         GRANT_OPERATOR): the data path never touches them, and callers hold
         policy.map_lock, so this read-modify-write races with nobody."""
-        assert reason in (layout.Reason.GRANT_REMOVED, layout.Reason.GRANT_OPERATOR)
+        assert reason in (layout.Reason.GRANT_REMOVED, layout.Reason.GRANT_OPERATOR, layout.Reason.BAN_REMOVED)
         if n:
             values = self.counters.per_cpu(reason)
             values[0] += n

@@ -68,6 +68,16 @@ SIMPLE_COUNTERS = (
      "Grants the controller deleted: revoked by the operator or swept after expiry."),
     ("xknock_grant_failures_total", layout.Reason.GRANT_FAILED,
      "Grant entries a completed knock could not write because the grants map was full."),
+    ("xknock_bans_issued_total", layout.Reason.BAN_ISSUED,
+     "Sources banned after too many failed knocks."),
+    ("xknock_bans_expired_total", layout.Reason.BAN_EXPIRED,
+     "Bans over that the data path deleted when the source came back."),
+    ("xknock_bans_removed_total", layout.Reason.BAN_REMOVED,
+     "Bans the controller deleted: lifted by the operator or swept after they ended."),
+    ("xknock_ban_failures_total", layout.Reason.BAN_FAILED,
+     "Bans the data path could not write because the bans map was full."),
+    ("xknock_bans_spared_total", layout.Reason.BAN_SPARED,
+     "Allow-listed sources that reached the ban threshold and were not banned."),
     ("xknock_events_lost_total", layout.Reason.EVENT_LOST,
      "Events the data path could not put on the ring buffer because it was full."),
     ("xknock_monitor_passed_total", layout.Reason.MONITOR_PASSED,
@@ -467,6 +477,13 @@ class XknockCollector:
             family.add_metric([iface], counters[reason])
             families.append(family)
 
+        banned = (counters[layout.Reason.BAN_ISSUED] - counters[layout.Reason.BAN_EXPIRED]
+                  - counters[layout.Reason.BAN_REMOVED])
+        families.append(self._gauge(
+            "xknock_bans_live",
+            "Banned sources by the kernel's counts: issued minus expired minus removed; bans over but not yet "
+            "removed still count.",
+            None, ["iface"], [([iface], max(banned, 0))]))
         live = (counters[layout.Reason.GRANT_CREATED] + counters[layout.Reason.GRANT_OPERATOR]
                 - counters[layout.Reason.GRANT_EXPIRED] - counters[layout.Reason.GRANT_REMOVED])
         families.append(self._gauge(

@@ -61,6 +61,14 @@ def compile_policy(config, bank):
     settings = layout.Settings()
     settings.mode = layout.MODES[config.mode]
     settings.flags = (layout.SET_HAS_ALLOW if config.allow else 0) | (layout.SET_HAS_DENY if config.deny else 0)
+    if config.ban:
+        from .config import BAN_SCOPES
+
+        settings.flags |= layout.SET_BANS
+        settings.ban_after = config.ban.after
+        settings.ban_scope = BAN_SCOPES[config.ban.scope]
+        settings.ban_within_ns = config.ban.within_ns
+        settings.ban_for_ns = config.ban.for_ns
     policy = Policy(bank=bank, settings=settings)
 
     uids = set()

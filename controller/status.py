@@ -2,7 +2,7 @@
 
 import ctypes
 
-from . import grants, layout, policy
+from . import bans, grants, layout, policy
 from .lifecycle import attached_filters
 from .maps import FilterMaps
 
@@ -48,6 +48,10 @@ def filter_status(maps, interfaces, now=None):
             {"source": str(g.source), "port": f"{g.proto}:{g.port}", "sequence": g.sequence,
              "window_left_s": round(g.window_left_s, 1), "idle_left_s": round(g.idle_left_s, 1)}
             for g in grants.list_grants(maps, now=now) if g.alive
+        ],
+        "bans": [
+            {"source": str(b.source), "left_s": round(b.left_s, 1), "since_s": round(b.since_s, 1)}
+            for b in bans.list_bans(maps, now=now)
         ],
         "knocks_in_progress": in_progress,
         "knocks": [

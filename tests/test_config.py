@@ -75,10 +75,15 @@ CASES = [
     # top level
     ("an unknown table", '[foo]\nx = 1\n', 'unknown table "foo"; known: filter, sequence, allow, deny'),
     ("an unknown top-level key", 'mode = "monitor"\n', 'unknown key "mode"; known: filter, sequence, allow, deny'),
-    ("a misspelt table gets a suggestion", '[filtre]\nmode = "monitor"\n', 'unknown table "filtre"; known: filter, sequence, allow, deny (did you mean "filter"?)'),
+    ("a misspelt table gets a suggestion", '[filtre]\nmode = "monitor"\n', 'unknown table "filtre"; known: filter, sequence, allow, deny, ban (did you mean "filter"?)'),
     ("[spa] is reserved", "[spa]\n", "spa: not supported yet in this version"),
     ("[hooks] is reserved", "[hooks]\n", "hooks: not supported yet in this version"),
-    ("[ban] is reserved", "[ban]\n", "ban: not supported yet in this version"),
+    ("[limits] is reserved", "[limits]\n", "limits: not supported yet in this version"),
+    ("[ban] needs after", "[ban]\nwithin = \"1m\"\n", 'ban: missing key "after"'),
+    ("[ban] after must be a count", "[ban]\nafter = 0\n", "ban: after 0: must be a whole number from 1 to 1000"),
+    ("[ban] scope is all or knock", "[ban]\nafter = 3\nscope = \"some\"\n", "ban: scope 'some': must be"),
+    ("[ban] durations", "[ban]\nafter = 3\nfor = \"10x\"\n", 'ban: for "10x": not a duration'),
+    ("[ban] unknown key", "[ban]\nafter = 3\nforever = true\n", 'ban: unknown key "forever"'),
     ("[limits] is reserved", "[limits]\n", "limits: not supported yet in this version"),
     # [filter]
     ("an unknown key in [filter]", '[filter]\nmod = "monitor"\n', 'filter: unknown key "mod"; known: mode (did you mean "mode"?)'),

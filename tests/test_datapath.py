@@ -364,3 +364,99 @@ def test_created_grants_are_told_from_refreshed_ones(xk):
     counters = xk.counters()
     assert counters[Reason.GRANT_CREATED] == 2
     assert counters[Reason.GRANT_REMOVED] == 2       # one revoked, one swept
+
+
+def _with_ban(config, **kw):
+    import dataclasses
+
+    from xknock.controller.config import Ban
+
+    ban = dict(after=3, within_ns=60 * 10**9, for_ns=600 * 10**9, scope="all") | kw
+    return dataclasses.replace(config, ban=Ban(**ban))
+
+
+def _fail(xk, src, times):
+    for _ in range(times):   # a first step then a wrong one: one reset each
+        knock(xk, src, ["tcp:7000", "tcp:9000"])
+
+
+def test_failed_knocks_ban_a_source_everywhere(xk, example_config):
+    xk.apply(_with_ban(example_config))
+    _fail(xk, STRANGER4, 2)
+    assert xk.run(tcp(STRANGER4, 80)) == XDP_PASS           # two failures: not yet
+    _fail(xk, STRANGER4, 1)
+    assert counted(xk, Reason.BAN_ISSUED) == 1
+    assert xk.run(tcp(STRANGER4, 80)) == XDP_DROP           # banned on every port
+    assert counted(xk, Reason.DROP_BANNED) == 1
+    knock(xk, STRANGER4, SSH)                                # and a right knock opens nothing
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_DROP
+    assert xk.run(tcp("198.51.100.8", 80)) == XDP_PASS      # others are not affected
+
+
+def test_a_ban_ends_on_time_and_counting_starts_afresh(xk, example_config):
+    xk.apply(_with_ban(example_config, for_ns=60 * 10**9))
+    _fail(xk, STRANGER6, 3)
+    assert xk.run(tcp(STRANGER6, 80)) == XDP_DROP
+    xk.advance(61)
+    assert xk.run(tcp(STRANGER6, 80)) == XDP_PASS
+    assert counted(xk, Reason.BAN_EXPIRED) == 1
+    _fail(xk, STRANGER6, 2)
+    assert xk.run(tcp(STRANGER6, 80)) == XDP_PASS
+
+
+def test_failures_outside_the_window_do_not_add_up(xk, example_config):
+    xk.apply(_with_ban(example_config, within_ns=10 * 10**9))
+    for _ in range(5):
+        _fail(xk, STRANGER4, 1)
+        xk.advance(11)
+    assert counted(xk, Reason.BAN_ISSUED) == 0
+
+
+def test_time_outs_count_as_failures(xk, example_config):
+    xk.apply(_with_ban(example_config, after=2))
+    for _ in range(2):
+        knock(xk, STRANGER4, ["tcp:7000"])
+        xk.advance(6)
+        knock(xk, STRANGER4, ["udp:8000"])   # late: timed out
+    # ssh times out twice; the second udp:8000 also ends web's progress from the first
+    assert counted(xk, Reason.KNOCK_TIMED_OUT) == 3
+    assert counted(xk, Reason.KNOCK_RESET) == 0
+    assert xk.run(tcp(STRANGER4, 80)) == XDP_DROP
+
+
+def test_knock_scope_bans_only_knock_and_guarded_ports(xk, example_config):
+    xk.apply(_with_ban(example_config, scope="knock"))
+    _fail(xk, STRANGER4, 3)
+    assert xk.run(tcp(STRANGER4, 80)) == XDP_PASS
+    knock(xk, STRANGER4, SSH)
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_DROP
+    # only the three failures' first steps advanced: the banned knocks never reached the state machine
+    assert counted(xk, Reason.KNOCK_ADVANCED) == 3
+
+
+def test_allow_listed_sources_are_never_banned(xk, example_config):
+    xk.apply(_with_ban(example_config, after=1))
+    _fail(xk, ALLOWED4, 3)
+    assert counted(xk, Reason.BAN_ISSUED) == 0
+    assert counted(xk, Reason.BAN_SPARED) == 3
+    assert xk.run(tcp(ALLOWED4, 80)) == XDP_PASS
+    assert xk.run(tcp(ALLOWED4, 22)) == XDP_PASS
+
+
+def test_unban_lifts_the_ban_and_the_failures(xk, example_config):
+    from xknock.controller import bans
+
+    xk.apply(_with_ban(example_config))
+    _fail(xk, STRANGER4, 3)
+    [banned] = bans.list_bans(xk.maps, now=xk.now_ns)
+    assert str(banned.source) == STRANGER4
+    assert bans.unban(xk.maps, STRANGER4)
+    assert xk.run(tcp(STRANGER4, 80)) == XDP_PASS
+    assert not bans.unban(xk.maps, STRANGER4)
+    assert counted(xk, Reason.BAN_REMOVED) == 1
+
+
+def test_without_a_ban_table_failures_ban_nobody(xk):
+    _fail(xk, STRANGER4, 20)
+    assert xk.run(tcp(STRANGER4, 80)) == XDP_PASS
+    assert counted(xk, Reason.BAN_ISSUED) == 0
