@@ -1,17 +1,22 @@
 """The control plane's costs, through the real CLI in a throwaway network namespace:
 attach time (BCC compile included), reload time with a large allow list, and
-the foreground controller's resident memory."""
+the foreground controller's resident memory; and, in this process, the cost of
+a metrics scrape and of one map-sampler pass with the maps full (1,000,000
+sources in the progress map, the grants map at capacity)."""
 
+import ctypes
 import os
+import random
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 
 from . import common
-from .datapath import EXAMPLE_CONFIG
+from .datapath import EXAMPLE_CONFIG, _declare_batch, example_harness, fill_progress
 
 XKNOCK = os.path.join(os.path.dirname(sys.executable), "xknock")
 
@@ -91,6 +96,135 @@ def controller_rss_kib(ns, config, timeout=120):
         ns.xknock("detach", ns.iface, check=False)
 
 
+# --- the metrics scrape with full maps -------------------------------------------
+
+class ScrapeSizes:
+    def __init__(self, quick):
+        self.cflags = [] if quick else ["-DXK_PROGRESS_ENTRIES=1048576"]
+        self.progress = 1000 if quick else 1_000_000
+        self.grants = 256 if quick else None      # None: the grants map's capacity
+        self.scrapes = 3 if quick else 20
+
+
+def fill_grants(h, count, now_ns, rng):
+    """Write count operator grants (random IPv6 sources, tcp:22, open an hour)
+    in batches, and count them as operator grants so that xknock_grants_live
+    says what the map holds. Returns how many were written."""
+    from xknock.controller import layout
+
+    update_batch = _declare_batch()
+    value = layout.Grant(window_end_ns=now_ns + 3600 * 10**9, idle_timeout_ns=3600 * 10**9, last_seen_ns=now_ns)
+    done = 0
+    while done < count:
+        n = min(65536, count - done)
+        keys = (layout.GrantKey * n)()
+        values = (layout.Grant * n)(*([value] * n))
+        for i in range(n):
+            ctypes.memmove(keys[i].src.b, rng.randbytes(16), 16)
+            keys[i].proto, keys[i].port = layout.PROTO_TCP, 22
+        written = ctypes.c_uint32(n)
+        ret = update_batch(h.maps.grants.fd, keys, values, ctypes.byref(written), None)
+        if ret < 0:
+            raise SystemExit(f"bench: bpf_map_update_batch on grants failed after {done + written.value} "
+                             f"entries: {os.strerror(-ret)}")
+        done += n
+    h.maps.count_by_controller(layout.Reason.GRANT_OPERATOR, done)
+    return done
+
+
+def _timed(fn, repeats):
+    """[seconds per call] of fn() called repeats times."""
+    took = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        took.append(time.perf_counter() - started)
+    return took
+
+
+def bench_scrape(quick):
+    """Scrape and sampler costs with the progress and grants maps full, in a
+    program loaded with BPF_PROG_TEST_RUN's harness (no interface needed)."""
+    from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+
+    from xknock.controller import grants, metrics, policy
+
+    sizes = ScrapeSizes(quick)
+    rng = random.Random(11)
+    with example_harness(cflags=sizes.cflags) as h:
+        uid = next(seq.uid for seq in policy.live_sequences(h.maps).values() if seq.name == b"ssh")
+        started = time.monotonic()
+        fill_progress(h, sizes.progress, uid, h.now_ns // 1000, rng)
+        granted = fill_grants(h, sizes.grants or h.maps.grants.max_entries, h.now_ns, rng)
+        fill_s = time.monotonic() - started
+
+        sampler = metrics.MapSampler(lambda: h.maps, now_ns=lambda: h.now_ns)
+        sample_s = _timed(sampler.sample_once, 1 if quick else 3)
+        sample = sampler.latest()
+        # The collector of `xknock attach --metrics-addr`, with the real netlink
+        # check of its interface (lo: it runs no XDP program, one query as for any).
+        collector = metrics.XknockCollector(lambda: h.maps, ["lo"], metrics.ControllerInfo(version="bench"),
+                                            sampler=sampler)
+        sum(1 for _ in collector.collect())     # warm-up: first imports and netlink socket set-up
+        collect_s = _timed(lambda: sum(1 for _ in collector.collect()), sizes.scrapes)
+        registry = CollectorRegistry()
+        registry.register(collector)
+        exposition = generate_latest(registry)
+        expose_s = _timed(lambda: generate_latest(registry), sizes.scrapes)
+        httpd, thread = start_http_server(0, "127.0.0.1", registry=registry)
+        try:
+            url = f"http://127.0.0.1:{httpd.server_port}/metrics"
+
+            def get():
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    response.read()
+
+            http_s = _timed(get, sizes.scrapes)
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+        # What one `xknock top` frame costs when it walks the maps for its lists.
+        started = time.perf_counter()
+        grants.list_grants(h.maps, now=h.now_ns)
+        grants.knocks_in_progress(h.maps, limit=10, now=h.now_ns)
+        top_walk_s = time.perf_counter() - started
+        cap = {name: getattr(h.maps, name).max_entries for name in ("progress", "grants")}
+    if b'xknock_scrape_success 1.0' not in exposition:
+        raise SystemExit("bench: the scrape did not read the maps (xknock_scrape_success is not 1)")
+    return {
+        "progress": sample.entries.get("progress"), "progress_cap": cap["progress"],
+        "grants": sample.entries.get("grants"), "grants_cap": cap["grants"], "granted": granted,
+        "in_progress": sample.knocks_in_progress, "fill_s": fill_s,
+        "sample_s": sample_s, "collect_s": collect_s, "expose_s": expose_s, "http_s": http_s,
+        "exposition_bytes": len(exposition), "top_walk_s": top_walk_s,
+    }
+
+
+def scrape_rows(r):
+    def ms(values):
+        value = common.median(values) * 1000
+        return f"{value:.0f} ms" if value >= 100 else f"{value:.2f} ms"
+
+    def spread(values):
+        return f"median of {len(values)}, min {min(values) * 1000:.2f}, max {max(values) * 1000:.2f} ms"
+
+    full = (f"{r['progress']:,} progress entries (map of {r['progress_cap']:,}), "
+            f"{r['grants']:,} grants (map of {r['grants_cap']:,})")
+    return [
+        ("metrics scrape, XknockCollector.collect() (maps read, families built)", ms(r["collect_s"]),
+         f"{spread(r['collect_s'])}; {full}"),
+        ("metrics scrape, generate_latest (collect + text exposition)", ms(r["expose_s"]),
+         f"{spread(r['expose_s'])}; {r['exposition_bytes']:,} bytes"),
+        ("metrics scrape, HTTP GET /metrics on loopback", ms(r["http_s"]),
+         f"{spread(r['http_s'])}; prometheus_client's start_http_server"),
+        ("map sampler, one pass (every sampled map, knocks in progress)", ms(r["sample_s"]),
+         f"median of {len(r['sample_s'])}: " + ", ".join(f"{s * 1000:.0f}" for s in r["sample_s"]) + " ms"
+         + f"; counted {r['progress']:,} progress ({r['in_progress']:,} knocks in progress), {r['grants']:,} grants"),
+        ("`xknock top` lists: grants.list_grants + grants.knocks_in_progress", ms([r["top_walk_s"]]),
+         "one run; get_next_key + lookup per entry, so top repeats it at most every 10x its cost"),
+    ]
+
+
 def run_controlplane(quick):
     repeats = 1 if quick else 5
     allow_entries = 100 if quick else 10_000
@@ -111,6 +245,7 @@ def run_controlplane(quick):
             reload_back_s = ns.xknock("reload", ns.iface, "-c", small)
             ns.xknock("detach", ns.iface)
             rss_kib = controller_rss_kib(ns, small)
+    scrape = bench_scrape(quick)
 
     rows = [
         ("attach --once, example config (compile + load + attach + policy)",
@@ -119,13 +254,17 @@ def run_controlplane(quick):
          f"{common.median(reload_s):.2f} s", f"median of {repeats}: " + ", ".join(f"{s:.2f}" for s in reload_s)),
         (f"reload from {allow_entries} back to the example", f"{reload_back_s:.2f} s", "one run"),
         ("foreground controller VmRSS after attach", f"{rss_kib / 1024:.1f} MiB", f"{rss_kib} KiB"),
+        *scrape_rows(scrape),
     ]
     text = "\n".join([
         f"# xknock control plane benchmark ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
         *common.machine(),
-        "- wall time of the whole `xknock` process (Python start-up included), on a veth in a fresh netns"
-        + (" — QUICK run, numbers are not meaningful" if quick else ""),
+        "- attach, reload, VmRSS: wall time of the whole `xknock` process (Python start-up included), on a veth "
+        "in a fresh netns" + (" — QUICK run, numbers are not meaningful" if quick else ""),
+        "- metrics scrape and sampler: in the bench process, on the program loaded with XK_TEST_CLOCK"
+        + ("" if quick else " and XK_PROGRESS_ENTRIES=1048576")
+        + f", maps filled with bpf_map_update_batch in {scrape['fill_s']:.1f} s; wall time per call",
         "",
         common.markdown_table(["what", "result", "detail"], rows),
         "",
