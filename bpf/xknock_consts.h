@@ -87,6 +87,7 @@
 #define XK_EV_RESET        3   /* a wrong knock ended a sequence in progress */
 #define XK_EV_TIMED_OUT    4   /* a knock came too late; progress was dropped */
 #define XK_EV_BANNED       5   /* too many failed knocks: the source is banned */
+#define XK_EV_EXPIRED      6   /* a grant dead on both clocks, removed by the data path */
 
 /* One counter per reason. The verdict reasons come first: every packet counts
  * exactly one of them. The knock and grant counters after them count events. */

@@ -97,8 +97,11 @@ static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_se
 	}
 	if (!idle_alive) {
 		/* Dead on both clocks: remove it so the map does not fill with corpses. */
-		if (grants.delete(&key) == 0)   /* another CPU or the sweep may have won */
+		__u32 seq_uid = grant->seq_uid;
+		if (grants.delete(&key) == 0) {   /* another CPU or the sweep may have won */
 			count(XK_GRANT_EXPIRED);
+			emit(XK_EV_EXPIRED, now, pkt, seq_uid, 0);
+		}
 	}
 	return XK_DROP_NO_GRANT;
 }

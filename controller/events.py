@@ -19,6 +19,7 @@ EVENT_NAMES = {
     layout.Event.RESET: "knock_reset",
     layout.Event.TIMED_OUT: "knock_timed_out",
     layout.Event.BANNED: "banned",
+    layout.Event.EXPIRED: "grant_expired",
 }
 
 
@@ -32,6 +33,10 @@ def describe(record, sequence_names):
     }
     if record.type == layout.Event.BANNED:
         del fields["sequence"], fields["step"]
+    if record.type == layout.Event.EXPIRED:
+        del fields["step"]
+        proto = layout.PROTO_NAMES.get(record.proto, str(record.proto))
+        fields["port"] = f"{proto}:{record.port}"
     if record.type in (layout.Event.RESET, layout.Event.TIMED_OUT, layout.Event.BANNED):
         proto = layout.PROTO_NAMES.get(record.proto, str(record.proto))
         fields["knock"] = proto if record.proto == layout.PROTO_ICMP else f"{proto}:{record.port}"

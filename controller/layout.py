@@ -47,6 +47,7 @@ class Event(enum.IntEnum):
     RESET = 3
     TIMED_OUT = 4
     BANNED = 5
+    EXPIRED = 6
 
 
 class Reason(enum.IntEnum):
