@@ -337,6 +337,10 @@ from xknock.cli.top import top  # noqa: E402
 
 main.add_command(top)
 
+from xknock.cli.importers import import_  # noqa: E402
+
+main.add_command(import_, name="import")
+
 
 if __name__ == "__main__":
     main()

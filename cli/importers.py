@@ -1,0 +1,103 @@
+"""`xknock import ...`: other tools' configurations turned into an xknock config."""
+
+import contextlib
+import os
+import sys
+import tempfile
+
+import click
+
+from xknock.controller.config import ConfigError
+from xknock.controller.knockd_import import DEFAULT_PATH, KnockdImportError, convert
+
+
+@click.group(name="import", epilog="Example:\n\n  xknock import knockd /etc/knockd.conf -o /etc/xknock/xknock.toml")
+def import_():
+    """Convert another port knocker's configuration into an xknock config."""
+
+
+@import_.command(epilog="""\b
+Examples:
+  xknock import knockd                                   # /etc/knockd.conf, TOML on stdout
+  xknock import knockd /etc/knockd.conf -o /etc/xknock/xknock.toml
+  xknock import knockd old-knockd.conf --mode monitor -o xknock.toml
+  ssh gw cat /etc/knockd.conf | xknock import knockd -
+
+\b
+What cannot be carried over (one-time sequences, tcpflags other than syn,
+targets, commands that are not a known firewall idiom, ...) is listed on
+stderr, one line each, and as comments at the top of the TOML.""")
+@click.argument("path", default=DEFAULT_PATH, required=False)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the TOML here (mode 0600: knock sequences are secrets) instead of stdout.")
+@click.option("--mode", type=click.Choice(["enforce", "monitor"]), default="enforce", show_default=True,
+              help="The [filter] mode of the new config; monitor for a dry run first.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def knockd(path, output, mode, force):
+    """Convert knockd's PATH (default /etc/knockd.conf; - for stdin) into an xknock config."""
+    text = _read(path)
+    source = "stdin" if path == "-" else path
+    try:
+        result = convert(text, source=source, mode=mode, listening=None)
+    except KnockdImportError as err:
+        for note in err.notes:
+            click.echo(note.located(source), err=True)
+        _fail(str(err))
+    except ConfigError as err:  # a bug: every door was checked on its own
+        _fail(f"the converted config does not validate: {err}")
+    for note in result.notes:
+        click.echo(note.located(source), err=True)
+    for warning in result.config.warnings:
+        click.echo(f"xknock: warning: {warning}", err=True)
+    names = ", ".join(seq.name for seq in result.sequences)
+    where = output or "stdout"
+    click.echo(f"xknock: converted {len(result.sequences)} of {result.doors} knockd door(s) ({names}) to {where}; "
+               f"{len(result.notes)} note(s) above; attach with: xknock attach {result.interface} -c "
+               f"{output or 'FILE'}", err=True)
+    if output is None:
+        click.echo(result.toml, nl=False)
+        return
+    _write(output, result.toml, force)
+
+
+def _fail(message):
+    click.echo(f"xknock: {message}", err=True)
+    sys.exit(1)
+
+
+def _read(path):
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        with open(path, "rb") as conf:
+            return conf.read().decode("utf-8")
+    except FileNotFoundError:
+        _fail(f"{path}: no such file")
+    except PermissionError:
+        _fail(f"{path}: permission denied (knockd.conf is often root's only: run as root)")
+    except IsADirectoryError:
+        _fail(f"{path}: is a directory, not a knockd.conf")
+    except UnicodeDecodeError as err:
+        _fail(f"{path}: not UTF-8 text (byte {err.start})")
+    except OSError as err:
+        _fail(f"{path}: cannot read: {err.strerror}")
+
+
+def _write(output, text, force):
+    """Atomically, mode 0600; an existing file only with --force."""
+    if os.path.exists(output) and not force:
+        _fail(f"{output}: exists; pass --force to overwrite it")
+    directory = os.path.dirname(os.path.abspath(output))
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".xknock-import-", suffix=".toml", dir=directory)
+    except OSError as err:
+        _fail(f"{output}: cannot write in {directory}: {err.strerror}")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, output)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        _fail(f"{output}: cannot write: {err.strerror}")
