@@ -218,6 +218,7 @@ def compile_and_load(directory, cflags=(), test_clock=False):
         ) from err
     ensure_bpffs()
     os.makedirs(directory, exist_ok=True)
+    check_pinned_layout(directory)
     flags = [f'-DXK_PIN_DIR="{directory}"', *cflags]
     if test_clock:
         flags.append("-DXK_TEST_CLOCK")
@@ -227,6 +228,29 @@ def compile_and_load(directory, cflags=(), test_clock=False):
     except Exception as err:   # BCC raises bare Exception for every failure
         raise XknockError(_explain_bcc_failure(err, directory)) from err
     return Loaded(bpf, fn.fd, bpfsys.prog_info(fn.fd).id)
+
+
+def check_pinned_layout(directory):
+    """BCC re-adopts a pinned map by name whatever its layout; a map of another
+    version of xknock would then be misread. Refuse, saying what to do."""
+    import ctypes
+
+    for name, (key_type, value_type) in layout.MAPS.items():
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            continue
+        fd = bpfsys.obj_get(path)
+        try:
+            info = bpfsys.map_info(fd)
+        finally:
+            os.close(fd)
+        want = (ctypes.sizeof(key_type), ctypes.sizeof(value_type))
+        if (info.key_size, info.value_size) != want:
+            raise XknockError(
+                f"the filter's map {name} ({directory}) has keys/values of {info.key_size}/{info.value_size} "
+                f"bytes, this version of xknock needs {want[0]}/{want[1]}: it was made by another version. "
+                "Detach it first (`xknock detach IFACE`, which also drops its grants and knocks in progress), "
+                "then attach again")
 
 
 def _explain_bcc_failure(err, directory):

@@ -83,3 +83,25 @@ def test_map_capacities_match_the_loaded_program(harness):
     assert harness.maps.grants.max_entries == layout.GRANT_ENTRIES
     assert harness.maps.allow.max_entries == layout.LIST_ENTRIES
     assert harness.maps.seqs.max_entries == 2 * layout.MAX_SEQUENCES
+
+
+def test_pinned_maps_of_another_layout_are_refused_not_misread():
+    import os
+    import uuid
+
+    from bcc import BPF
+
+    from xknock.controller import datapath
+    from xknock.controller.errors import XknockError
+
+    directory = f"{datapath.PIN_ROOT}/test-layout-{uuid.uuid4().hex[:8]}"
+    os.makedirs(directory)
+    try:
+        # an older `settings`: 8-byte values where this version needs more
+        old = BPF(text=f'BPF_TABLE_PINNED("array", u32, u64, settings, 2, "{directory}/settings");'
+                       "int f(void *c) {{ return 0; }}".encode())
+        with pytest.raises(XknockError, match=r"map settings .* has keys/values of 4/8 bytes.*Detach it first"):
+            datapath.compile_and_load(directory)
+        old.cleanup()
+    finally:
+        datapath.remove_pins(directory)
