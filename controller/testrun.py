@@ -20,8 +20,12 @@ VERDICT_NAMES = {XDP_ABORTED: "ABORTED", XDP_DROP: "DROP", XDP_PASS: "PASS", XDP
 class Harness:
     def __init__(self, test_clock=True, cflags=(), pin_dir=None):
         self.pin_dir = pin_dir or f"{datapath.PIN_ROOT}/test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.loaded = datapath.compile_and_load(self.pin_dir, cflags=cflags, test_clock=test_clock)
-        self.maps = FilterMaps.from_prog(self.loaded.prog_id)
+        try:
+            self.loaded = datapath.compile_and_load(self.pin_dir, cflags=cflags, test_clock=test_clock)
+            self.maps = FilterMaps.from_prog(self.loaded.prog_id)
+        except BaseException:
+            datapath.remove_pins(self.pin_dir)   # a failed start leaves nothing behind
+            raise
         self.now_ns = 1_000_000_000_000   # far from zero: no underflow near the start
 
     @property
