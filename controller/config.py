@@ -1,13 +1,14 @@
 """Loads and validates the TOML configuration. Pure: it reads the config file
-(and /proc/net, for warnings) and touches nothing else. Every mistake in a file
-is found in one pass and named by its place, so a bad config is fixed in one
-edit, never in a loop of edit, reload, next error."""
+(and /proc/net and the hook commands' files, for warnings) and touches nothing
+else. Every mistake in a file is found in one pass and named by its place, so a
+bad config is fixed in one edit, never in a loop of edit, reload, next error."""
 
 import dataclasses
 import difflib
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import sys
 import tomllib
@@ -42,15 +43,21 @@ SHORT_SEQUENCE_STEPS = 3
 STEP_PROTOS = ("tcp", "udp", "icmp")
 OPENABLE_PROTOS = ("tcp", "udp")
 
-TOP_LEVEL_KEYS = ("filter", "sequence", "allow", "deny", "ban")
-RESERVED_TABLES = ("spa", "hooks", "limits")  # taken by features still to come
-BAN_KEYS = ("after", "within", "for", "scope")
+TOP_LEVEL_KEYS = ("filter", "sequence", "allow", "deny", "ban", "hooks")
+RESERVED_TABLES = ("spa", "limits")  # taken by features still to come
+BAN_KEYS = ("after", "within", "for", "scope", "on_ban")
 BAN_SCOPES = {"all": layout.BAN_EVERYWHERE, "knock": layout.BAN_KNOCK_PORTS}
 DEFAULT_BAN_WITHIN_NS = 60 * NS_PER_UNIT["s"]
 DEFAULT_BAN_FOR_NS = 10 * NS_PER_UNIT["m"]
 MAX_BAN_AFTER = 1000
 FILTER_KEYS = ("mode",)
-SEQUENCE_KEYS = ("name", "knock", "step_timeout", "open", "open_for", "idle_timeout")
+SEQUENCE_KEYS = ("name", "knock", "step_timeout", "open", "open_for", "idle_timeout", "on_open", "on_close")
+HOOKS_KEYS = ("timeout", "max_running")
+DEFAULT_HOOK_TIMEOUT_NS = 10 * NS_PER_UNIT["s"]
+MAX_HOOK_TIMEOUT_NS = NS_PER_UNIT["h"]
+DEFAULT_HOOK_MAX_RUNNING = 8
+MAX_HOOK_MAX_RUNNING = 256
+HOOK_EXAMPLE = '["/usr/local/bin/notify", "opened"]'
 LIST_KEYS = ("sources",)
 
 # /proc/net socket states: TCP_LISTEN for tcp; an unconnected (bound, listening)
@@ -90,6 +97,19 @@ class Sequence:
     open: tuple[Step, ...]
     open_for_ns: int
     idle_timeout_ns: int
+    # Commands (argv, never a shell string) run when a grant of this sequence
+    # opens and when it has closed. Not part of the filter: configs that filter
+    # alike compare equal whatever their hooks.
+    on_open: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+    on_close: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """[hooks]: how hook commands run (controller/hooks.py)."""
+
+    timeout_ns: int = DEFAULT_HOOK_TIMEOUT_NS   # a hook still running after this is killed
+    max_running: int = DEFAULT_HOOK_MAX_RUNNING  # hooks started beyond this are dropped, not queued
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +122,7 @@ class Ban:
     within_ns: int
     for_ns: int
     scope: str  # "all" | "knock"
+    on_ban: tuple[str, ...] = dataclasses.field(default=(), compare=False)   # argv run when a source is banned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +132,7 @@ class Config:
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ban: Ban | None = None   # None: failed knocks ban nobody
+    hooks: Hooks = dataclasses.field(default=Hooks(), compare=False)
     # Where it came from and what was said about it: not part of the policy,
     # so two configs that filter alike compare equal.
     path: str | None = dataclasses.field(default=None, compare=False)
@@ -253,6 +275,7 @@ def parse_config(text, path=None, *, listening=None):
     deny = _parse_sources(report, "deny", document.get("deny", {}))
     _check_allow_deny_overlap(report, allow, deny)
     ban = _parse_ban(report, document["ban"]) if "ban" in document else None
+    hooks = _parse_hooks(report, document.get("hooks", {}))
 
     if not report.errors:
         if not sequences:
@@ -272,6 +295,7 @@ def parse_config(text, path=None, *, listening=None):
         allow=tuple(network for network, _ in allow),
         deny=tuple(network for network, _ in deny),
         ban=ban,
+        hooks=hooks,
         path=path,
         warnings=tuple(warnings),
     )
@@ -298,7 +322,8 @@ def config_hash(config):
         ),
         "allow": sorted(str(network) for network in config.allow),
         "deny": sorted(str(network) for network in config.deny),
-        "ban": dataclasses.asdict(config.ban) if config.ban else None,
+        "ban": {key: value for key, value in dataclasses.asdict(config.ban).items() if key != "on_ban"}
+        if config.ban else None,
     }
     encoded = json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
@@ -399,7 +424,65 @@ def _parse_ban(report, table):
     if scope not in BAN_SCOPES:
         report.error("ban", f'scope {scope!r}: must be "all" (every port) or "knock" (knock and guarded ports)')
         scope = "all"
-    return Ban(after=after, within_ns=within, for_ns=ban_for, scope=scope)
+    on_ban = _parse_hook(report, "ban", table, "on_ban")
+    return Ban(after=after, within_ns=within, for_ns=ban_for, scope=scope, on_ban=on_ban)
+
+
+def _parse_hooks(report, table):
+    if not isinstance(table, dict):
+        report.error("hooks", f"must be a table ([hooks]), not {_type_name(table)}")
+        return Hooks()
+    _check_keys(report, "hooks", table, HOOKS_KEYS)
+    timeout_ns = _parse_duration_key(report, "hooks", table, "timeout", DEFAULT_HOOK_TIMEOUT_NS)
+    if timeout_ns > MAX_HOOK_TIMEOUT_NS:
+        report.error("hooks", f'timeout "{table["timeout"]}": too long: at most 1h')
+        timeout_ns = DEFAULT_HOOK_TIMEOUT_NS
+    max_running = table.get("max_running", DEFAULT_HOOK_MAX_RUNNING)
+    if (not isinstance(max_running, int) or isinstance(max_running, bool)
+            or not 1 <= max_running <= MAX_HOOK_MAX_RUNNING):
+        report.error("hooks", f"max_running {max_running!r}: must be a whole number from 1 to {MAX_HOOK_MAX_RUNNING}")
+        max_running = DEFAULT_HOOK_MAX_RUNNING
+    return Hooks(timeout_ns=timeout_ns, max_running=max_running)
+
+
+def _parse_hook(report, place, table, key):
+    """A hook command: an argv array whose first element is an absolute path.
+    () when absent or wrong (reported). A file that is missing or not executable
+    only warns: it may be deployed after the config."""
+    if key not in table:
+        return ()
+    argv = table[key]
+    if isinstance(argv, str):
+        report.error(place, f"{key} must be an array of strings (the command and its arguments, run without a "
+                            f"shell), e.g. {HOOK_EXAMPLE}, not a string; for a shell write "
+                            f'["/bin/sh", "-c", "..."]')
+        return ()
+    if not isinstance(argv, list):
+        report.error(place, f"{key} must be an array of strings such as {HOOK_EXAMPLE}, not {_type_name(argv)}")
+        return ()
+    if not argv:
+        report.error(place, f"{key} is empty; give the command to run, e.g. {HOOK_EXAMPLE}")
+        return ()
+    errors_before = len(report.errors)
+    for index, item in enumerate(argv):
+        if not isinstance(item, str):
+            report.error(place, f"{key}[{index}] must be a string, not {_type_name(item)}")
+        elif "\0" in item:
+            report.error(place, f"{key}[{index}] contains a NUL character")
+    if len(report.errors) > errors_before:
+        return ()
+    command = argv[0]
+    if not os.path.isabs(command):
+        report.error(place, f'{key}[0] "{command}": must be an absolute path (hooks run with a minimal PATH), '
+                            f"e.g. /usr/local/bin/{os.path.basename(command) or 'notify'}")
+        return ()
+    if not os.path.exists(command):
+        report.warn(place, f'{key}[0] "{command}": no such file (yet); the hook fails until it is there')
+    elif not os.path.isfile(command):
+        report.warn(place, f'{key}[0] "{command}": not a file; the hook fails')
+    elif not os.access(command, os.X_OK):
+        report.warn(place, f'{key}[0] "{command}": not executable; the hook fails until it is (chmod +x)')
+    return tuple(argv)
 
 
 def _parse_sequences(report, tables):
@@ -464,9 +547,11 @@ def _parse_sequence(report, place, name, table):
     opened = _parse_open(report, place, table)
     open_for_ns = _parse_duration_key(report, place, table, "open_for", DEFAULT_OPEN_FOR_NS)
     idle_timeout_ns = _parse_duration_key(report, place, table, "idle_timeout", DEFAULT_IDLE_TIMEOUT_NS)
+    on_open = _parse_hook(report, place, table, "on_open")
+    on_close = _parse_hook(report, place, table, "on_close")
     if name is None or len(report.errors) > errors_before:
         return None
-    return Sequence(name, knock, step_timeout_ns, opened, open_for_ns, idle_timeout_ns)
+    return Sequence(name, knock, step_timeout_ns, opened, open_for_ns, idle_timeout_ns, on_open, on_close)
 
 
 def _step_list(report, place, table, key, example):

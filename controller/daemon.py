@@ -1,4 +1,5 @@
-"""The controller's loop: events to the log, SIGHUP reloads, grant sweeping.
+"""The controller's loop: events to the log, SIGHUP reloads, grant sweeping,
+hooks (controller/hooks.py) run for grants opened and closed and for bans.
 
 The controller is never on the packet path. When it stops (SIGINT, SIGTERM,
 or killed) the filter stays attached and enforcing; a later `xknock attach`
@@ -12,6 +13,7 @@ import time
 from . import bans, grants, policy
 from .config import ConfigError, load_config
 from .errors import XknockError
+from .hooks import HookDispatcher
 
 log = logging.getLogger("xknock")
 
@@ -36,7 +38,7 @@ class Signals:
 
 
 class Controller:
-    def __init__(self, attached, ifnames, config_path, config, events=None, metrics=None, signals=None):
+    def __init__(self, attached, ifnames, config_path, config, events=None, metrics=None, signals=None, hooks=None):
         self.attached = attached
         self.ifnames = ifnames
         self.config_path = config_path
@@ -44,6 +46,10 @@ class Controller:
         self.events = events
         self.metrics = metrics   # a metrics.MetricsServer, or None
         self.signals = signals or Signals().install()
+        # on_open / on_close / on_ban (controller/hooks.py): fed by the events and the sweep.
+        self.hooks = hooks if hooks is not None else HookDispatcher(attached.maps, config, ifnames)
+        if events is not None:
+            events.hooks = self.hooks
 
     def reload(self):
         """Validate the file, then switch policy; a bad file changes nothing."""
@@ -62,6 +68,7 @@ class Controller:
         self.config = config
         if self.events:
             self.events.refresh_names()
+        self.hooks.set_config(config)
         log.info("reloaded", extra={"fields": {"config": self.config_path, "sequences": len(config.sequences)}})
         return True
 
@@ -84,7 +91,12 @@ class Controller:
                     bans.expire_bans(self.attached.maps)
                     if swept:
                         log.debug("expired grants removed", extra={"fields": {"count": swept}})
+                    try:   # on_close for grants gone since: swept now, or revoked by `xknock revoke`
+                        self.hooks.sweep()
+                    except OSError as err:
+                        log.error("hook sweep failed", extra={"fields": {"error": str(err)}})
         finally:
+            self.hooks.close()   # lets running hooks end; each is killed at its timeout at the latest
             if self.metrics:
                 self.metrics.close()
             log.info(

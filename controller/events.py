@@ -46,9 +46,10 @@ def describe(record, sequence_names):
 class EventReader:
     """Polls the BCC ring buffer of a loaded program and logs each event."""
 
-    def __init__(self, loaded, maps, on_event=None):
+    def __init__(self, loaded, maps, on_event=None, hooks=None):
         self.maps = maps
         self.on_event = on_event
+        self.hooks = hooks   # a hooks.HookDispatcher, or None
         self.refresh_names()
         loaded.bpf["events"].open_ring_buffer(self._callback)
         self._bpf = loaded.bpf
@@ -68,6 +69,11 @@ class EventReader:
         log.info(fields["event"], extra={"fields": fields})
         if self.on_event:
             self.on_event(fields)
+        if self.hooks:
+            try:
+                self.hooks.on_event(fields, record.seq_uid)
+            except Exception:   # a hook must never stop the events
+                log.exception("hook dispatch failed", extra={"fields": fields})
         return 0
 
 

@@ -75,9 +75,8 @@ CASES = [
     # top level
     ("an unknown table", '[foo]\nx = 1\n', 'unknown table "foo"; known: filter, sequence, allow, deny'),
     ("an unknown top-level key", 'mode = "monitor"\n', 'unknown key "mode"; known: filter, sequence, allow, deny'),
-    ("a misspelt table gets a suggestion", '[filtre]\nmode = "monitor"\n', 'unknown table "filtre"; known: filter, sequence, allow, deny, ban (did you mean "filter"?)'),
+    ("a misspelt table gets a suggestion", '[filtre]\nmode = "monitor"\n', 'unknown table "filtre"; known: filter, sequence, allow, deny, ban, hooks (did you mean "filter"?)'),
     ("[spa] is reserved", "[spa]\n", "spa: not supported yet in this version"),
-    ("[hooks] is reserved", "[hooks]\n", "hooks: not supported yet in this version"),
     ("[limits] is reserved", "[limits]\n", "limits: not supported yet in this version"),
     ("[ban] needs after", "[ban]\nwithin = \"1m\"\n", 'ban: missing key "after"'),
     ("[ban] after must be a count", "[ban]\nafter = 0\n", "ban: after 0: must be a whole number from 1 to 1000"),
@@ -85,6 +84,29 @@ CASES = [
     ("[ban] durations", "[ban]\nafter = 3\nfor = \"10x\"\n", 'ban: for "10x": not a duration'),
     ("[ban] unknown key", "[ban]\nafter = 3\nforever = true\n", 'ban: unknown key "forever"'),
     ("[limits] is reserved", "[limits]\n", "limits: not supported yet in this version"),
+    # hooks: on_open, on_close ([[sequence]]), on_ban ([ban]), [hooks]
+    ("hooks as argv arrays", sequence(extra='on_open = ["/bin/true", "opened"]\non_close = ["/bin/true"]')
+     + '[ban]\nafter = 3\non_ban = ["/bin/true", "banned"]\n', None),
+    ("a hook given as a shell string", sequence(extra='on_open = "/usr/local/bin/notify $XKNOCK_SOURCE"'),
+     'sequence "ssh": on_open must be an array of strings (the command and its arguments, run without a shell), '
+     'e.g. ["/usr/local/bin/notify", "opened"], not a string; for a shell write ["/bin/sh", "-c", "..."]'),
+    ("an on_ban given as a string", '[ban]\nafter = 3\non_ban = "/bin/true"\n', "ban: on_ban must be an array of strings"),
+    ("an empty hook", sequence(extra="on_close = []"), 'sequence "ssh": on_close is empty; give the command to run'),
+    ("a hook that is a table", sequence(extra="on_close = {cmd = 1}"), 'sequence "ssh": on_close must be an array of strings such as ["/usr/local/bin/notify", "opened"], not a table'),
+    ("a hook argument that is a number", sequence(extra='on_open = ["/bin/true", 22]'), 'sequence "ssh": on_open[1] must be a string, not an integer'),
+    ("a hook argument with a NUL", sequence(extra='on_open = ["/bin/true", "a\\u0000b"]'), 'sequence "ssh": on_open[1] contains a NUL character'),
+    ("a hook command that is not an absolute path", sequence(extra='on_open = ["notify", "opened"]'), 'sequence "ssh": on_open[0] "notify": must be an absolute path (hooks run with a minimal PATH), e.g. /usr/local/bin/notify'),
+    ("a relative hook command with a directory", '[ban]\nafter = 3\non_ban = ["bin/notify"]\n', 'ban: on_ban[0] "bin/notify": must be an absolute path'),
+    ("a bad hook makes its sequence an error", sequence(extra='on_open = ["x"]') + "[hooks]\n", 'sequence "ssh": on_open[0] "x"'),
+    ("[hooks] loads", '[hooks]\ntimeout = "30s"\nmax_running = 2\n', None),
+    ("[hooks] empty loads", "[hooks]\n", None),
+    ("[hooks] unknown key", '[hooks]\ntimeuot = "5s"\n', 'hooks: unknown key "timeuot"; known: timeout, max_running (did you mean "timeout"?)'),
+    ("[hooks] timeout is a duration", '[hooks]\ntimeout = 10\n', 'hooks: timeout must be a string such as "10s", not an integer'),
+    ("[hooks] timeout of zero", '[hooks]\ntimeout = "0s"\n', 'hooks: timeout "0s": must be more than zero'),
+    ("[hooks] timeout over an hour", '[hooks]\ntimeout = "2h"\n', 'hooks: timeout "2h": too long: at most 1h'),
+    ("[hooks] max_running of zero", "[hooks]\nmax_running = 0\n", "hooks: max_running 0: must be a whole number from 1 to 256"),
+    ("[hooks] max_running as a string", '[hooks]\nmax_running = "8"\n', "hooks: max_running '8': must be a whole number from 1 to 256"),
+    ("hooks is not a table", 'hooks = ["/bin/true"]\n', "hooks: must be a table ([hooks]), not an array"),
     # [filter]
     ("an unknown key in [filter]", '[filter]\nmod = "monitor"\n', 'filter: unknown key "mod"; known: mode (did you mean "mode"?)'),
     ("an unknown mode", '[filter]\nmode = "block"\n', 'filter: mode "block": must be "enforce" or "monitor"'),
@@ -100,7 +122,7 @@ CASES = [
     ("a name with non-ASCII letters", sequence(name="sésame"), 'sequence[0]: name "sésame": use only letters, digits'),
     ("a name of 32 bytes", sequence(name="a" * 32), f'sequence[0]: name "{"a" * 32}" is 32 bytes; at most 31'),
     ("a name used twice", SSH + sequence(knock=("udp:1", "udp:2", "udp:3")), 'sequence[1]: name "ssh" is already used by sequence[0]'),
-    ("an unknown key in a sequence", sequence(extra='opne = ["tcp:80"]'), 'sequence "ssh": unknown key "opne"; known: name, knock, step_timeout, open, open_for, idle_timeout (did you mean "open"?)'),
+    ("an unknown key in a sequence", sequence(extra='opne = ["tcp:80"]'), 'sequence "ssh": unknown key "opne"; known: name, knock, step_timeout, open, open_for, idle_timeout, on_open, on_close (did you mean "open"?)'),
     # knock
     ("no knock", '[[sequence]]\nname = "ssh"\nopen = ["tcp:22"]\n', 'sequence "ssh": missing key "knock"'),
     ("knock is a string", sequence(knock=()).replace("knock = []", 'knock = "tcp:7000"'), 'sequence "ssh": knock must be an array such as ["tcp:7000", "udp:8000", "tcp:9000"], not a string'),
@@ -275,6 +297,52 @@ def test_sources_matching_everyone_warn():
         'allow: sources[0] "0.0.0.0/0": every IPv4 source may reach every guarded port',
         'deny: sources[0] "::/0": every IPv6 packet is dropped, yours too',
     ]
+
+
+def test_hooks_are_parsed_into_the_config():
+    text = sequence(extra='on_open = ["/bin/true", "opened", "$XKNOCK_SOURCE"]\non_close = ["/bin/true"]')
+    text += '[ban]\nafter = 3\non_ban = ["/bin/sh", "-c", "logger banned $XKNOCK_SOURCE"]\n'
+    text += '[hooks]\ntimeout = "1m30s"\nmax_running = 3\n'
+    loaded = config.parse_config(text, listening=set())
+    (ssh,) = loaded.sequences
+    assert ssh.on_open == ("/bin/true", "opened", "$XKNOCK_SOURCE")   # kept as written: never expanded here
+    assert ssh.on_close == ("/bin/true",)
+    assert loaded.ban.on_ban == ("/bin/sh", "-c", "logger banned $XKNOCK_SOURCE")
+    assert loaded.hooks == config.Hooks(timeout_ns=90 * 10**9, max_running=3)
+    assert loaded.warnings == ()
+
+
+def test_hooks_default_to_none_and_ten_seconds():
+    loaded = config.parse_config(SSH + "[ban]\nafter = 3\n", listening=set())
+    assert loaded.sequences[0].on_open == loaded.sequences[0].on_close == ()
+    assert loaded.ban.on_ban == ()
+    assert loaded.hooks == config.Hooks(timeout_ns=10 * 10**9, max_running=8)
+
+
+def test_hooks_do_not_change_what_the_filter_is():
+    plain = config.parse_config(SSH + "[ban]\nafter = 3\n", listening=set())
+    hooked = config.parse_config(
+        sequence(extra='on_open = ["/bin/true"]') + '[ban]\nafter = 3\non_ban = ["/bin/true"]\n'
+        + "[hooks]\nmax_running = 1\n", listening=set())
+    assert hooked == plain
+    assert config.config_hash(hooked) == config.config_hash(plain)
+
+
+def test_a_hook_command_not_there_yet_only_warns(tmp_path):
+    script = tmp_path / "notify"
+    script.write_text("#!/bin/sh\n")
+    missing = tmp_path / "absent"
+    text = sequence(extra=f'on_open = ["{script}"]\non_close = ["{missing}", "closed"]')
+    text += f'[ban]\nafter = 3\non_ban = ["{tmp_path}"]\n'
+    loaded = config.parse_config(text, listening=set())
+    assert loaded.sequences[0].on_close == (str(missing), "closed")   # kept: it may be deployed later
+    assert list(loaded.warnings) == [
+        f'sequence "ssh": on_open[0] "{script}": not executable; the hook fails until it is (chmod +x)',
+        f'sequence "ssh": on_close[0] "{missing}": no such file (yet); the hook fails until it is there',
+        f'ban: on_ban[0] "{tmp_path}": not a file; the hook fails',
+    ]
+    script.chmod(0o755)
+    assert len(config.parse_config(text, listening=set()).warnings) == 2
 
 
 def test_warnings_travel_with_the_errors():
