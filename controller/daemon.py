@@ -14,6 +14,7 @@ from . import bans, grants, policy
 from .config import ConfigError, load_config
 from .errors import XknockError
 from .hooks import HookDispatcher
+from .sdnotify import Notifier
 
 log = logging.getLogger("xknock")
 
@@ -72,10 +73,13 @@ class Controller:
         log.info("reloaded", extra={"fields": {"config": self.config_path, "sequences": len(config.sequences)}})
         return True
 
-    def run(self):
+    def run(self, notifier=None):
+        notifier = notifier or Notifier()
+        notifier.ready(f"enforcing on {','.join(self.ifnames)}")
         next_sweep = time.monotonic() + SWEEP_EVERY_S
         try:
             while not self.signals.stop:
+                notifier.watchdog()
                 if self.events:
                     self.events.poll(POLL_MS)
                 else:
@@ -96,6 +100,7 @@ class Controller:
                     except OSError as err:
                         log.error("hook sweep failed", extra={"fields": {"error": str(err)}})
         finally:
+            notifier.stopping()
             self.hooks.close()   # lets running hooks end; each is killed at its timeout at the latest
             if self.metrics:
                 self.metrics.close()

@@ -122,8 +122,8 @@ def test_unit_runs_the_documented_command():
     assert "Restart=on-failure" in settings
     [bounding] = [line for line in settings if line.startswith("CapabilityBoundingSet=")]
     assert set(bounding.split("=", 1)[1].split()) == {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"}
-    # The controller does not speak sd_notify yet: a watchdog would kill it.
-    assert not any(line.startswith(("WatchdogSec=", "Type=notify")) for line in settings)
+    # The controller speaks sd_notify (tests/test_sdnotify.py): ready, then watchdog pings.
+    assert {"Type=notify", "NotifyAccess=main", "WatchdogSec=30s"} <= set(settings)
     assert "WantedBy=multi-user.target" in settings
 
 
