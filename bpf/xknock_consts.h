@@ -14,7 +14,7 @@
 #define XK_MAX_OPEN 8
 #endif
 #ifndef XK_MAX_SEQS_PER_PORT        /* sequences that may share one knock port */
-#define XK_MAX_SEQS_PER_PORT 4
+#define XK_MAX_SEQS_PER_PORT 2
 #endif
 #ifndef XK_PORT_ENTRIES             /* classified ports, both banks together */
 #define XK_PORT_ENTRIES 4096
@@ -27,6 +27,9 @@
 #endif
 #ifndef XK_LIST_ENTRIES             /* allow- or deny-list CIDRs, both banks together */
 #define XK_LIST_ENTRIES 262144
+#endif
+#ifndef XK_FIRST_SLOTS              /* first knocks held in the first-step filter; a power of two */
+#define XK_FIRST_SLOTS (1 << 21)
 #endif
 #ifndef XK_FAILURE_ENTRIES          /* sources with recent failed knocks, LRU */
 #define XK_FAILURE_ENTRIES 65536
@@ -50,6 +53,9 @@
 #define XK_EVENT_PAGES 64
 #endif
 
+#if (XK_FIRST_SLOTS & (XK_FIRST_SLOTS - 1)) != 0
+#error "XK_FIRST_SLOTS must be a power of two"
+#endif
 #if XK_MAX_STEPS > 32
 #error "XK_MAX_STEPS must fit the 32-bit step mask"
 #endif

@@ -19,6 +19,9 @@ BPF_TABLE_PINNED("array", u32, struct xk_seq, seqs, 2 * XK_MAX_SEQUENCES, XK_PIN
 /* knock progress per (source, sequence uid); the least recently used goes first */
 BPF_TABLE_PINNED("lru_hash", struct xk_progress_key, u64, progress, XK_PROGRESS_ENTRIES,
 		 XK_PIN_DIR "/progress");
+/* first knocks: (tag << 32 | time in us, low 32 bits) at two slots hashed from
+ * (source, sequence uid); the cheap, large front of `progress` (xknock_knock.h) */
+BPF_TABLE_PINNED("array", u32, u64, firsts, XK_FIRST_SLOTS, XK_PIN_DIR "/firsts");
 /* live grants per (source, protocol, port); a plain hash, so nothing evicts them */
 BPF_TABLE_PINNED("hash", struct xk_grant_key, struct xk_grant, grants, XK_GRANT_ENTRIES,
 		 XK_PIN_DIR "/grants");

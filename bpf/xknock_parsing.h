@@ -20,6 +20,11 @@ struct xk_packet {
 	__u8 seq_idx;     /* which of the port's sequences is being knocked */
 	__u8 ipv4;        /* the source is IPv4 (stored mapped in src) */
 	__u32 knock;      /* what a knock did: enum xk_knock_outcome | XK_KNOCK_* bits */
+	__u32 first;      /* enum xk_first_result */
+	__u64 first_us;   /* when the first step held in `firsts` came */
+	__u64 now;        /* the clock and the bank, re-read through map memory on each */
+	__u32 bank;       /* pass of the sequence loop so its verifier states join */
+	__u32 pad2;
 };
 
 /* How far parsing got. */

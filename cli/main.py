@@ -232,7 +232,7 @@ def _render(f):
     lines.append(f"bans: {len(f['bans'])}")
     for b in f["bans"]:
         lines.append(f"  {b['source']:<40} {b['left_s']:g}s left")
-    lines.append(f"knocks in progress: {f['knocks_in_progress']}")
+    lines.append(f"knocks in progress: {f['knocks_in_progress']} (sources at their first step are counted, not listed)")
     for k in f["knocks"]:
         lines.append(f"  {k['source']:<40} {k['sequence']:<12} next step {k['next_step']} ({k['since_s']:g}s ago)")
     return "\n".join(lines)

@@ -168,7 +168,7 @@ class FilterView:
                          f"window {max(0.0, g.window_left_s - age):>7.1f}s  idle {max(0.0, g.idle_left_s - age):>7.1f}s")
         if lists.grants_alive > len(lists.grants):
             lines.append(f"    ... and {lists.grants_alive - len(lists.grants)} more")
-        lines.append(f"  knocks in progress: {lists.in_progress}")
+        lines.append(f"  knocks in progress: {lists.in_progress} (sources at their first step are counted, not listed)")
         for source, name, step, since in lists.knocks:
             lines.append(f"    {str(source):<40} {name:<14} next step {step} ({since + age:.1f} s ago)")
         if lists.in_progress > len(lists.knocks):

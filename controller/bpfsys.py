@@ -70,6 +70,7 @@ def _declare(l):
         "bpf_obj_pin": ([c_int, ctypes.c_char_p], c_int),
         "bpf_obj_get": ([ctypes.c_char_p], c_int),
         "bpf_prog_test_run_opts": ([c_int, vp], c_int),
+        "bpf_map_update_batch": ([c_int, vp, vp, ctypes.POINTER(ctypes.c_uint32), vp], c_int),
         "libbpf_num_possible_cpus": ([], c_int),
     }
     for name, (args, res) in signatures.items():
@@ -258,6 +259,14 @@ def map_next_key(fd, key, next_key):
         return False
     _check(ret, "map iteration")
     return True
+
+
+def map_update_batch(fd, keys, values, count):
+    """BPF_MAP_UPDATE_BATCH: count (key, value) pairs from two ctypes arrays in one call."""
+    written = ctypes.c_uint32(count)
+    _check(lib().bpf_map_update_batch(fd, ctypes.byref(keys), ctypes.byref(values), ctypes.byref(written), None),
+           "map batch update")
+    return written.value
 
 
 def test_run(prog_fd, data, repeat=1, flags=0, batch_size=0, ctx=None, data_out_size=None):

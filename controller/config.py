@@ -27,6 +27,7 @@ NS_PER_UNIT = {
 # Far beyond any sensible timeout, and far below where the data path's u64
 # nanosecond arithmetic (now + open_for) could wrap.
 MAX_DURATION_NS = 365 * NS_PER_UNIT["d"]
+MAX_STEP_TIMEOUT_NS = NS_PER_UNIT["h"]
 DURATION_HINT = "use e.g. 500ms, 5s, 2m, 1h"
 
 DEFAULT_STEP_TIMEOUT_NS = 5 * NS_PER_UNIT["s"]
@@ -544,6 +545,9 @@ def _parse_sequence(report, place, name, table):
     _check_keys(report, place, table, SEQUENCE_KEYS)
     knock = _parse_knock(report, place, table)
     step_timeout_ns = _parse_duration_key(report, place, table, "step_timeout", DEFAULT_STEP_TIMEOUT_NS)
+    if step_timeout_ns > MAX_STEP_TIMEOUT_NS:
+        report.error(place, f"step_timeout {format_duration(step_timeout_ns)}: at most 1h "
+                            "(the first-step filter keeps 32 bits of microseconds)")
     opened = _parse_open(report, place, table)
     open_for_ns = _parse_duration_key(report, place, table, "open_for", DEFAULT_OPEN_FOR_NS)
     idle_timeout_ns = _parse_duration_key(report, place, table, "idle_timeout", DEFAULT_IDLE_TIMEOUT_NS)

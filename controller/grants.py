@@ -9,7 +9,7 @@ import ipaddress
 import time
 from dataclasses import dataclass
 
-from . import bpfsys, layout, policy
+from . import bpfsys, firsts, layout, policy
 from .errors import XknockError
 from .maps import from_addr, to_addr
 
@@ -87,6 +87,7 @@ def revoke(maps, source):
             key = layout.ProgressKey.from_buffer_copy(raw)
             if bytes(key.src.b) == wanted:
                 maps.progress.delete(key)
+        firsts.forget(maps, source, [seq.uid for seq in policy.live_sequences(maps).values()])
         maps.count_by_controller(layout.Reason.GRANT_REMOVED, removed)
     return removed
 
@@ -126,10 +127,13 @@ def expire_grants(maps, now=None):
 
 def knocks_in_progress(maps, limit=50, now=None):
     """(total, [(source, sequence name, next step, seconds since last step)]) for
-    progress not yet completed or timed out, at most `limit` listed."""
+    progress not yet completed or timed out, at most `limit` listed. Sources
+    at their first step are counted but not listed: the first-step filter
+    keeps a hash of the source, not the source."""
     now_us = (monotonic_ns() if now is None else now) // 1000
     seqs = {seq.uid: seq for seq in policy.live_sequences(maps).values()}
-    total, shown = 0, []
+    longest_us = max((seq.step_timeout_ns // 1000 for seq in seqs.values() if seq.nsteps > 1), default=0)
+    total, shown = firsts.fresh(maps, longest_us, now_us), []
     for key in maps.progress.keys():
         state = maps.progress.lookup(key)
         seq = seqs.get(key.uid)

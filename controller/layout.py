@@ -9,11 +9,12 @@ import enum
 MAX_SEQUENCES = 64
 MAX_STEPS = 16
 MAX_OPEN = 8
-MAX_SEQS_PER_PORT = 4
+MAX_SEQS_PER_PORT = 2
 PORT_ENTRIES = 4096
 PROGRESS_ENTRIES = 262144
 GRANT_ENTRIES = 65536
 LIST_ENTRIES = 262144
+FIRST_SLOTS = 1 << 21
 FAILURE_ENTRIES = 65536
 BAN_ENTRIES = 65536
 COUNTERS = 48
@@ -245,6 +246,7 @@ MAPS = {
     "deny": (LpmKey, ctypes.c_uint32),
     "counters": (ctypes.c_uint32, ctypes.c_uint64),
     "seqstats": (ctypes.c_uint32, SeqStats),   # per CPU
+    "firsts": (ctypes.c_uint32, ctypes.c_uint64),
     "failures": (Addr, Failures),
     "bans": (Addr, Ban),
 }

@@ -46,7 +46,7 @@ BATCH_ENTRIES = 4096         # entries per BPF_MAP_LOOKUP_BATCH call
 
 # Maps whose number of entries changes: counted by the sampler. The arrays
 # (control, settings, seqs, counters) are always full by construction.
-SAMPLED_MAPS = ("ports", "progress", "grants", "allow", "deny", "seqstats")
+SAMPLED_MAPS = ("ports", "progress", "firsts", "grants", "allow", "deny", "seqstats")
 
 KNOCK_RESULTS = ("advanced", "completed", "reset", "timed_out")     # layout.SeqStats fields
 KNOCK_EVENTS = {
@@ -261,6 +261,8 @@ class MapSampler:
             in_progress = None
             if name == "progress":
                 counted, in_progress = self._count_progress(maps, m)
+            elif name == "firsts":
+                counted, in_progress = self._count_firsts(maps, m)
             else:
                 counted = count_entries(m, self.budget_s)
             if counted is None:
@@ -272,6 +274,8 @@ class MapSampler:
                 self._sample.taken_at[name] = started
                 if name == "progress":
                     self._sample.knocks_in_progress = in_progress
+                elif name == "firsts" and in_progress is not None and self._sample.knocks_in_progress is not None:
+                    self._sample.knocks_in_progress += in_progress
 
     def _count_progress(self, maps, m):
         """(entries, knocks in progress): progress neither completed nor timed out."""
@@ -298,6 +302,28 @@ class MapSampler:
         except _NoBatch:   # no batch lookup on this kernel: entries only
             return count_entries(m, self.budget_s), None
         return counted, (in_progress if counted is not None else None)
+
+    def _count_firsts(self, maps, m):
+        """(occupied slots, first steps still fresh) of the first-step filter.
+        A slot does not say its sequence: fresh means younger than the
+        longest step timeout of the live multi-step sequences."""
+        timeouts = [seq.step_timeout_ns // 1000 for seq in policy.live_sequences(maps).values() if seq.nsteps > 1]
+        longest_us = max(timeouts, default=0)
+        now_low = (self.now_ns() // 1000) & 0xFFFFFFFF
+        occupied = fresh = 0
+
+        def per_batch(n, keys, values):
+            nonlocal occupied, fresh
+            for word in memoryview(values).cast("B")[: n * 8].cast("Q"):
+                if word:
+                    occupied += 1
+                    fresh += ((now_low - word) & 0xFFFFFFFF) <= longest_us
+
+        try:
+            counted = count_entries(m, self.budget_s, per_batch)
+        except _NoBatch:
+            return None, None
+        return (occupied, fresh) if counted is not None else (None, None)
 
     def _run(self):
         while not self._stop.is_set():

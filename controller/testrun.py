@@ -17,8 +17,14 @@ XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICT_NAMES = {XDP_ABORTED: "ABORTED", XDP_DROP: "DROP", XDP_PASS: "PASS", XDP_TX: "TX", XDP_REDIRECT: "REDIRECT"}
 
 
+# The first-step filter is cleared between test cases; a small one clears fast.
+TEST_FIRST_SLOTS = 1 << 16
+
+
 class Harness:
     def __init__(self, test_clock=True, cflags=(), pin_dir=None):
+        if not any(flag.startswith("-DXK_FIRST_SLOTS=") for flag in cflags):
+            cflags = [*cflags, f"-DXK_FIRST_SLOTS={TEST_FIRST_SLOTS}"]
         self.pin_dir = pin_dir or f"{datapath.PIN_ROOT}/test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.loaded = datapath.compile_and_load(self.pin_dir, cflags=cflags, test_clock=test_clock)
@@ -77,8 +83,27 @@ class Harness:
                 m.delete(m.key_type.from_buffer_copy(raw))
         for reason in range(layout.COUNTERS):
             self.maps.counters.zero(reason)
+        self.drain_events()
+        slots = self.maps.firsts.max_entries
+        bpfsys.map_update_batch(self.maps.firsts.fd, (ctypes.c_uint32 * slots)(*range(slots)),
+                                (ctypes.c_uint64 * slots)(), slots)
         for key in list(self.maps.seqstats.keys()):
             self.maps.seqstats.update(key, [layout.SeqStats()] * self.maps.seqstats.cpus)
+
+    def drain_events(self):
+        """Read and drop whatever the ring buffer holds, so that one case's
+        events never fill it for the next (nobody else reads it here)."""
+        lib = bpfsys.lib()
+        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+        drop = callback_type(lambda ctx, data, size: 0)
+        lib.ring_buffer__new.restype = ctypes.c_void_p
+        lib.ring_buffer__new.argtypes = [ctypes.c_int, callback_type, ctypes.c_void_p, ctypes.c_void_p]
+        lib.ring_buffer__consume.argtypes = [ctypes.c_void_p]
+        lib.ring_buffer__free.argtypes = [ctypes.c_void_p]
+        ring = lib.ring_buffer__new(self.loaded.bpf[b"events"].map_fd, drop, None, None)
+        if ring:
+            lib.ring_buffer__consume(ring)
+            lib.ring_buffer__free(ring)
 
     def grants(self):
         """{(source ip, proto name, port): layout.Grant} of everything in the map."""

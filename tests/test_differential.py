@@ -33,9 +33,9 @@ from hypothesis import strategies as st
 from model import TCP_ACK, TCP_SYN, XDP_DROP, XDP_PASS, Model, Pkt, source_key
 from packets import icmp_echo, tcp, udp
 
-from xknock.controller import policy
+from xknock.controller import firsts, policy
 from xknock.controller.config import parse_config
-from xknock.controller.layout import Reason, progress_state
+from xknock.controller.layout import Reason, progress_state, progress_step
 from xknock.controller.maps import from_addr
 
 # Four sequences sharing ports: tcp:7000 is step 0 of ssh and steps 0 and 2 of
@@ -173,12 +173,32 @@ def model_grants(model, uids=UIDS):
             for key, g in model.grants.items()}
 
 
+# Where the kernel keeps a source's progress: a first step of a multi-step
+# sequence in the `firsts` filter (its time's low 32 bits), everything further
+# in `progress`; a word at step 0 means nothing in progress, like no word.
+NSTEPS = {UIDS[i]: len(seq.knock) for i, seq in enumerate(ENFORCE.sequences)}
+
+
 def kernel_progress(harness):
-    return {(source_key(str(from_addr(k.src))), k.uid): v.value for k, v in harness.maps.progress.items()}
+    state = {(source_key(str(from_addr(k.src))), k.uid): v.value for k, v in harness.maps.progress.items()
+             if progress_step(v.value) > 0}
+    for src in STRANGERS + LISTED:
+        for uid in UIDS:
+            first = firsts.held(harness.maps, src, uid)
+            if first is not None:
+                state[(source_key(src), uid)] = ("first", first)
+    return state
 
 
 def model_progress(model):
-    return {(src, UIDS[index]): progress_state(step, last_us) for (src, index), (step, last_us) in model.progress.items()}
+    state = {}
+    for (src, index), (step, last_us) in model.progress.items():
+        uid = UIDS[index]
+        if step == 1 and NSTEPS[uid] > 1:
+            state[(src, uid)] = ("first", last_us & 0xFFFFFFFF)
+        elif step > 0:
+            state[(src, uid)] = progress_state(step, last_us)
+    return state
 
 
 SEQ_STATS = ("advanced", "completed", "reset", "timed_out")

@@ -190,11 +190,13 @@ def test_package_version_is_the_installed_one():
 # --- the sampler ------------------------------------------------------------------
 
 def test_sampler_counts_map_entries_and_knocks_in_progress(xk):
+    # First steps are held in the first-step filter, further progress in `progress`.
     knock(xk, "198.51.100.40", ["tcp:7000"])
-    xk.advance(6)                                    # .40's ssh progress is now timed out: not in progress
+    xk.advance(6)                                    # .40's ssh first step is now timed out: not in progress
     knock(xk, "198.51.100.41", ["tcp:7000"])         # ssh at step 1
     knock(xk, "198.51.100.42", ["udp:8000"])         # web at step 1 (ssh: ignored)
     knock(xk, "198.51.100.43", SSH)                  # ssh completed; web at step 1 (udp:8000)
+    knock(xk, "198.51.100.44", SSH[:2])              # ssh at step 2
     sampler = metrics.MapSampler(lambda: xk.maps, now_ns=lambda: xk.now_ns)
     registry = registry_for(xk, sampler=sampler)
     assert value(registry, "xknock_knocks_in_progress") is None     # nothing sampled yet
@@ -202,9 +204,10 @@ def test_sampler_counts_map_entries_and_knocks_in_progress(xk):
     assert value(registry, "xknock_map_capacity_entries", map="progress") == xk.maps.progress.max_entries
 
     sampler.sample_once()
-    assert value(registry, "xknock_knocks_in_progress") == 3
+    assert value(registry, "xknock_knocks_in_progress") == 5   # 4 first steps (.40 is stale) + .44 at step 2
     entries = {name: value(registry, "xknock_map_entries", map=name) for name in metrics.SAMPLED_MAPS}
-    assert entries == {"progress": 5, "grants": 1, "seqstats": 2, "allow": 2, "deny": 2,
+    # firsts: .40 (stale), .41 ssh, .42 web, .43 web, .44 web (its udp:8000)
+    assert entries == {"progress": 2, "firsts": 5, "grants": 1, "seqstats": 2, "allow": 2, "deny": 2,
                        "ports": len(list(xk.maps.ports.keys()))}
     for name in metrics.SAMPLED_MAPS:
         assert value(registry, "xknock_map_capacity_entries", map=name) == getattr(xk.maps, name).max_entries
@@ -236,11 +239,11 @@ def test_without_batch_lookup_entries_are_counted_by_iteration(xk, monkeypatch):
 
     monkeypatch.setattr(metrics, "batches", no_batch)
     knock(xk, STRANGER, SSH)
-    assert metrics.count_entries(xk.maps.progress) == 2     # ssh completed, web at step 1
+    assert metrics.count_entries(xk.maps.progress) == 1     # ssh completed (web's first step is in `firsts`)
     sampler = metrics.MapSampler(lambda: xk.maps, now_ns=lambda: xk.now_ns)
     sampler.sample_once()
     sample = sampler.latest()
-    assert sample.entries["progress"] == 2 and sample.knocks_in_progress is None
+    assert sample.entries["progress"] == 1 and sample.knocks_in_progress is None
 
 
 def test_counting_past_its_budget_keeps_the_previous_count(xk, monkeypatch):
@@ -269,14 +272,14 @@ class NoWalk:
 def test_a_scrape_never_walks_the_maps_that_grow_with_traffic(xk):
     knock(xk, STRANGER, SSH)
     knock(xk, "198.51.100.50", ["tcp:7000"])
-    growing = ("progress", "grants", "allow", "deny", "ports")
+    growing = ("progress", "firsts", "grants", "allow", "deny", "ports")
     guarded = FilterMaps({name: NoWalk(m) if name in growing else m for name, m in xk.maps._maps.items()})
     sampler = metrics.MapSampler(lambda: xk.maps, now_ns=lambda: xk.now_ns)
     sampler.sample_once()
     registry = registry_for(xk, maps_provider=lambda: guarded, sampler=sampler)
     assert value(registry, "xknock_scrape_success") == 1, "a scrape walked a map (see the log)"
     assert value(registry, "xknock_knocks_total", sequence="ssh", result="completed") == 1
-    assert value(registry, "xknock_map_entries", map="progress") == 3
+    assert value(registry, "xknock_map_entries", map="progress") == 1   # first steps are in `firsts`
 
 
 # --- scrape health --------------------------------------------------------------------
