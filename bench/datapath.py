@@ -319,14 +319,18 @@ def run_datapath(quick):
 def main(argv):
     quick = "--quick" in argv
     which = [a for a in argv if not a.startswith("-")] or ["datapath"]
-    if len(which) != 1 or which[0] not in ("datapath", "controlplane", "all"):
-        raise SystemExit("usage: bench/run [datapath|controlplane|all] [--quick]")
+    if len(which) != 1 or which[0] not in ("datapath", "controlplane", "flood", "all"):
+        raise SystemExit("usage: bench/run [datapath|controlplane|flood|all] [--quick]")
     if which[0] in ("datapath", "all"):
         run_datapath(quick)
     if which[0] in ("controlplane", "all"):
         from . import controlplane
 
         controlplane.run_controlplane(quick)
+    if which[0] == "flood":
+        from . import flood
+
+        flood.run_flood(quick)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""Issue 6, state exhaustion: a legitimate client's knock under a flood of
+knocks from spoofed random sources, far more than the progress map holds.
+
+The attacker floods SYNs to the sequence's FIRST knock port from random IPv4
+sources at the highest rate this machine generates (traffic.py, one generator,
+XDP frames straight to the server's bridge port): every flood packet inserts a
+progress entry, so the LRU map turns over every few hundred ms. Meanwhile the
+client knocks with the real `xknock knock` and connects to the guarded port,
+20 times at the CLI's default delay and 20 times with half a second between
+knocks (this part stops at its first failure, to stay short). The client's
+progress is watched in the map (bench/flood.py), so a failure says whether
+its progress was evicted or a knock was lost.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.flood import TARGETS, FloodLab, run_tries, summarize  # noqa: E402
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+TRIES = 20
+DEFAULT_DELAY = 0.1     # `xknock knock`'s default --delay
+SLOW_DELAY = 0.5        # a slower client, or a longer path: half a second between knocks
+
+
+@pytest.fixture
+def flooded():
+    """The lab, xknock on the server, and the first-port flood running at full speed."""
+    with FloodLab(prefix="xkfloodt") as fl:
+        flood = fl.flood(TARGETS["first knock port"])
+        try:
+            time.sleep(1.0)      # the map is full and turning over
+            yield fl
+        finally:
+            flood.stop()
+
+
+def _tries(fl, delay, stop_at_failure=False):
+    """Knock and connect TRIES times; (results, pps the flood reached xknock at, a line saying it all)."""
+    before, started = fl.counters(), time.monotonic()
+    results = run_tries(fl, delay, TRIES, stop_at_failure=stop_at_failure)
+    rate = fl.seen(before, fl.counters()) / (time.monotonic() - started)
+    s = summarize(results)
+    stopped = " (stopped at the first failure)" if stop_at_failure else ""
+    text = (f"delay {delay}: {s['ok']}/{s['tries']} connected{stopped};"
+            f" flood judged by xknock at {rate:,.0f} pps, first steps held in the {fl.state_name} of "
+            f"{fl.state_slots:,}: turnover ~{fl.state_slots / rate * 1000:.0f} ms;"
+            f" failed tries: {s['failures'] or '-'}")
+    return results, rate, text
+
+
+# Below this many first-step packets per second the 262,144-entry map keeps a
+# step-1 entry longer than the slow client's gap (0.51 s): the flood did not
+# reach the rate this test is about (a machine too busy), so it says so.
+MIN_RATE = 600_000
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bench/run flood, 2 vCPUs, one generator. With the firsts array (3b5f21b): the first-port flood is judged "
+    "at 1.9-2.8 Mpps and 12-18% more overflow the server's receive ring before XDP; a client's untouched first "
+    "step lives 777 ms median (359-1,753) at 1.95 M first steps/s, so the 0.5 s client connected 15/20 (4 "
+    "'evicted after step 1'), and the 0.1 s client 12-17/20, its failures knocks lost in the full ring ('step "
+    "3 lost', 'step 2 lost'). Before it (6bde74f, first steps in the 262,144-entry LRU): judged at 0.9-1.5 "
+    "Mpps, a step-1 entry lived 243-267 ms at 1.0 M inserts/s, the 0.5 s client connected 1/20 (19 evicted), "
+    "the 0.1 s client 17-20/20 (lost knocks). Progress past step 2 was never evicted in either."))
+def test_knock_succeeds_20_of_20_under_a_random_source_first_step_flood(flooded, capsys):
+    default, default_rate, default_text = _tries(flooded, DEFAULT_DELAY)
+    slow, slow_rate, slow_text = _tries(flooded, SLOW_DELAY, stop_at_failure=True)
+    with capsys.disabled():
+        print(f"\n  {default_text}\n  {slow_text}")
+    if min(default_rate, slow_rate) < MIN_RATE:
+        pytest.skip(f"the flood reached xknock at only {min(default_rate, slow_rate):,.0f} pps (< {MIN_RATE:,}): "
+                    "the machine is too busy for this test")
+    assert all(r["ok"] for r in default), default_text
+    assert len(slow) == TRIES and all(r["ok"] for r in slow), slow_text
+
+
+def test_flood_benchmark_runs_quick(tmp_path):
+    """bench/run flood --quick, once, so that the benchmark cannot rot (bench/run all leaves it out: it
+    takes minutes). Its numbers are not asserted."""
+    env = dict(os.environ, XKNOCK_VENV=os.path.dirname(os.path.dirname(sys.executable)),
+               XKNOCK_BENCH_RESULTS=str(tmp_path))
+    result = subprocess.run([os.path.join(ROOT, "bench", "run"), "flood", "--quick"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    report = (tmp_path / "latest-flood.md").read_text()
+    assert "## Knock success under the flood" in report and "| first knock port | max |" in report
