@@ -8,7 +8,7 @@ completes (step 1 -> completed). Interleaved, a knock may instead be a repeat
 of the other CPU's. Whatever the interleaving, the progress word walks
 missing -> 1 -> 2 -> 1 -> 2..., one transition per winning CAS, so:
 
-    KNOCK_COMPLETED <= KNOCK_ADVANCED (- 1 if the final step is 1)
+    0 <= KNOCK_ADVANCED (- 1 if the final step is 1) - KNOCK_COMPLETED <= knocks / 10,000
 
 Completions never outnumber advances. (With all progress in one word this
 held with equality; first steps now live in the first-step filter, so a first
@@ -67,6 +67,7 @@ idle_timeout = "1h"
 SRC = "198.51.100.7"
 A, B = udp(SRC, 7100), udp(SRC, 7200)
 THREAD_ROUNDS = 20000     # A and B per thread per round
+ABSORBED_AT_MOST = 10_000  # first steps absorbed as repeats: at most one per this many knocks
 PROCESS_ROUNDS = 200000   # A and B per process per round
 # A compare-and-swap that is not atomic: read, compare, store. Replaces the
 # builtin at compile time; bpf/ is unchanged.
@@ -179,7 +180,11 @@ def outcome(harness, knocks):
     # First steps now live in the first-step filter, the rest in `progress`:
     # a first step placed while the other CPU completes can be absorbed later
     # as a repeat, so advances may exceed completions by a few.)
-    held = counters[Reason.KNOCK_COMPLETED] <= counters[Reason.KNOCK_ADVANCED] - (1 if final == 1 else 0)
+    # A surplus of advances beyond that rare absorption (measured: 0-2 in
+    # 800,000 knocks) means first steps were lost or placed twice: a racy
+    # swap leaves thousands.
+    surplus = counters[Reason.KNOCK_ADVANCED] - (1 if final == 1 else 0) - counters[Reason.KNOCK_COMPLETED]
+    held = 0 <= surplus <= knocks // ABSORBED_AT_MOST
     return counters, final, held
 
 
