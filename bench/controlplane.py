@@ -16,7 +16,7 @@ import urllib.request
 import uuid
 
 from . import common
-from .datapath import EXAMPLE_CONFIG, _declare_batch, example_harness, fill_progress
+from .datapath import EXAMPLE_CONFIG, example_harness, fill_progress
 
 XKNOCK = os.path.join(os.path.dirname(sys.executable), "xknock")
 
@@ -110,9 +110,8 @@ def fill_grants(h, count, now_ns, rng):
     """Write count operator grants (random IPv6 sources, tcp:22, open an hour)
     in batches, and count them as operator grants so that xknock_grants_live
     says what the map holds. Returns how many were written."""
-    from xknock.controller import layout
+    from xknock.controller import bpfsys, layout
 
-    update_batch = _declare_batch()
     value = layout.Grant(window_end_ns=now_ns + 3600 * 10**9, idle_timeout_ns=3600 * 10**9, last_seen_ns=now_ns)
     done = 0
     while done < count:
@@ -122,11 +121,10 @@ def fill_grants(h, count, now_ns, rng):
         for i in range(n):
             ctypes.memmove(keys[i].src.b, rng.randbytes(16), 16)
             keys[i].proto, keys[i].port = layout.PROTO_TCP, 22
-        written = ctypes.c_uint32(n)
-        ret = update_batch(h.maps.grants.fd, keys, values, ctypes.byref(written), None)
-        if ret < 0:
-            raise SystemExit(f"bench: bpf_map_update_batch on grants failed after {done + written.value} "
-                             f"entries: {os.strerror(-ret)}")
+        try:
+            bpfsys.map_update_batch(h.maps.grants.fd, keys, values, n)
+        except bpfsys.BpfError as err:
+            raise SystemExit(f"bench: filling grants failed after {done} entries: {err}") from err
         done += n
     h.maps.count_by_controller(layout.Reason.GRANT_OPERATOR, done)
     return done

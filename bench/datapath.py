@@ -139,17 +139,9 @@ def bench_single_advance(h, floor_fd, settings):
 
 # --- scaling ------------------------------------------------------------------
 
-def _declare_batch():
-    fn = bpfsys.lib().bpf_map_update_batch
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def fill_progress(h, count, uid, now_us, rng):
     """Insert count random IPv6 sources at step 1 of the sequence uid, in
     batches; returns a sample of the keys written."""
-    update_batch = _declare_batch()
     state = layout.progress_state(1, now_us)
     chunk = 65536
     sample = []
@@ -161,10 +153,10 @@ def fill_progress(h, count, uid, now_us, rng):
         for i in range(n):
             ctypes.memmove(keys[i].src.b, rng.randbytes(16), 16)
             keys[i].uid = uid
-        written = ctypes.c_uint32(n)
-        ret = update_batch(h.maps.progress.fd, keys, values, ctypes.byref(written), None)
-        if ret < 0:
-            raise SystemExit(f"bench: bpf_map_update_batch on progress failed: {os.strerror(-ret)}")
+        try:
+            bpfsys.map_update_batch(h.maps.progress.fd, keys, values, n)
+        except bpfsys.BpfError as err:
+            raise SystemExit(f"bench: filling progress failed: {err}") from err
         sample.extend(layout.ProgressKey.from_buffer_copy(keys[i]) for i in range(0, n, max(1, n // 100)))
         done += n
     return sample
