@@ -19,6 +19,7 @@
 #include "xknock_stats.h"
 #include "xknock_policy.h"
 #include "xknock_knock.h"
+#include "xknock_spa.h"
 
 static __always_inline int is_drop(__u32 reason)
 {
@@ -81,6 +82,8 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 		return XK_PASS_UNGUARDED;
 	if (banned)
 		return XK_DROP_BANNED;   /* banned on knock and guarded ports only */
+	if (port->flags & XK_PORT_SPA)
+		return handle_spa(ctx, pkt, set, now);
 	if (port->flags & XK_PORT_GUARDED)
 		return guarded_verdict(pkt, set, bank, now);
 	if (port->flags & XK_PORT_KNOCK) {

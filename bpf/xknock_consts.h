@@ -52,6 +52,18 @@
 #ifndef XK_EVENT_PAGES              /* ring buffer size in pages (power of two) */
 #define XK_EVENT_PAGES 64
 #endif
+#ifndef XK_SPA_EVENT_PAGES          /* SPA candidates' ring buffer, pages (power of two) */
+#define XK_SPA_EVENT_PAGES 256
+#endif
+#ifndef XK_SPA_RATE_ENTRIES         /* sources with a SPA token bucket, LRU */
+#define XK_SPA_RATE_ENTRIES 65536
+#endif
+/* UDP payload sizes a SPA packet can have (fwknop's MIN_SPA_DATA_SIZE and
+ * MAX_SPA_PACKET_LEN); controller/spa_message.py holds the same bounds. */
+#define XK_SPA_MIN_PAYLOAD 140
+#define XK_SPA_MAX_PAYLOAD 1500
+/* Leading payload bytes checked against the base64 alphabet in the kernel. */
+#define XK_SPA_CHECK_BYTES 16
 
 #if (XK_FIRST_SLOTS & (XK_FIRST_SLOTS - 1)) != 0
 #error "XK_FIRST_SLOTS must be a power of two"
@@ -68,6 +80,7 @@
 /* xk_port_val.flags */
 #define XK_PORT_GUARDED (1U << 0)   /* opened only by the allow-list or a grant */
 #define XK_PORT_KNOCK   (1U << 1)   /* a step of one or more sequences */
+#define XK_PORT_SPA     (1U << 2)   /* the SPA port: candidates go to the controller */
 
 /* xk_settings.mode */
 #define XK_MODE_ENFORCE 0
@@ -94,6 +107,7 @@
 #define XK_EV_TIMED_OUT    4   /* a knock came too late; progress was dropped */
 #define XK_EV_BANNED       5   /* too many failed knocks: the source is banned */
 #define XK_EV_EXPIRED      6   /* a grant dead on both clocks, removed by the data path */
+#define XK_EV_SPA          7   /* a SPA candidate (on its own ring buffer, struct xk_spa_event) */
 
 /* One counter per reason. The verdict reasons come first: every packet counts
  * exactly one of them. The knock and grant counters after them count events. */
@@ -110,7 +124,8 @@ enum xk_reason {
 	XK_DROP_MALFORMED = 9,     /* truncated or invalid headers */
 	XK_DROP_FRAGMENT = 10,     /* tiny first or overlapping later fragments */
 	XK_DROP_BANNED = 11,       /* source banned after too many failed knocks */
-	XK_VERDICT_REASONS = 12,
+	XK_DROP_SPA = 12,          /* every packet to the SPA port: nothing is ever sent back */
+	XK_VERDICT_REASONS = 13,
 	XK_KNOCK_ADVANCED = 16,    /* a right step, sequence not finished yet */
 	XK_KNOCK_COMPLETED = 17,
 	XK_KNOCK_RESET = 18,       /* a wrong step ended progress */
@@ -131,7 +146,23 @@ enum xk_reason {
 	XK_BAN_FAILED = 33,        /* bans refused: bans map full */
 	XK_BAN_SPARED = 34,        /* allow-listed sources that reached the threshold: never banned */
 	XK_BAN_REMOVED = 35,       /* bans the controller removed (unban, sweep); only it writes this */
-	XK_COUNTERS = 48,
+	/* 36 is strict mode's. SPA in the kernel: */
+	XK_SPA_QUEUED = 37,        /* candidates handed to the controller */
+	XK_SPA_NOT_CANDIDATE = 38, /* wrong size or not base64: dropped in the kernel */
+	XK_SPA_RATE_LIMITED = 39,  /* the source's token bucket was empty */
+	XK_SPA_OVERLOADED = 40,    /* this CPU's share of the total rate was used up */
+	XK_SPA_LOST = 41,          /* the SPA ring buffer was full */
+	/* SPA verdicts of the controller; only it writes these: */
+	XK_SPA_ACCEPTED = 42,      /* verified, grants written */
+	XK_SPA_BAD_HMAC = 43,      /* no user's HMAC key matched (or no HMAC) */
+	XK_SPA_REPLAYED = 44,      /* seen before (digest cache) */
+	XK_SPA_STALE = 45,         /* timestamp further from now than max_age */
+	XK_SPA_MALFORMED = 46,     /* prefix-tacked, undecryptable, bad inner digest or fields */
+	XK_SPA_UNKNOWN_USER = 47,  /* HMAC matched but the message's user is not the stanza's */
+	XK_SPA_PORT_DENIED = 48,   /* asked for a port the user may not open */
+	XK_SPA_SOURCE_DENIED = 49, /* source outside every stanza's sources, or address rules */
+	XK_SPA_GRANT_FAILED = 50,  /* verified, but the grants map was full */
+	XK_COUNTERS = 64,
 };
 
 #endif

@@ -45,5 +45,12 @@ BPF_TABLE_PINNED("percpu_hash", u32, struct xk_seq_stats, seqstats, 2 * XK_MAX_S
 BPF_PERCPU_ARRAY(scratch, struct xk_packet, 1);
 /* grants and ended sequences, for the controller's log and hooks */
 BPF_RINGBUF_OUTPUT(events, XK_EVENT_PAGES);
+/* SPA candidates for the controller: a ring of their own, so a flood of them
+ * never crowds out the events above */
+BPF_RINGBUF_OUTPUT(spa_events, XK_SPA_EVENT_PAGES);
+/* SPA token buckets: per source (the LRU may forget a quiet one: it starts
+ * full again) and per CPU (the total rate, so no flood starves the controller) */
+BPF_TABLE("lru_hash", struct xk_addr, struct xk_bucket, spa_rate, XK_SPA_RATE_ENTRIES);
+BPF_PERCPU_ARRAY(spa_cpu_rate, struct xk_bucket, 1);
 
 #endif

@@ -92,6 +92,12 @@ struct xk_settings {
 	__u32 ban_scope;         /* XK_BAN_* */
 	__u64 ban_within_ns;     /* ... within this long */
 	__u64 ban_for_ns;        /* and for how long */
+	/* SPA token buckets, kept in nanoseconds of credit: a candidate costs
+	 * *_cost_ns, credit refills with time up to *_burst_ns (no division here) */
+	__u64 spa_cost_ns;       /* per source: 1e9 / rate */
+	__u64 spa_burst_ns;
+	__u64 spa_cpu_cost_ns;   /* per CPU: 1e9 / (total rate / CPUs) */
+	__u64 spa_cpu_burst_ns;
 };
 
 /* failures: recent failed sequences per source, the LRU may forget the quiet ones. */
@@ -113,6 +119,25 @@ struct xk_seq_stats {
 	__u64 completed;
 	__u64 reset;
 	__u64 timed_out;
+};
+
+/* spa_rate (per source) and spa_cpu_rate: a token bucket as credit in ns. */
+struct xk_bucket {
+	__u64 last_ns;
+	__u64 credit_ns;
+};
+
+/* One record per SPA candidate on the spa_events ring buffer: the UDP payload
+ * as it came, for the controller to verify. */
+struct xk_spa_event {
+	__u64 ts_ns;
+	struct xk_addr src;
+	__u16 port;              /* the UDP port it was sent to */
+	__u16 len;               /* bytes of payload used */
+	__u8 ipv4;
+	__u8 pad[3];
+	__u8 payload[XK_SPA_MAX_PAYLOAD];
+	__u8 pad2[4];
 };
 
 /* One ring buffer record per grant, completed or failed sequence. */

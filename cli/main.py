@@ -121,6 +121,14 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, once, keep_sessions, for
         host, port = parse_addr(metrics_addr)
     lifecycle.require_root()
     config = _load(config_path)
+    spa_cache = None
+    if config.spa is not None and once:
+        log.warning("[spa] with --once: SPA packets are verified by the running controller; until one runs "
+                    "they are dropped and open nothing")
+    elif config.spa is not None:
+        from xknock.controller.spa import open_replay_cache
+
+        spa_cache = open_replay_cache(config.spa)   # a cache we cannot trust fails before anything changes
     if metrics_addr and once:
         log.warning("--metrics-addr is ignored with --once: metrics are served by the running controller")
     elif metrics_addr:
@@ -141,9 +149,15 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, once, keep_sessions, for
         attached.maps.close()
         return
     events = EventReader(attached.loaded, attached.maps)
+    spa_receiver = None
+    if spa_cache is not None:
+        from xknock.controller.spa import SpaReceiver
+
+        spa_receiver = SpaReceiver(attached.loaded, attached.maps, config.spa, spa_cache)
     if metrics_server:
         metrics_server.start(attached.maps, list(ifaces), config)
-    Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals).run()
+    Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals,
+               spa=spa_receiver).run()
 
 
 def _session_guard(config, keep_sessions, force):

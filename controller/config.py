@@ -44,8 +44,8 @@ SHORT_SEQUENCE_STEPS = 3
 STEP_PROTOS = ("tcp", "udp", "icmp")
 OPENABLE_PROTOS = ("tcp", "udp")
 
-TOP_LEVEL_KEYS = ("filter", "sequence", "allow", "deny", "ban", "hooks")
-RESERVED_TABLES = ("spa", "limits")  # taken by features still to come
+TOP_LEVEL_KEYS = ("filter", "sequence", "allow", "deny", "ban", "hooks", "spa")
+RESERVED_TABLES = ("limits",)  # taken by features still to come
 BAN_KEYS = ("after", "within", "for", "scope", "on_ban")
 BAN_SCOPES = {"all": layout.BAN_EVERYWHERE, "knock": layout.BAN_KNOCK_PORTS}
 DEFAULT_BAN_WITHIN_NS = 60 * NS_PER_UNIT["s"]
@@ -134,10 +134,22 @@ class Config:
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ban: Ban | None = None   # None: failed knocks ban nobody
     hooks: Hooks = dataclasses.field(default=Hooks(), compare=False)
+    spa: object = None   # spa_config.Spa, or None: no SPA port
     # Where it came from and what was said about it: not part of the policy,
     # so two configs that filter alike compare equal.
     path: str | None = dataclasses.field(default=None, compare=False)
     warnings: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+
+    def openers(self):
+        """(steps opened, idle timeout) of every sequence and SPA user."""
+        yield from ((seq.open, seq.idle_timeout_ns) for seq in self.sequences)
+        if self.spa is not None:
+            yield from ((user.open, user.idle_timeout_ns) for user in self.spa.users)
+
+    @property
+    def guarded(self):
+        """Every Step the policy guards: what sequences and SPA users open."""
+        return tuple(dict.fromkeys(step for steps, _ in self.openers() for step in steps))
 
 
 def parse_step(text):
@@ -277,9 +289,16 @@ def parse_config(text, path=None, *, listening=None):
     _check_allow_deny_overlap(report, allow, deny)
     ban = _parse_ban(report, document["ban"]) if "ban" in document else None
     hooks = _parse_hooks(report, document.get("hooks", {}))
+    spa = None
+    if "spa" in document:
+        from . import spa_config
+
+        spa = spa_config.parse_spa(report, document["spa"], path)
+        if spa is not None:
+            spa_config.check_spa_ports(report, spa, sequences)
 
     if not report.errors:
-        if not sequences:
+        if not sequences and spa is None:
             report.warn(None, "no sequences: nothing is guarded")
         # /proc is read only when a knock port could collide with a listener.
         if any(step.proto != "icmp" for sequence in sequences for step in sequence.knock):
@@ -297,6 +316,7 @@ def parse_config(text, path=None, *, listening=None):
         deny=tuple(network for network, _ in deny),
         ban=ban,
         hooks=hooks,
+        spa=spa,
         path=path,
         warnings=tuple(warnings),
     )
@@ -326,6 +346,18 @@ def config_hash(config):
         "ban": {key: value for key, value in dataclasses.asdict(config.ban).items() if key != "on_ban"}
         if config.ban else None,
     }
+    if config.spa is not None:   # keys never enter the hash, not even hashed: a weak key could be guessed
+        spa = config.spa
+        normalized["spa"] = {
+            "port": spa.port, "max_age_ns": spa.max_age_ns, "rate": spa.rate, "total_rate": spa.total_rate,
+            "users": sorted(
+                ({"name": u.name, "digest": u.hmac_digest, "sources": sorted(map(str, u.sources)),
+                  "open": sorted(map(str, u.open)), "open_for_ns": u.open_for_ns, "max_open_for_ns": u.max_open_for_ns,
+                  "idle_timeout_ns": u.idle_timeout_ns, "username": u.username,
+                  "require_source_address": u.require_source_address,
+                  "grant_requested_address": u.grant_requested_address}
+                 for u in spa.users), key=lambda u: u["name"]),
+        }
     encoded = json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
 

@@ -39,8 +39,10 @@ class Signals:
 
 
 class Controller:
-    def __init__(self, attached, ifnames, config_path, config, events=None, metrics=None, signals=None, hooks=None):
+    def __init__(self, attached, ifnames, config_path, config, events=None, metrics=None, signals=None, hooks=None,
+                 spa=None):
         self.attached = attached
+        self.spa = spa         # a spa.SpaReceiver while the config has [spa], else None
         self.ifnames = ifnames
         self.config_path = config_path
         self.config = config
@@ -62,6 +64,7 @@ class Controller:
         for warning in config.warnings:
             log.warning(warning)
         try:
+            self._prepare_spa(config)   # before the policy: a cache we cannot trust refuses the reload
             policy.apply_policy(self.attached.maps, config)
         except (XknockError, OSError) as err:
             log.error("reload failed: the running policy is unchanged", extra={"fields": {"error": str(err)}})
@@ -73,6 +76,18 @@ class Controller:
         log.info("reloaded", extra={"fields": {"config": self.config_path, "sequences": len(config.sequences)}})
         return True
 
+    def _prepare_spa(self, config):
+        from . import spa
+
+        if config.spa is None:
+            if self.spa is not None:
+                self.spa.set_spa(None)   # the ring buffer stays open, and empty: no SPA port
+            return
+        if self.spa is None:
+            self.spa = spa.SpaReceiver(self.attached.loaded, self.attached.maps, config.spa)
+        else:
+            self.spa.set_spa(config.spa)
+
     def run(self, notifier=None):
         notifier = notifier or Notifier()
         notifier.ready(f"enforcing on {','.join(self.ifnames)}")
@@ -81,9 +96,11 @@ class Controller:
             while not self.signals.stop:
                 notifier.watchdog()
                 if self.events:
-                    self.events.poll(POLL_MS)
+                    self.events.poll(POLL_MS)   # both ring buffers: events and SPA candidates
                 else:
                     time.sleep(POLL_MS / 1000)
+                if self.spa:
+                    self.spa.flush_due()
                 if self.signals.reload:
                     self.signals.reload = False
                     ok = self.reload()
@@ -92,6 +109,8 @@ class Controller:
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SWEEP_EVERY_S
                     swept = grants.expire_grants(self.attached.maps)
+                    if self.spa:
+                        self.spa.sweep()
                     bans.expire_bans(self.attached.maps)
                     if swept:
                         log.debug("expired grants removed", extra={"fields": {"count": swept}})
@@ -101,6 +120,8 @@ class Controller:
                         log.error("hook sweep failed", extra={"fields": {"error": str(err)}})
         finally:
             notifier.stopping()
+            if self.spa:
+                self.spa.flush()
             self.hooks.close()   # lets running hooks end; each is killed at its timeout at the latest
             if self.metrics:
                 self.metrics.close()

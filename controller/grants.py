@@ -19,6 +19,10 @@ def monotonic_ns():
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
+class GrantsFull(XknockError):
+    """The grants map has no room: nothing was written."""
+
+
 @dataclass
 class GrantView:
     source: object
@@ -54,24 +58,40 @@ def grant(maps, source, ports, for_ns, idle_ns=None, now=None):
     for proto, port in ports:
         if (proto, port) not in guarded:
             raise XknockError(f"{proto}:{port} is not guarded by the live policy: it is open to everyone already")
+    write_grants(maps, source, ports, for_ns, idle_ns if idle_ns is not None else for_ns, now=now)
+    return ports
+
+
+def write_grants(maps, source, ports, for_ns, idle_ns, now=None, seq_uid=0, flags=0):
+    """Open [(proto name, port)] to source: new connections for for_ns, and
+    established traffic while it is never idle for idle_ns. All or nothing:
+    on a full map the ones already written are removed again. Counted as the
+    operator's unless flags say SPA (the SPA receiver counts those itself)."""
     now = monotonic_ns() if now is None else now
     value = layout.Grant()
     value.window_end_ns = now + for_ns
-    value.idle_timeout_ns = idle_ns if idle_ns is not None else for_ns
+    value.idle_timeout_ns = idle_ns
     value.last_seen_ns = now
-    value.seq_uid = 0
+    value.seq_uid = seq_uid
+    value.flags = flags
+    keys = [layout.GrantKey(src=to_addr(ipaddress.ip_address(source)), proto=layout.PROTO_NUMBERS[proto], port=port)
+            for proto, port in ports]
     with policy.map_lock(maps):
-        created = 0
-        for proto, port in ports:
-            key = layout.GrantKey(src=to_addr(source), proto=layout.PROTO_NUMBERS[proto], port=port)
-            created += maps.grants.lookup(key) is None
+        created = []
+        for key in keys:
+            fresh = maps.grants.lookup(key) is None
             try:
                 maps.grants.update(key, value)
             except bpfsys.MapFull as err:
-                raise XknockError(f"the grants map is full ({maps.grants.max_entries} entries): no grant written "
-                                  f"for {proto}:{port}") from err
-        maps.count_by_controller(layout.Reason.GRANT_OPERATOR, created)
-    return ports
+                for done in created:
+                    maps.grants.delete(done)
+                proto = layout.PROTO_NAMES[key.proto]
+                raise GrantsFull(f"the grants map is full ({maps.grants.max_entries} entries): no grant written "
+                                 f"for {proto}:{key.port}") from err
+            if fresh:
+                created.append(key)
+        if not flags & layout.GRANT_SPA:
+            maps.count_by_controller(layout.Reason.GRANT_OPERATOR, len(created))
 
 
 def revoke(maps, source):
@@ -103,9 +123,17 @@ def list_grants(maps, now=None):
             port=key.port,
             window_left_s=max(0, val.window_end_ns - now) / 1e9,
             idle_left_s=max(0, val.last_seen_ns + val.idle_timeout_ns - now) / 1e9,
-            sequence=names.get(val.seq_uid, "operator" if val.seq_uid == 0 else f"uid {val.seq_uid:#x}"),
+            sequence=_grant_origin(val, names),
         ))
     return sorted(views, key=lambda g: (str(g.source), g.proto, g.port))
+
+
+def _grant_origin(val, names):
+    if val.flags & layout.GRANT_SPA:
+        return "spa"
+    if val.seq_uid == 0:
+        return "operator"
+    return names.get(val.seq_uid, f"uid {val.seq_uid:#x}")
 
 
 def expire_grants(maps, now=None):

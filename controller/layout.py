@@ -17,7 +17,10 @@ LIST_ENTRIES = 262144
 FIRST_SLOTS = 1 << 21
 FAILURE_ENTRIES = 65536
 BAN_ENTRIES = 65536
-COUNTERS = 48
+COUNTERS = 64
+SPA_RATE_ENTRIES = 65536
+SPA_MIN_PAYLOAD = 140
+SPA_MAX_PAYLOAD = 1500
 
 PROTO_ICMP = 1
 PROTO_TCP = 6
@@ -27,6 +30,9 @@ PROTO_NUMBERS = {name: number for number, name in PROTO_NAMES.items()}
 
 PORT_GUARDED = 1 << 0
 PORT_KNOCK = 1 << 1
+PORT_SPA = 1 << 2
+
+GRANT_SPA = 1 << 0   # Grant.flags: written by the SPA receiver (the data path never reads flags)
 
 MODE_ENFORCE = 0
 MODE_MONITOR = 1
@@ -49,6 +55,7 @@ class Event(enum.IntEnum):
     TIMED_OUT = 4
     BANNED = 5
     EXPIRED = 6
+    SPA = 7
 
 
 class Reason(enum.IntEnum):
@@ -66,6 +73,7 @@ class Reason(enum.IntEnum):
     DROP_MALFORMED = 9
     DROP_FRAGMENT = 10
     DROP_BANNED = 11
+    DROP_SPA = 12
     KNOCK_ADVANCED = 16
     KNOCK_COMPLETED = 17
     KNOCK_RESET = 18
@@ -86,9 +94,27 @@ class Reason(enum.IntEnum):
     BAN_FAILED = 33
     BAN_SPARED = 34
     BAN_REMOVED = 35      # written by the controller only
+    SPA_QUEUED = 37
+    SPA_NOT_CANDIDATE = 38
+    SPA_RATE_LIMITED = 39
+    SPA_OVERLOADED = 40
+    SPA_LOST = 41
+    SPA_ACCEPTED = 42       # SPA_* from here on: written by the controller only
+    SPA_BAD_HMAC = 43
+    SPA_REPLAYED = 44
+    SPA_STALE = 45
+    SPA_MALFORMED = 46
+    SPA_UNKNOWN_USER = 47
+    SPA_PORT_DENIED = 48
+    SPA_SOURCE_DENIED = 49
+    SPA_GRANT_FAILED = 50
 
 
-VERDICT_REASONS = 12  # reasons below this are verdicts: one per packet
+# Counters only the controller writes: the data path never touches them.
+CONTROLLER_REASONS = frozenset({Reason.GRANT_REMOVED, Reason.GRANT_OPERATOR, Reason.BAN_REMOVED} |
+                               {r for r in Reason if r >= Reason.SPA_ACCEPTED})
+
+VERDICT_REASONS = 13  # reasons below this are verdicts: one per packet
 
 
 def is_verdict(reason):
@@ -185,6 +211,10 @@ class Settings(ctypes.Structure):
         ("ban_scope", ctypes.c_uint32),
         ("ban_within_ns", ctypes.c_uint64),
         ("ban_for_ns", ctypes.c_uint64),
+        ("spa_cost_ns", ctypes.c_uint64),
+        ("spa_burst_ns", ctypes.c_uint64),
+        ("spa_cpu_cost_ns", ctypes.c_uint64),
+        ("spa_cpu_burst_ns", ctypes.c_uint64),
     ]
 
 
@@ -217,6 +247,23 @@ class EventRecord(ctypes.Structure):
         ("port", ctypes.c_uint16),
         ("pad2", ctypes.c_uint16),
         ("pad3", ctypes.c_uint32),
+    ]
+
+
+class Bucket(ctypes.Structure):
+    _fields_ = [("last_ns", ctypes.c_uint64), ("credit_ns", ctypes.c_uint64)]
+
+
+class SpaEvent(ctypes.Structure):
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("src", Addr),
+        ("port", ctypes.c_uint16),
+        ("len", ctypes.c_uint16),
+        ("ipv4", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("payload", ctypes.c_uint8 * SPA_MAX_PAYLOAD),
+        ("pad2", ctypes.c_uint8 * 4),
     ]
 
 

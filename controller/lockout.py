@@ -76,7 +76,7 @@ def sessions_at_risk(config, sessions=None, yours=None):
     on its allow-list."""
     sessions = established_sessions() if sessions is None else sessions
     yours = your_session() if yours is None else yours
-    guarded = {step.port for seq in config.sequences for step in seq.open if step.proto == "tcp"}
+    guarded = {step.port for step in config.guarded if step.proto == "tcp"}
     if yours:
         sessions = set(sessions) | {yours}
     at_risk = []
@@ -99,5 +99,5 @@ def without_grants(maps, sessions, now):
 
 
 def idle_timeout_for(config, port):
-    """The idle timeout a kept session gets: the longest of the sequences that open port."""
-    return max(seq.idle_timeout_ns for seq in config.sequences if any(s.port == port for s in seq.open))
+    """The idle timeout a kept session gets: the longest of the sequences (and SPA users) that open port."""
+    return max(idle for steps, idle in config.openers() if any(s.port == port for s in steps))

@@ -179,10 +179,10 @@ class FilterMaps:
         return {reason: self.counters.total(reason) for reason in layout.Reason}
 
     def count_by_controller(self, reason, n):
-        """Add to one of the counters only the controller writes (GRANT_REMOVED,
-        GRANT_OPERATOR): the data path never touches them, and callers hold
+        """Add to one of the counters only the controller writes
+        (layout.CONTROLLER_REASONS): the data path never touches them, and callers hold
         policy.map_lock, so this read-modify-write races with nobody."""
-        assert reason in (layout.Reason.GRANT_REMOVED, layout.Reason.GRANT_OPERATOR, layout.Reason.BAN_REMOVED)
+        assert reason in layout.CONTROLLER_REASONS
         if n:
             values = self.counters.per_cpu(reason)
             values[0] += n

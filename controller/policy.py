@@ -57,7 +57,8 @@ def lpm_key(network, bank):
     return key
 
 
-def compile_policy(config, bank):
+def compile_policy(config, bank, cpus=None):
+    """cpus: how many CPUs share the SPA total rate (default: those online)."""
     settings = layout.Settings()
     settings.mode = layout.MODES[config.mode]
     settings.flags = (layout.SET_HAS_ALLOW if config.allow else 0) | (layout.SET_HAS_DENY if config.deny else 0)
@@ -103,6 +104,14 @@ def compile_policy(config, bank):
                 val.seqs[val.nseqs].step_mask = 1 << step_index
                 val.nseqs += 1
         for step in seq.open:
+            _port(policy, step).flags |= layout.PORT_GUARDED
+
+    if config.spa is not None:
+        from . import spa_config
+
+        spa_config.fill_settings(settings, config.spa, cpus or os.cpu_count() or 1)
+        _port(policy, config.spa.port_step).flags |= layout.PORT_SPA
+        for step in config.spa.guarded:
             _port(policy, step).flags |= layout.PORT_GUARDED
 
     policy.allow = [lpm_key(net, bank) for net in config.allow]

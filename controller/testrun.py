@@ -84,23 +84,43 @@ class Harness:
         for reason in range(layout.COUNTERS):
             self.maps.counters.zero(reason)
         self.drain_events()
+        self.drain_events(b"spa_events")
+        self.loaded.bpf[b"spa_rate"].clear()
+        self.loaded.bpf[b"spa_cpu_rate"].clear()
         slots = self.maps.firsts.max_entries
         bpfsys.map_update_batch(self.maps.firsts.fd, (ctypes.c_uint32 * slots)(*range(slots)),
                                 (ctypes.c_uint64 * slots)(), slots)
         for key in list(self.maps.seqstats.keys()):
             self.maps.seqstats.update(key, [layout.SeqStats()] * self.maps.seqstats.cpus)
 
-    def drain_events(self):
-        """Read and drop whatever the ring buffer holds, so that one case's
+    def drain_events(self, ring=b"events"):
+        """Read and drop whatever a ring buffer holds, so that one case's
         events never fill it for the next (nobody else reads it here)."""
+        self.read_ring(ring, lambda data, size: None)
+
+    def spa_candidates(self):
+        """[(source ip, port, payload)] the program queued for the controller since the last call."""
+        from .maps import from_addr
+
+        found = []
+
+        def take(data, size):
+            event = ctypes.cast(data, ctypes.POINTER(layout.SpaEvent)).contents
+            found.append((from_addr(event.src), event.port, bytes(event.payload[:event.len])))
+
+        self.read_ring(b"spa_events", take)
+        return found
+
+    def read_ring(self, name, handle):
+        """Consume ring buffer `name` with libbpf, handle(data, size) for each record."""
         lib = bpfsys.lib()
         callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-        drop = callback_type(lambda ctx, data, size: 0)
+        callback = callback_type(lambda ctx, data, size: handle(data, size) or 0)
         lib.ring_buffer__new.restype = ctypes.c_void_p
         lib.ring_buffer__new.argtypes = [ctypes.c_int, callback_type, ctypes.c_void_p, ctypes.c_void_p]
         lib.ring_buffer__consume.argtypes = [ctypes.c_void_p]
         lib.ring_buffer__free.argtypes = [ctypes.c_void_p]
-        ring = lib.ring_buffer__new(self.loaded.bpf[b"events"].map_fd, drop, None, None)
+        ring = lib.ring_buffer__new(self.loaded.bpf[name].map_fd, callback, None, None)
         if ring:
             lib.ring_buffer__consume(ring)
             lib.ring_buffer__free(ring)

@@ -105,3 +105,20 @@ def test_pinned_maps_of_another_layout_are_refused_not_misread():
         old.cleanup()
     finally:
         datapath.remove_pins(directory)
+
+
+def test_spa_records_match_the_c_structs(harness):
+    table = harness.loaded.bpf[b"spa_rate"]
+    assert ctypes.sizeof(layout.Bucket) == ctypes.sizeof(table.Leaf)
+    assert [(o, s) for _, o, s in _fields(layout.Bucket)] == [(o, s) for _, o, s in _fields(table.Leaf)]
+    source = (resources.files("xknock.bpf") / "xknock_structs.h").read_text()
+    body = re.search(r"struct xk_spa_event \{(.*?)\};", source, re.S).group(1)
+    c_fields = re.findall(r"^\s*(?:struct \w+|__u\d+)\s+(\w+)", body, re.M)
+    assert c_fields == [f[0] for f in layout.SpaEvent._fields_]
+    assert ctypes.sizeof(layout.SpaEvent) == 32 + layout.SPA_MAX_PAYLOAD + 4
+
+
+def test_spa_limits_mirror_the_c_defines():
+    defines = _c_defines()
+    for name in ("SPA_MIN_PAYLOAD", "SPA_MAX_PAYLOAD", "SPA_RATE_ENTRIES", "PORT_SPA"):
+        assert defines[name] == getattr(layout, name), name
