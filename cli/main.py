@@ -4,6 +4,7 @@ import ipaddress
 import json
 import logging
 import sys
+import time
 
 import click
 
@@ -262,6 +263,10 @@ def reload(iface, config_path):
 
     lifecycle.require_root()
     config = _load(config_path)
+    if any(seq.totp for seq in config.sequences):
+        log.warning("time-based sequences: written for the current window only; the running controller "
+                    "rotates them from the file it loaded, so reload it instead (SIGHUP, or "
+                    "`systemctl reload xknock@IFACE`) to make this file the one it rotates")
     with lifecycle.open_filter(iface) as maps:
         apply_policy(maps, config)
     click.echo(f"reloaded {iface}: {len(config.sequences)} sequences, mode {config.mode}")
@@ -338,6 +343,11 @@ def knock(host, steps, sequence_name, config_path, delay, ipv4, ipv6):
         if not found:
             raise XknockError(f"{config_path}: no sequence named {sequence_name!r}")
         steps = found[0].knock
+        if found[0].totp is not None:   # this window's ports, from the shared secret and the clock
+            from xknock.controller import totp
+
+            window = totp.window_of(time.time_ns(), found[0].totp.window_ns)
+            steps = totp.variant(found[0], window).knock
     if not steps:
         raise click.UsageError("give the knock STEPS (e.g. tcp:7000 udp:8000) or --sequence NAME")
     if delay < 0:

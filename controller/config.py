@@ -52,7 +52,8 @@ DEFAULT_BAN_WITHIN_NS = 60 * NS_PER_UNIT["s"]
 DEFAULT_BAN_FOR_NS = 10 * NS_PER_UNIT["m"]
 MAX_BAN_AFTER = 1000
 FILTER_KEYS = ("mode",)
-SEQUENCE_KEYS = ("name", "knock", "step_timeout", "open", "open_for", "idle_timeout", "on_open", "on_close")
+SEQUENCE_KEYS = ("name", "knock", "step_timeout", "open", "open_for", "idle_timeout", "on_open", "on_close",
+                 "totp", "secret", "secret_file", "window", "port_range")
 HOOKS_KEYS = ("timeout", "max_running")
 DEFAULT_HOOK_TIMEOUT_NS = 10 * NS_PER_UNIT["s"]
 MAX_HOOK_TIMEOUT_NS = NS_PER_UNIT["h"]
@@ -103,6 +104,9 @@ class Sequence:
     # alike compare equal whatever their hooks.
     on_open: tuple[str, ...] = dataclasses.field(default=(), compare=False)
     on_close: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+    # A time-based sequence (controller/totp.py): knock is empty, the ports
+    # of each window come from totp; totp.variant() makes the concrete ones.
+    totp: object = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +283,7 @@ def parse_config(text, path=None, *, listening=None):
     except tomllib.TOMLDecodeError as err:
         raise ConfigError([prefix + _toml_error_message(err, text)]) from None
 
-    report = _Report()
+    report = _Report(path)
     _check_keys(report, None, document, TOP_LEVEL_KEYS)
 
     mode = _parse_filter(report, document.get("filter", {}))
@@ -296,6 +300,8 @@ def parse_config(text, path=None, *, listening=None):
         spa = spa_config.parse_spa(report, document["spa"], path)
         if spa is not None:
             spa_config.check_spa_ports(report, spa, sequences)
+    if any(sequence.totp for sequence in sequences):
+        _check_totp_ranges(report, sequences, spa)
 
     if not report.errors:
         if not sequences and spa is None:
@@ -305,6 +311,14 @@ def parse_config(text, path=None, *, listening=None):
             if listening is None:
                 listening = listening_ports()
             _warn_listening_knock_ports(report, sequences, listening)
+        if any(sequence.totp for sequence in sequences):
+            from .totp_config import ephemeral_ports
+
+            if listening is None:   # this host's own sockets and ports, not a test's
+                listening = listening_ports()
+                _warn_totp_ranges(report, sequences, listening, ephemeral_ports())
+            else:
+                _warn_totp_ranges(report, sequences, listening, None)
 
     warnings = [prefix + warning for warning in report.warnings]
     if report.errors:
@@ -336,7 +350,8 @@ def config_hash(config):
                     "open": sorted(str(step) for step in sequence.open),
                     "open_for_ns": sequence.open_for_ns,
                     "idle_timeout_ns": sequence.idle_timeout_ns,
-                }
+                } | ({"totp": [sequence.totp.window_ns, sequence.totp.port_low, sequence.totp.port_high,
+                               list(sequence.totp.protos)]} if sequence.totp else {})
                 for sequence in config.sequences
             ),
             key=lambda sequence: sequence["name"],
@@ -365,7 +380,8 @@ def config_hash(config):
 class _Report:
     """Collects errors and warnings, each led by the place it concerns."""
 
-    def __init__(self):
+    def __init__(self, path=None):
+        self.path = path   # the config file, for checks of who may read the secrets in it
         self.errors = []
         self.warnings = []
 
@@ -546,6 +562,10 @@ def _parse_sequences(report, tables):
         if sequence is not None:
             sequences.append(sequence)
 
+    live = len(sequences) + sum(1 for sequence in sequences if sequence.totp)
+    if len(tables) <= layout.MAX_SEQUENCES < live:
+        report.error("sequence", f"{live} sequences live at once (a time-based one takes two: this window's and "
+                                 f"its neighbour's); at most {layout.MAX_SEQUENCES}")
     _check_across_sequences(report, sequences)
     return sequences
 
@@ -575,7 +595,19 @@ def _parse_sequence(report, place, name, table):
     """The sequence, or None when anything in it is wrong (already reported)."""
     errors_before = len(report.errors)
     _check_keys(report, place, table, SEQUENCE_KEYS)
-    knock = _parse_knock(report, place, table)
+    totp = None
+    if table.get("totp", False) is True:
+        from . import totp_config
+
+        knock = ()
+        totp = totp_config.parse_totp(report, place, table, report.path, layout.MAX_STEPS)
+    else:
+        if "totp" in table and table["totp"] is not False:
+            report.error(place, f"totp must be true or false, not {_type_name(table['totp'])}")
+        for key in ("secret", "secret_file", "window", "port_range"):
+            if key in table:
+                report.error(place, f'{key} belongs to time-based sequences: add totp = true, or remove {key}')
+        knock = _parse_knock(report, place, table)
     step_timeout_ns = _parse_duration_key(report, place, table, "step_timeout", DEFAULT_STEP_TIMEOUT_NS)
     if step_timeout_ns > MAX_STEP_TIMEOUT_NS:
         report.error(place, f"step_timeout {format_duration(step_timeout_ns)}: at most 1h "
@@ -587,7 +619,7 @@ def _parse_sequence(report, place, name, table):
     on_close = _parse_hook(report, place, table, "on_close")
     if name is None or len(report.errors) > errors_before:
         return None
-    return Sequence(name, knock, step_timeout_ns, opened, open_for_ns, idle_timeout_ns, on_open, on_close)
+    return Sequence(name, knock, step_timeout_ns, opened, open_for_ns, idle_timeout_ns, on_open, on_close, totp)
 
 
 def _step_list(report, place, table, key, example):
@@ -711,6 +743,43 @@ def _check_across_sequences(report, sequences):
                 f'knock step "{step}" is shared by {len(names)} sequences ({owners}); '
                 f"at most {layout.MAX_SEQS_PER_PORT} may share one",
             )
+
+
+def _check_totp_ranges(report, sequences, spa):
+    """A time-based sequence's range may hold no port the policy uses otherwise
+    (knock steps, opened ports, the SPA port), and no other one's range, for
+    the same protocol: the data path classifies each port once."""
+    taken = [(step, f'a knock step of sequence "{seq.name}"') for seq in sequences for step in seq.knock]
+    taken += [(step, "a guarded port") for seq in sequences for step in seq.open]
+    if spa is not None:
+        taken += [(spa.port_step, "the SPA port")] + [(step, "a guarded port") for step in spa.guarded]
+    timed = [seq for seq in sequences if seq.totp]
+    for index, seq in enumerate(timed):
+        low, high, protos = seq.totp.port_low, seq.totp.port_high, set(seq.totp.protos)
+        for step, what in taken:
+            if step.proto in protos and low <= step.port <= high:
+                report.error(f'sequence "{seq.name}"', f"port_range {low}-{high} holds {step}, {what}")
+        for other in timed[index + 1:]:
+            if (protos & set(other.totp.protos) and low <= other.totp.port_high
+                    and other.totp.port_low <= high):
+                report.error(f'sequence "{seq.name}"', f'port_range {low}-{high} overlaps the range of sequence '
+                                                      f'"{other.name}" for the same protocol')
+
+
+def _warn_totp_ranges(report, sequences, listening, ephemeral):
+    for seq in sequences:
+        if not seq.totp:
+            continue
+        low, high = seq.totp.port_low, seq.totp.port_high
+        inside = sorted(f"{proto}:{port}" for proto, port in listening
+                        if proto in seq.totp.protos and low <= port <= high)
+        if inside:
+            report.warn(f'sequence "{seq.name}"', f"port_range {low}-{high} holds listening sockets "
+                                                  f"({', '.join(inside)}): unreachable in windows that knock on them")
+        if ephemeral and low <= ephemeral[1] and ephemeral[0] <= high:
+            report.warn(f'sequence "{seq.name}"', f"port_range {low}-{high} overlaps the local ephemeral ports "
+                                                  f"{ephemeral[0]}-{ephemeral[1]}: replies to outgoing connections "
+                                                  "that land on a knock port are dropped")
 
 
 def _warn_listening_knock_ports(report, sequences, listening):

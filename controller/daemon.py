@@ -10,7 +10,7 @@ import logging
 import signal
 import time
 
-from . import bans, grants, policy
+from . import bans, grants, layout, policy, totp
 from .config import ConfigError, load_config
 from .errors import XknockError
 from .hooks import HookDispatcher
@@ -53,6 +53,11 @@ class Controller:
         self.hooks = hooks if hooks is not None else HookDispatcher(attached.maps, config, ifnames)
         if events is not None:
             events.hooks = self.hooks
+            events.observers.append(self._observe)
+        # Time-based sequences: which windows are live, and which were spent.
+        self.rotation = totp.Rotation(config)
+        self.next_rotation_ns = self.rotation.next_change_ns() if self.rotation.active else None
+        self.rotate_now = False
 
     def reload(self):
         """Validate the file, then switch policy; a bad file changes nothing."""
@@ -65,16 +70,37 @@ class Controller:
             log.warning(warning)
         try:
             self._prepare_spa(config)   # before the policy: a cache we cannot trust refuses the reload
-            policy.apply_policy(self.attached.maps, config)
+            rotation = totp.Rotation(config)
+            rotation.spent = self.rotation.spent
+            policy.apply_policy(self.attached.maps, rotation.concrete())
         except (XknockError, OSError) as err:
             log.error("reload failed: the running policy is unchanged", extra={"fields": {"error": str(err)}})
             return False
         self.config = config
+        self.rotation = rotation
+        self.next_rotation_ns = rotation.next_change_ns() if rotation.active else None
         if self.events:
             self.events.refresh_names()
         self.hooks.set_config(config)
         log.info("reloaded", extra={"fields": {"config": self.config_path, "sequences": len(config.sequences)}})
         return True
+
+    def _observe(self, record):
+        if record.type == layout.Event.GRANTED and self.rotation.spend(record.seq_uid):
+            self.rotate_now = True   # that window's knock is used: take it out of the maps
+
+    def rotate(self):
+        """Writes the live windows of the time-based sequences (same policy otherwise)."""
+        self.rotate_now = False
+        try:
+            policy.apply_policy(self.attached.maps, self.rotation.concrete())
+        except (XknockError, OSError) as err:
+            log.error("rotating time-based sequences failed; retrying", extra={"fields": {"error": str(err)}})
+            self.rotate_now = True
+            return
+        self.next_rotation_ns = self.rotation.next_change_ns()
+        if self.events:
+            self.events.refresh_names()
 
     def _prepare_spa(self, config):
         from . import spa
@@ -101,6 +127,8 @@ class Controller:
                     time.sleep(POLL_MS / 1000)
                 if self.spa:
                     self.spa.flush_due()
+                if self.rotation.active and (self.rotate_now or time.time_ns() >= self.next_rotation_ns):
+                    self.rotate()
                 if self.signals.reload:
                     self.signals.reload = False
                     ok = self.reload()

@@ -50,6 +50,7 @@ class EventReader:
         self.maps = maps
         self.on_event = on_event
         self.hooks = hooks   # a hooks.HookDispatcher, or None
+        self.observers = []  # callables given each layout.EventRecord (the daemon's time-based rotation)
         self.refresh_names()
         loaded.bpf["events"].open_ring_buffer(self._callback)
         self._bpf = loaded.bpf
@@ -69,6 +70,8 @@ class EventReader:
         log.info(fields["event"], extra={"fields": fields})
         if self.on_event:
             self.on_event(fields)
+        for observe in self.observers:
+            observe(record)
         if self.hooks:
             try:
                 self.hooks.on_event(fields, record.seq_uid)

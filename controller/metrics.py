@@ -481,11 +481,15 @@ class XknockCollector:
             "Knocks of each live sequence by what they did: advanced a step, completed the sequence, reset "
             "progress with a wrong step, or came after the step timeout.",
             labels=["iface", "sequence", "result"])
-        for seq in sorted(sequences.values(), key=lambda s: s.name):
+        by_name = {}   # a time-based sequence is live twice (two windows): one series each
+        for seq in sequences.values():
             stats = maps.sequence_stats(seq.uid) or layout.SeqStats()
-            name = seq.name.decode(errors="replace")
+            total = by_name.setdefault(seq.name.decode(errors="replace"), dict.fromkeys(KNOCK_RESULTS, 0))
             for result in KNOCK_RESULTS:
-                knocks.add_metric([iface, name, result], getattr(stats, result))
+                total[result] += getattr(stats, result)
+        for name, total in sorted(by_name.items()):
+            for result in KNOCK_RESULTS:
+                knocks.add_metric([iface, name, result], total[result])
         families.append(knocks)
 
         events = CounterMetricFamily(

@@ -58,7 +58,12 @@ def lpm_key(network, bank):
 
 
 def compile_policy(config, bank, cpus=None):
-    """cpus: how many CPUs share the SPA total rate (default: those online)."""
+    """cpus: how many CPUs share the SPA total rate (default: those online).
+    Time-based sequences become their live windows' sequences (controller/totp.py)."""
+    if any(seq.totp is not None for seq in config.sequences):
+        from . import totp
+
+        config = totp.Rotation(config).concrete()
     settings = layout.Settings()
     settings.mode = layout.MODES[config.mode]
     settings.flags = (layout.SET_HAS_ALLOW if config.allow else 0) | (layout.SET_HAS_DENY if config.deny else 0)
