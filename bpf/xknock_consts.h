@@ -162,6 +162,7 @@ enum xk_reason {
 	XK_SPA_PORT_DENIED = 48,   /* asked for a port the user may not open */
 	XK_SPA_SOURCE_DENIED = 49, /* source outside every stanza's sources, or address rules */
 	XK_SPA_GRANT_FAILED = 50,  /* verified, but the grants map was full */
+	XK_SPA_GRANT_CREATED = 51, /* grant entries SPA added that were not in the map before */
 	XK_COUNTERS = 64,
 };
 

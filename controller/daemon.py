@@ -103,12 +103,12 @@ class Controller:
             self.events.refresh_names()
 
     def _prepare_spa(self, config):
-        from . import spa
-
         if config.spa is None:
             if self.spa is not None:
                 self.spa.set_spa(None)   # the ring buffer stays open, and empty: no SPA port
             return
+        from . import spa
+
         if self.spa is None:
             self.spa = spa.SpaReceiver(self.attached.loaded, self.attached.maps, config.spa)
         else:

@@ -66,7 +66,7 @@ def write_grants(maps, source, ports, for_ns, idle_ns, now=None, seq_uid=0, flag
     """Open [(proto name, port)] to source: new connections for for_ns, and
     established traffic while it is never idle for idle_ns. All or nothing:
     on a full map the ones already written are removed again. Counted as the
-    operator's unless flags say SPA (the SPA receiver counts those itself)."""
+    operator's, or as SPA's when flags say so."""
     now = monotonic_ns() if now is None else now
     value = layout.Grant()
     value.window_end_ns = now + for_ns
@@ -90,8 +90,8 @@ def write_grants(maps, source, ports, for_ns, idle_ns, now=None, seq_uid=0, flag
                                  f"for {proto}:{key.port}") from err
             if fresh:
                 created.append(key)
-        if not flags & layout.GRANT_SPA:
-            maps.count_by_controller(layout.Reason.GRANT_OPERATOR, len(created))
+        maps.count_by_controller(layout.Reason.SPA_GRANT_CREATED if flags & layout.GRANT_SPA
+                                 else layout.Reason.GRANT_OPERATOR, len(created))
 
 
 def revoke(maps, source):

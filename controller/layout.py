@@ -108,6 +108,7 @@ class Reason(enum.IntEnum):
     SPA_PORT_DENIED = 48
     SPA_SOURCE_DENIED = 49
     SPA_GRANT_FAILED = 50
+    SPA_GRANT_CREATED = 51
 
 
 # Counters only the controller writes: the data path never touches them.

@@ -49,6 +49,19 @@ BATCH_ENTRIES = 4096         # entries per BPF_MAP_LOOKUP_BATCH call
 SAMPLED_MAPS = ("ports", "progress", "firsts", "grants", "allow", "deny", "seqstats")
 
 KNOCK_RESULTS = ("advanced", "completed", "reset", "timed_out")     # layout.SeqStats fields
+# SPA: what the kernel did with each packet to the SPA port, and what the
+# controller judged of those it queued (two families: their sums differ).
+SPA_CANDIDATES = {
+    "queued": layout.Reason.SPA_QUEUED,
+    "not_candidate": layout.Reason.SPA_NOT_CANDIDATE,
+    "rate_limited": layout.Reason.SPA_RATE_LIMITED,
+    "overloaded": layout.Reason.SPA_OVERLOADED,
+    "lost": layout.Reason.SPA_LOST,
+}
+SPA_VERDICTS = {reason.name.lower().removeprefix("spa_"): reason for reason in (
+    layout.Reason.SPA_ACCEPTED, layout.Reason.SPA_BAD_HMAC, layout.Reason.SPA_REPLAYED, layout.Reason.SPA_STALE,
+    layout.Reason.SPA_MALFORMED, layout.Reason.SPA_UNKNOWN_USER, layout.Reason.SPA_PORT_DENIED,
+    layout.Reason.SPA_SOURCE_DENIED, layout.Reason.SPA_GRANT_FAILED)}
 KNOCK_EVENTS = {
     "repeated": layout.Reason.KNOCK_REPEATED,
     "ignored": layout.Reason.KNOCK_IGNORED,
@@ -64,6 +77,8 @@ SIMPLE_COUNTERS = (
      "Grants dead on both clocks that the data path deleted when it met them."),
     ("xknock_grants_operator_total", layout.Reason.GRANT_OPERATOR,
      "Grants the operator created with `xknock grant` that were not in the grants map before."),
+    ("xknock_grants_spa_total", layout.Reason.SPA_GRANT_CREATED,
+     "Grants accepted SPA packets created that were not in the grants map before."),
     ("xknock_grants_removed_total", layout.Reason.GRANT_REMOVED,
      "Grants the controller deleted: revoked by the operator or swept after expiry."),
     ("xknock_grant_failures_total", layout.Reason.GRANT_FAILED,
@@ -502,6 +517,18 @@ class XknockCollector:
             events.add_metric([iface, result], counters[reason])
         families.append(events)
 
+        for name, doc, results in (
+            ("xknock_spa_candidates_total",
+             "Packets to the SPA port by what the kernel did: queued for the controller, not shaped like SPA "
+             "(size, base64), over the source's rate, over this CPU's share of the total rate, or lost to a full "
+             "ring buffer. Every one is dropped.", SPA_CANDIDATES),
+            ("xknock_spa_verdicts_total",
+             "Queued SPA packets by the controller's verdict: accepted (grants written) or why not.", SPA_VERDICTS)):
+            family = CounterMetricFamily(name, doc, labels=["iface", "result"])
+            for result, reason in results.items():
+                family.add_metric([iface, result], counters[reason])
+            families.append(family)
+
         for name, reason, doc in SIMPLE_COUNTERS:
             family = CounterMetricFamily(name, doc, labels=["iface"])
             family.add_metric([iface], counters[reason])
@@ -515,7 +542,7 @@ class XknockCollector:
             "removed still count.",
             None, ["iface"], [([iface], max(banned, 0))]))
         live = (counters[layout.Reason.GRANT_CREATED] + counters[layout.Reason.GRANT_OPERATOR]
-                - counters[layout.Reason.GRANT_EXPIRED] - counters[layout.Reason.GRANT_REMOVED])
+                + counters[layout.Reason.SPA_GRANT_CREATED] - counters[layout.Reason.GRANT_EXPIRED] - counters[layout.Reason.GRANT_REMOVED])
         families.append(self._gauge(
             "xknock_grants_live",
             "Grants in the map by the kernel's counts: created minus expired minus removed; dead grants not yet "
