@@ -230,6 +230,8 @@ def _render(f):
     ifaces = ", ".join(f"{i['name']} ({i['xdp_mode']}, prog {i['prog_id']})" for i in f["interfaces"])
     lines.append(f"filter on {ifaces}: {f['mode']}")
     lines.append(f"guarded: {' '.join(f['guarded']) or 'nothing'}")
+    if f.get("spa_ports"):
+        lines.append(f"spa: {' '.join(f['spa_ports'])} (verified by the running controller)")
     for s in f["sequences"]:
         lines.append(f"  sequence {s['name']}: {' '.join(s['knock'])} -> {' '.join(s['open'])} "
                      f"(step {s['step_timeout_s']:g}s, open {s['open_for_s']:g}s, idle {s['idle_timeout_s']:g}s)")

@@ -35,6 +35,13 @@ def live_policy(maps):
     return mode, sequences
 
 
+def spa_ports(maps):
+    """The SPA port of the live policy (a list: empty without [spa])."""
+    bank = maps.active_bank()
+    return sorted(f"udp:{key.port}" for key, val in maps.ports.items()
+                  if key.bank == bank and val.flags & layout.PORT_SPA)
+
+
 def filter_status(maps, interfaces, now=None):
     mode, sequences = live_policy(maps)
     in_progress, knocks = grants.knocks_in_progress(maps, now=now)
@@ -43,6 +50,7 @@ def filter_status(maps, interfaces, now=None):
         "mode": mode,
         "sequences": sequences,
         "guarded": [f"{proto}:{port}" for proto, port in grants.guarded_ports(maps)],
+        "spa_ports": spa_ports(maps),
         "counters": {reason.name.lower(): value for reason, value in maps.counters_by_reason().items()},
         "grants": [
             {"source": str(g.source), "port": f"{g.proto}:{g.port}", "sequence": g.sequence,
