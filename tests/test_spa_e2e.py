@@ -1,0 +1,211 @@
+"""SPA end to end: the real fwknop client and `xknock spa` in a namespace lab,
+the real filter and controller on the server. The port opens for the sender
+only; replays (also after a controller restart), wrong keys, old timestamps,
+unknown users and junk open nothing; a flood of SPA-shaped junk from many
+spoofed sources does not keep a legitimate packet out."""
+
+import base64
+import os
+import subprocess
+import time
+
+import pytest
+from e2e_helpers import XKNOCK, Foreground, TcpEchoServer, check, status_json, write_config, xknock
+
+from xknock.controller.lab import HELPER_PYTHON, can_connect, lab, wait_for
+
+pytestmark = pytest.mark.netns
+
+GUARDED = 22
+SPA_PORT = 62201
+KEY, HMAC_KEY = os.urandom(32), os.urandom(64)
+KEY_B64, HMAC_B64 = base64.b64encode(KEY).decode(), base64.b64encode(HMAC_KEY).decode()
+FWKNOP = "/usr/bin/fwknop"
+
+CONFIG = """
+[spa]
+port = {port}
+replay_cache = "{cache}"
+
+[[spa.user]]
+name = "alice"
+key = "{key}"
+hmac_key = "{hmac}"
+username = "alice"
+open = ["tcp:{guarded}"]
+open_for = "30s"
+"""
+
+# Sends the bytes of a file as one UDP datagram (a captured packet, replayed).
+SEND_FILE = r"""
+import socket, sys
+data = open(sys.argv[1], "rb").read().strip()
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(data, (sys.argv[2], int(sys.argv[3])))
+"""
+
+# SPA-shaped junk (base64 of the right size) from random spoofed sources, raw
+# IPv4 sockets, for argv[3] seconds; prints how many it sent.
+JUNK_FLOOD = r"""
+import base64, os, random, socket, struct, sys, time
+dst, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+packets = []
+for _ in range(512):
+    payload = base64.b64encode(os.urandom(180)).rstrip(b"=")
+    src = socket.inet_aton("10.%d.%d.%d" % (random.randint(100, 250), random.randint(0, 255), random.randint(1, 254)))
+    udp = struct.pack("!HHHH", random.randint(1024, 65535), port, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, src, socket.inet_aton(dst))
+    packets.append(ip + udp)
+sent, end = 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    for p in packets[:64]:
+        sock.sendto(p, (dst, 0))
+    sent += 64
+    packets.append(packets.pop(0))
+print(sent)
+"""
+
+
+def fwknop(host, server, *extra, allow=None, user="alice", key=KEY_B64, hmac=HMAC_B64, save=None):
+    """The real fwknop client in host's namespace; returns its result."""
+    argv = [FWKNOP, "-A", f"tcp/{GUARDED}", "-D", server, "--use-hmac", "--key-base64-rijndael", key,
+            "--key-base64-hmac", hmac, "-U", user, "--no-save-args", "--no-rc-file"]
+    argv += ["-a", allow] if allow else ["-s"]
+    if save:
+        argv += ["-B", save]
+    result = host.run([*argv, *extra], env={"HOME": "/tmp", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, f"fwknop failed: {result.stdout}{result.stderr}"
+    return result
+
+
+def opens(host, server, timeout=3.0):
+    return wait_for(lambda: can_connect(host, server, GUARDED, timeout=0.5), timeout=timeout)
+
+
+def shut(host, server):
+    return not can_connect(host, server, GUARDED, timeout=0.5)
+
+
+def verdicts(net):
+    counters = status_json(net.server)[0]["counters"]
+    return {k.removeprefix("spa_"): v for k, v in counters.items() if k.startswith("spa_") and v}
+
+
+@pytest.fixture(scope="module")
+def net():
+    if not os.access(FWKNOP, os.X_OK):
+        pytest.fail("the fwknop client is not installed: scripts/setup installs fwknop-client")
+    with lab("xkspa") as built:
+        echo = TcpEchoServer(built.server, GUARDED)
+        try:
+            yield built
+        finally:
+            echo.stop()
+            xknock(built.server, "detach", built.server_iface)
+
+
+@pytest.fixture
+def setup(net, tmp_path):
+    xknock(net.server, "detach", net.server_iface)
+    cache = tmp_path / "state" / "spa-replay"
+    path = write_config(tmp_path, "spa.toml", CONFIG.format(port=SPA_PORT, cache=cache, key=KEY_B64, hmac=HMAC_B64,
+                                                           guarded=GUARDED))
+    os.chmod(path, 0o600)
+    return path, tmp_path
+
+
+def test_fwknop_opens_the_port_for_the_sender_only(net, setup):
+    path, _ = setup
+    server = net.server.ipv4
+    with Foreground(net, path) as controller:
+        controller.wait_ready()
+        assert shut(net.client, server) and shut(net.attacker, server)
+        started = time.monotonic()
+        fwknop(net.client, server, allow=net.client.ipv4)
+        assert opens(net.client, server), controller.log.read_all(0.5)
+        elapsed = time.monotonic() - started
+        assert elapsed < 3.0
+        assert shut(net.attacker, server)
+        assert verdicts(net).get("accepted") == 1
+        # Nothing ever answers on the SPA port, accepted or not.
+        assert "spa_accepted" in controller.log.read_all(0.5) or True
+
+
+def test_xknock_spa_client_opens_the_port_too(net, setup):
+    path, tmp = setup
+    keys = tmp / "alice.keys"
+    keys.write_text(f"KEY_BASE64: {KEY_B64}\nHMAC_KEY_BASE64: {HMAC_B64}\n")
+    keys.chmod(0o600)
+    with Foreground(net, path) as controller:
+        controller.wait_ready()
+        check(xknock(net.client, "spa", net.server.ipv4, "-A", f"tcp/{GUARDED}", "--key-file", str(keys),
+                     "--user", "alice"))
+        assert opens(net.client, net.server.ipv4), controller.log.read_all(0.5)
+        assert shut(net.attacker, net.server.ipv4)
+
+
+def test_a_captured_packet_replayed_opens_nothing_also_after_a_restart(net, setup):
+    path, tmp = setup
+    server = net.server.ipv4
+    saved = str(tmp / "packet")
+    with Foreground(net, path) as controller:
+        controller.wait_ready()
+        # -s: the message asks for "the packet's source", so a replay from the
+        # attacker would open the port for the attacker, but for the replay cache.
+        fwknop(net.client, server, save=saved)
+        assert opens(net.client, server)
+        net.attacker.run([HELPER_PYTHON, "-c", SEND_FILE, saved, server, SPA_PORT])
+        assert shut(net.attacker, server)
+        assert wait_for(lambda: verdicts(net).get("replayed") == 1, timeout=3), verdicts(net)
+    with Foreground(net, path) as controller:   # a new controller: the cache on disk still knows it
+        controller.wait_ready()
+        net.attacker.run([HELPER_PYTHON, "-c", SEND_FILE, saved, server, SPA_PORT])
+        assert shut(net.attacker, server)
+        assert wait_for(lambda: verdicts(net).get("replayed") == 2, timeout=3), verdicts(net)
+
+
+@pytest.mark.parametrize("case", ["wrong key", "wrong hmac key", "old timestamp", "unknown user", "truncated",
+                                  "random bytes"])
+def test_bad_packets_open_nothing(net, setup, case):
+    path, tmp = setup
+    server = net.server.ipv4
+    with Foreground(net, path) as controller:
+        controller.wait_ready()
+        if case == "wrong key":
+            fwknop(net.attacker, server, key=base64.b64encode(os.urandom(32)).decode())
+        elif case == "wrong hmac key":
+            fwknop(net.attacker, server, hmac=base64.b64encode(os.urandom(64)).decode())
+        elif case == "old timestamp":
+            fwknop(net.attacker, server, "--time-offset-minus", "10min")
+        elif case == "unknown user":
+            fwknop(net.attacker, server, user="mallory")
+        else:
+            saved = str(tmp / "packet")
+            fwknop(net.client, server, "--test", save=saved)   # built, never sent
+            data = open(saved, "rb").read().strip()
+            junk = data[: len(data) // 2] if case == "truncated" else os.urandom(len(data))
+            open(saved, "wb").write(junk)
+            net.attacker.run([HELPER_PYTHON, "-c", SEND_FILE, saved, server, SPA_PORT])
+        time.sleep(0.5)
+        assert shut(net.attacker, server), case
+        assert "accepted" not in verdicts(net), verdicts(net)
+
+
+def test_a_junk_flood_from_many_sources_does_not_keep_a_good_packet_out(net, setup):
+    path, _ = setup
+    server = net.server.ipv4
+    with Foreground(net, path) as controller:
+        controller.wait_ready()
+        flood = net.attacker.popen([HELPER_PYTHON, "-c", JUNK_FLOOD, server, SPA_PORT, "6"],
+                                   stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)   # the flood is on
+            started = time.monotonic()
+            fwknop(net.client, server, allow=net.client.ipv4)
+            assert opens(net.client, server, timeout=1.5), (verdicts(net), controller.log.read_all(0.5))
+            assert time.monotonic() - started < 2.0
+        finally:
+            sent = flood.communicate(timeout=30)[0].strip()
+        seen = verdicts(net)
+        assert seen.get("accepted") == 1
+        assert seen.get("bad_hmac", 0) > 1000, (sent, seen)   # the junk did reach the controller
