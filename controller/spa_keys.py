@@ -121,7 +121,7 @@ def load_key_file(path):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        match = re.fullmatch(r"([A-Z_]+)\s*(?::\s*|\s+)(\S+)", line)
+        match = re.fullmatch(r"([A-Z][A-Z0-9_]*)\s*(?::\s*|\s+)(\S+)", line)
         if not match or match.group(1) not in ("KEY_BASE64", "HMAC_KEY_BASE64"):
             name = match.group(1) if match else line.split()[0][:40]
             raise SpaKeyError(f"{path}:{number}: expected KEY_BASE64: ... or HMAC_KEY_BASE64: ..., "
