@@ -137,8 +137,8 @@ def prefix_tacked(payload):
     """fwknopd refuses data that starts with the Rijndael or GnuPG prefix: an
     attacker could put one in front of a seen packet to slip past the replay
     cache, and libfko never sends one (server/incoming_spa.c)."""
-    return payload.startswith(RIJNDAEL_PREFIX) or (
-        len(payload) > MIN_GNUPG_PAYLOAD and payload.startswith(GPG_PREFIX))
+    head = bytes(payload[:len(RIJNDAEL_PREFIX)])
+    return head.startswith(RIJNDAEL_PREFIX) or (len(payload) > MIN_GNUPG_PAYLOAD and head.startswith(GPG_PREFIX))
 
 
 def replay_digest(payload):

@@ -79,7 +79,9 @@ def fwknopd_verdicts(stanzas, packets):
     with tempfile.TemporaryDirectory(prefix="xknock-fwknopd-") as work:
         conf = os.path.join(work, "fwknopd.conf")
         access = os.path.join(work, "access.conf")
-        for path, text in ((conf, "PCAP_FILTER udp port 62201;\nENABLE_SPA_PACKET_AGING Y;\nMAX_SPA_PACKET_AGE 120;\n"), (access, stanzas)):
+        # Packet aging is off by default with --pcap-file: turn it on.
+        settings = "PCAP_FILTER udp port 62201;\nENABLE_SPA_PACKET_AGING Y;\nMAX_SPA_PACKET_AGE 120;\n"
+        for path, text in ((conf, settings), (access, stanzas)):
             with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
                 f.write(text)
         pcap = os.path.join(work, "packets.pcap")
@@ -142,8 +144,8 @@ if __name__ == "__main__":
         sys.exit("fwknop is not installed")
     os.makedirs(os.path.dirname(VECTORS), exist_ok=True)
     with open(VECTORS, "w") as out:
-        json.dump({"comment": "Packets built by the real fwknop client "
-                              f"({subprocess.run([FWKNOP, '--version'], capture_output=True, text=True).stdout.strip()})"
+        version = subprocess.run([FWKNOP, "--version"], capture_output=True, text=True).stdout.strip()
+        json.dump({"comment": f"Packets built by the real fwknop client ({version})"
                               " with these TEST keys (never used anywhere else); regenerate with "
                               "`python tests/fwknop_helpers.py`.",
                    "vectors": generate_vectors()}, out, indent=1)

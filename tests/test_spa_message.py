@@ -103,11 +103,8 @@ def test_fwknopd_accepts_our_packets_and_refuses_broken_ones():
     timeout and 0.0.0.0 accepted; tampered, wrong keys, stale and
     prefix-tacked refused. Each packet has its own source address."""
     packets, expected = [], set()
-    stanzas = []
+    stanzas = [spa_keys_for(hmac_digest) for hmac_digest in spa.HMAC_DIGESTS]   # one stanza per HMAC type
     now = int(time.time())
-    for i, hmac_digest in enumerate(spa.HMAC_DIGESTS):
-        keys = spa_keys_for(hmac_digest)
-        stanzas.append(keys)
     text = "".join(access_stanza(base64.b64encode(k).decode(), base64.b64encode(h).decode(), d) + "\n"
                    for k, h, d in stanzas)
 
