@@ -8,6 +8,7 @@ import tempfile
 import click
 
 from xknock.controller.config import ConfigError
+from xknock.controller.fwknop_import import DEFAULT_PATH as FWKNOP_DEFAULT_PATH
 from xknock.controller.knockd_import import DEFAULT_PATH, KnockdImportError, convert
 
 
@@ -65,7 +66,7 @@ def _fail(message):
     sys.exit(1)
 
 
-def _read(path):
+def _read(path, what="knockd.conf"):
     try:
         if path == "-":
             return sys.stdin.buffer.read().decode("utf-8")
@@ -74,9 +75,9 @@ def _read(path):
     except FileNotFoundError:
         _fail(f"{path}: no such file")
     except PermissionError:
-        _fail(f"{path}: permission denied (knockd.conf is often root's only: run as root)")
+        _fail(f"{path}: permission denied ({what} is often root's only: run as root)")
     except IsADirectoryError:
-        _fail(f"{path}: is a directory, not a knockd.conf")
+        _fail(f"{path}: is a directory, not a {what}")
     except UnicodeDecodeError as err:
         _fail(f"{path}: not UTF-8 text (byte {err.start})")
     except OSError as err:
@@ -101,3 +102,58 @@ def _write(output, text, force):
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         _fail(f"{output}: cannot write: {err.strerror}")
+
+
+@import_.command(epilog="""\b
+Examples:
+  xknock import fwknop                                   # /etc/fwknop/access.conf, TOML on stdout
+  xknock import fwknop /etc/fwknop/access.conf --keys-dir /etc/xknock/keys -o /etc/xknock/xknock.toml
+  xknock import fwknop access.conf -o xknock.toml        # keys inline: keep the file 0600
+
+\b
+What cannot be carried over (GnuPG, command execution, NAT, ACCESS_EXPIRE,
+stanzas without an HMAC key, %include, ...) is listed on stderr, one line
+each, and as comments at the top of the TOML.""")
+@click.argument("path", default=FWKNOP_DEFAULT_PATH, required=False)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the TOML here (mode 0600) instead of stdout.")
+@click.option("--keys-dir", type=click.Path(file_okay=False), default=None,
+              help="Write each user's keys to DIR/NAME.keys (mode 0600, `fwknop --key-gen` format) and refer to "
+                   "them with key_file, instead of putting the keys in the TOML.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT and key files that exist.")
+def fwknop(path, output, keys_dir, force):
+    """Convert fwknopd's access.conf PATH (default /etc/fwknop/access.conf; - for stdin) into [spa] users."""
+    from xknock.controller.fwknop_import import FwknopImportError
+    from xknock.controller.fwknop_import import convert as convert_fwknop
+    from xknock.controller.spa_keys import SpaKeyError, write_key_file
+
+    text = _read(path, "access.conf")
+    source = "stdin" if path == "-" else path
+    try:
+        result = convert_fwknop(text, source=source, keys_dir=keys_dir)
+    except FwknopImportError as err:
+        for note in err.notes:
+            click.echo(note.located(source), err=True)
+        _fail(str(err))
+    for note in result.notes:
+        click.echo(note.located(source), err=True)
+    try:
+        if result.key_files:
+            os.makedirs(keys_dir, mode=0o700, exist_ok=True)
+        for key_path, keys in result.key_files:
+            write_key_file(key_path, keys, force=force)
+    except (SpaKeyError, OSError) as err:
+        _fail(str(err))
+    names = ", ".join(user.name for user in result.users)
+    where = output or "stdout"
+    click.echo(f"xknock: converted {len(result.users)} of {result.stanzas} access stanza(s) ({names}) to {where}; "
+               f"{len(result.notes)} note(s) above", err=True)
+    if result.key_files:
+        click.echo(f"xknock: wrote {len(result.key_files)} key file(s) under {keys_dir} (mode 0600)", err=True)
+    if result.inline_keys:
+        click.echo("xknock: warning: the TOML holds secret keys inline: keep it mode 0600, root's only "
+                   "(or convert again with --keys-dir)", err=True)
+    if output is None:
+        click.echo(result.toml, nl=False)
+        return
+    _write(output, result.toml, force)

@@ -367,6 +367,11 @@ from xknock.cli.importers import import_  # noqa: E402
 
 main.add_command(import_, name="import")
 
+from xknock.cli.spa import keygen, spa  # noqa: E402
+
+main.add_command(spa)
+main.add_command(keygen)
+
 
 if __name__ == "__main__":
     main()

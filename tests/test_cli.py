@@ -13,7 +13,7 @@ from e2e_helpers import (
 )
 from xknock.controller.lab import lab
 
-COMMANDS = ["attach", "detach", "status", "reload", "grant", "revoke", "unban", "knock", "top", "import"]
+COMMANDS = ["attach", "detach", "status", "reload", "grant", "revoke", "unban", "knock", "top", "import", "spa", "keygen"]
 
 BAD_CONFIGS = {
     "syntax": ('[filter]\nmode = enforce\n', [r"line 2: .*\(column \d+\)"]),

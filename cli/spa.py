@@ -1,0 +1,102 @@
+"""`xknock spa` (send one fwknop-compatible SPA packet) and `xknock keygen`."""
+
+import click
+
+from xknock.cli.main import fail_cleanly
+from xknock.controller import spa_message
+from xknock.controller.spa_client import DEFAULT_PORT, parse_access, send_spa
+from xknock.controller.spa_keys import (
+    HMAC_KEY_BYTES, format_keygen, generate, keys_from_base64, load_key_file, write_key_file,
+)
+
+
+class AccessType(click.ParamType):
+    name = "PROTO/PORT"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_access(value)
+        except ValueError as err:
+            self.fail(f"{value!r}: {err}", param, ctx)
+
+
+@click.command(epilog="""\b
+Examples:
+  xknock spa server.example -A tcp/22 --key-file ~/.xknock/alice.keys
+  xknock spa 192.0.2.1 -A tcp/22 -A udp/53 --key-file k --user alice -a 198.51.100.7
+  xknock spa gw.example -A tcp/22 --key-file k --source-from-packet   # behind NAT
+  xknock spa 2001:db8::1 -A tcp/22 --key-file k                       # IPv6: the source is granted
+
+\b
+The packet is what `fwknop -A tcp/22 -a ADDR --use-hmac -D HOST` sends:
+fwknopd accepts it as well as xknock. Nothing answers; try the port.""")
+@click.argument("host")
+@click.option("-A", "--access", "ports", type=AccessType(), multiple=True, required=True,
+              help="A port to open, tcp/22 or udp/53 (repeatable).")
+@click.option("--key-file", type=click.Path(dir_okay=False), default=None,
+              help="Keys in `fwknop --key-gen` format (KEY_BASE64: / HMAC_KEY_BASE64:), mode 0600.")
+@click.option("--key-base64", default=None, help="The encryption key inline (visible in ps: tests only).")
+@click.option("--hmac-key-base64", default=None, help="The HMAC key inline (with --key-base64).")
+@click.option("--digest", "hmac_digest", type=click.Choice(spa_message.HMAC_DIGESTS), default="sha256",
+              show_default=True, help="The HMAC digest (the server's HMAC_DIGEST_TYPE / hmac_digest).")
+@click.option("--user", default=None, help="The user name in the message (default: your login name).")
+@click.option("-a", "--allow-ip", "access_address", default=None, metavar="IPV4",
+              help="The address to grant (default: the local address of the route to HOST). "
+                   "IPv4 only: fwknop's message cannot hold IPv6.")
+@click.option("--source-from-packet", is_flag=True,
+              help="Ask for the packet's source address to be granted (message address 0.0.0.0, fwknop -s): "
+                   "for clients behind NAT, and always used to an IPv6 HOST. A server with "
+                   "require_source_address refuses it.")
+@click.option("--client-timeout", type=click.IntRange(1, spa_message.MAX_CLIENT_TIMEOUT), default=None,
+              metavar="SECONDS", help="Ask for this long an opening (the server caps it at its max_open_for).")
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
+              help="The server's SPA port.")
+@fail_cleanly
+def spa(host, ports, key_file, key_base64, hmac_key_base64, hmac_digest, user, access_address,
+        source_from_packet, client_timeout, port):
+    """Send one SPA packet asking HOST to open ports to this client."""
+    if access_address and source_from_packet:
+        raise click.UsageError("give -a IPV4 or --source-from-packet, not both")
+    inline = key_base64 is not None or hmac_key_base64 is not None
+    if bool(key_file) == inline:
+        raise click.UsageError("give --key-file FILE, or --key-base64 and --hmac-key-base64")
+    if inline:
+        if key_base64 is None or hmac_key_base64 is None:
+            raise click.UsageError("--key-base64 and --hmac-key-base64 go together")
+        keys = keys_from_base64(key_base64, hmac_key_base64, "the keys given")
+    else:
+        keys = load_key_file(key_file)
+    sent = send_spa(host, list(ports), keys, hmac_digest=hmac_digest, user=user, access_address=access_address,
+                    source_from_packet=source_from_packet, client_timeout=client_timeout, port=port)
+    opened = " ".join(f"{proto}/{number}" for proto, number in ports)
+    whom = "the packet's source" if sent.access_address == "0.0.0.0" else sent.access_address
+    click.echo(f"sent SPA to {sent.server} port {sent.port} ({sent.size} bytes): open {opened} for {whom}")
+
+
+@click.command(epilog="""\b
+Examples:
+  xknock keygen                                  # print, as `fwknop --key-gen` does
+  xknock keygen --key-file /etc/xknock/alice.keys
+  xknock keygen --hmac-digest sha512 --key-file alice.keys
+
+\b
+Give the same keys to the client (fwknop's ~/.fwknoprc: KEY_BASE64 and
+HMAC_KEY_BASE64 with USE_HMAC Y, or xknock spa --key-file) and the server
+([[spa.user]] key_file).""")
+@click.option("--key-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the keys here, mode 0600, instead of printing them.")
+@click.option("--hmac-digest", type=click.Choice(sorted(HMAC_KEY_BYTES)), default="sha256", show_default=True,
+              help="Size the HMAC key for this digest, as fwknop does.")
+@click.option("--force", is_flag=True, help="Overwrite KEY_FILE if it exists.")
+@fail_cleanly
+def keygen(key_file, hmac_digest, force):
+    """Make a random encryption key and HMAC key in `fwknop --key-gen` format."""
+    keys = generate(hmac_digest)
+    if key_file is None:
+        click.echo(format_keygen(keys), nl=False)
+        return
+    write_key_file(key_file, keys, force=force)
+    click.echo(f"wrote keys to {key_file} (mode 0600)", err=True)
+
+
+__all__ = ["spa", "keygen"]
