@@ -94,7 +94,12 @@ class SpaVerifier:
         except spa_message.SpaFormatError as err:
             return Verdict(Reason.SPA_MALFORMED, err.outcome, user.name)
         # Authentic from here on: remember it before anything can grant.
-        self.replay.add(digest, message.timestamp)
+        from .spa_replay import ReplayCacheError
+
+        try:
+            self.replay.add(digest, message.timestamp)
+        except ReplayCacheError as err:   # unrecorded means replayable: refuse
+            return Verdict(Reason.SPA_GRANT_FAILED, str(err), user.name)
         return self._judge(message, user, source)
 
     def _judge(self, message, user, source):

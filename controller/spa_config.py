@@ -7,13 +7,12 @@ in `fwknop --key-gen` format; either way the file holding them must be readable
 by root alone, or the config is refused.
 """
 
-import base64
-import binascii
 import dataclasses
 import ipaddress
 import os
 import stat
 
+from . import spa_message
 from .config import (NAME_PATTERN, NS_PER_UNIT, _check_keys, _parse_duration_key, _parse_network, _parse_open,
                      _type_name)
 
@@ -31,10 +30,7 @@ DEFAULT_REPLAY_CACHE = "/var/lib/xknock/spa-replay"
 DEFAULT_OPEN_FOR_NS = 30 * NS_PER_UNIT["s"]   # fwknop's FW_ACCESS_TIMEOUT
 DEFAULT_IDLE_TIMEOUT_NS = 15 * NS_PER_UNIT["m"]
 MAX_USERS = 1024
-# fwknop's limits: a Rijndael key is at most 32 bytes, an HMAC key at most 128.
-MAX_KEY_BYTES = 32
-MAX_HMAC_KEY_BYTES = 128
-HMAC_DIGESTS = ("md5", "sha1", "sha256", "sha384", "sha512", "sha3_256", "sha3_512")
+HMAC_DIGESTS = spa_message.HMAC_DIGESTS
 ANY_SOURCE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
@@ -214,60 +210,42 @@ def _parse_user(report, place, name, table, config_path):
 
 def _parse_keys(report, place, table, config_path):
     """(key, hmac_key) as bytes, from key_file or inline base64."""
+    from . import spa_keys
+
     inline = "key" in table or "hmac_key" in table
     if "key_file" in table and inline:
         report.error(place, "give key_file or key + hmac_key, not both")
         return b"", b""
-    if "key_file" in table:
-        path = table["key_file"]
-        if not isinstance(path, str) or not os.path.isabs(path):
-            report.error(place, f"key_file {path!r}: must be an absolute path")
-            return b"", b""
-        from . import spa_keys
-
-        try:
-            keys = spa_keys.load_key_file(path)
-        except spa_keys.KeyFileError as err:
-            report.error(place, f"key_file: {err}")
-            return b"", b""
-        return _checked_keys(report, place, keys.key, keys.hmac_key)
-    if not inline:
-        report.error(place, "no keys: give key_file (fwknop --key-gen format) or key and hmac_key (base64)")
-        return b"", b""
-    if "hmac_key" not in table:
-        report.error(place, "no hmac_key: HMAC is required (fwknop's legacy mode without HMAC is not supported)")
-        return b"", b""
-    if "key" not in table:
-        report.error(place, "no key: give the Rijndael key (fwknop's KEY_BASE64) as key")
-        return b"", b""
-    if config_path and secret_readable_by_others(config_path):
-        report.error(place, f"keys inline, but {config_path} is readable by group or others: chmod 600 {config_path}, "
-                            "or move the keys to a key_file")
-    return _checked_keys(report, place, _base64(report, place, table, "key"), _base64(report, place, table, "hmac_key"))
-
-
-def _base64(report, place, table, key):
-    value = table[key]
-    if not isinstance(value, str):
-        report.error(place, f"{key} must be a base64 string, not {_type_name(value)}")
-        return b""
     try:
-        return base64.b64decode(value.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        report.error(place, f"{key} is not valid base64")
-        return b""
-
-
-def _checked_keys(report, place, key, hmac_key):
-    if not key and not any(place in e for e in report.errors):
-        report.error(place, "the key is empty")
-    if len(key) > MAX_KEY_BYTES:
-        report.error(place, f"the key is {len(key)} bytes; fwknop's Rijndael keys are at most {MAX_KEY_BYTES}")
-    if not hmac_key and not any(place in e for e in report.errors):
-        report.error(place, "the HMAC key is empty")
-    if len(hmac_key) > MAX_HMAC_KEY_BYTES:
-        report.error(place, f"the HMAC key is {len(hmac_key)} bytes; at most {MAX_HMAC_KEY_BYTES}")
-    return key, hmac_key
+        if "key_file" in table:
+            path = table["key_file"]
+            if not isinstance(path, str) or not os.path.isabs(path):
+                report.error(place, f"key_file {path!r}: must be an absolute path")
+                return b"", b""
+            keys = spa_keys.check_pair(spa_keys.load_key_file(path), path)
+            return keys.key, keys.hmac_key
+        if not inline:
+            report.error(place, "no keys: give key_file (fwknop --key-gen format) or key and hmac_key (base64)")
+            return b"", b""
+        if "hmac_key" not in table:
+            report.error(place, "no hmac_key: HMAC is required (fwknop's legacy mode without HMAC is not supported)")
+            return b"", b""
+        if "key" not in table:
+            report.error(place, "no key: give the Rijndael key (fwknop's KEY_BASE64) as key")
+            return b"", b""
+        for name in ("key", "hmac_key"):
+            if not isinstance(table[name], str):
+                report.error(place, f"{name} must be a base64 string, not {_type_name(table[name])}")
+                return b"", b""
+        if config_path and secret_readable_by_others(config_path):
+            report.error(place, f"keys inline, but {config_path} is readable by group or others: "
+                                f"chmod 600 {config_path}, or move the keys to a key_file")
+        keys = spa_keys.check_pair(spa_keys.Keys(spa_keys.decode_key(table["key"], "key"),
+                                                 spa_keys.decode_hmac_key(table["hmac_key"], "hmac_key")))
+        return keys.key, keys.hmac_key
+    except spa_keys.SpaKeyError as err:
+        report.error(place, str(err))
+        return b"", b""
 
 
 def _parse_user_sources(report, place, table):

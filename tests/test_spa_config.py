@@ -50,7 +50,7 @@ def test_a_spa_only_config_warns_of_nothing_guarded_no_more():
     ("[spa]\n" + user(key=None), "no key: give the Rijndael key"),
     ("[spa]\n" + user(key=None, hmac_key=None), "no keys: give key_file"),
     ("[spa]\n" + user(key='"not base64!"'), "key is not valid base64"),
-    ("[spa]\n" + user(key='"' + base64.b64encode(b"k" * 33).decode() + '"'), "the key is 33 bytes"),
+    ("[spa]\n" + user(key='"' + base64.b64encode(b"k" * 33).decode() + '"'), "key decodes to 33 bytes; fwknop takes 1-32"),
     ("[spa]\n" + user(key_file='"/etc/k"'), "give key_file or key + hmac_key, not both"),
     ("[spa]\n" + user(key=None, hmac_key=None, key_file='"keys"'), "key_file 'keys': must be an absolute path"),
     ("[spa]\n" + user(hmac_digest='"sha2"'), "hmac_digest 'sha2': one of md5, sha1, sha256"),

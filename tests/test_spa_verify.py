@@ -26,7 +26,7 @@ def spa(**user_keys):
     alice = {"name": '"alice"', "key": f'"{b64(KEY)}"', "hmac_key": f'"{b64(HMAC_KEY)}"',
              "open": '["tcp:22", "udp:53"]', "sources": '["198.51.100.0/24", "2001:db8::/32"]'} | user_keys
     other = {"name": '"ops"', "key": f'"{b64(OTHER_KEY)}"', "hmac_key": f'"{b64(OTHER_HMAC)}"',
-             "hmac_digest": '"sha512"', "open": '["tcp:443"]'}
+             "hmac_digest": '"sha512"', "open": '["tcp:443"]', "sources": '["192.0.2.0/28"]'}
     text = "[spa]\n" + "".join("[[spa.user]]\n" + "".join(f"{k} = {v}\n" for k, v in u.items() if v is not None)
                                for u in (alice, other))
     return parse_config(text, listening=set()).spa
