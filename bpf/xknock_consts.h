@@ -53,7 +53,7 @@
 #define XK_EVENT_PAGES 64
 #endif
 #ifndef XK_SPA_EVENT_PAGES          /* SPA candidates' ring buffer, pages (power of two) */
-#define XK_SPA_EVENT_PAGES 256
+#define XK_SPA_EVENT_PAGES 512
 #endif
 #ifndef XK_SPA_RATE_ENTRIES         /* sources with a SPA token bucket, LRU */
 #define XK_SPA_RATE_ENTRIES 65536
@@ -64,6 +64,8 @@
 #define XK_SPA_MAX_PAYLOAD 1500
 /* Leading payload bytes checked against the base64 alphabet in the kernel. */
 #define XK_SPA_CHECK_BYTES 16
+/* struct xk_spa_event up to its payload: a record is this + the payload */
+#define XK_SPA_HEADER_BYTES 32
 
 #if (XK_FIRST_SLOTS & (XK_FIRST_SLOTS - 1)) != 0
 #error "XK_FIRST_SLOTS must be a power of two"

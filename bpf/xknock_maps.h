@@ -52,5 +52,7 @@ BPF_RINGBUF_OUTPUT(spa_events, XK_SPA_EVENT_PAGES);
  * full again) and per CPU (the total rate, so no flood starves the controller) */
 BPF_TABLE("lru_hash", struct xk_addr, struct xk_bucket, spa_rate, XK_SPA_RATE_ENTRIES);
 BPF_PERCPU_ARRAY(spa_cpu_rate, struct xk_bucket, 1);
+/* where a candidate's record is built before it goes out at its own size */
+BPF_PERCPU_ARRAY(spa_scratch, struct xk_spa_event, 1);
 
 #endif

@@ -83,11 +83,12 @@ static __always_inline __u32 handle_spa(struct xdp_md *ctx, struct xk_packet *pk
 		count(admitted);
 		return XK_DROP_SPA;
 	}
-	struct xk_spa_event *ev = spa_events.ringbuf_reserve(sizeof(struct xk_spa_event));
-	if (!ev) {
-		count(XK_SPA_LOST);
+	/* Built in per-CPU map memory, then output at its real size: a 200-byte
+	 * packet takes 240 bytes of the ring, not a whole 1536-byte record. */
+	__u32 zero = 0;
+	struct xk_spa_event *ev = spa_scratch.lookup(&zero);
+	if (!ev)
 		return XK_DROP_SPA;
-	}
 	__u32 off = *(volatile __u16 *)&pkt->off;
 	off = (off & XK_MAX_HDR_OFFSET) + sizeof(struct udphdr);
 	/* Bounds the verifier can see on the length (spa_shaped checked them, but
@@ -99,7 +100,6 @@ static __always_inline __u32 handle_spa(struct xdp_md *ctx, struct xk_packet *pk
 	asm volatile("" : "+r"(n));
 	if (n < XK_SPA_MIN_PAYLOAD || bpf_xdp_load_bytes(ctx, off, ev->payload, n) < 0) {
 		/* The IP header claimed more than the frame holds. */
-		spa_events.ringbuf_discard(ev, 0);
 		count(XK_SPA_NOT_CANDIDATE);
 		return XK_DROP_SPA;
 	}
@@ -108,7 +108,10 @@ static __always_inline __u32 handle_spa(struct xdp_md *ctx, struct xk_packet *pk
 	ev->port = pkt->dport;
 	ev->len = n;
 	ev->ipv4 = pkt->ipv4;
-	spa_events.ringbuf_submit(ev, 0);
+	if (spa_events.ringbuf_output(ev, XK_SPA_HEADER_BYTES + n, 0) < 0) {
+		count(XK_SPA_LOST);
+		return XK_DROP_SPA;
+	}
 	count(XK_SPA_QUEUED);
 	return XK_DROP_SPA;
 }

@@ -106,7 +106,9 @@ class Harness:
 
         def take(data, size):
             event = ctypes.cast(data, ctypes.POINTER(layout.SpaEvent)).contents
-            found.append((from_addr(event.src), event.port, bytes(event.payload[:event.len])))
+            payload = ctypes.string_at(data + layout.SpaEvent.payload.offset, event.len)
+            assert size == layout.SpaEvent.payload.offset + event.len, "a record is cut to its payload"
+            found.append((from_addr(event.src), event.port, payload))
 
         self.read_ring(b"spa_events", take)
         return found

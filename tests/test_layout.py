@@ -122,3 +122,7 @@ def test_spa_limits_mirror_the_c_defines():
     defines = _c_defines()
     for name in ("SPA_MIN_PAYLOAD", "SPA_MAX_PAYLOAD", "SPA_RATE_ENTRIES", "PORT_SPA"):
         assert defines[name] == getattr(layout, name), name
+
+
+def test_a_spa_record_header_is_what_the_c_says():
+    assert _c_defines()["SPA_HEADER_BYTES"] == layout.SpaEvent.payload.offset
