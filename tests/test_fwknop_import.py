@@ -163,3 +163,27 @@ def test_cli(tmp_path):
     missing = subprocess.run([XKNOCK, "import", "fwknop", str(tmp_path / "nope")], capture_output=True,
                              text=True, timeout=60)
     assert missing.returncode == 1 and missing.stderr.strip().endswith("no such file")
+
+
+def test_the_converted_config_loads_as_xknock_config(tmp_path):
+    from xknock.controller.config import load_config
+
+    inline = tmp_path / "inline.toml"
+    inline.write_text(convert(ACCESS_CONF).toml)
+    inline.chmod(0o600)
+    spa = load_config(str(inline), listening=set()).spa
+    assert [u.name for u in spa.users] == ["alice", "stanza2", "alice-2"]
+    alice = spa.users[0]
+    assert (alice.key, alice.hmac_key, alice.username, alice.require_source_address) == \
+        (ALICE.key, ALICE.hmac_key, "alice", True)
+    assert alice.open_for_ns == 60 * 10**9 and alice.max_open_for_ns == 600 * 10**9
+
+    result = convert(ACCESS_CONF, keys_dir=str(tmp_path / "keys"))
+    from xknock.controller import spa_keys
+
+    for path, keys in result.key_files:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        spa_keys.write_key_file(path, keys)
+    with_files = tmp_path / "files.toml"
+    with_files.write_text(result.toml)
+    assert load_config(str(with_files), listening=set()).spa.users[0].hmac_key == ALICE.hmac_key
