@@ -317,7 +317,8 @@ def report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence
         out += ["## Sequences configured",
                 "",
                 "count sequences of three steps on ports of their own, all guarding tcp:22; the repeated knock is "
-                "a source already at step 1 of the last sequence knocking its first port again.",
+                "a source already at step 1 of the last sequence knocking its first port again. No allow or deny "
+                "lists here (the example policy above has both), hence the cheaper guarded drop.",
                 ""]
         names = ("guarded drop", "unguarded pass", "knock repeated")
         header = ["sequences"] + [f"{n} ns" for n in names] + ["floor ns"] + [f"{n} vs floor" for n in names]

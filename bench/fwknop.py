@@ -36,8 +36,10 @@ class Settings:
     def __init__(self, quick):
         self.quick = quick
         self.tries = 3 if quick else 50
-        self.flood_tries = 2 if quick else 20
-        self.flood_rates = [None] if quick else [100_000, None]
+        self.flood_tries = 2 if quick else 10
+        # Stepped up, stopping after the first rate at which a try failed; the
+        # unthrottled flood is always measured.
+        self.flood_rates = [None] if quick else [1_000, 3_000, 10_000, 30_000, 100_000, None]
         self.warmup = 0.3 if quick else 1.0
 
 
@@ -158,24 +160,26 @@ def xknock_spa(net, directory, keys):
 
 # --- measuring ---------------------------------------------------------------------------
 
-def tries(client, daemon, net, count):
+def tries(client, daemon, net, count, stop_at_failure=False):
     command = daemon.client_command(net.server.ipv4, net.client.ipv4)
     results = []
     for _ in range(count):
         daemon.forget_client()
         results.append(client.try_once(command=command, env=daemon.client_env()))
+        if stop_at_failure and not results[-1]["ok"]:
+            break
     daemon.forget_client()
     return results
 
 
-def under_flood(net, client, daemon, count, rate, warmup):
+def under_flood(net, client, daemon, count, rate, warmup, stop_at_failure=False):
     daemon.reset()
     with sb.flood(net, [f"udp:{SPA_PORT}"], rate=rate) as fl:
         time.sleep(warmup)
         daemon.pcap_stats()   # reads and resets
         tx0 = sb.port_tx(net, net.server)
         with sb.Meter(daemon.pid, daemon.prog_id) as meter:
-            results = tries(client, daemon, net, count)
+            results = tries(client, daemon, net, count, stop_at_failure)
         tx1, pcap = sb.port_tx(net, net.server), daemon.pcap_stats()
     cpu = meter.result()
     sent, ring = tx1[0] - tx0[0], tx1[1] - tx0[1]
@@ -203,9 +207,14 @@ def run(quick):
                     out = data["daemons"][daemon.name] = {}
                     out["quiet"] = sb.summarize(tries(client, daemon, net, settings.tries))
                     out["floods"] = []
+                    failed = False
                     for rate in settings.flood_rates:
-                        row = under_flood(net, client, daemon, settings.flood_tries, rate, settings.warmup)
+                        if failed and rate is not None:
+                            continue
+                        row = under_flood(net, client, daemon, settings.flood_tries, rate, settings.warmup,
+                                          stop_at_failure=rate is not None)
                         out["floods"].append(row)
+                        failed = failed or row["ok"] < row["tries"]
                         print(f"  {daemon.name}: garbage at {rate or 'max'}: {row['flood_pps']:,} pps, "
                               f"{row['ok']}/{row['tries']} ok", flush=True)
                 finally:
@@ -227,8 +236,10 @@ def markdown(data):
              "The real `fwknop` client (Rijndael + HMAC-SHA256, `-A tcp/22 -a <client>`), timed from its return to "
              f"the first completed handshake to tcp:22 (a fresh SYN every 2 ms, deadline {sb.DEADLINE:g} s). "
              "fwknopd sniffs the server's interface and opens with iptables (iptables-nft). Floods: garbage UDP "
-             f"datagrams (12 bytes) to udp:{SPA_PORT} from random sources; 'pcap drops': frames fwknopd's capture "
-             "socket dropped (PACKET_STATISTICS), of those it was offered. CPU in seconds per second.", ""]
+             f"datagrams (12 bytes) to udp:{SPA_PORT} from random sources, stepped up in rate (a rate's tries stop at "
+             "the first failure, and no higher rate is tried after it), then unthrottled; 'pcap drops': frames "
+             "fwknopd's capture socket dropped (PACKET_STATISTICS), of those it was offered. CPU in seconds per "
+             "second.", ""]
     for name, reason in data["unavailable"].items():
         lines += [f"- {name}: {reason}", ""]
     header = ["daemon", "flood", "flood pps", "success", "median ms", "p99 ms", "daemon CPU", "machine busy CPU",

@@ -326,7 +326,9 @@ def markdown(data):
               "utime+stime (+ waited children) of the daemon's process from /proc/PID/stat; machine busy/softirq: "
               "/proc/stat over all CPUs (tick-sampled; it includes the generator and the lab's bridge, the same "
               "for both); XDP: xknock's program run time from the kernel's bpf stats (knockd has no XDP filter, "
-              "its packet work is in the softirq and its pcap socket). CPU in seconds per second of flood.", ""]
+              "its packet work is in the softirq and its pcap socket). CPU in seconds per second of flood. Where "
+              "'ring drops' is above zero, frames, the legitimate knocks among them, are lost before any filter "
+              "sees them: the flood outruns the CPU that empties the server's receive ring.", ""]
     rows = []
     for name in data["settings"]["floods"]:
         for label, dd in (("xknock", x), ("knockd", k)):

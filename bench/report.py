@@ -1,10 +1,11 @@
 """The side-by-side report (`bench/run report [--quick]`): every benchmark in
 one run, then one markdown file with PNG figures under
-bench/results/report-<date>/, and bench/results/latest-report.md pointing at
-the same figures. Versions of xknock and of every peer are in its head; its
+bench/results/report-<date>/ (with data.json, the numbers behind it), and
+bench/results/latest-report.md pointing at the same figures. Versions of xknock and of every peer are in its head; its
 ratios are only ever between numbers measured in this run."""
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -89,9 +90,12 @@ def headline(dp, kn, nf_cells, nf, fw, gen):
     if fd:
         q = fd["quiet"]
         worst = fd["floods"][-1] if fd["floods"] else None
+        best = knockd.sustained(fd["floods"])
         lines.append(f"- SPA: fwknopd {q['median_ms'] or float('nan'):.1f} ms median from the SPA packet to a connection "
                      f"({q['ok']}/{q['tries']} ok)" + (f"; under a garbage-UDP flood of {worst['flood_pps']:,} pps "
                                                        f"{worst['ok']}/{worst['tries']}" if worst else "") +
+                     f"; highest garbage rate with every SPA still connecting: "
+                     f"{'none measured' if best is None else format(best['flood_pps'], ',') + ' pps'}"
                      f". xknock SPA: {fw['unavailable'].get('xknock', 'measured above')}.")
     lines.append(f"- Traffic generator (XDP live frames, one process, into a dropping peer): {gen[0]:,.0f} pps.")
     return lines
@@ -148,6 +152,10 @@ def run_report(quick):
                fwknop.markdown(fw), *images("spa")]
         return "\n".join(out) + "\n"
 
+    with open(os.path.join(directory, "data.json"), "w") as f:
+        json.dump({"datapath": {k: v for k, v in dp.items() if k != "text"}, "knockd": kn,
+                   "nft": {**nf, "rows": {" / ".join(k): v for k, v in nf["rows"].items()}},
+                   "spa": fw, "generator_pps": gen}, f, indent=1, default=str)
     report_path = os.path.join(directory, "report.md")
     with open(report_path, "w") as f:
         f.write(text(""))
