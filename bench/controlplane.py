@@ -269,3 +269,4 @@ def run_controlplane(quick):
     ])
     print(text)
     print(f"written to {common.write_results('controlplane', text)}")
+    return text

@@ -7,7 +7,7 @@ Reference points, timed the same way on the same frame in the same rounds:
 - floor: a BCC-loaded XDP program that only returns XDP_DROP;
 - xdp-filter: xdp-tools' stateless filter with the rule "drop dst tcp port 22".
 
-Also the entry point of bench/run: `bench/run [datapath|controlplane|all] [--quick]`.
+Also the entry point of bench/run: `bench/run [datapath|controlplane|flood|knockd|nft|spa|report|all] [--quick]`.
 """
 
 import ctypes
@@ -45,6 +45,7 @@ class Settings:
         self.single_runs = 50 if quick else 2000
         self.progress_sizes = [10, 1000] if quick else [10, 1000, 100_000, 1_000_000]
         self.allow_sizes = [1, 100] if quick else [1, 100, 10_000, 100_000]
+        self.sequence_counts = [1, 4] if quick else [1, 2, 4, 8, 16, 32, 64]
 
 
 def load_floor():
@@ -215,13 +216,44 @@ def bench_allow_scaling(h, floor_fd, settings):
     return rows
 
 
+def sequences_config(count):
+    """count sequences of three steps each on ports of their own (tcp, udp,
+    tcp from 10000 on), all guarding tcp:22."""
+    blocks = ['[filter]\nmode = "enforce"\n']
+    for i in range(count):
+        base = 10000 + 3 * i
+        blocks.append(f'[[sequence]]\nname = "s{i}"\nknock = ["tcp:{base}", "udp:{base + 1}", "tcp:{base + 2}"]\n'
+                      f'step_timeout = "5s"\nopen = ["tcp:22"]\nopen_for = "30s"\nidle_timeout = "1m"\n')
+    return parse_config("\n".join(blocks), listening=set()), 10000 + 3 * (count - 1)
+
+
+def bench_sequence_scaling(floor_fd, settings):
+    """Guarded drop, unguarded pass and a repeated first knock (on the last
+    sequence's first port) with 1 to 64 sequences configured."""
+    rows = []
+    with Harness() as h:
+        for count in settings.sequence_counts:
+            config, last_port = sequences_config(count)
+            h.apply(config)
+            h.run(tcp(KNOCKER4, last_port))     # the knocker at step 1 of the last sequence
+            cells = {}
+            for name, frame, expected in (("guarded drop", tcp(STRANGER4, 22), XDP_DROP),
+                                          ("unguarded pass", tcp(STRANGER4, 80), XDP_PASS),
+                                          ("knock repeated", tcp(KNOCKER4, last_port), XDP_DROP)):
+                got = measure_group({"xknock": h.fd, "floor": floor_fd}, frame, settings)
+                check(f"{name}, {count} sequences", got["xknock"][0], expected)
+                cells[name] = got
+            rows.append((count, cells))
+    return rows
+
+
 # --- report -------------------------------------------------------------------
 
 def ns(value):
     return f"{value:.0f}"
 
 
-def report(settings, paths, single, progress_rows, allow_rows, xf_note):
+def report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence_rows=()):
     out = [f"# xknock data path benchmark ({time.strftime('%Y-%m-%d %H:%M')})", ""]
     out += common.machine()
     out += [
@@ -280,6 +312,21 @@ def report(settings, paths, single, progress_rows, allow_rows, xf_note):
                      ns(drop["xknock"][1]), ns(drop["floor"][1]), common.ratio(drop["xknock"][1], drop["floor"][1]),
                      f"{apply_s:.1f}"))
     out += [common.markdown_table(header, rows), ""]
+
+    if sequence_rows:
+        out += ["## Sequences configured",
+                "",
+                "count sequences of three steps on ports of their own, all guarding tcp:22; the repeated knock is "
+                "a source already at step 1 of the last sequence knocking its first port again. No allow or deny "
+                "lists here (the example policy above has both), hence the cheaper guarded drop.",
+                ""]
+        names = ("guarded drop", "unguarded pass", "knock repeated")
+        header = ["sequences"] + [f"{n} ns" for n in names] + ["floor ns"] + [f"{n} vs floor" for n in names]
+        rows = []
+        for count, cells in sequence_rows:
+            rows.append([count, *(ns(cells[n]["xknock"][1]) for n in names), ns(cells["guarded drop"]["floor"][1]),
+                         *(common.ratio(cells[n]["xknock"][1], cells[n]["floor"][1]) for n in names)])
+        out += [common.markdown_table(header, rows), ""]
     return "\n".join(out)
 
 
@@ -299,30 +346,47 @@ def run_datapath(quick):
             single = bench_single_advance(h, floor_fd, settings)
             allow_rows = bench_allow_scaling(h, floor_fd, settings)
         progress_rows = bench_progress_scaling(floor_fd, settings)
+        sequence_rows = bench_sequence_scaling(floor_fd, settings)
     finally:
         if xf:
             xf.close()
         floor_bpf.cleanup()
-    text = report(settings, paths, single, progress_rows, allow_rows, xf_note)
+    text = report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence_rows)
     print(text)
     print(f"written to {common.write_results('datapath', text)}")
+    return {"settings": vars(settings), "paths": paths, "single": single, "progress": progress_rows,
+            "allow": allow_rows, "sequences": sequence_rows, "xdp_filter": xf_note, "text": text}
+
+
+COMMANDS = ("datapath", "controlplane", "flood", "knockd", "nft", "spa", "report", "all")
 
 
 def main(argv):
     quick = "--quick" in argv
     which = [a for a in argv if not a.startswith("-")] or ["datapath"]
-    if len(which) != 1 or which[0] not in ("datapath", "controlplane", "flood", "all"):
-        raise SystemExit("usage: bench/run [datapath|controlplane|flood|all] [--quick]")
-    if which[0] in ("datapath", "all"):
+    if len(which) != 1 or which[0] not in COMMANDS:
+        raise SystemExit(f"usage: bench/run [{'|'.join(COMMANDS)}] [--quick]")
+    which = which[0]
+    if which in ("datapath", "all"):
         run_datapath(quick)
-    if which[0] in ("controlplane", "all"):
+    if which in ("controlplane", "all"):
         from . import controlplane
 
         controlplane.run_controlplane(quick)
-    if which[0] == "flood":
+    if which == "flood":
         from . import flood
 
         flood.run_flood(quick)
+    if which == "report":
+        from . import report
+
+        report.run_report(quick)
+    for name, module in (("knockd", "knockd"), ("nft", "nftingress"), ("spa", "fwknop")):
+        if which == name:
+            import importlib
+
+            bench = importlib.import_module(f"bench.{module}")
+            print(bench.markdown(bench.run(quick)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,262 @@
+"""Single packet authorization side by side: fwknopd (Debian's fwknop-server)
+and, once it exists, xknock's own SPA (`bench/run fwknop`).
+
+fwknopd runs in the lab's server namespace, sniffing the server's interface
+(pcap, udp port 62201) with Rijndael + HMAC-SHA256 keys in its access.conf;
+its firewall is Debian's default, iptables (here iptables-nft): it puts its
+FWKNOP_INPUT chain first in INPUT, in front of a rule dropping tcp:22. The
+client is the real `fwknop -A tcp/22 -a <client ip> --use-hmac
+--key-base64-rijndael ... --key-base64-hmac ...`, timed from its return to
+the first completed handshake to tcp:22 (bench.sidebyside). Then the same
+under floods of garbage UDP datagrams to the SPA port from random sources.
+
+xknock's column comes from `xknock_spa()`: it says "not available" until the
+CLI has an `spa` command; fill in XknockSpa when it lands.
+"""
+
+import base64
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from xknock.controller.lab import lab, stop_process, wait_for
+
+from . import common, sidebyside as sb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from e2e_helpers import XKNOCK, LineReader, TcpEchoServer  # noqa: E402,I001
+
+SPA_PORT = 62201
+
+
+class Settings:
+    def __init__(self, quick):
+        self.quick = quick
+        self.tries = 3 if quick else 50
+        self.flood_tries = 2 if quick else 10
+        # Stepped up, stopping after the first rate at which a try failed; the
+        # unthrottled flood is always measured.
+        self.flood_rates = [None] if quick else [1_000, 3_000, 10_000, 30_000, 100_000, None]
+        self.warmup = 0.3 if quick else 1.0
+
+
+def new_keys():
+    """(Rijndael key, HMAC key), base64, as `fwknop --key-gen` makes them."""
+    return base64.b64encode(os.urandom(32)).decode(), base64.b64encode(os.urandom(64)).decode()
+
+
+FWKNOPD_CONF = """PCAP_INTF                   %(iface)s;
+PCAP_FILTER                 udp port %(port)d;
+ENABLE_IPT_FORWARDING       N;
+FLUSH_IPT_AT_INIT           Y;
+FLUSH_IPT_AT_EXIT           Y;
+ENABLE_DIGEST_PERSISTENCE   N;
+"""
+
+ACCESS_CONF = """SOURCE              ANY
+OPEN_PORTS          tcp/%(guarded)d
+KEY_BASE64          %(key)s
+HMAC_KEY_BASE64     %(hmac)s
+FW_ACCESS_TIMEOUT   30
+"""
+
+
+class Fwknopd:
+    name = "fwknopd"
+
+    def __init__(self, net, directory, keys):
+        self.net, self.directory, self.keys = net, directory, keys
+        self.conf = os.path.join(directory, "fwknopd.conf")
+        self.access = os.path.join(directory, "access.conf")
+        with open(self.conf, "w") as f:
+            f.write(FWKNOPD_CONF % {"iface": net.server_iface, "port": SPA_PORT})
+        with open(self.access, "w") as f:
+            f.write(ACCESS_CONF % {"guarded": sb.GUARDED, "key": keys[0], "hmac": keys[1]})
+        os.chmod(self.access, 0o600)
+        self.home = os.path.join(directory, "home")
+        os.makedirs(self.home, exist_ok=True)
+        self.process = None
+        self.prog_id = None
+
+    def start(self):
+        server = self.net.server
+        sb.run_in(server, ["iptables", "-A", "INPUT", "-p", "tcp", "--dport", str(sb.GUARDED), "-j", "DROP"])
+        sb.pass_xdp(self.net, server)
+        self._launch()
+        return self
+
+    def _launch(self):
+        run_dir = os.path.join(self.directory, "run")
+        os.makedirs(run_dir, exist_ok=True)
+        self.process = self.net.server.popen(
+            ["fwknopd", "-f", "-c", self.conf, "-a", self.access, "-i", self.net.server_iface,
+             "-d", os.path.join(self.directory, "digest.cache"), "-p", os.path.join(run_dir, "fwknopd.pid"),
+             "-r", run_dir], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.pid = self.process.pid
+        self.log = LineReader(self.process.stdout)
+        # Ready once its chain is in INPUT and its pcap socket is open.
+        if not wait_for(lambda: self._chain_ready() and sb.packet_socket_stats(self.net.server.name, self.pid), 15):
+            raise RuntimeError(f"fwknopd did not start: {self.log.read_all(1)}")
+
+    def _chain_ready(self):
+        result = self.net.server.run(["iptables", "-S", "INPUT"])
+        return "FWKNOP_INPUT" in result.stdout
+
+    def forget_client(self):
+        sb.run_in(self.net.server, ["iptables", "-F", "FWKNOP_INPUT"])
+
+    def reset(self):
+        pass
+
+    def pcap_stats(self):
+        return sb.packet_socket_stats(self.net.server.name, self.pid)
+
+    def judged(self):
+        return None
+
+    def client_command(self, server, client):
+        return ["fwknop", "-A", f"tcp/{sb.GUARDED}", "-a", client, "-D", server, "--use-hmac",
+                "--key-base64-rijndael", self.keys[0], "--key-base64-hmac", self.keys[1], "--no-save-args",
+                "--no-rc-file"]
+
+    def client_env(self):
+        return {"HOME": self.home, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+    def stop(self):
+        if self.process:
+            stop_process(self.process)
+        sb.run_in(self.net.server, ["iptables", "-F", "INPUT"], check=False)
+        sb.no_xdp(self.net.server)
+
+
+class Unavailable(Exception):
+    pass
+
+
+class XknockSpa:
+    """xknock's SPA, to be filled in when `xknock spa` and the [spa] config
+    section exist: start() attaches with an [spa] section holding these keys,
+    client_command() is `xknock spa ...`, forget_client() revokes the client."""
+
+    name = "xknock"
+
+    def __init__(self, net, directory, keys):
+        result = subprocess.run([XKNOCK, "spa", "--help"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise Unavailable("not available: this xknock has no `spa` command")
+        raise Unavailable("not available: the SPA benchmark of xknock is not written yet")
+
+
+def xknock_spa(net, directory, keys):
+    """An XknockSpa, or the reason there is none."""
+    try:
+        return XknockSpa(net, directory, keys), None
+    except Unavailable as err:
+        return None, str(err)
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+def tries(client, daemon, net, count, stop_at_failure=False):
+    command = daemon.client_command(net.server.ipv4, net.client.ipv4)
+    results = []
+    for _ in range(count):
+        daemon.forget_client()
+        results.append(client.try_once(command=command, env=daemon.client_env()))
+        if stop_at_failure and not results[-1]["ok"]:
+            break
+    daemon.forget_client()
+    return results
+
+
+def under_flood(net, client, daemon, count, rate, warmup, stop_at_failure=False):
+    daemon.reset()
+    with sb.flood(net, [f"udp:{SPA_PORT}"], rate=rate) as fl:
+        time.sleep(warmup)
+        daemon.pcap_stats()   # reads and resets
+        tx0 = sb.port_tx(net, net.server)
+        with sb.Meter(daemon.pid, daemon.prog_id) as meter:
+            results = tries(client, daemon, net, count, stop_at_failure)
+        tx1, pcap = sb.port_tx(net, net.server), daemon.pcap_stats()
+    cpu = meter.result()
+    sent, ring = tx1[0] - tx0[0], tx1[1] - tx0[1]
+    return {**sb.summarize(results), **cpu, "rate": rate, "flood_pps": fl.result()["pps"],
+            "delivered_pps": sent / cpu["wall_s"], "ring_drop_share": ring / (sent + ring) if sent + ring else 0.0,
+            "pcap_packets": pcap and pcap[0], "pcap_drops": pcap and pcap[1]}
+
+
+def run(quick):
+    settings = Settings(quick)
+    data = {"settings": vars(settings), "daemons": {}, "unavailable": {}}
+    keys = new_keys()
+    with lab("xkspa", ipv6=False) as net, tempfile.TemporaryDirectory(prefix="xkspa-") as directory:
+        os.chmod(directory, 0o755)
+        server = TcpEchoServer(net.server, sb.GUARDED)
+        client = sb.Client(net)
+        try:
+            xk, reason = xknock_spa(net, directory, keys)
+            if reason:
+                data["unavailable"]["xknock"] = reason
+            for daemon in [d for d in (xk, Fwknopd(net, directory, keys)) if d is not None]:
+                daemon.start()
+                try:
+                    tries(client, daemon, net, 1)   # unmeasured: the daemon's first packet
+                    out = data["daemons"][daemon.name] = {}
+                    out["quiet"] = sb.summarize(tries(client, daemon, net, settings.tries))
+                    out["floods"] = []
+                    failed = False
+                    for rate in settings.flood_rates:
+                        if failed and rate is not None:
+                            continue
+                        row = under_flood(net, client, daemon, settings.flood_tries, rate, settings.warmup,
+                                          stop_at_failure=rate is not None)
+                        out["floods"].append(row)
+                        failed = failed or row["ok"] < row["tries"]
+                        print(f"  {daemon.name}: garbage at {rate or 'max'}: {row['flood_pps']:,} pps, "
+                              f"{row['ok']}/{row['tries']} ok", flush=True)
+                finally:
+                    daemon.stop()
+        finally:
+            client.close()
+            server.stop()
+    return data
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def ms(value):
+    return "-" if value is None else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
+
+
+def markdown(data):
+    lines = ["## SPA: fwknopd and xknock side by side", "",
+             "The real `fwknop` client (Rijndael + HMAC-SHA256, `-A tcp/22 -a <client>`), timed from its return to "
+             f"the first completed handshake to tcp:22 (a fresh SYN every 2 ms, deadline {sb.DEADLINE:g} s). "
+             "fwknopd sniffs the server's interface and opens with iptables (iptables-nft). Floods: garbage UDP "
+             f"datagrams (12 bytes) to udp:{SPA_PORT} from random sources, stepped up in rate (a rate's tries stop at "
+             "the first failure, and no higher rate is tried after it), then unthrottled; 'pcap drops': frames "
+             "fwknopd's capture socket dropped (PACKET_STATISTICS), of those it was offered. CPU in seconds per "
+             "second.", ""]
+    for name, reason in data["unavailable"].items():
+        lines += [f"- {name}: {reason}", ""]
+    header = ["daemon", "flood", "flood pps", "success", "median ms", "p99 ms", "daemon CPU", "machine busy CPU",
+              "ring drops", "pcap drops"]
+    rows = []
+    for name, d in data["daemons"].items():
+        q = d["quiet"]
+        rows.append([name, "none", "-", f"{q['ok']}/{q['tries']}", ms(q["median_ms"]), ms(q["p99_ms"]),
+                     "-", "-", "-", "-"])
+        for r in d["floods"]:
+            wall = r["wall_s"]
+            rows.append([name, "garbage UDP " + ("max" if r["rate"] is None else f"at {r['rate']:,}"),
+                         f"{r['flood_pps']:,}", f"{r['ok']}/{r['tries']}", ms(r["median_ms"]), ms(r["p99_ms"]),
+                         f"{r.get('daemon_cpu_s', 0) / wall:.3f}", f"{r['busy_cpu_s'] / wall:.2f}",
+                         f"{r['ring_drop_share']:.0%}",
+                         "-" if r["pcap_drops"] is None else f"{r['pcap_drops']:,} of {r['pcap_packets']:,}"])
+    for name in data["unavailable"]:
+        rows.append([name, "-", "-", "not available", "-", "-", "-", "-", "-", "-"])
+    lines.append(common.markdown_table(header, rows))
+    return "\n".join(lines) + "\n"
