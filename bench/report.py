@@ -96,7 +96,19 @@ def headline(dp, kn, nf_cells, nf, fw, gen):
                                                        f"{worst['ok']}/{worst['tries']}" if worst else "") +
                      f"; highest garbage rate with every SPA still connecting: "
                      f"{'none measured' if best is None else format(best['flood_pps'], ',') + ' pps'}"
-                     f". xknock SPA: {fw['unavailable'].get('xknock', 'measured above')}.")
+                     ".")
+    xd = fw["daemons"].get("xknock")
+    if xd:
+        q = xd["quiet"]
+        worst = xd["floods"][-1] if xd["floods"] else None
+        ratio = (f" ({fd['quiet']['median_ms'] / q['median_ms']:.0f}x faster than fwknopd)"
+                 if fd and fd["quiet"]["median_ms"] and q["median_ms"] else "")
+        lines.append(f"- SPA: xknock {q['median_ms'] or float('nan'):.1f} ms median from the same client's packet to a "
+                     f"connection{ratio} ({q['ok']}/{q['tries']} ok), arrival to grant {q.get('grant_median_ms') or float('nan'):.2f} ms"
+                     + (f"; under a garbage-UDP flood of {worst['flood_pps']:,} pps {worst['ok']}/{worst['tries']}"
+                        if worst else "") + ".")
+    elif fw["unavailable"].get("xknock"):
+        lines.append(f"- SPA, xknock: {fw['unavailable']['xknock']}.")
     lines.append(f"- Traffic generator (XDP live frames, one process, into a dropping peer): {gen[0]:,.0f} pps.")
     return lines
 

@@ -194,12 +194,14 @@ class SpaReceiver:
             # string_at, not a slice: slicing a ctypes array makes a list of ints (10x slower).
             length = min(event.len, layout.SPA_MAX_PAYLOAD, size - PAYLOAD_OFFSET)   # records are cut to size
             payload = ctypes.string_at(data + PAYLOAD_OFFSET, length)
-            self.handle(payload, from_addr(event.src))
+            self.handle(payload, from_addr(event.src), arrived_ns=event.ts_ns)
         except Exception:   # one bad packet must never stop the receiver
             log.exception("SPA packet handling failed")
         return 0
 
-    def handle(self, payload, source):
+    def handle(self, payload, source, arrived_ns=None):
+        """arrived_ns: when the data path saw the packet (CLOCK_MONOTONIC), for
+        the log's latency_ms: arrival to grants written."""
         if self.verifier.spa is None:
             return None   # a candidate queued just before a reload removed [spa]
         verdict = self.verifier.verify(payload, source)
@@ -217,6 +219,8 @@ class SpaReceiver:
             fields["granted"] = str(verdict.address)
             fields["ports"] = ",".join(f"{proto}:{port}" for proto, port in verdict.ports)
             fields["open_for"] = f"{verdict.open_for_ns // 1_000_000_000}s"
+            if arrived_ns:
+                fields["latency_ms"] = f"{(grants.monotonic_ns() - arrived_ns) / 1e6:.2f}"
             log.info("spa_accepted", extra={"fields": fields})
         else:
             fields["why"] = verdict.detail
