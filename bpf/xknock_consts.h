@@ -55,6 +55,9 @@
 #ifndef XK_SPA_EVENT_PAGES          /* SPA candidates' ring buffer, pages (power of two) */
 #define XK_SPA_EVENT_PAGES 512
 #endif
+#ifndef XK_SPA_KNOWN_ENTRIES        /* sources with an accepted SPA packet, LRU */
+#define XK_SPA_KNOWN_ENTRIES 16384
+#endif
 #ifndef XK_SPA_RATE_ENTRIES         /* sources with a SPA token bucket, LRU */
 #define XK_SPA_RATE_ENTRIES 65536
 #endif
@@ -165,6 +168,7 @@ enum xk_reason {
 	XK_SPA_SOURCE_DENIED = 49, /* source outside every stanza's sources, or address rules */
 	XK_SPA_GRANT_FAILED = 50,  /* verified, but the grants map was full */
 	XK_SPA_GRANT_CREATED = 51, /* grant entries SPA added that were not in the map before */
+	XK_SPA_KNOWN_PASSED = 52,  /* over the total rate, queued anyway: the source had an accepted SPA */
 	XK_COUNTERS = 64,
 };
 

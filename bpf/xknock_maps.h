@@ -45,6 +45,9 @@ BPF_TABLE_PINNED("percpu_hash", u32, struct xk_seq_stats, seqstats, 2 * XK_MAX_S
 BPF_PERCPU_ARRAY(scratch, struct xk_packet, 1);
 /* grants and ended sequences, for the controller's log and hooks */
 BPF_RINGBUF_OUTPUT(events, XK_EVENT_PAGES);
+/* sources that sent an accepted SPA packet (the controller writes them, with
+ * the time): past the total rate, their candidates still reach the controller */
+BPF_TABLE_PINNED("lru_hash", struct xk_addr, u64, spa_known, XK_SPA_KNOWN_ENTRIES, XK_PIN_DIR "/spa_known");
 /* SPA candidates for the controller: a ring of their own, so a flood of them
  * never crowds out the events above */
 BPF_RINGBUF_OUTPUT(spa_events, XK_SPA_EVENT_PAGES);

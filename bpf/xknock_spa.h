@@ -62,9 +62,16 @@ static __always_inline int spa_admit(struct xk_packet *pkt, struct xk_settings *
 	}
 	/* The per-source bucket first: one loud source spends its own credit,
 	 * not the CPU's that every other source shares. */
-	if (!bucket_take(cpu, now, set->spa_cpu_cost_ns, set->spa_cpu_burst_ns))
-		return XK_SPA_OVERLOADED;
-	return XK_SPA_QUEUED;
+	if (bucket_take(cpu, now, set->spa_cpu_cost_ns, set->spa_cpu_burst_ns))
+		return XK_SPA_QUEUED;
+	/* A flood has used up the total rate. Sources that authenticated before
+	 * still get through (within their own rate): a spoofed flood would have
+	 * to guess them to compete. */
+	if (spa_known.lookup(&pkt->src)) {
+		count(XK_SPA_KNOWN_PASSED);
+		return XK_SPA_QUEUED;
+	}
+	return XK_SPA_OVERLOADED;
 }
 
 static __always_inline __u32 handle_spa(struct xdp_md *ctx, struct xk_packet *pkt, struct xk_settings *set, __u64 now)

@@ -19,6 +19,7 @@ FAILURE_ENTRIES = 65536
 BAN_ENTRIES = 65536
 COUNTERS = 64
 SPA_RATE_ENTRIES = 65536
+SPA_KNOWN_ENTRIES = 16384
 SPA_MIN_PAYLOAD = 140
 SPA_MAX_PAYLOAD = 1500
 
@@ -109,11 +110,12 @@ class Reason(enum.IntEnum):
     SPA_SOURCE_DENIED = 49
     SPA_GRANT_FAILED = 50
     SPA_GRANT_CREATED = 51
+    SPA_KNOWN_PASSED = 52   # the data path's, like SPA_QUEUED
 
 
 # Counters only the controller writes: the data path never touches them.
 CONTROLLER_REASONS = frozenset({Reason.GRANT_REMOVED, Reason.GRANT_OPERATOR, Reason.BAN_REMOVED} |
-                               {r for r in Reason if r >= Reason.SPA_ACCEPTED})
+                               {r for r in Reason if Reason.SPA_ACCEPTED <= r <= Reason.SPA_GRANT_CREATED})
 
 VERDICT_REASONS = 13  # reasons below this are verdicts: one per packet
 
@@ -297,4 +299,5 @@ MAPS = {
     "firsts": (ctypes.c_uint32, ctypes.c_uint64),
     "failures": (Addr, Failures),
     "bans": (Addr, Ban),
+    "spa_known": (Addr, ctypes.c_uint64),
 }

@@ -79,6 +79,8 @@ SIMPLE_COUNTERS = (
      "Grants the operator created with `xknock grant` that were not in the grants map before."),
     ("xknock_grants_spa_total", layout.Reason.SPA_GRANT_CREATED,
      "Grants accepted SPA packets created that were not in the grants map before."),
+    ("xknock_spa_known_passed_total", layout.Reason.SPA_KNOWN_PASSED,
+     "SPA packets over the total rate queued anyway because their source had an accepted SPA packet before."),
     ("xknock_grants_removed_total", layout.Reason.GRANT_REMOVED,
      "Grants the controller deleted: revoked by the operator or swept after expiry."),
     ("xknock_grant_failures_total", layout.Reason.GRANT_FAILED,

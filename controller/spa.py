@@ -20,7 +20,7 @@ import time
 
 from . import grants, layout, spa_message
 from .errors import XknockError
-from .maps import from_addr
+from .maps import from_addr, to_addr
 
 log = logging.getLogger("xknock.spa")
 
@@ -199,6 +199,14 @@ class SpaReceiver:
             log.exception("SPA packet handling failed")
         return 0
 
+    def remember(self, source):
+        """A source whose SPA was accepted: past the total rate, the kernel
+        still queues its packets (xknock_spa.h)."""
+        try:
+            self.maps.spa_known.update(to_addr(source), ctypes.c_uint64(grants.monotonic_ns()))
+        except OSError as err:   # an LRU never fills; anything else must not stop the receiver
+            log.warning("could not remember a SPA source", extra={"fields": {"error": str(err)}})
+
     def handle(self, payload, source, arrived_ns=None):
         """arrived_ns: when the data path saw the packet (CLOCK_MONOTONIC), for
         the log's latency_ms: arrival to grants written."""
@@ -207,6 +215,7 @@ class SpaReceiver:
         verdict = self.verifier.verify(payload, source)
         if verdict.outcome == Reason.SPA_ACCEPTED:
             verdict = self._grant(verdict)
+            self.remember(source)
         self.pending[verdict.outcome] = self.pending.get(verdict.outcome, 0) + 1
         if time.monotonic() >= self.next_flush:
             self.flush()

@@ -158,3 +158,26 @@ def test_monitor_mode_passes_spa_packets_but_still_queues_them(harness):
 def test_without_spa_the_port_is_just_a_port(xk):
     assert xk.run(udp("198.51.100.7", SPA_PORT, payload=candidate(200))) == XDP_PASS
     assert xk.spa_candidates() == []
+
+
+def test_past_the_total_rate_sources_with_an_accepted_spa_still_get_through(harness):
+    import ctypes
+
+    from xknock.controller.maps import to_addr
+
+    harness.reset_state()
+    harness.set_clock(1_000_000_000_000)
+    harness.apply(spa_config(rate=10, total_rate=20))
+    harness.maps.spa_known.update(to_addr("192.0.2.50"), ctypes.c_uint64(1))   # as the controller does
+    payload = candidate(200)
+    for i in range(60):   # a flood from many sources uses up the total rate
+        harness.run(udp(f"198.51.100.{i + 1}", SPA_PORT, payload=payload))
+    assert harness.counters()[R.SPA_OVERLOADED] > 0
+    harness.spa_candidates()
+    assert harness.run(udp("192.0.2.51", SPA_PORT, payload=payload)) == XDP_DROP   # a stranger: overloaded
+    assert harness.run(udp("192.0.2.50", SPA_PORT, payload=payload)) == XDP_DROP   # known: queued all the same
+    assert [str(src) for src, _, _ in harness.spa_candidates()] == ["192.0.2.50"]
+    assert harness.counters()[R.SPA_KNOWN_PASSED] == 1
+    for _ in range(20):   # still within its own rate only
+        harness.run(udp("192.0.2.50", SPA_PORT, payload=payload))
+    assert len(harness.spa_candidates()) == 9

@@ -212,3 +212,33 @@ def test_a_junk_flood_from_many_sources_does_not_keep_a_good_packet_out(net, set
         print(f"junk sent {sent}; SPA counters {seen}")
         assert seen.get("accepted") == 1
         assert seen.get("bad_hmac", 0) > 1000, (sent, seen)   # the junk did reach the controller
+
+
+def test_past_the_total_rate_a_returning_user_still_gets_in(net, tmp_path):
+    # A total rate far below the flood: strangers' packets are mostly dropped
+    # in the kernel, but the client authenticated once before the flood.
+    xknock(net.server, "detach", net.server_iface)
+    text = CONFIG.format(port=SPA_PORT, cache=tmp_path / "replay", key=KEY_B64, hmac=HMAC_B64, guarded=GUARDED)
+    path = write_config(tmp_path, "spa.toml", text.replace("[spa]\n", "[spa]\ntotal_rate = 100\n"))
+    os.chmod(path, 0o600)
+    server = net.server.ipv4
+    with Foreground(net, path) as controller:
+        controller.wait_ready()
+        fwknop(net.client, server, allow=net.client.ipv4)
+        assert opens(net.client, server)
+        check(xknock(net.server, "revoke", net.server_iface, net.client.ipv4))
+        assert shut(net.client, server)
+        flood = net.attacker.popen([HELPER_PYTHON, "-c", JUNK_FLOOD, server, SPA_PORT, "5"],
+                                   stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            for _ in range(3):   # three returning logins in the flood, each on its first packet
+                fwknop(net.client, server, allow=net.client.ipv4)
+                assert opens(net.client, server, timeout=1.5), verdicts(net)
+                check(xknock(net.server, "revoke", net.server_iface, net.client.ipv4))
+        finally:
+            flood.communicate(timeout=30)
+        seen = verdicts(net)
+        # (a login that found credit left in the total rate did not need the exemption)
+        assert seen.get("overloaded", 0) > 1000 and 1 <= seen.get("known_passed", 0) <= 3, seen
+        assert seen.get("accepted") == 4

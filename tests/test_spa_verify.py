@@ -167,4 +167,7 @@ def test_the_receiver_writes_grants_and_counts_outcomes(harness, tmp_path):
     counters = harness.counters()
     assert counters[R.SPA_ACCEPTED] == 1 and counters[R.SPA_REPLAYED] == 1
     assert counters[R.SPA_GRANT_CREATED] == 1
+    from xknock.controller.maps import to_addr
+
+    assert harness.maps.spa_known.lookup(to_addr(ALICE)) is not None   # remembered: past floods, still heard
     cache.close()
