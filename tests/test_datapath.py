@@ -129,6 +129,19 @@ def test_repeated_step_is_ignored(xk):
     assert counted(xk, Reason.KNOCK_COMPLETED) == 1
 
 
+def test_each_knock_sent_three_times_opens_and_fails_nothing(xk):
+    """`xknock knock --repeat 3`: every knock three times, 10 ms apart. The
+    copies are repeats, ignored; none resets, times out or counts a failure."""
+    for s in SSH:
+        knock(xk, STRANGER4, [s] * 3, gap=0.01)
+        xk.advance(0.1)
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS
+    # two copies per step, and udp:8000's two again as web's first step
+    assert counted(xk, Reason.KNOCK_REPEATED) == 8
+    assert counted(xk, Reason.KNOCK_COMPLETED) == 1
+    assert counted(xk, Reason.KNOCK_RESET) == counted(xk, Reason.KNOCK_TIMED_OUT) == 0
+
+
 def test_tcp_knock_counts_syns_only(xk):
     for flags in ("A", "SA", "R", "F"):
         xk.run(tcp(STRANGER4, 7000, flags=flags))

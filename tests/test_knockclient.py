@@ -27,7 +27,8 @@ SEND_KNOCKS = """
 import sys
 from xknock.controller.config import Step
 from xknock.controller.knockclient import send_knocks
-send_knocks(sys.argv[1], [Step("tcp", 7000), Step("udp", 8000), Step("icmp", 0)], delay=0.05)
+send_knocks(sys.argv[1], [Step("tcp", 7000), Step("udp", 8000), Step("icmp", 0)], delay=0.05,
+            repeat=int(sys.argv[2]) if len(sys.argv) > 2 else 1)
 """
 
 
@@ -133,6 +134,23 @@ def test_knocks_reach_the_server_once_each_in_order(net, family):
         # A moment more, to catch what should not be there (a second SYN).
         time.sleep(0.3)
     assert knocks_seen(capture, server_addr) == EXPECTED
+
+
+@pytest.mark.netns
+def test_repeat_sends_each_knock_that_many_times_before_the_next(net):
+    server_addr = net.server.ipv4
+    expected = [knock for knock in EXPECTED for _ in range(3)]
+    with Capture(net.server) as capture:
+        sent = net.client.run([sys.executable, "-c", SEND_KNOCKS, server_addr, "3"], timeout=20)
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: len(knocks_seen(capture, server_addr)) >= len(expected), timeout=3)
+        time.sleep(0.3)
+    assert knocks_seen(capture, server_addr) == expected
+
+
+def test_a_step_twice_in_a_row_cannot_be_repeated():
+    with pytest.raises(KnockError, match=r"knock\[1\] udp:8000 is knock\[0\] again"):
+        send_knocks("127.0.0.1", [Step("udp", 8000), Step("udp", 8000)], repeat=2)
 
 
 def test_an_unresolvable_host_is_a_knock_error():
