@@ -213,7 +213,7 @@ def status(iface, as_json):
 def _render(f):
     lines = []
     ifaces = ", ".join(f"{i['name']} ({i['xdp_mode']}, prog {i['prog_id']})" for i in f["interfaces"])
-    lines.append(f"filter on {ifaces}: {f['mode']}")
+    lines.append(f"filter on {ifaces}: {f['mode']}" + (", strict" if f.get("strict") else ""))
     lines.append(f"guarded: {' '.join(f['guarded']) or 'nothing'}")
     for s in f["sequences"]:
         lines.append(f"  sequence {s['name']}: {' '.join(s['knock'])} -> {' '.join(s['open'])} "
