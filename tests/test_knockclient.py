@@ -16,7 +16,9 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 
 from xknock.controller.config import Step
-from xknock.controller.knockclient import KnockError, echo_request, internet_checksum, send_knocks
+from xknock.controller.knockclient import (
+    REPEAT_GAP, KnockError, copy_pauses, echo_request, internet_checksum, send_knocks,
+)
 from xknock.controller.lab import lab, stop_process, wait_for
 
 KNOCKS = [Step("tcp", 7000), Step("udp", 8000), Step("icmp", 0)]
@@ -146,6 +148,14 @@ def test_repeat_sends_each_knock_that_many_times_before_the_next(net):
         wait_for(lambda: len(knocks_seen(capture, server_addr)) >= len(expected), timeout=3)
         time.sleep(0.3)
     assert knocks_seen(capture, server_addr) == expected
+
+
+def test_copies_are_spread_over_the_delay_the_last_just_before_the_next_knock():
+    assert copy_pauses(0.1, 1) == (0.0, 0.1)                    # one copy: the plain delay
+    between, before_next = copy_pauses(0.5, 3)
+    assert before_next == REPEAT_GAP
+    assert between * 2 + before_next == pytest.approx(0.5)      # knock to knock: still the delay
+    assert copy_pauses(0.005, 3) == (0.0, 0.005)                # a delay below the gap: back to back
 
 
 def test_a_step_twice_in_a_row_cannot_be_repeated():
