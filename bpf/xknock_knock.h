@@ -169,7 +169,12 @@ static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, s
 		/* Strict mode: a packet to another port since the first step ended it. */
 		struck = fresh && *(volatile __u64 *)&pkt->touched_us > now_us - age;
 		if (fresh && !struck && (mask & 1)) {
-			count(XK_KNOCK_REPEATED);   /* the first step again */
+			/* The first step again: it starts the sequence anew, so it
+			 * takes its own time. The slot stays young, and a repeated
+			 * first step (knock --repeat) outlives a flood of first steps
+			 * until the second comes. Lost to another CPU: held anyway. */
+			__sync_val_compare_and_swap(mine, old, XK_FIRST_WORD(tag, now_us));
+			count(XK_KNOCK_REPEATED);
 			return XK_FIRST_DONE;
 		}
 		if (__sync_val_compare_and_swap(mine, old, 0) != old) {

@@ -17,7 +17,9 @@ or more of its steps, in the order the sequences are configured:
     nanosecond one by up to 1 us;
   * the port is step next_step: advance (time refreshed);
   * else it is step next_step - 1: a repeat (a retransmitted SYN), ignored,
-    time not refreshed;
+    time not refreshed; except the first step of a multi-step sequence
+    (next_step == 1), whose repeat starts it anew: its time is refreshed
+    (still counted as a repeat);
   * else a wrong knock: progress is lost, and if the port is step 0 the
     sequence restarts at 1.
   Completion (next_step reaches the number of steps) writes one grant for every
@@ -73,6 +75,7 @@ MUTATIONS = {
     "timeout_ns": "the step timeout is compared in nanoseconds, not truncated microseconds",
     "refresh_every_packet": "every passing packet refreshes last_seen",
     "syn_on_idle_clock": "a SYN may open a connection on the idle clock too",
+    "first_repeat_keeps_time": "a repeated first step keeps the time of the first copy",
     "strict_guarded_quiet": "in strict mode, packets to guarded ports do not count as intervening",
     "strict_inclusive": "in strict mode, a touch in the same microsecond as the last step resets too",
 }
@@ -251,6 +254,8 @@ class Model:
             new_step = 1   # after completion a first step starts anew (renewal)
         elif next_step > 0 and mask & (1 << (next_step - 1)) and "repeat_is_wrong" not in self.mutations:
             count[Reason.KNOCK_REPEATED] += 1
+            if next_step == 1 and nsteps > 1 and "first_repeat_keeps_time" not in self.mutations:
+                self._set_progress(key, 1)   # a first step again takes its own time
             return
         else:
             reset = 0 < next_step < nsteps

@@ -347,6 +347,8 @@ MUTANT_CASES = [
                                     ("guarded", 0, ("tcp", 22), TCP_ACK))),
     ("syn_on_idle_clock", _fixed(("next", 0, 0), ("next", 0, 0), ("next", 0, 0), ("advance", 31 * S),
                                  ("guarded", 0, ("tcp", 22), TCP_SYN))),
+    ("first_repeat_keeps_time", _fixed(("next", 0, 0), ("advance", 3 * S), ("knock", 0, ("tcp", 7000), TCP_SYN),
+                                       ("advance", 3 * S), ("next", 0, 0))),
     ("strict_guarded_quiet", _fixed(("next", 0, 0), ("advance", US), ("guarded", 0, ("tcp", 22), TCP_SYN),
                                     ("advance", US), ("next", 0, 0), strict=True)),
     ("strict_inclusive", _fixed(("next", 0, 0), ("unguarded", 0, ("tcp", 80)), ("advance", S), ("next", 0, 0),
@@ -363,7 +365,8 @@ def test_comparison_catches_a_wrong_model(harness, mutation, program):
 
 
 @pytest.mark.parametrize("mutation", ["timeout_inclusive", "timeout_ns", "repeat_is_wrong", "syn_on_idle_clock",
-                                      "refresh_every_packet", "strict_guarded_quiet", "strict_inclusive"])
+                                      "refresh_every_packet", "strict_guarded_quiet", "strict_inclusive",
+                                      "first_repeat_keeps_time"])
 def test_generator_finds_a_wrong_model(harness, mutation):
     """The random programs themselves reach the rule: hypothesis finds a
     program on which the kernel and a mutated model disagree."""
