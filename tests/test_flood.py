@@ -1,15 +1,24 @@
 """Issue 6, state exhaustion: a legitimate client's knock under a flood of
-knocks from spoofed random sources, far more than the progress map holds.
+knocks from spoofed random sources, far more than the knock state holds.
 
 The attacker floods SYNs to the sequence's FIRST knock port from random IPv4
 sources at the highest rate this machine generates (traffic.py, one generator,
-XDP frames straight to the server's bridge port): every flood packet inserts a
-progress entry, so the LRU map turns over every few hundred ms. Meanwhile the
-client knocks with the real `xknock knock` and connects to the guarded port,
-20 times at the CLI's default delay and 20 times with half a second between
-knocks (this part stops at its first failure, to stay short). The client's
-progress is watched in the map (bench/flood.py), so a failure says whether
-its progress was evicted or a knock was lost.
+XDP frames straight to the server's bridge port): every flood packet writes a
+first step into the `firsts` filter, which turns over in about a second.
+Meanwhile the client knocks with the real `xknock knock --repeat 3` (the
+advice for knocking through a flood, docs/operations.md) and connects to the
+guarded port, 20 times at the CLI's default delay and 20 times with half a
+second between knocks (this part stops at its first failure, to stay short).
+The client's progress is watched in the maps (bench/flood.py), so a failure
+says whether its progress was forgotten or a knock was lost.
+
+Measured before --repeat (bench/run flood, 2 vCPUs, one generator): the flood
+is judged at 1.9-2.8 Mpps and 12-32% more overflow the server's receive ring
+before XDP, in bursts of up to a few hundred ms; a client's untouched first
+step lives 777 ms median (359-1,753) at 1.95 M first steps/s. Knocking once,
+the 0.5 s client connected 15/20 (4 'evicted after step 1') and the 0.1 s
+client 12-19/20 (knocks lost in the full ring). See the xfail reason for
+what --repeat 3 changed.
 """
 
 import os
@@ -45,14 +54,16 @@ def flooded():
 
 def _tries(fl, delay, stop_at_failure=False):
     """Knock and connect TRIES times; (results, pps the flood reached xknock at, a line saying it all)."""
-    before, started = fl.counters(), time.monotonic()
+    before, started, tx_before = fl.counters(), time.monotonic(), fl.server_port_tx()
     results = run_tries(fl, delay, TRIES, stop_at_failure=stop_at_failure, repeat=REPEAT)
     rate = fl.seen(before, fl.counters()) / (time.monotonic() - started)
+    ring_drops = fl.dropped_share(tx_before, fl.server_port_tx())
     s = summarize(results)
     stopped = " (stopped at the first failure)" if stop_at_failure else ""
     text = (f"delay {delay}, repeat {REPEAT}: {s['ok']}/{s['tries']} connected{stopped};"
             f" flood judged by xknock at {rate:,.0f} pps, first steps held in the {fl.state_name} of "
-            f"{fl.state_slots:,}: turnover ~{fl.state_slots / rate * 1000:.0f} ms;"
+            f"{fl.state_slots:,}: turnover ~{fl.state_slots / rate * 1000:.0f} ms; {ring_drops:.0%} of the frames "
+            "lost in the server's full receive ring;"
             f" failed tries: {s['failures'] or '-'}")
     return results, rate, text
 
@@ -63,14 +74,15 @@ def _tries(fl, delay, stop_at_failure=False):
 MIN_RATE = 600_000
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bench/run flood, 2 vCPUs, one generator. With the firsts array (3b5f21b): the first-port flood is judged "
-    "at 1.9-2.8 Mpps and 12-18% more overflow the server's receive ring before XDP; a client's untouched first "
-    "step lives 777 ms median (359-1,753) at 1.95 M first steps/s, so the 0.5 s client connected 15/20 (4 "
-    "'evicted after step 1'), and the 0.1 s client 12-17/20, its failures knocks lost in the full ring ('step "
-    "3 lost', 'step 2 lost'). Before it (6bde74f, first steps in the 262,144-entry LRU): judged at 0.9-1.5 "
-    "Mpps, a step-1 entry lived 243-267 ms at 1.0 M inserts/s, the 0.5 s client connected 1/20 (19 evicted), "
-    "the 0.1 s client 17-20/20 (lost knocks). Progress past step 2 was never evicted in either."))
+@pytest.mark.xfail(strict=False, reason=(
+    "not reliable yet: with `xknock knock --repeat 3` (copies spread over the delay, the last 10 ms before the "
+    "next knock), 5 runs: the 0.1 s client 20/20 in all, the 0.5 s client failed in 3 (its first step "
+    "forgotten 10-40 ms after its last copy, which the filter took for a repeat); then with a repeated first "
+    "step refreshing its slot, 5 runs: 3 held 20/20 at both delays, the 0.1 s client had one run of 16/20 (all "
+    "three copies of a step, 45 ms apart, lost in a full receive ring), the 0.5 s client one failure (its "
+    "first step forgotten after its last copy was lost). The failures are packets lost before XDP in bursts of 40-360 ms (12-32% of the frames, "
+    "bench/run flood 'ring drops'), which no state design and no copy schedule inside a 0.1 s delay survives. "
+    "Before --repeat: 0.1 s client 12-19/20, 0.5 s client 15/20."))
 def test_knock_succeeds_20_of_20_under_a_random_source_first_step_flood(flooded, capsys):
     default, default_rate, default_text = _tries(flooded, DEFAULT_DELAY)
     slow, slow_rate, slow_text = _tries(flooded, SLOW_DELAY, stop_at_failure=True)
