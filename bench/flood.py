@@ -340,6 +340,7 @@ class FloodLab:
 
     def flood(self, ports, rate=None, seconds=None, path="direct"):
         """A FloodProcess, started."""
+        self.flood_ports = list(ports)
         return traffic.lab_flood(self.net, ports, rate=rate, seconds=seconds, path=path).start()
 
     def first_held(self):
@@ -411,14 +412,18 @@ class FloodLab:
         with self.watch() as watch:
             result = self.client.job(steps, delay, repeat=repeat)
             granted = self.maps.grants.lookup(self.grant_key) is not None
-        ignored = self.counters()[layout.Reason.KNOCK_IGNORED] - before[layout.Reason.KNOCK_IGNORED]
+        after = self.counters()
         if result["rc"] != 0:
             raise RuntimeError(f"xknock knock failed: {result['err']}")
         result["progress"] = watch.verdict(granted or bool(result["ok"]), knock_gap(delay, repeat))
-        if ignored and not result["ok"]:
-            # The flood sends SYNs to a first step, which are never ignored: these are
-            # the client's later knocks that found no progress (their first step forgotten).
-            result["progress"] += ", later knocks found no progress"
+        if not result["ok"] and getattr(self, "flood_ports", None) == TARGETS["first knock port"]:
+            # A first-port flood's SYNs to a first step from random sources are never
+            # ignored and never reset anything: these counts are the client's own knocks.
+            if after[layout.Reason.KNOCK_RESET] > before[layout.Reason.KNOCK_RESET]:
+                # progress "gone" after a knock that came in the wrong place: a step was lost
+                result["progress"] += ", a later knock reset it"
+            elif after[layout.Reason.KNOCK_IGNORED] > before[layout.Reason.KNOCK_IGNORED]:
+                result["progress"] += ", later knocks found no progress"
         result["steps"] = watch.steps
         result["delay"] = delay
         result["repeat"] = repeat
@@ -578,7 +583,7 @@ def report(settings, rates, rows, lifetimes, scale_rows, source=(), scale_flags=
          for r in rates]))
     lines += ["", "## Knock success under the flood (path `direct`)", "",
               "Per cell: `xknock knock` (the delay given; 'repeat': every knock sent that many times, the "
-              "copies spread over the delay, the last just before the next knock) then a TCP connect (timeout {CONNECT_TIMEOUT} s) from "
+              f"copies spread over the delay, the last just before the next knock) then a TCP connect (timeout {CONNECT_TIMEOUT} s) from "
               f"the client, {settings.tries} times while the flood runs; the progress map is emptied before each "
               "flood. 'flood pps': the generator's rate; 'xknock pps': what the server's filter judged; 'ring "
               "drops': the share of frames the server's bridge port dropped because the server's receive ring "
