@@ -11,6 +11,7 @@ Also the entry point of bench/run: `bench/run [datapath|controlplane|flood|knock
 """
 
 import ctypes
+import dataclasses
 import ipaddress
 import os
 import random
@@ -55,9 +56,10 @@ def load_floor():
     return bpf, bpf.load_func(b"f", BPF.XDP).fd
 
 
-def example_harness(cflags=()):
+def example_harness(cflags=(), strict=False):
     h = Harness(cflags=cflags)
-    h.apply(parse_config(EXAMPLE_CONFIG, listening=set()))
+    config = parse_config(EXAMPLE_CONFIG, listening=set())
+    h.apply(dataclasses.replace(config, strict=strict))
     return h
 
 
@@ -136,6 +138,47 @@ def bench_single_advance(h, floor_fd, settings):
         xknock.append(ns)
         floor.append(timed(floor_fd, frame, 1)[1])
     return common.median(xknock), common.median(floor)
+
+
+# --- strict mode ----------------------------------------------------------------
+
+STRICT_PATHS = [
+    # (row, frame, expected verdict, what exactly runs with strict = true)
+    ("unguarded pass, IPv4", lambda: tcp(STRANGER4, 80), XDP_PASS,
+     "TCP SYN to port 80: strict mode writes the time into the source's `touched` entry (there after the "
+     "first run)"),
+    ("guarded drop, IPv4", lambda: tcp(STRANGER4, 22), XDP_DROP, "SYN to guarded tcp:22, no grant: a touch too"),
+    ("knock repeated, IPv4", lambda: tcp(KNOCKER4, 7000), XDP_DROP,
+     "SYN to tcp:7000 from a source at step 1, never touched: strict mode looks `touched` up once"),
+]
+
+
+def bench_strict(plain, floor_fd, settings):
+    """The same paths in two programs side by side, one without strict mode
+    (plain, the example policy) and one with it."""
+    rows = []
+    with example_harness(strict=True) as strict:
+        for h in (plain, strict):
+            h.run(tcp(KNOCKER4, 7000))     # KNOCKER4 at step 1 of ssh in both
+        for row, build, expected, what in STRICT_PATHS:
+            frame = build()
+            got = measure_group({"plain": plain.fd, "strict": strict.fd, "floor": floor_fd}, frame, settings)
+            check(row + " (strict)", got["strict"][0], expected)
+            check(row, got["plain"][0], expected)
+            rows.append((row, got, what))
+        # A source new to `touched` on every run: the insert, in single runs.
+        frame, key = tcp(FRESH4, 80), to_addr(FRESH4)
+        runs = {"plain": [], "strict": [], "floor": []}
+        for _ in range(settings.single_runs):
+            strict.maps.touched.delete(key)
+            for name, fd in (("plain", plain.fd), ("strict", strict.fd), ("floor", floor_fd)):
+                runs[name].append(timed(fd, frame, 1)[1])
+        rows.append(("unguarded pass, new source, IPv4 (repeat=1)",
+                     {name: (XDP_PASS, common.median(values)) for name, values in runs.items()},
+                     f"TCP SYN to port 80 from a source not in `touched`: strict mode inserts it (LRU); its entry "
+                     f"deleted before each run; median of {settings.single_runs} single runs, each including the "
+                     "fixed cost of one BPF_PROG_TEST_RUN"))
+    return rows
 
 
 # --- scaling ------------------------------------------------------------------
@@ -253,7 +296,7 @@ def ns(value):
     return f"{value:.0f}"
 
 
-def report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence_rows=()):
+def report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence_rows=(), strict_rows=()):
     out = [f"# xknock data path benchmark ({time.strftime('%Y-%m-%d %H:%M')})", ""]
     out += common.machine()
     out += [
@@ -283,6 +326,18 @@ def report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence
                  f"SYN to tcp:7000 from a source with no progress, which inserts it at step 1; "
                  f"progress deleted before each run; median of {settings.single_runs} single runs, "
                  "each including the fixed cost of one BPF_PROG_TEST_RUN"))
+    out += [common.markdown_table(header, rows), ""]
+
+    out += ["## Strict mode",
+            "",
+            "Two programs side by side on the same frame in the same rounds: the example policy without and with "
+            "`strict = true` ([filter]). 'cost' is strict minus plain.",
+            ""]
+    header = ["path", "plain ns", "strict ns", "cost ns", "floor ns", "what runs"]
+    rows = []
+    for row, got, what in strict_rows:
+        p, s, f = got["plain"][1], got["strict"][1], got["floor"][1]
+        rows.append((row, ns(p), ns(s), f"{s - p:+.0f}", ns(f), what))
     out += [common.markdown_table(header, rows), ""]
 
     out += ["## Tracked sources in the progress map",
@@ -344,6 +399,7 @@ def run_datapath(quick):
         with example_harness() as h:
             paths = bench_paths(h, floor_fd, xf, settings)
             single = bench_single_advance(h, floor_fd, settings)
+            strict_rows = bench_strict(h, floor_fd, settings)
             allow_rows = bench_allow_scaling(h, floor_fd, settings)
         progress_rows = bench_progress_scaling(floor_fd, settings)
         sequence_rows = bench_sequence_scaling(floor_fd, settings)
@@ -351,7 +407,7 @@ def run_datapath(quick):
         if xf:
             xf.close()
         floor_bpf.cleanup()
-    text = report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence_rows)
+    text = report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence_rows, strict_rows)
     print(text)
     print(f"written to {common.write_results('datapath', text)}")
     return {"settings": vars(settings), "paths": paths, "single": single, "progress": progress_rows,

@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 
-from xknock.controller import bpfsys, layout, metrics, policy, traffic
+from xknock.controller import bpfsys, knockclient, layout, metrics, policy, traffic
 from xknock.controller.lab import HELPER_PYTHON, lab, stop_process
 from xknock.controller.maps import FilterMaps, to_addr
 
@@ -86,6 +86,10 @@ class Settings:
     def delays_for(self, target):
         return self.first_port_delays if target == "first knock port" else self.delays
 
+    def repeats_for(self, target, level):
+        """`xknock knock --repeat`: once, and three times (the flood advice) where it matters most."""
+        return [1, 3] if target == "first knock port" and level >= 1.0 else [1]
+
 
 # --- the client: knocks with the real CLI, then connects --------------------------
 
@@ -96,7 +100,8 @@ print("ready", flush=True)
 for line in sys.stdin:
     job = json.loads(line)
     t0 = time.monotonic()
-    knock = subprocess.run([xknock, "knock", server, *job["steps"], "--delay", str(job["delay"])],
+    knock = subprocess.run([xknock, "knock", server, *job["steps"], "--delay", str(job["delay"]),
+                            "--repeat", str(job["repeat"])],
                            capture_output=True, text=True)
     t1 = time.monotonic()
     ok = None
@@ -137,9 +142,9 @@ class Client:
         if not self.out.wait_for(lambda l: l == "ready", 10):
             raise RuntimeError("the client helper did not start")
 
-    def job(self, steps, delay, connect=True, timeout=CONNECT_TIMEOUT):
+    def job(self, steps, delay, connect=True, timeout=CONNECT_TIMEOUT, repeat=1):
         self.process.stdin.write((json.dumps({"steps": list(steps), "delay": delay, "connect": connect,
-                                              "timeout": timeout}) + "\n").encode())
+                                              "timeout": timeout, "repeat": repeat}) + "\n").encode())
         self.process.stdin.flush()
         line = self.out.wait_for(lambda l: l.startswith("{"), 60)
         if line is None:
@@ -193,9 +198,9 @@ class Watch:
             time.sleep(0.01)
         return self.gone_at
 
-    def verdict(self, granted, delay):
+    def verdict(self, granted, gap):
         """What happened to the try's progress. The knock client sends step
-        N+1 about delay + 10 ms (TCP_HOLD) after step N: progress gone before
+        N+1 `gap` after step N (knock_gap()): progress gone before
         then was evicted before the next knock could arrive; progress that
         outlived that time without advancing never saw the next knock (lost
         on the way: the receive ring was full)."""
@@ -208,9 +213,9 @@ class Watch:
         if not vanished:
             return f"step {reached + 1} lost"
         life = self.gone_at - self.seen_at[reached]
-        if life < delay:
+        if life < gap:
             return f"evicted after step {reached}"
-        if life > delay + 0.04:
+        if life > gap + 0.04:
             return f"step {reached + 1} lost, then evicted"
         return f"evicted after step {reached} (as step {reached + 1} came)"
 
@@ -335,6 +340,7 @@ class FloodLab:
 
     def flood(self, ports, rate=None, seconds=None, path="direct"):
         """A FloodProcess, started."""
+        self.flood_ports = list(ports)
         return traffic.lab_flood(self.net, ports, rate=rate, seconds=seconds, path=path).start()
 
     def first_held(self):
@@ -399,17 +405,28 @@ class FloodLab:
             return None
         return self.firsts.fresh(self.maps, 5_000_000, time.monotonic_ns() // 1000)
 
-    def knock_try(self, delay, steps=SEQUENCE):
-        """One knock and connect; returns a dict with the try's outcome."""
+    def knock_try(self, delay, steps=SEQUENCE, repeat=1):
+        """One knock (every step `repeat` times) and connect; returns a dict with the try's outcome."""
         self.forget_client()
+        before = self.counters()
         with self.watch() as watch:
-            result = self.client.job(steps, delay)
+            result = self.client.job(steps, delay, repeat=repeat)
             granted = self.maps.grants.lookup(self.grant_key) is not None
+        after = self.counters()
         if result["rc"] != 0:
             raise RuntimeError(f"xknock knock failed: {result['err']}")
-        result["progress"] = watch.verdict(granted or bool(result["ok"]), delay)
+        result["progress"] = watch.verdict(granted or bool(result["ok"]), knock_gap(delay, repeat))
+        if not result["ok"] and getattr(self, "flood_ports", None) == TARGETS["first knock port"]:
+            # A first-port flood's SYNs to a first step from random sources are never
+            # ignored and never reset anything: these counts are the client's own knocks.
+            if after[layout.Reason.KNOCK_RESET] > before[layout.Reason.KNOCK_RESET]:
+                # progress "gone" after a knock that came in the wrong place: a step was lost
+                result["progress"] += ", a later knock reset it"
+            elif after[layout.Reason.KNOCK_IGNORED] > before[layout.Reason.KNOCK_IGNORED]:
+                result["progress"] += ", later knocks found no progress"
         result["steps"] = watch.steps
         result["delay"] = delay
+        result["repeat"] = repeat
         return result
 
     def lifetime(self, steps, limit=5.0):
@@ -430,10 +447,17 @@ class FloodLab:
         return None if gone is None else gone - started
 
 
-def run_tries(fl, delay, tries, stop_at_failure=False):
+def knock_gap(delay, repeat):
+    """About how long after a step's first copy the next step's first copy
+    leaves the client: the delay (over which the copies are spread) and each
+    copy's TCP_HOLD."""
+    return delay + repeat * knockclient.TCP_HOLD
+
+
+def run_tries(fl, delay, tries, stop_at_failure=False, repeat=1):
     results = []
     for _ in range(tries):
-        results.append(fl.knock_try(delay))
+        results.append(fl.knock_try(delay, repeat=repeat))
         if stop_at_failure and not results[-1]["ok"]:
             break
     return results
@@ -470,7 +494,7 @@ def bench_rates(fl, settings):
     return rows
 
 
-def bench_scenarios(fl, settings, targets=None, delays=None, levels=None, label=""):
+def bench_scenarios(fl, settings, targets=None, delays=None, levels=None, repeats=None, label=""):
     rows = []
     for target in targets or settings.targets:
         max_pps = None
@@ -482,7 +506,8 @@ def bench_scenarios(fl, settings, targets=None, delays=None, levels=None, label=
                 time.sleep(settings.warmup)   # the map fills (or keeps turning over) first
                 before, tx_before = fl.counters(), fl.server_port_tx()
                 with fl.cpu:
-                    per_delay = {d: run_tries(fl, d, settings.tries)
+                    per_delay = {(d, n): run_tries(fl, d, settings.tries, repeat=n)
+                                 for n in repeats or settings.repeats_for(target, level)
                                  for d in delays or settings.delays_for(target)}
                 after, tx_after = fl.counters(), fl.server_port_tx()
                 entries, held = fl.entries(), fl.firsts_held()
@@ -493,13 +518,14 @@ def bench_scenarios(fl, settings, targets=None, delays=None, levels=None, label=
             seen_pps = fl.seen(before, after) / wall
             if level >= 1.0:
                 max_pps = result["pps"]
-            for delay, results in per_delay.items():
+            for (delay, repeat), results in per_delay.items():
                 s = summarize(results)
                 rows.append({"target": target, "level": level, "flood_pps": result["pps"], "seen_pps": seen_pps,
                              "ring_drops": fl.dropped_share(tx_before, tx_after),
-                             "delay": delay, **s, "entries": entries, "firsts": held, **cpu, "label": label})
+                             "delay": delay, "repeat": repeat, **s, "entries": entries, "firsts": held, **cpu,
+                             "label": label})
                 print(f"  {label}{target:16} {'max' if level >= 1 else f'{level:.0%}':>4} {result['pps']:>9,} pps "
-                      f"delay {delay}: {s['ok']}/{s['tries']} ok, failures {s['failures'] or '-'}, "
+                      f"delay {delay} repeat {repeat}: {s['ok']}/{s['tries']} ok, failures {s['failures'] or '-'}, "
                       f"entries {entries}", flush=True)
     return rows
 
@@ -556,7 +582,8 @@ def report(settings, rates, rows, lifetimes, scale_rows, source=(), scale_flags=
         [[r["path"], r["target"], f"{r['pps']:,}", "-" if r["path"] == "drop" else f"{r['reached']:.0%}"]
          for r in rates]))
     lines += ["", "## Knock success under the flood (path `direct`)", "",
-              f"Per cell: `xknock knock` (the delay given) then a TCP connect (timeout {CONNECT_TIMEOUT} s) from "
+              "Per cell: `xknock knock` (the delay given; 'repeat': every knock sent that many times, the "
+              f"copies spread over the delay, the last just before the next knock) then a TCP connect (timeout {CONNECT_TIMEOUT} s) from "
               f"the client, {settings.tries} times while the flood runs; the progress map is emptied before each "
               "flood. 'flood pps': the generator's rate; 'xknock pps': what the server's filter judged; 'ring "
               "drops': the share of frames the server's bridge port dropped because the server's receive ring "
@@ -569,13 +596,13 @@ def report(settings, rates, rows, lifetimes, scale_rows, source=(), scale_flags=
               "progress map entries at the end (+ first steps younger than the step timeout in `firsts`). CPU: busy and softirq shares of all the machine's CPUs (all packet work of the lab, the "
               "generator's included, is softirq); xknock: its run time per packet and the share of one CPU it "
               "used (kernel bpf stats).", ""]
-    header = ["flood", "rate", "flood pps", "xknock pps", "ring drops", "delay s", "success", "connect ms",
+    header = ["flood", "rate", "flood pps", "xknock pps", "ring drops", "delay s", "repeat", "success", "connect ms",
               "failures", "entries", "CPU busy", "softirq", "xknock ns/pkt", "xknock CPU"]
 
     def table(cells):
         return common.markdown_table(header, [[
             r["target"], "max" if r["level"] >= 1 else f"{r['level']:.0%}", f"{r['flood_pps']:,}",
-            f"{r['seen_pps']:,.0f}", f"{r['ring_drops']:.0%}", r["delay"], f"{r['ok']}/{r['tries']}",
+            f"{r['seen_pps']:,.0f}", f"{r['ring_drops']:.0%}", r["delay"], r["repeat"], f"{r['ok']}/{r['tries']}",
             f"{fmt_ms(r['connect_ms_median'])} / {fmt_ms(r['connect_ms_max'])}",
             ", ".join(f"{k}: {v}" for k, v in r["failures"].items()) or "-",
             ("?" if r["entries"] is None else f"{r['entries']:,}")
@@ -643,7 +670,7 @@ def run_flood(quick):
             scale_flags.append(f"-DXK_FIRST_SLOTS={fl.maps.firsts.max_entries // SCALE}")
     with FloodLab(cflags=scale_flags, bpf_stats=settings.bpf_stats) as fl:
         scale_rows = bench_scenarios(fl, settings, targets=["first knock port"], levels=[1.0],
-                                     delays=settings.scale_delays, label="scale ")
+                                     delays=settings.scale_delays, repeats=[1, 3], label="scale ")
         lifetimes.append(bench_lifetimes(fl, settings, "scale model"))
     if source != provenance():
         source.append("- warning: bpf/ changed while the benchmark ran")

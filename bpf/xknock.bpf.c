@@ -78,6 +78,10 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 	pkey.proto = pkt->proto;
 	pkey.port = pkt->dport;
 	struct xk_port_val *port = ports.lookup(&pkey);
+	/* Strict mode: every packet that is no knock is an intervening packet. */
+	if ((set->flags & XK_SET_STRICT) &&
+	    !(port && (port->flags & (XK_PORT_GUARDED | XK_PORT_KNOCK)) == XK_PORT_KNOCK))
+		touch(pkt, now);
 	if (!port)
 		return XK_PASS_UNGUARDED;
 	if (banned)

@@ -37,6 +37,9 @@
 #ifndef XK_BAN_ENTRIES              /* banned sources; never evicted */
 #define XK_BAN_ENTRIES 65536
 #endif
+#ifndef XK_TOUCHED_ENTRIES          /* strict mode: sources' last packets to other ports, LRU */
+#define XK_TOUCHED_ENTRIES 65536
+#endif
 #ifndef XK_MAX_EXT_HDRS             /* IPv6 extension headers walked before giving up */
 #define XK_MAX_EXT_HDRS 8
 #endif
@@ -100,6 +103,7 @@
 #define XK_SET_HAS_ALLOW (1U << 0)
 #define XK_SET_HAS_DENY  (1U << 1)
 #define XK_SET_BANS      (1U << 2)   /* failed knocks lead to bans */
+#define XK_SET_STRICT    (1U << 3)   /* a packet to another port resets the source's knocks */
 
 /* xk_settings.ban_scope */
 #define XK_BAN_EVERYWHERE 0          /* a banned source is dropped on every port */
@@ -151,7 +155,8 @@ enum xk_reason {
 	XK_BAN_FAILED = 33,        /* bans refused: bans map full */
 	XK_BAN_SPARED = 34,        /* allow-listed sources that reached the threshold: never banned */
 	XK_BAN_REMOVED = 35,       /* bans the controller removed (unban, sweep); only it writes this */
-	/* 36 is strict mode's. SPA in the kernel: */
+	XK_KNOCK_STRICT_RESET = 36, /* of the resets: progress a packet to another port ended (strict mode) */
+	/* SPA in the kernel: */
 	XK_SPA_QUEUED = 37,        /* candidates handed to the controller */
 	XK_SPA_NOT_CANDIDATE = 38, /* wrong size or not base64: dropped in the kernel */
 	XK_SPA_RATE_LIMITED = 39,  /* the source's token bucket was empty */

@@ -29,6 +29,7 @@ enum xk_knock_outcome {
 #define XK_KNOCK_WAS_RESET (1U << 9)
 #define XK_KNOCK_REACHED_SHIFT 16
 #define XK_KNOCK_TO_FIRSTS (1U << 10)   /* a restart: step 1 goes into `firsts` */
+#define XK_KNOCK_WAS_STRICT (1U << 11)  /* strict mode: a packet to another port ended progress */
 
 static __always_inline __u32 xk_mix32(__u32 h)
 {
@@ -161,11 +162,19 @@ static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, s
 		mine = slot2;
 		old = w2;
 	}
-	int timed_out = 0;
+	int timed_out = 0, struck = 0;
 	if (mine) {
 		__u32 age = first_age(old, now_us);
-		if (age <= timeout_us && (mask & 1)) {
-			count(XK_KNOCK_REPEATED);   /* the first step again */
+		int fresh = age <= timeout_us;
+		/* Strict mode: a packet to another port since the first step ended it. */
+		struck = fresh && *(volatile __u64 *)&pkt->touched_us > now_us - age;
+		if (fresh && !struck && (mask & 1)) {
+			/* The first step again: it starts the sequence anew, so it
+			 * takes its own time. The slot stays young, and a repeated
+			 * first step (knock --repeat) outlives a flood of first steps
+			 * until the second comes. Lost to another CPU: held anyway. */
+			__sync_val_compare_and_swap(mine, old, XK_FIRST_WORD(tag, now_us));
+			count(XK_KNOCK_REPEATED);
 			return XK_FIRST_DONE;
 		}
 		if (__sync_val_compare_and_swap(mine, old, 0) != old) {
@@ -176,7 +185,7 @@ static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, s
 			w1 = 0;
 		else
 			w2 = 0;
-		if (age <= timeout_us) {
+		if (fresh && !struck) {
 			if (mask & 2) {
 				*first_us = now_us - age;
 				return XK_FIRST_STEP_TWO;
@@ -187,14 +196,22 @@ static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, s
 			record_failure(pkt, set, bank, now);
 			return XK_FIRST_DONE;
 		}
-		timed_out = 1;
-		count(XK_KNOCK_TIMED_OUT);
-		emit(XK_EV_TIMED_OUT, now, pkt, seq->uid, 1);
-		count_seq(seq->uid, 0, 0, 1);
+		if (struck) {
+			/* a reset like a wrong knock's; this knock is judged afresh below */
+			count(XK_KNOCK_RESET);
+			count(XK_KNOCK_STRICT_RESET);
+			emit(XK_EV_RESET, now, pkt, seq->uid, 1);
+			count_seq(seq->uid, 0, 1, 0);
+		} else {
+			timed_out = 1;
+			count(XK_KNOCK_TIMED_OUT);
+			emit(XK_EV_TIMED_OUT, now, pkt, seq->uid, 1);
+			count_seq(seq->uid, 0, 0, 1);
+		}
 		record_failure(pkt, set, bank, now);
 	}
 	if (!(mask & 1)) {
-		if (!timed_out)
+		if (!timed_out && !struck)
 			count(XK_KNOCK_IGNORED);   /* nothing in progress, not a first step */
 		return XK_FIRST_DONE;
 	}
@@ -265,7 +282,8 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 	}
 
 	enum xk_knock_outcome outcome = XK_OUT_CONTENDED;
-	int timed_out = 0, reset = 0, to_firsts = 0;
+	int timed_out = 0, reset = 0, to_firsts = 0, struck = 0;
+	__u64 touched_us = *(volatile __u64 *)&pkt->touched_us;
 	__u32 reached = 0;
 #pragma clang loop unroll(disable)
 	for (int attempt = 0; attempt < XK_CAS_ATTEMPTS; attempt++) {
@@ -277,10 +295,16 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 		timed_out = 0;
 		reset = 0;
 		to_firsts = 0;
+		struck = 0;
 		/* Completed progress is kept until it times out, so that a repeat of
 		 * the final knock is recognised and ignored. */
 		if (next > 0 && now_us > last_us && now_us - last_us > timeout_us) {
 			timed_out = next < nsteps;
+			next = 0;
+		} else if (next > 0 && next < nsteps && touched_us > last_us) {
+			/* Strict mode: a packet to another port since the last step
+			 * ended progress; this knock is judged afresh. */
+			struck = 1;
 			next = 0;
 		}
 		if (next < nsteps && (mask & (1U << (next & 31)))) {
@@ -297,7 +321,7 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 			/* A wrong knock: progress is lost; a first step starts anew. */
 			reset = next > 0 && next < nsteps;
 			new_step = (mask & 1) ? 1 : 0;
-			if (new_step == 0 && next == 0 && !timed_out) {
+			if (new_step == 0 && next == 0 && !timed_out && !struck) {
 				outcome = XK_OUT_NONE;
 				break;
 			}
@@ -317,11 +341,13 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 	/* Through map memory, so that what follows is verified once, not once
 	 * for every path through the loop above. */
 	pkt->knock = outcome | (timed_out ? XK_KNOCK_WAS_TIMED_OUT : 0) | (reset ? XK_KNOCK_WAS_RESET : 0) |
-		     (to_firsts ? XK_KNOCK_TO_FIRSTS : 0) | (reached << XK_KNOCK_REACHED_SHIFT);
+		     (to_firsts ? XK_KNOCK_TO_FIRSTS : 0) | (struck ? XK_KNOCK_WAS_STRICT : 0) |
+		     (reached << XK_KNOCK_REACHED_SHIFT);
 	__u32 knock = *(volatile __u32 *)&pkt->knock;
 	outcome = knock & XK_KNOCK_OUTCOME;
 	timed_out = knock & XK_KNOCK_WAS_TIMED_OUT;
-	reset = knock & XK_KNOCK_WAS_RESET;
+	struck = knock & XK_KNOCK_WAS_STRICT;
+	reset = (knock & XK_KNOCK_WAS_RESET) || struck;
 	to_firsts = knock & XK_KNOCK_TO_FIRSTS;
 	if (to_firsts && outcome == XK_OUT_ADVANCED) {
 		/* The restart's first step goes where every first step goes; if
@@ -358,6 +384,8 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 		count(XK_KNOCK_RESET);
 		emit(XK_EV_RESET, now, pkt, seq->uid, reached);
 	}
+	if (struck)
+		count(XK_KNOCK_STRICT_RESET);
 	if (timed_out || reset)
 		record_failure(pkt, set, bank, now);
 	switch (outcome) {
@@ -396,6 +424,11 @@ static __always_inline void handle_knock(struct xk_packet *pkt, struct xk_port_v
 	pkt->seq_idx = 0;
 	pkt->now = now;
 	pkt->bank = bank;
+	if (set->flags & XK_SET_STRICT) {
+		u64 *seen = touched.lookup(&pkt->src);
+		if (seen)
+			pkt->touched_us = *seen / 1000;
+	}
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < XK_MAX_SEQS_PER_PORT; i++) {
 		__u32 idx = *(volatile __u8 *)&pkt->seq_idx;

@@ -33,6 +33,9 @@ BPF_TABLE_PINNED7("lpm_trie", struct xk_lpm_key, u32, deny, XK_LIST_ENTRIES, XK_
 /* failed sequences per source, for bans */
 BPF_TABLE_PINNED("lru_hash", struct xk_addr, struct xk_failures, failures, XK_FAILURE_ENTRIES,
 		 XK_PIN_DIR "/failures");
+/* strict mode: when each source last sent a packet to a port that is no
+ * knock port (ns); a knock finds its progress reset if this is newer */
+BPF_TABLE_PINNED("lru_hash", struct xk_addr, u64, touched, XK_TOUCHED_ENTRIES, XK_PIN_DIR "/touched");
 /* banned sources and until when */
 BPF_TABLE_PINNED("hash", struct xk_addr, struct xk_ban, bans, XK_BAN_ENTRIES, XK_PIN_DIR "/bans");
 /* per-CPU counters indexed by enum xk_reason; the controller sums them */

@@ -25,6 +25,7 @@ struct xk_packet {
 	__u64 now;        /* the clock and the bank, re-read through map memory on each */
 	__u32 bank;       /* pass of the sequence loop so its verifier states join */
 	__u32 pad2;
+	__u64 touched_us; /* strict mode: the source's last packet to another port, us; 0: none */
 };
 
 /* How far parsing got. */

@@ -228,7 +228,7 @@ def status(iface, as_json):
 def _render(f):
     lines = []
     ifaces = ", ".join(f"{i['name']} ({i['xdp_mode']}, prog {i['prog_id']})" for i in f["interfaces"])
-    lines.append(f"filter on {ifaces}: {f['mode']}")
+    lines.append(f"filter on {ifaces}: {f['mode']}" + (", strict" if f.get("strict") else ""))
     lines.append(f"guarded: {' '.join(f['guarded']) or 'nothing'}")
     if f.get("spa_ports"):
         lines.append(f"spa: {' '.join(f['spa_ports'])} (verified by the running controller)")
@@ -322,16 +322,20 @@ def unban(iface, addr):
 @main.command(epilog="""\b
 Examples:
   xknock knock 10.0.0.1 tcp:7000 udp:8000 tcp:9000
-  xknock knock server.example --sequence ssh -c /etc/xknock/xknock.toml --delay 0.2""")
+  xknock knock server.example --sequence ssh -c /etc/xknock/xknock.toml --delay 0.2
+  xknock knock 10.0.0.1 tcp:7000 udp:8000 tcp:9000 --repeat 3   # under a flood""")
 @click.argument("host")
 @click.argument("steps", nargs=-1, type=STEP)
 @click.option("--sequence", "sequence_name", help="Knock this sequence of the config instead of STEPS.")
 @click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True)
 @click.option("--delay", type=float, default=0.1, show_default=True, help="Seconds between knocks.")
+@click.option("--repeat", type=int, default=1, show_default=True,
+              help="Send every knock this many times (xknock ignores the copies); 3 where packets get lost, "
+                   "e.g. under a flood.")
 @click.option("-4", "ipv4", is_flag=True, help="IPv4 only.")
 @click.option("-6", "ipv6", is_flag=True, help="IPv6 only.")
 @fail_cleanly
-def knock(host, steps, sequence_name, config_path, delay, ipv4, ipv6):
+def knock(host, steps, sequence_name, config_path, delay, repeat, ipv4, ipv6):
     """Send a knock sequence to HOST (the client; needs root for ICMP)."""
     import socket
 
@@ -354,8 +358,10 @@ def knock(host, steps, sequence_name, config_path, delay, ipv4, ipv6):
         raise click.UsageError("give the knock STEPS (e.g. tcp:7000 udp:8000) or --sequence NAME")
     if delay < 0:
         raise click.BadParameter("must be >= 0", param_hint="--delay")
+    if repeat < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--repeat")
     family = socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None
-    send_knocks(host, list(steps), delay=delay, family=family)
+    send_knocks(host, list(steps), delay=delay, family=family, repeat=repeat)
     click.echo(f"knocked {host}: {' '.join(str(s) for s in steps)}")
 
 

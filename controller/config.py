@@ -51,7 +51,7 @@ BAN_SCOPES = {"all": layout.BAN_EVERYWHERE, "knock": layout.BAN_KNOCK_PORTS}
 DEFAULT_BAN_WITHIN_NS = 60 * NS_PER_UNIT["s"]
 DEFAULT_BAN_FOR_NS = 10 * NS_PER_UNIT["m"]
 MAX_BAN_AFTER = 1000
-FILTER_KEYS = ("mode",)
+FILTER_KEYS = ("mode", "strict")
 SEQUENCE_KEYS = ("name", "knock", "step_timeout", "open", "open_for", "idle_timeout", "on_open", "on_close",
                  "totp", "secret", "secret_file", "window", "port_range")
 HOOKS_KEYS = ("timeout", "max_running")
@@ -134,6 +134,7 @@ class Ban:
 class Config:
     mode: str  # "enforce" | "monitor"
     sequences: tuple[Sequence, ...]
+    strict: bool = False   # a packet to any other port resets the source's knock progress
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ban: Ban | None = None   # None: failed knocks ban nobody
@@ -286,7 +287,7 @@ def parse_config(text, path=None, *, listening=None):
     report = _Report(path)
     _check_keys(report, None, document, TOP_LEVEL_KEYS)
 
-    mode = _parse_filter(report, document.get("filter", {}))
+    mode, strict = _parse_filter(report, document.get("filter", {}))
     sequences = _parse_sequences(report, document.get("sequence", []))
     allow = _parse_sources(report, "allow", document.get("allow", {}))
     deny = _parse_sources(report, "deny", document.get("deny", {}))
@@ -325,6 +326,7 @@ def parse_config(text, path=None, *, listening=None):
         raise ConfigError([prefix + error for error in report.errors], warnings)
     return Config(
         mode=mode,
+        strict=strict,
         sequences=tuple(sequences),
         allow=tuple(network for network, _ in allow),
         deny=tuple(network for network, _ in deny),
@@ -361,6 +363,8 @@ def config_hash(config):
         "ban": {key: value for key, value in dataclasses.asdict(config.ban).items() if key != "on_ban"}
         if config.ban else None,
     }
+    if config.strict:   # only when set, so that every config from before strict mode keeps its hash
+        normalized["strict"] = True
     if config.spa is not None:   # keys never enter the hash, not even hashed: a weak key could be guessed
         spa = config.spa
         normalized["spa"] = {
@@ -442,17 +446,22 @@ def _is_table_array(value):
 
 
 def _parse_filter(report, table):
+    """(mode, strict) of the [filter] table."""
     if not isinstance(table, dict):
         report.error("filter", f"must be a table ([filter]), not {_type_name(table)}")
-        return "enforce"
+        return "enforce", False
     _check_keys(report, "filter", table, FILTER_KEYS)
+    strict = table.get("strict", False)
+    if not isinstance(strict, bool):
+        report.error("filter", f"strict must be true or false, not {_type_name(strict)}")
+        strict = False
     mode = table.get("mode", "enforce")
     if not isinstance(mode, str):
         report.error("filter", f'mode must be a string ("enforce" or "monitor"), not {_type_name(mode)}')
-        return "enforce"
+        return "enforce", strict
     if mode not in layout.MODES:
         report.error("filter", f'mode "{mode}": must be "enforce" or "monitor"')
-    return mode
+    return mode, strict
 
 
 def _parse_ban(report, table):

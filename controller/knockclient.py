@@ -18,6 +18,11 @@ ICMPV6_ECHO_REQUEST = 128
 # The SYN leaves during connect(); this only gives it a moment on the wire.
 # Far below the first SYN retransmission (1 s), which would knock twice.
 TCP_HOLD = 0.01
+# With --repeat, the last copy of a knock goes this long before the next
+# knock: the two stay in order even across the receive queues of a server
+# NIC (RSS), and a first step the server forgot under a flood is placed
+# again just before the second step needs it.
+REPEAT_GAP = 0.01
 
 
 class KnockError(XknockError):
@@ -25,24 +30,50 @@ class KnockError(XknockError):
     could not be opened (raw sockets for ICMP need root)."""
 
 
-def send_knocks(host: str, steps: list[Step], delay: float = 0.1, family=None) -> None:
+def send_knocks(host: str, steps: list[Step], delay: float = 0.1, family=None, repeat: int = 1) -> None:
     """Knock on host once per step, in order, delay seconds apart. The host is
     resolved once, so every knock goes to the same address; family
-    (socket.AF_INET or AF_INET6) forces one address family."""
-    address = resolve(host, family)
+    (socket.AF_INET or AF_INET6) forces one address family.
+
+    repeat sends every knock that many times, its copies spread evenly over
+    the delay that follows it, the last REPEAT_GAP before the next knock:
+    xknock ignores a repeat of the step it just accepted, so a copy lost on
+    the way (a receive ring overflowing for tens of ms under a flood) no
+    longer loses the knock, and the time from knock to knock stays the same."""
+    if repeat < 1:
+        raise KnockError(f"repeat must be at least 1, not {repeat}")
     for step in steps:
         if step.proto not in KNOCKERS:
             raise KnockError(f"knock {step}: unknown protocol {step.proto!r} (use tcp, udp or icmp)")
+    if repeat > 1:
+        for i in range(1, len(steps)):
+            if steps[i] == steps[i - 1]:
+                # The copies of the first would be taken for the second.
+                raise KnockError(f"knock[{i}] {steps[i]} is knock[{i - 1}] again: it cannot be repeated "
+                                 "(and xknock would take it for a retransmission)")
+    address = resolve(host, family)
+    between_copies, before_next = copy_pauses(delay, repeat)
     for i, step in enumerate(steps):
         if i:
-            time.sleep(delay)
-        try:
-            KNOCKERS[step.proto](address, step)
-        except KnockError:
-            raise
-        except (OSError, OverflowError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise KnockError(f"knock {step} to {address[0]} failed: {reason}") from e
+            time.sleep(before_next)
+        for copy in range(repeat):
+            if copy:
+                time.sleep(between_copies)
+            try:
+                KNOCKERS[step.proto](address, step)
+            except KnockError:
+                raise
+            except (OSError, OverflowError) as e:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise KnockError(f"knock {step} to {address[0]} failed: {reason}") from e
+
+
+def copy_pauses(delay, repeat):
+    """(pause between two copies of a knock, pause before the next knock)."""
+    if repeat == 1:
+        return 0.0, delay
+    before_next = min(delay, REPEAT_GAP)
+    return (delay - before_next) / (repeat - 1), before_next
 
 
 def resolve(host, family=None):

@@ -17,6 +17,7 @@ LIST_ENTRIES = 262144
 FIRST_SLOTS = 1 << 21
 FAILURE_ENTRIES = 65536
 BAN_ENTRIES = 65536
+TOUCHED_ENTRIES = 65536
 COUNTERS = 64
 SPA_RATE_ENTRIES = 65536
 SPA_KNOWN_ENTRIES = 16384
@@ -42,6 +43,7 @@ MODES = {"enforce": MODE_ENFORCE, "monitor": MODE_MONITOR}
 LPM_IPV4 = 0x80   # in LpmKey.bank: IPv4 entries, kept apart from IPv6 ones
 
 SET_BANS = 1 << 2
+SET_STRICT = 1 << 3
 BAN_EVERYWHERE = 0
 BAN_KNOCK_PORTS = 1
 
@@ -95,6 +97,7 @@ class Reason(enum.IntEnum):
     BAN_FAILED = 33
     BAN_SPARED = 34
     BAN_REMOVED = 35      # written by the controller only
+    KNOCK_STRICT_RESET = 36   # of the resets: progress a packet to another port ended (strict mode)
     SPA_QUEUED = 37
     SPA_NOT_CANDIDATE = 38
     SPA_RATE_LIMITED = 39
@@ -300,4 +303,5 @@ MAPS = {
     "failures": (Addr, Failures),
     "bans": (Addr, Ban),
     "spa_known": (Addr, ctypes.c_uint64),
+    "touched": (Addr, ctypes.c_uint64),
 }

@@ -46,7 +46,7 @@ BATCH_ENTRIES = 4096         # entries per BPF_MAP_LOOKUP_BATCH call
 
 # Maps whose number of entries changes: counted by the sampler. The arrays
 # (control, settings, seqs, counters) are always full by construction.
-SAMPLED_MAPS = ("ports", "progress", "firsts", "grants", "allow", "deny", "seqstats")
+SAMPLED_MAPS = ("ports", "progress", "firsts", "grants", "allow", "deny", "seqstats", "touched")
 
 KNOCK_RESULTS = ("advanced", "completed", "reset", "timed_out")     # layout.SeqStats fields
 # SPA: what the kernel did with each packet to the SPA port, and what the
@@ -95,6 +95,8 @@ SIMPLE_COUNTERS = (
      "Bans the data path could not write because the bans map was full."),
     ("xknock_bans_spared_total", layout.Reason.BAN_SPARED,
      "Allow-listed sources that reached the ban threshold and were not banned."),
+    ("xknock_knock_strict_resets_total", layout.Reason.KNOCK_STRICT_RESET,
+     "Knock progress ended by a packet from the source to another port (strict mode); also counted as resets."),
     ("xknock_events_lost_total", layout.Reason.EVENT_LOST,
      "Events the data path could not put on the ring buffer because it was full."),
     ("xknock_monitor_passed_total", layout.Reason.MONITOR_PASSED,

@@ -67,6 +67,8 @@ def compile_policy(config, bank, cpus=None):
     settings = layout.Settings()
     settings.mode = layout.MODES[config.mode]
     settings.flags = (layout.SET_HAS_ALLOW if config.allow else 0) | (layout.SET_HAS_DENY if config.deny else 0)
+    if config.strict:
+        settings.flags |= layout.SET_STRICT
     if config.ban:
         from .config import BAN_SCOPES
 

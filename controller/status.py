@@ -42,12 +42,19 @@ def spa_ports(maps):
                   if key.bank == bank and val.flags & layout.PORT_SPA)
 
 
+def strict_mode(maps):
+    """Does the live bank reset knocks on packets to other ports ([filter] strict)?"""
+    settings = maps.settings.lookup(ctypes.c_uint32(maps.active_bank()))
+    return bool(settings is not None and settings.flags & layout.SET_STRICT)
+
+
 def filter_status(maps, interfaces, now=None):
     mode, sequences = live_policy(maps)
     in_progress, knocks = grants.knocks_in_progress(maps, now=now)
     return {
         "interfaces": interfaces,
         "mode": mode,
+        "strict": strict_mode(maps),
         "sequences": sequences,
         "guarded": [f"{proto}:{port}" for proto, port in grants.guarded_ports(maps)],
         "spa_ports": spa_ports(maps),

@@ -78,7 +78,8 @@ class Harness:
 
     def reset_state(self):
         """Forget knocks, grants and counters (clean state per case)."""
-        for m in (self.maps.progress, self.maps.grants, self.maps.failures, self.maps.bans, self.maps.spa_known):
+        for m in (self.maps.progress, self.maps.grants, self.maps.failures, self.maps.bans, self.maps.spa_known,
+                  self.maps.touched):
             for raw in [bytes(k) for k in m.keys()]:
                 m.delete(m.key_type.from_buffer_copy(raw))
         for reason in range(layout.COUNTERS):

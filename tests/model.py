@@ -17,7 +17,9 @@ or more of its steps, in the order the sequences are configured:
     nanosecond one by up to 1 us;
   * the port is step next_step: advance (time refreshed);
   * else it is step next_step - 1: a repeat (a retransmitted SYN), ignored,
-    time not refreshed;
+    time not refreshed; except the first step of a multi-step sequence
+    (next_step == 1), whose repeat starts it anew: its time is refreshed
+    (still counted as a repeat);
   * else a wrong knock: progress is lost, and if the port is step 0 the
     sequence restarts at 1.
   Completion (next_step reaches the number of steps) writes one grant for every
@@ -28,6 +30,15 @@ or more of its steps, in the order the sequences are configured:
   globally (KNOCK_*) and per sequence (advanced, completed, reset, timed_out);
   a knock that ends nothing and starts nothing counts KNOCK_IGNORED, including
   a wrong knock that erases a completed sequence's progress.
+
+Strict mode (config.strict). Every packet that is judged as guarded or
+unguarded (not a knock, not deny-listed) touches its source: the source's
+touch time (us, truncated) is remembered. Progress with 0 < next_step <
+nsteps that has not timed out is reset when the source was touched strictly
+after the last step (touch_us > last_us): a reset (KNOCK_RESET, per-sequence
+reset) also counted KNOCK_STRICT_RESET, after which the knock is judged with
+nothing in progress (a first step restarts at 1; anything else changes
+nothing more). Completed progress is left alone.
 
 Guarded ports. A source on the allow-list passes. Otherwise the grant decides:
 a SYN without ACK needs now < window_end; anything else passes while
@@ -64,6 +75,9 @@ MUTATIONS = {
     "timeout_ns": "the step timeout is compared in nanoseconds, not truncated microseconds",
     "refresh_every_packet": "every passing packet refreshes last_seen",
     "syn_on_idle_clock": "a SYN may open a connection on the idle clock too",
+    "first_repeat_keeps_time": "a repeated first step keeps the time of the first copy",
+    "strict_guarded_quiet": "in strict mode, packets to guarded ports do not count as intervening",
+    "strict_inclusive": "in strict mode, a touch in the same microsecond as the last step resets too",
 }
 
 
@@ -105,6 +119,8 @@ class Model:
         self.mutations = frozenset(mutations)
         self.now_ns = now_ns
         self.monitor = config.mode == "monitor"
+        self.strict = config.strict
+        self.touched = {}    # source key -> time of its last packet that was no knock, us (strict mode)
         self.allow = tuple(config.allow)
         self.deny = tuple(config.deny)
         self.seqs = [
@@ -169,6 +185,9 @@ class Model:
         if _listed(self.deny, src):
             return Reason.DROP_DENYLIST
         port = (pkt.proto, pkt.port)
+        if self.strict and (port not in self.knock_ports or port in self.guarded):
+            if port not in self.guarded or "strict_guarded_quiet" not in self.mutations:
+                self.touched[src] = self.now_ns // 1000
         if port in self.guarded:
             return self._guarded(src, pkt)
         if port in self.knock_ports:
@@ -220,9 +239,12 @@ class Model:
         state = self.progress.get(key)
         next_step, last_us = state if state is not None else (0, 0)
 
-        timed_out = False
+        timed_out = struck = False
         if next_step > 0 and self._timed_out(key, last_us):
             timed_out = next_step < nsteps   # a completed sequence just ends quietly
+            next_step = 0
+        elif 0 < next_step < nsteps and self._touched_since(src, last_us):
+            struck = True                    # strict mode: another port since the last step
             next_step = 0
 
         reset = False
@@ -232,11 +254,13 @@ class Model:
             new_step = 1   # after completion a first step starts anew (renewal)
         elif next_step > 0 and mask & (1 << (next_step - 1)) and "repeat_is_wrong" not in self.mutations:
             count[Reason.KNOCK_REPEATED] += 1
+            if next_step == 1 and nsteps > 1 and "first_repeat_keeps_time" not in self.mutations:
+                self._set_progress(key, 1)   # a first step again takes its own time
             return
         else:
             reset = 0 < next_step < nsteps
             new_step = 1 if mask & 1 else 0
-            if new_step == 0 and next_step == 0 and not timed_out:
+            if new_step == 0 and next_step == 0 and not timed_out and not struck:
                 count[Reason.KNOCK_IGNORED] += 1   # nothing in progress, not a first step
                 return
 
@@ -245,9 +269,11 @@ class Model:
         if timed_out:
             count[Reason.KNOCK_TIMED_OUT] += 1
             stats["timed_out"] += 1
-        if reset:
+        if reset or struck:
             count[Reason.KNOCK_RESET] += 1
             stats["reset"] += 1
+        if struck:
+            count[Reason.KNOCK_STRICT_RESET] += 1
         if new_step == nsteps:
             count[Reason.KNOCK_COMPLETED] += 1
             stats["completed"] += 1
@@ -255,8 +281,16 @@ class Model:
         elif new_step > 0:
             count[Reason.KNOCK_ADVANCED] += 1
             stats["advanced"] += 1
-        elif not timed_out and not reset:
+        elif not timed_out and not reset and not struck:
             count[Reason.KNOCK_IGNORED] += 1   # a wrong knock after completion: nothing to end
+
+    def _touched_since(self, src, last_us):
+        touched_us = self.touched.get(src)
+        if touched_us is None:
+            return False
+        if "strict_inclusive" in self.mutations:
+            return touched_us >= last_us
+        return touched_us > last_us
 
     def _set_progress(self, key, step):
         self.progress[key] = (step, self.now_ns // 1000)
@@ -285,7 +319,8 @@ class Model:
         state = self.progress.get(key)
         if state is not None:
             next_step, last_us = state
-            if 0 < next_step < len(seq.steps) and not self._timed_out(key, last_us):
+            if (0 < next_step < len(seq.steps) and not self._timed_out(key, last_us)
+                    and not self._touched_since(key[0], last_us)):
                 return seq.steps[next_step]
         return seq.steps[0]
 

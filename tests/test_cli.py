@@ -231,6 +231,16 @@ def test_knock_with_a_negative_delay(net):
     assert_fails(xknock(net.client, "knock", net.server.ipv4, "tcp:7000", "--delay", "-1"), "--delay", status=2)
 
 
+def test_knock_with_a_repeat_below_one(net):
+    assert_fails(xknock(net.client, "knock", net.server.ipv4, "tcp:7000", "--repeat", "0"), "--repeat", status=2)
+
+
+def test_knock_repeated_with_a_step_twice_in_a_row(net):
+    """The copies of the first tcp:7000 would be taken for the second."""
+    result = xknock(net.client, "knock", net.server.ipv4, "tcp:7000", "tcp:7000", "udp:8000", "--repeat", "2")
+    assert_fails(result, re.escape("knock[1] tcp:7000 is knock[0] again"))
+
+
 @pytest.mark.parametrize("args", [["status"], ["attach", "lo"], ["grant", "lo", "192.0.2.1"], ["detach", "lo"]])
 def test_not_root_is_one_clear_line(args):
     result = subprocess.run(["runuser", "-u", "nobody", "--", XKNOCK, *args], capture_output=True, text=True,

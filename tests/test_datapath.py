@@ -11,6 +11,7 @@ from packets import (
 )
 
 from xknock.controller.layout import Reason
+from xknock.controller.maps import from_addr
 from xknock.controller.testrun import XDP_DROP, XDP_PASS
 
 SSH = ["tcp:7000", "udp:8000", "tcp:9000"]
@@ -127,6 +128,19 @@ def test_repeated_step_is_ignored(xk):
     # udp:8000 is also web's first step: its repeat counts there too.
     assert counted(xk, Reason.KNOCK_REPEATED) == 4
     assert counted(xk, Reason.KNOCK_COMPLETED) == 1
+
+
+def test_each_knock_sent_three_times_opens_and_fails_nothing(xk):
+    """`xknock knock --repeat 3`: every knock three times, 10 ms apart. The
+    copies are repeats, ignored; none resets, times out or counts a failure."""
+    for s in SSH:
+        knock(xk, STRANGER4, [s] * 3, gap=0.01)
+        xk.advance(0.1)
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS
+    # two copies per step, and udp:8000's two again as web's first step
+    assert counted(xk, Reason.KNOCK_REPEATED) == 8
+    assert counted(xk, Reason.KNOCK_COMPLETED) == 1
+    assert counted(xk, Reason.KNOCK_RESET) == counted(xk, Reason.KNOCK_TIMED_OUT) == 0
 
 
 def test_tcp_knock_counts_syns_only(xk):
@@ -460,3 +474,99 @@ def test_without_a_ban_table_failures_ban_nobody(xk):
     _fail(xk, STRANGER4, 20)
     assert xk.run(tcp(STRANGER4, 80)) == XDP_PASS
     assert counted(xk, Reason.BAN_ISSUED) == 0
+
+
+# --- strict mode: a packet to another port resets the source's knocks ------------------
+
+def _strict(config):
+    import dataclasses
+
+    return dataclasses.replace(config, strict=True)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "not strict"])
+def test_strict_a_packet_to_another_port_between_knocks_resets(xk, example_config, strict):
+    if strict:
+        xk.apply(_strict(example_config))
+    knock(xk, STRANGER4, SSH[:1])
+    assert xk.run(tcp(STRANGER4, 80)) == XDP_PASS             # unguarded: passes, and intervenes
+    xk.advance(0.1)
+    knock(xk, STRANGER4, SSH[1:])
+    assert xk.run(tcp(STRANGER4, 22)) == (XDP_DROP if strict else XDP_PASS)
+    assert counted(xk, Reason.KNOCK_RESET) == counted(xk, Reason.KNOCK_STRICT_RESET) == (1 if strict else 0)
+
+
+def test_strict_a_dropped_packet_to_a_guarded_port_resets_progress_past_step_two(xk, example_config):
+    xk.apply(_strict(example_config))
+    knock(xk, STRANGER4, SSH[:2])                             # step 2: progress in the LRU
+    assert xk.run(udp(STRANGER4, 443)) == XDP_DROP            # guarded, no grant
+    knock(xk, STRANGER4, SSH[2:])
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_DROP
+    assert counted(xk, Reason.KNOCK_RESET) == counted(xk, Reason.KNOCK_STRICT_RESET) == 1
+
+
+def test_strict_a_first_step_after_a_reset_starts_anew(xk, example_config):
+    xk.apply(_strict(example_config))
+    knock(xk, STRANGER4, SSH[:1])
+    xk.run(udp(STRANGER4, 53))
+    xk.advance(0.1)
+    knock(xk, STRANGER4, SSH)                                 # its first knock: reset, then step 1 again
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS
+    assert counted(xk, Reason.KNOCK_STRICT_RESET) == 1
+
+
+def test_strict_knocks_of_other_sequences_do_not_intervene(xk, example_config):
+    xk.apply(_strict(example_config))
+    knock(xk, STRANGER4, ["tcp:7000", "icmp", "tcp:7001", "udp:8000", "icmp", "tcp:9000"])
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS
+    assert counted(xk, Reason.KNOCK_STRICT_RESET) == 0
+
+
+def test_strict_other_sources_do_not_intervene(xk, example_config):
+    xk.apply(_strict(example_config))
+    knock(xk, STRANGER4, SSH[:2])
+    xk.run(tcp("198.51.100.8", 80))
+    xk.run(tcp(STRANGER6, 22))
+    knock(xk, STRANGER4, SSH[2:])
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS
+
+
+def test_strict_a_packet_in_the_same_microsecond_as_the_step_does_not_reset(xk, example_config):
+    """Both times are kept in microseconds: a touch in the step's microsecond
+    cannot be told to come after it, so it does not count."""
+    xk.apply(_strict(example_config))
+    xk.run(step(STRANGER4, "tcp:7000"))
+    xk.run(tcp(STRANGER4, 80))
+    xk.advance(0.1)
+    knock(xk, STRANGER4, SSH[1:])
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS
+
+
+def test_strict_leaves_completed_progress_alone(xk, example_config):
+    xk.apply(_strict(example_config))
+    knock(xk, STRANGER4, SSH)
+    assert xk.run(tcp(STRANGER4, 22)) == XDP_PASS             # the connection: a touch
+    xk.advance(0.1)
+    xk.run(step(STRANGER4, "tcp:9000"))                       # the last knock retransmitted
+    assert counted(xk, Reason.KNOCK_REPEATED) == 1
+    assert counted(xk, Reason.KNOCK_RESET) == 0
+
+
+def test_strict_resets_count_towards_bans(xk, example_config):
+    xk.apply(_with_ban(_strict(example_config), after=2))
+    for _ in range(2):
+        knock(xk, STRANGER4, SSH[:1])
+        xk.run(tcp(STRANGER4, 80))
+        xk.advance(0.1)
+        knock(xk, STRANGER4, SSH[1:2])
+    assert counted(xk, Reason.BAN_ISSUED) == 1
+    assert xk.run(tcp(STRANGER4, 80)) == XDP_DROP
+
+
+def test_strict_touches_are_written_only_in_strict_mode(xk, example_config):
+    xk.run(tcp(STRANGER4, 80))
+    assert list(xk.maps.touched.keys()) == []
+    xk.apply(_strict(example_config))
+    xk.run(tcp(STRANGER4, 80))
+    xk.run(step(STRANGER6, "tcp:7000"))                       # a knock touches nothing
+    assert [str(from_addr(k)) for k in xk.maps.touched.keys()] == [STRANGER4]

@@ -16,8 +16,11 @@ boundaries: fixed amounts (each timeout and window, +-1 us, +-1 ns, the 1 s
 refresh) and jumps to the model's own next deadlines +-1 ns / +-1 us, plus
 random amounts.
 
-Each example starts clean: knocks, grants and counters cleared, the clock
-reset, the policy applied. A failure prints the shrunk program (a plain dict:
+Half the programs run in strict mode ([filter] strict = true): their
+packets to guarded and unguarded ports reset the sources' knocks in progress.
+
+Each example starts clean: knocks, grants, touches and counters cleared, the
+clock reset, the policy applied. A failure prints the shrunk program (a plain dict:
 check_program(harness, program) replays it) with the packet trace that led
 to the difference, and a @reproduce_failure blob; runs are not derandomized,
 so --hypothesis-seed=N reruns a whole run.
@@ -142,6 +145,7 @@ EVENTS = st.one_of(NEXT, NEXT, COMPLETE, KNOCK, KNOCK, GUARDED, GRANTED, GRANTED
 
 PROGRAMS = st.fixed_dictionaries({
     "mode": st.sampled_from(["enforce"] * 4 + ["monitor"]),
+    "strict": st.booleans(),
     "sources": st.lists(
         st.one_of(st.sampled_from(STRANGERS), st.sampled_from(STRANGERS), st.sampled_from(LISTED)),
         min_size=1, max_size=4, unique=True,
@@ -221,7 +225,7 @@ def check_program(harness, program, mutations=(), seen=None):
     """Runs program through the kernel and the model. Returns None when they
     agree throughout, else what differed first with the trace that led there.
     seen, a set, collects the reasons the model counted (for coverage)."""
-    config = CONFIGS[program["mode"]]
+    config = dataclasses.replace(CONFIGS[program["mode"]], strict=program.get("strict", False))
     harness.reset_state()
     harness.set_clock(START_NS)
     harness.apply(config)
@@ -328,8 +332,8 @@ def test_kernel_agrees_with_model(harness, program):
 SSH_SRC = "198.51.100.7"
 
 
-def _fixed(*events, sources=(SSH_SRC,)):
-    return {"mode": "enforce", "sources": list(sources), "events": list(events)}
+def _fixed(*events, sources=(SSH_SRC,), strict=False):
+    return {"mode": "enforce", "strict": strict, "sources": list(sources), "events": list(events)}
 
 
 # One fixed program per mutation, each of which the correct model passes.
@@ -343,6 +347,12 @@ MUTANT_CASES = [
                                     ("guarded", 0, ("tcp", 22), TCP_ACK))),
     ("syn_on_idle_clock", _fixed(("next", 0, 0), ("next", 0, 0), ("next", 0, 0), ("advance", 31 * S),
                                  ("guarded", 0, ("tcp", 22), TCP_SYN))),
+    ("first_repeat_keeps_time", _fixed(("next", 0, 0), ("advance", 3 * S), ("knock", 0, ("tcp", 7000), TCP_SYN),
+                                       ("advance", 3 * S), ("next", 0, 0))),
+    ("strict_guarded_quiet", _fixed(("next", 0, 0), ("advance", US), ("guarded", 0, ("tcp", 22), TCP_SYN),
+                                    ("advance", US), ("next", 0, 0), strict=True)),
+    ("strict_inclusive", _fixed(("next", 0, 0), ("unguarded", 0, ("tcp", 80)), ("advance", S), ("next", 0, 0),
+                                strict=True)),
 ]
 
 
@@ -355,7 +365,8 @@ def test_comparison_catches_a_wrong_model(harness, mutation, program):
 
 
 @pytest.mark.parametrize("mutation", ["timeout_inclusive", "timeout_ns", "repeat_is_wrong", "syn_on_idle_clock",
-                                      "refresh_every_packet"])
+                                      "refresh_every_packet", "strict_guarded_quiet", "strict_inclusive",
+                                      "first_repeat_keeps_time"])
 def test_generator_finds_a_wrong_model(harness, mutation):
     """The random programs themselves reach the rule: hypothesis finds a
     program on which the kernel and a mutated model disagree."""

@@ -16,7 +16,9 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 
 from xknock.controller.config import Step
-from xknock.controller.knockclient import KnockError, echo_request, internet_checksum, send_knocks
+from xknock.controller.knockclient import (
+    REPEAT_GAP, KnockError, copy_pauses, echo_request, internet_checksum, send_knocks,
+)
 from xknock.controller.lab import lab, stop_process, wait_for
 
 KNOCKS = [Step("tcp", 7000), Step("udp", 8000), Step("icmp", 0)]
@@ -27,7 +29,8 @@ SEND_KNOCKS = """
 import sys
 from xknock.controller.config import Step
 from xknock.controller.knockclient import send_knocks
-send_knocks(sys.argv[1], [Step("tcp", 7000), Step("udp", 8000), Step("icmp", 0)], delay=0.05)
+send_knocks(sys.argv[1], [Step("tcp", 7000), Step("udp", 8000), Step("icmp", 0)], delay=0.05,
+            repeat=int(sys.argv[2]) if len(sys.argv) > 2 else 1)
 """
 
 
@@ -133,6 +136,31 @@ def test_knocks_reach_the_server_once_each_in_order(net, family):
         # A moment more, to catch what should not be there (a second SYN).
         time.sleep(0.3)
     assert knocks_seen(capture, server_addr) == EXPECTED
+
+
+@pytest.mark.netns
+def test_repeat_sends_each_knock_that_many_times_before_the_next(net):
+    server_addr = net.server.ipv4
+    expected = [knock for knock in EXPECTED for _ in range(3)]
+    with Capture(net.server) as capture:
+        sent = net.client.run([sys.executable, "-c", SEND_KNOCKS, server_addr, "3"], timeout=20)
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: len(knocks_seen(capture, server_addr)) >= len(expected), timeout=3)
+        time.sleep(0.3)
+    assert knocks_seen(capture, server_addr) == expected
+
+
+def test_copies_are_spread_over_the_delay_the_last_just_before_the_next_knock():
+    assert copy_pauses(0.1, 1) == (0.0, 0.1)                    # one copy: the plain delay
+    between, before_next = copy_pauses(0.5, 3)
+    assert before_next == REPEAT_GAP
+    assert between * 2 + before_next == pytest.approx(0.5)      # knock to knock: still the delay
+    assert copy_pauses(0.005, 3) == (0.0, 0.005)                # a delay below the gap: back to back
+
+
+def test_a_step_twice_in_a_row_cannot_be_repeated():
+    with pytest.raises(KnockError, match=r"knock\[1\] udp:8000 is knock\[0\] again"):
+        send_knocks("127.0.0.1", [Step("udp", 8000), Step("udp", 8000)], repeat=2)
 
 
 def test_an_unresolvable_host_is_a_knock_error():

@@ -182,7 +182,7 @@ def test_a_stateless_apply_writes_the_current_windows(timed):
 
 @pytest.mark.netns
 def test_end_to_end_the_client_computes_the_window_and_a_replay_fails(tmp_path):
-    from e2e_helpers import Foreground, TcpEchoServer, check, write_config, xknock
+    from e2e_helpers import Foreground, TcpEchoServer, check, status_json, write_config, xknock
 
     from xknock.controller.lab import can_connect, lab, wait_for
 
@@ -207,8 +207,11 @@ open_for = "30s"
                 # Knock from the client with the shared config: the client computes the ports.
                 knocked = check(xknock(net.client, "knock", net.server.ipv4, "--sequence", "ssh", "-c", path))
                 assert wait_for(lambda: can_connect(net.client, net.server.ipv4, 22, timeout=1.0), timeout=5)
-                # The attacker sniffed those knocks and replays them: that window is spent.
+                # The attacker sniffed those knocks and replays them: that window is spent
+                # (taken out of the maps when the controller reads the grant's event).
                 steps = knocked.stdout.split(":", 1)[1].split()
+                assert wait_for(lambda: steps not in [s["knock"] for s in status_json(net.server)[0]["sequences"]],
+                                timeout=2)
                 check(xknock(net.attacker, "knock", net.server.ipv4, *steps))
                 assert not can_connect(net.attacker, net.server.ipv4, 22, timeout=1.0)
                 # Last hour's knock opens nothing either.
@@ -216,8 +219,10 @@ open_for = "30s"
                 old = totp.variant(seq, totp.window_of(time.time_ns(), seq.totp.window_ns) - 360).knock
                 check(xknock(net.attacker, "knock", net.server.ipv4, *map(str, old)))
                 assert not can_connect(net.attacker, net.server.ipv4, 22, timeout=1.0)
-                # The controller rotates at the next half window: still knockable afterwards.
-                time.sleep(5.5)
+                # In the next window (this one is spent) the sequence opens again: the
+                # controller rotated it in.
+                window_ns = seq.totp.window_ns
+                time.sleep((window_ns - time.time_ns() % window_ns) / 1e9 + 0.3)
                 check(xknock(net.attacker, "knock", net.server.ipv4, "--sequence", "ssh", "-c", path))
                 assert wait_for(lambda: can_connect(net.attacker, net.server.ipv4, 22, timeout=1.0), timeout=5)
         finally:
