@@ -66,3 +66,16 @@ def write_results(kind, text):
 
 def ratio(value, reference):
     return f"{value / reference:.2f}x" if reference else "-"
+
+
+def prog_run_time(prog_id):
+    """(run_time_ns, run_cnt) of a loaded program: the kernel's BPF stats,
+    counted while bpf_enable_stats(BPF_STATS_RUN_TIME) is on."""
+    from xknock.controller import bpfsys
+
+    fd = bpfsys.prog_fd_by_id(prog_id)
+    try:
+        info = bpfsys.prog_info(fd)
+        return info.run_time_ns, info.run_cnt
+    finally:
+        os.close(fd)

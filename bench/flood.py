@@ -239,12 +239,7 @@ class CpuMeter:
         return sum(fields), fields[3] + fields[4], fields[6]   # total, idle + iowait, softirq
 
     def _prog(self):
-        fd = bpfsys.prog_fd_by_id(self.prog_id)
-        try:
-            info = bpfsys.prog_info(fd)
-            return info.run_time_ns, info.run_cnt
-        finally:
-            os.close(fd)
+        return common.prog_run_time(self.prog_id)
 
     def __enter__(self):
         self.t0, self.s0, self.p0 = time.monotonic(), self._stat(), self._prog()

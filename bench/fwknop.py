@@ -28,7 +28,7 @@ from . import common, sidebyside as sb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from e2e_helpers import XKNOCK, Foreground, LineReader, TcpEchoServer, status_json, xknock  # noqa: E402,I001
+from e2e_helpers import XKNOCK, LineReader, TcpEchoServer, xknock  # noqa: E402,I001
 
 SPA_PORT = 62201
 
@@ -158,11 +158,7 @@ class XknockSpa:
         self.latencies_ms = []
 
     def start(self):
-        xknock(self.net.server, "detach", self.net.server_iface)
-        self.controller = Foreground(self.net, self.path)
-        self.controller.wait_ready()
-        self.prog_id = status_json(self.net.server)[0]["interfaces"][0]["prog_id"]
-        self.pid = self.controller.process.pid
+        self.controller, self.prog_id, self.pid = sb.start_xknock(self.net, self.path)
         return self
 
     def forget_client(self):

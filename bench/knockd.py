@@ -38,7 +38,7 @@ from . import common, sidebyside as sb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from e2e_helpers import XKNOCK, Foreground, LineReader, TcpEchoServer, config_text, status_json, write_config, xknock  # noqa: E402,I001
+from e2e_helpers import XKNOCK, LineReader, TcpEchoServer, config_text, write_config, xknock  # noqa: E402,I001
 
 FLOODS = {
     "random ports": ["tcp:*", "udp:*"],
@@ -70,11 +70,7 @@ class Xknock:
         self.path = write_config(directory, "xknock.toml", config_text(knock=sb.SEQUENCE, step_timeout="5s"))
 
     def start(self):
-        xknock(self.net.server, "detach", self.net.server_iface)
-        self.controller = Foreground(self.net, self.path)
-        self.controller.wait_ready()
-        self.prog_id = status_json(self.net.server)[0]["interfaces"][0]["prog_id"]
-        self.pid = self.controller.process.pid
+        self.controller, self.prog_id, self.pid = sb.start_xknock(self.net, self.path)
         self.maps = FilterMaps.from_prog(self.prog_id)
         [seq] = policy.live_sequences(self.maps).values()
         self.uid = seq.uid

@@ -26,6 +26,8 @@ import time
 from xknock.controller import traffic
 from xknock.controller.lab import HELPER_PYTHON, stop_process
 
+from . import common
+
 SEQUENCE = ("tcp:7000", "udp:8000", "tcp:9000")
 GUARDED = 22
 DEADLINE = 3.0        # seconds from the last knock to a connection, or the try failed
@@ -164,14 +166,7 @@ class Meter:
         self.stats_fd = None
 
     def _prog(self):
-        from xknock.controller import bpfsys
-
-        fd = bpfsys.prog_fd_by_id(self.prog_id)
-        try:
-            info = bpfsys.prog_info(fd)
-            return info.run_time_ns, info.run_cnt
-        finally:
-            os.close(fd)
+        return common.prog_run_time(self.prog_id)
 
     def __enter__(self):
         if self.prog_id:
@@ -296,3 +291,14 @@ def tool_version(argv, pattern=r"\d+(\.\d+)+"):
 def package_version(name):
     result = subprocess.run(["dpkg-query", "-W", "-f=${Version}", name], capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 else "not installed"
+
+
+def start_xknock(net, config_path):
+    """A foreground xknock controller on the lab's server with config_path, on
+    a freshly detached interface: (controller, prog_id, controller pid)."""
+    from e2e_helpers import Foreground, status_json, xknock   # tests/ is on the path: see the callers
+
+    xknock(net.server, "detach", net.server_iface)
+    controller = Foreground(net, config_path)
+    controller.wait_ready()
+    return controller, status_json(net.server)[0]["interfaces"][0]["prog_id"], controller.process.pid

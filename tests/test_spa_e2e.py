@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from e2e_helpers import XKNOCK, Foreground, TcpEchoServer, check, status_json, write_config, xknock
+from e2e_helpers import Foreground, TcpEchoServer, check, status_json, write_config, xknock
 
 from xknock.controller.lab import HELPER_PYTHON, can_connect, lab, wait_for
 
@@ -45,14 +45,14 @@ socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(data, (sys.argv[2], int(
 """
 
 # SPA-shaped junk (base64 of the right size) from random spoofed sources, raw
-# IPv4 sockets (1024 sources: 10,240 candidates a second get past their own
-# token buckets, half the default total rate), for argv[3] seconds; prints how many it sent.
+# IPv4 sockets, for argv[3] seconds; prints how many it sent. SOURCES is
+# argv[4]: each gets past its own token bucket 10 times a second.
 JUNK_FLOOD = r"""
 import base64, os, random, socket, struct, sys, time
-dst, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+dst, port, seconds, SOURCES = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 packets = []
-for _ in range(1024):
+for _ in range(SOURCES):
     payload = base64.b64encode(os.urandom(180)).rstrip(b"=")
     src = socket.inet_aton("10.%d.%d.%d" % (random.randint(100, 250), random.randint(0, 255), random.randint(1, 254)))
     udp = struct.pack("!HHHH", random.randint(1024, 65535), port, 8 + len(payload), 0) + payload
@@ -68,9 +68,9 @@ print(sent)
 """
 
 
-def fwknop(host, server, *extra, allow=None, user="alice", key=KEY_B64, hmac=HMAC_B64, save=None):
-    """The real fwknop client in host's namespace; returns its result."""
-    argv = [FWKNOP, "-A", f"tcp/{GUARDED}", "-D", server, "--use-hmac", "--key-base64-rijndael", key,
+def fwknop(host, server, *extra, allow=None, user="alice", key=KEY_B64, hmac=HMAC_B64, save=None, cpu=None):
+    """The real fwknop client in host's namespace (on one CPU if given); returns its result."""
+    argv = (["taskset", "-c", str(cpu)] if cpu is not None else []) + [FWKNOP, "-A", f"tcp/{GUARDED}", "-D", server, "--use-hmac", "--key-base64-rijndael", key,
             "--key-base64-hmac", hmac, "-U", user, "--no-save-args", "--no-rc-file"]
     argv += ["-a", allow] if allow else ["-s"]
     if save:
@@ -198,7 +198,9 @@ def test_a_junk_flood_from_many_sources_does_not_keep_a_good_packet_out(net, set
     server = net.server.ipv4
     with Foreground(net, path) as controller:
         controller.wait_ready()
-        flood = net.attacker.popen([HELPER_PYTHON, "-c", JUNK_FLOOD, server, SPA_PORT, "6"],
+        # 768 sources: 7,680 candidates a second reach the controller, within the
+        # default total rate's share of the one CPU the flood comes in on (10,000).
+        flood = net.attacker.popen([HELPER_PYTHON, "-c", JUNK_FLOOD, server, SPA_PORT, "6", "768"],
                                    stdout=subprocess.PIPE, text=True)
         try:
             time.sleep(1.0)   # the flood is on
@@ -216,7 +218,9 @@ def test_a_junk_flood_from_many_sources_does_not_keep_a_good_packet_out(net, set
 
 def test_past_the_total_rate_a_returning_user_still_gets_in(net, tmp_path):
     # A total rate far below the flood: strangers' packets are mostly dropped
-    # in the kernel, but the client authenticated once before the flood.
+    # in the kernel, but the client authenticated once before the flood. The
+    # total rate is shared out per CPU, and a veth frame is judged on the CPU
+    # that sent it: the flood and the client's packets share CPU 0.
     xknock(net.server, "detach", net.server_iface)
     text = CONFIG.format(port=SPA_PORT, cache=tmp_path / "replay", key=KEY_B64, hmac=HMAC_B64, guarded=GUARDED)
     path = write_config(tmp_path, "spa.toml", text.replace("[spa]\n", "[spa]\ntotal_rate = 100\n"))
@@ -228,12 +232,13 @@ def test_past_the_total_rate_a_returning_user_still_gets_in(net, tmp_path):
         assert opens(net.client, server)
         check(xknock(net.server, "revoke", net.server_iface, net.client.ipv4))
         assert shut(net.client, server)
-        flood = net.attacker.popen([HELPER_PYTHON, "-c", JUNK_FLOOD, server, SPA_PORT, "5"],
+        flood = net.attacker.popen(["taskset", "-c", "0", HELPER_PYTHON, "-c", JUNK_FLOOD, server, SPA_PORT, "5",
+                                    "1024"],
                                    stdout=subprocess.PIPE, text=True)
         try:
             time.sleep(1.0)
             for _ in range(3):   # three returning logins in the flood, each on its first packet
-                fwknop(net.client, server, allow=net.client.ipv4)
+                fwknop(net.client, server, allow=net.client.ipv4, cpu=0)
                 assert opens(net.client, server, timeout=1.5), verdicts(net)
                 check(xknock(net.server, "revoke", net.server_iface, net.client.ipv4))
         finally:

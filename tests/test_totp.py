@@ -12,7 +12,7 @@ import pytest
 from packets import step, tcp
 
 from xknock.controller import policy, totp
-from xknock.controller.config import ConfigError, Step, parse_config
+from xknock.controller.config import ConfigError, parse_config
 from xknock.controller.testrun import XDP_DROP, XDP_PASS
 
 SECRET = base64.b32encode(b"s" * 20).decode()
