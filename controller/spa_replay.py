@@ -18,6 +18,7 @@ add() raises ReplayCacheFull instead of forgetting anything: the caller must
 refuse the packet (a full cache fails closed, never open).
 """
 
+import fcntl
 import os
 import threading
 
@@ -50,11 +51,14 @@ class ReplayCache:
         self._lock = threading.Lock()
         self._file = None
         directory = os.path.dirname(self.path)
+        self._lock_file = None
         try:
             if not os.path.isdir(directory):
                 os.makedirs(directory, mode=0o700, exist_ok=True)
+            self._hold_lock()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError as err:
+            self.close()
             raise ReplayCacheError(f"replay cache {self.path}: cannot open: {err.strerror}") from None
         self._file = os.fdopen(fd, "a+b", buffering=0)
         try:
@@ -63,6 +67,19 @@ class ReplayCache:
         except BaseException:
             self.close()
             raise
+
+    def _hold_lock(self):
+        """One controller per cache file: a second one would not see the
+        first's digests, and its compaction would drop them. The lock lives
+        in a file of its own, since compaction replaces the cache file."""
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock_file = os.fdopen(fd, "rb", buffering=0)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise ReplayCacheError(f"replay cache {self.path}: in use by another xknock controller; give each "
+                                   "filter a replay_cache of its own") from None
 
     def _check_owner(self, fd):
         st = os.fstat(fd)
@@ -158,6 +175,9 @@ class ReplayCache:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._lock_file is not None:
+            self._lock_file.close()   # releases the lock
+            self._lock_file = None
 
     def __enter__(self):
         return self

@@ -120,3 +120,14 @@ def test_memory_per_entry(path):
         per_entry = (tracemalloc.get_traced_memory()[0] - before) / n
         tracemalloc.stop()
     assert per_entry < 200, per_entry
+
+
+def test_one_controller_per_cache_file(tmp_path):
+    path = str(tmp_path / "replay")
+    first = ReplayCache(path)
+    try:
+        with pytest.raises(ReplayCacheError, match="in use by another xknock controller"):
+            ReplayCache(path)
+    finally:
+        first.close()
+    ReplayCache(path).close()   # free again once the first is closed
