@@ -166,7 +166,8 @@ class SpaReceiver:
 
     def __init__(self, loaded, maps, spa, replay_cache=None):
         self.maps = maps
-        self.verifier = SpaVerifier(spa, replay_cache or open_replay_cache(spa))
+        cache = replay_cache if replay_cache is not None else open_replay_cache(spa)   # an empty cache is falsy
+        self.verifier = SpaVerifier(spa, cache)
         self.pending = {}          # Reason -> count not yet in the counters map
         self.next_flush = time.monotonic() + FLUSH_EVERY_S
         loaded.bpf["spa_events"].open_ring_buffer(self._callback)
