@@ -3,6 +3,7 @@
 import ipaddress
 import json
 import logging
+import os
 import sys
 import time
 
@@ -323,11 +324,18 @@ def unban(iface, addr):
 Examples:
   xknock knock 10.0.0.1 tcp:7000 udp:8000 tcp:9000
   xknock knock server.example --sequence ssh -c /etc/xknock/xknock.toml --delay 0.2
-  xknock knock 10.0.0.1 tcp:7000 udp:8000 tcp:9000 --repeat 3   # under a flood""")
+  xknock knock 10.0.0.1 tcp:7000 udp:8000 tcp:9000 --repeat 3   # under a flood
+  xknock knock 10.0.0.1 --sequence ssh --secret-file ~/.xknock/ssh.totp --protos tcp,udp,tcp   # time-based""")
 @click.argument("host")
 @click.argument("steps", nargs=-1, type=STEP)
 @click.option("--sequence", "sequence_name", help="Knock this sequence of the config instead of STEPS.")
 @click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True)
+@click.option("--secret-file", default=None, metavar="FILE",
+              help="A time-based sequence without a config: its secret (base32, chmod 600); with --protos, "
+                   "and --window and --port-range if the server's differ from the defaults.")
+@click.option("--protos", default=None, metavar="P,P,...", help="With --secret-file: the knocks' protocols.")
+@click.option("--window", default=None, metavar="DURATION", help="With --secret-file (default 60s).")
+@click.option("--port-range", default=None, metavar="LOW-HIGH", help="With --secret-file (default 10000-29999).")
 @click.option("--delay", type=float, default=0.1, show_default=True, help="Seconds between knocks.")
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="Send every knock this many times (xknock ignores the copies); 3 where packets get lost, "
@@ -335,7 +343,8 @@ Examples:
 @click.option("-4", "ipv4", is_flag=True, help="IPv4 only.")
 @click.option("-6", "ipv6", is_flag=True, help="IPv6 only.")
 @fail_cleanly
-def knock(host, steps, sequence_name, config_path, delay, repeat, ipv4, ipv6):
+def knock(host, steps, sequence_name, config_path, secret_file, protos, window, port_range, delay, repeat, ipv4,
+          ipv6):
     """Send a knock sequence to HOST (the client; needs root for ICMP)."""
     import socket
 
@@ -344,16 +353,26 @@ def knock(host, steps, sequence_name, config_path, delay, repeat, ipv4, ipv6):
     if sequence_name:
         if steps:
             raise click.UsageError("give STEPS or --sequence, not both")
-        config = load_config(config_path)
-        found = [s for s in config.sequences if s.name == sequence_name]
-        if not found:
-            raise XknockError(f"{config_path}: no sequence named {sequence_name!r}")
+        if secret_file:
+            from xknock.controller.totp_config import client_sequence
+
+            if not protos:
+                raise click.UsageError("--secret-file needs --protos (e.g. tcp,udp,tcp: as the server's knock)")
+            found = [client_sequence(sequence_name, os.path.abspath(os.path.expanduser(secret_file)), protos,
+                                     window, port_range)]
+        else:
+            config = load_config(config_path)
+            found = [s for s in config.sequences if s.name == sequence_name]
+            if not found:
+                raise XknockError(f"{config_path}: no sequence named {sequence_name!r}")
         steps = found[0].knock
         if found[0].totp is not None:   # this window's ports, from the shared secret and the clock
             from xknock.controller import totp
 
             window = totp.window_of(time.time_ns(), found[0].totp.window_ns)
             steps = totp.variant(found[0], window).knock
+    elif secret_file or protos or window or port_range:
+        raise click.UsageError("--secret-file, --protos, --window and --port-range go with --sequence NAME")
     if not steps:
         raise click.UsageError("give the knock STEPS (e.g. tcp:7000 udp:8000) or --sequence NAME")
     if delay < 0:

@@ -116,3 +116,22 @@ def ephemeral_ports(path="/proc/sys/net/ipv4/ip_local_port_range"):
         return int(low), int(high)
     except (OSError, ValueError):
         return None
+
+
+def client_sequence(name, secret_file, protos, window=None, port_range=None):
+    """A time-based config.Sequence from a client's options (`xknock knock
+    --sequence NAME --secret-file F --protos tcp,udp,tcp`), with no config
+    file: only what the ports are computed from. ConfigError when wrong."""
+    from . import layout
+    from .config import ConfigError, Sequence, _Report
+
+    table = {"knock": [p.strip() for p in protos.split(",")], "secret_file": secret_file}
+    if window is not None:
+        table["window"] = window
+    if port_range is not None:
+        table["port_range"] = port_range
+    report = _Report()
+    totp = parse_totp(report, f'sequence "{name}"', table, None, layout.MAX_STEPS)
+    if report.errors:
+        raise ConfigError(report.errors)
+    return Sequence(name, (), 0, (), 0, 0, totp=totp)

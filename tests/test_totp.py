@@ -228,3 +228,32 @@ open_for = "30s"
         finally:
             echo.stop()
             xknock(net.server, "detach", net.server_iface)
+
+
+def test_the_client_needs_only_the_secret(tmp_path):
+    import subprocess
+    import sys
+
+    xknock_cli = os.path.join(os.path.dirname(sys.executable), "xknock")
+    secret_file = tmp_path / "ssh.totp"
+    secret_file.write_text(SECRET + "\n")
+    secret_file.chmod(0o600)
+    argv = [xknock_cli, "knock", "127.0.0.1", "--sequence", "ssh", "--secret-file", str(secret_file),
+            "--protos", "tcp,udp,tcp", "--port-range", "20000-29999", "--delay", "0"]
+    before = time.time_ns()
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    after = time.time_ns()
+    assert result.returncode == 0, result.stderr
+    seq = totp_config().sequences[0]   # the server's view of the same sequence
+    expected = {" ".join(map(str, totp.variant(seq, totp.window_of(t, seq.totp.window_ns)).knock))
+                for t in (before, after)}
+    assert result.stdout.split(": ", 1)[1].strip() in expected
+
+    for extra, message in (([], "--secret-file needs --protos"),
+                           (["--protos", "tcp,icmp"], 'knock[1] \'icmp\': with totp = true, write just "tcp" or "udp"')):
+        bad = [a for a in argv if a not in ("--protos", "tcp,udp,tcp")] + extra
+        result = subprocess.run(bad, capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    secret_file.chmod(0o644)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "chmod 600" in result.stderr, result.stderr
