@@ -247,3 +247,16 @@ def test_past_the_total_rate_a_returning_user_still_gets_in(net, tmp_path):
         # (a login that found credit left in the total rate did not need the exemption)
         assert seen.get("overloaded", 0) > 1000 and 1 <= seen.get("known_passed", 0) <= 3, seen
         assert seen.get("accepted") == 4
+
+
+def test_an_unusable_replay_cache_attaches_nothing(net, tmp_path):
+    xknock(net.server, "detach", net.server_iface)
+    text = CONFIG.format(port=SPA_PORT, cache="/proc/xknock-no-such-dir/replay", key=KEY_B64, hmac=HMAC_B64,
+                         guarded=GUARDED)
+    path = write_config(tmp_path, "spa.toml", text)
+    os.chmod(path, 0o600)
+    result = xknock(net.server, "attach", net.server_iface, "-c", path)
+    assert result.returncode != 0
+    assert "SPA replay cache /proc/xknock-no-such-dir/replay" in result.stderr and "nothing was attached" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert status_json(net.server) == []
