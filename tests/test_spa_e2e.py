@@ -260,3 +260,27 @@ def test_an_unusable_replay_cache_attaches_nothing(net, tmp_path):
     assert "SPA replay cache /proc/xknock-no-such-dir/replay" in result.stderr and "nothing was attached" in result.stderr
     assert "Traceback" not in result.stderr
     assert status_json(net.server) == []
+
+
+def test_spa_comes_and_goes_with_a_reload(net, tmp_path):
+    xknock(net.server, "detach", net.server_iface)
+    server = net.server.ipv4
+    plain = '[[sequence]]\nname = "ssh"\nknock = ["tcp:7000", "udp:8000", "tcp:9000"]\nopen = ["tcp:2222"]\n'
+    with_spa = plain + CONFIG.format(port=SPA_PORT, cache=tmp_path / "replay", key=KEY_B64, hmac=HMAC_B64,
+                                     guarded=GUARDED)
+    path = write_config(tmp_path, "spa.toml", plain)
+    os.chmod(path, 0o600)
+    with Foreground(net, path) as controller:
+        controller.wait_ready()
+        assert not status_json(net.server)[0]["spa_ports"]
+        write_config(tmp_path, "spa.toml", with_spa)
+        controller.send_signal(signal.SIGHUP)
+        assert controller.log.wait_for(lambda line: "reloaded" in line, 10), controller.log.read_all(0.5)
+        fwknop(net.client, server, allow=net.client.ipv4)
+        assert opens(net.client, server), controller.log.read_all(0.5)
+        write_config(tmp_path, "spa.toml", plain)
+        controller.send_signal(signal.SIGHUP)
+        assert controller.log.wait_for(lambda line: "reloaded" in line, 10), controller.log.read_all(0.5)
+        assert not status_json(net.server)[0]["spa_ports"]
+        assert can_connect(net.attacker, server, GUARDED, timeout=1.0)   # port 22 is no longer guarded
+        assert controller.process.poll() is None   # and the controller runs on
