@@ -111,25 +111,19 @@ def check_spa_ports(report, spa, sequences):
     """The SPA port and the ports users open must not be knock steps: the data
     path classifies a port once."""
     knocks = {step: sequence.name for sequence in sequences for step in sequence.knock}
-    owner = knocks.get(_udp(spa.port))
+    owner = knocks.get(spa.port_step)
     if owner:
         report.error("spa", f'port {spa.port}: udp:{spa.port} is a knock step of sequence "{owner}"')
     for sequence in sequences:
-        if _udp(spa.port) in sequence.open:
+        if spa.port_step in sequence.open:
             report.error("spa", f'port {spa.port}: udp:{spa.port} is opened by sequence "{sequence.name}"')
     for user in spa.users:
         for index, step in enumerate(user.open):
             if step in knocks:
                 report.error(f'spa.user "{user.name}"',
                              f'open[{index}] "{step}" is a knock step of sequence "{knocks[step]}"')
-            if step == _udp(spa.port):
+            if step == spa.port_step:
                 report.error(f'spa.user "{user.name}"', f'open[{index}] "{step}" is the SPA port itself')
-
-
-def _udp(port):
-    from .config import Step
-
-    return Step("udp", port)
 
 
 def _whole(report, place, table, key, default, low, high):
