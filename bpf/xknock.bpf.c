@@ -1,6 +1,7 @@
 /* xknock.bpf.c: the XDP entry. Parse, check the deny-list, classify the
  * destination with one lookup, then judge guarded and knock ports. One exit,
- * where the verdict is counted and monitor mode applied. */
+ * where the verdict is counted, monitor mode applied and a refused packet
+ * answered as an unused port would be (answer = "closed"). */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
@@ -16,14 +17,17 @@
 #include "xknock_structs.h"
 #include "xknock_parsing.h"
 #include "xknock_maps.h"
+#include "xknock_hash.h"
 #include "xknock_stats.h"
 #include "xknock_policy.h"
+#include "xknock_strict.h"
 #include "xknock_knock.h"
 #include "xknock_spa.h"
+#include "xknock_answer.h"
 
 static __always_inline int is_drop(__u32 reason)
 {
-	return reason >= XK_DROP_DENYLIST && reason < XK_VERDICT_REASONS;
+	return reason >= XK_DROP_DENYLIST && reason <= XK_DROP_SPA;
 }
 
 static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set_out)
@@ -49,6 +53,7 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 #endif
 
 	__builtin_memset(pkt, 0, sizeof(*pkt));
+	pkt->now = now;
 	pkt->parsed = parse_packet(data, data_end, pkt);
 	/* Read back from map memory: every parse path joins into one state here. */
 	__u8 parsed = *(volatile __u8 *)&pkt->parsed;
@@ -78,12 +83,15 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 	pkey.proto = pkt->proto;
 	pkey.port = pkt->dport;
 	struct xk_port_val *port = ports.lookup(&pkey);
-	/* Strict mode: every packet that is no knock is an intervening packet. */
-	if ((set->flags & XK_SET_STRICT) &&
+	/* Strict mode: a new connection anywhere but a knock port intervenes
+	 * (knock ports judge their own packets, in handle_knock). */
+	if ((set->flags & XK_SET_STRICT) && opens_connection(pkt) &&
 	    !(port && (port->flags & (XK_PORT_GUARDED | XK_PORT_KNOCK)) == XK_PORT_KNOCK))
-		touch(pkt, now);
+		touch_if_knocking(pkt, now / 1000, set);
 	if (!port)
 		return XK_PASS_UNGUARDED;
+	/* From here on a refusal is answered as an unused port would be. */
+	pkt->answerable = 1;
 	if (banned)
 		return XK_DROP_BANNED;   /* banned on knock and guarded ports only */
 	if (port->flags & XK_PORT_SPA)
@@ -92,7 +100,8 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 		return guarded_verdict(pkt, set, bank, now);
 	if (port->flags & XK_PORT_KNOCK) {
 		handle_knock(pkt, port, now, set, bank);
-		return XK_DROP_KNOCK;
+		/* The host answers an echo knock's ping, as it always did. */
+		return pkt->proto == XK_PROTO_ICMP ? XK_PASS_ECHO : XK_DROP_KNOCK;
 	}
 	return XK_PASS_UNGUARDED;
 }
@@ -104,9 +113,13 @@ int xdp_knock(struct xdp_md *ctx)
 	count(reason);
 	if (!is_drop(reason))
 		return XDP_PASS;
-	if (set && set->mode == XK_MODE_MONITOR) {
+	if (!set)
+		return XDP_DROP;
+	if (set->mode == XK_MODE_MONITOR) {
 		count(XK_MONITOR_PASSED);
 		return XDP_PASS;
 	}
+	if (set->flags & XK_SET_ANSWER)
+		return answer(ctx, set);
 	return XDP_DROP;
 }

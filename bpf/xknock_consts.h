@@ -37,9 +37,20 @@
 #ifndef XK_BAN_ENTRIES              /* banned sources; never evicted */
 #define XK_BAN_ENTRIES 65536
 #endif
-#ifndef XK_TOUCHED_ENTRIES          /* strict mode: sources' last packets to other ports, LRU */
-#define XK_TOUCHED_ENTRIES 65536
+#ifndef XK_RECENT_SLOTS             /* strict mode: knocking sources' last knock and intervening packet; a power of two */
+#define XK_RECENT_SLOTS (1 << 18)
 #endif
+#ifndef XK_ICMP_PEER_ENTRIES        /* sources with an ICMP error rate bucket (answers), LRU */
+#define XK_ICMP_PEER_ENTRIES 65536
+#endif
+/* The longest L4 segment whose checksum the answer path verifies; a longer
+ * one is dropped unanswered. A multiple of XK_CSUM_CHUNK. */
+#define XK_ANSWER_MAX_L4 2048
+#define XK_CSUM_CHUNK 512            /* bpf_csum_diff's largest input */
+/* Linux quotes this much of the offending datagram in an ICMP error:
+ * 576 - 20 - 8 (IPv4, icmp_send) and 1280 - 40 - 8 (IPv6, icmp6_send). */
+#define XK_ICMP_QUOTE 548
+#define XK_ICMP6_QUOTE 1232
 #ifndef XK_MAX_EXT_HDRS             /* IPv6 extension headers walked before giving up */
 #define XK_MAX_EXT_HDRS 8
 #endif
@@ -76,6 +87,9 @@
 #if (XK_FIRST_SLOTS & (XK_FIRST_SLOTS - 1)) != 0
 #error "XK_FIRST_SLOTS must be a power of two"
 #endif
+#if (XK_RECENT_SLOTS & (XK_RECENT_SLOTS - 1)) != 0
+#error "XK_RECENT_SLOTS must be a power of two"
+#endif
 #if XK_MAX_STEPS > 32
 #error "XK_MAX_STEPS must fit the 32-bit step mask"
 #endif
@@ -103,7 +117,8 @@
 #define XK_SET_HAS_ALLOW (1U << 0)
 #define XK_SET_HAS_DENY  (1U << 1)
 #define XK_SET_BANS      (1U << 2)   /* failed knocks lead to bans */
-#define XK_SET_STRICT    (1U << 3)   /* a packet to another port resets the source's knocks */
+#define XK_SET_STRICT    (1U << 3)   /* a new connection to another port resets the source's knocks */
+#define XK_SET_ANSWER    (1U << 4)   /* refused packets get the answer of an unused port */
 
 /* xk_settings.ban_scope */
 #define XK_BAN_EVERYWHERE 0          /* a banned source is dropped on every port */
@@ -133,8 +148,9 @@ enum xk_reason {
 	XK_DROP_MALFORMED = 9,     /* truncated or invalid headers */
 	XK_DROP_FRAGMENT = 10,     /* tiny first or overlapping later fragments */
 	XK_DROP_BANNED = 11,       /* source banned after too many failed knocks */
-	XK_DROP_SPA = 12,          /* every packet to the SPA port: nothing is ever sent back */
-	XK_VERDICT_REASONS = 13,
+	XK_DROP_SPA = 12,          /* every packet to the SPA port (answered like an unused port) */
+	XK_PASS_ECHO = 13,         /* an ICMP echo knock: recorded, then the host answers the ping */
+	XK_VERDICT_REASONS = 14,
 	XK_KNOCK_ADVANCED = 16,    /* a right step, sequence not finished yet */
 	XK_KNOCK_COMPLETED = 17,
 	XK_KNOCK_RESET = 18,       /* a wrong step ended progress */
@@ -155,7 +171,7 @@ enum xk_reason {
 	XK_BAN_FAILED = 33,        /* bans refused: bans map full */
 	XK_BAN_SPARED = 34,        /* allow-listed sources that reached the threshold: never banned */
 	XK_BAN_REMOVED = 35,       /* bans the controller removed (unban, sweep); only it writes this */
-	XK_KNOCK_STRICT_RESET = 36, /* of the resets: progress a packet to another port ended (strict mode) */
+	XK_KNOCK_STRICT_RESET = 36, /* of the resets: progress a new connection to another port ended (strict) */
 	/* SPA in the kernel: */
 	XK_SPA_QUEUED = 37,        /* candidates handed to the controller */
 	XK_SPA_NOT_CANDIDATE = 38, /* wrong size or not base64: dropped in the kernel */
@@ -174,6 +190,11 @@ enum xk_reason {
 	XK_SPA_GRANT_FAILED = 50,  /* verified, but the grants map was full */
 	XK_SPA_GRANT_CREATED = 51, /* grant entries SPA added that were not in the map before */
 	XK_SPA_KNOWN_PASSED = 52,  /* over the total rate, queued anyway: the source had an accepted SPA */
+	/* Answers (answer = "closed"): of the dropped packets, those sent back as */
+	XK_ANSWER_RST = 53,        /* a TCP reset */
+	XK_ANSWER_UNREACH = 54,    /* an ICMP or ICMPv6 port unreachable */
+	XK_ANSWER_RATE_LIMITED = 55, /* no ICMP error: over Linux's rate limits, as the kernel would be */
+	XK_ANSWER_NONE = 56,       /* no answer, as Linux gives none: a RST, a bad checksum, not unicast... */
 	XK_COUNTERS = 64,
 };
 

@@ -31,16 +31,6 @@ enum xk_knock_outcome {
 #define XK_KNOCK_TO_FIRSTS (1U << 10)   /* a restart: step 1 goes into `firsts` */
 #define XK_KNOCK_WAS_STRICT (1U << 11)  /* strict mode: a packet to another port ended progress */
 
-static __always_inline __u32 xk_mix32(__u32 h)
-{
-	h ^= h >> 16;
-	h *= 0x85ebca6b;
-	h ^= h >> 13;
-	h *= 0xc2b2ae35;
-	h ^= h >> 16;
-	return h;
-}
-
 /* The hash of (source, sequence uid) that places a first step; mirrored by
  * controller/firsts.py. */
 static __always_inline __u32 first_hash(struct xk_addr *src, __u32 uid)
@@ -175,6 +165,7 @@ static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, s
 			 * until the second comes. Lost to another CPU: held anyway. */
 			__sync_val_compare_and_swap(mine, old, XK_FIRST_WORD(tag, now_us));
 			count(XK_KNOCK_REPEATED);
+			pkt->took = 1;
 			return XK_FIRST_DONE;
 		}
 		if (__sync_val_compare_and_swap(mine, old, 0) != old) {
@@ -197,7 +188,9 @@ static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, s
 			return XK_FIRST_DONE;
 		}
 		if (struck) {
-			/* a reset like a wrong knock's; this knock is judged afresh below */
+			/* A reset like a wrong knock's, but never counted towards a
+			 * ban: anyone can forge a SYN from a user's address. This
+			 * knock is judged afresh below. */
 			count(XK_KNOCK_RESET);
 			count(XK_KNOCK_STRICT_RESET);
 			emit(XK_EV_RESET, now, pkt, seq->uid, 1);
@@ -207,8 +200,8 @@ static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, s
 			count(XK_KNOCK_TIMED_OUT);
 			emit(XK_EV_TIMED_OUT, now, pkt, seq->uid, 1);
 			count_seq(seq->uid, 0, 0, 1);
+			record_failure(pkt, set, bank, now);
 		}
-		record_failure(pkt, set, bank, now);
 	}
 	if (!(mask & 1)) {
 		if (!timed_out && !struck)
@@ -219,7 +212,9 @@ static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, s
 	if (placed == XK_OUT_ADVANCED) {
 		count(XK_KNOCK_ADVANCED);
 		count_seq(seq->uid, 1, 0, 0);
+		pkt->took = 1;
 	} else {
+		pkt->took = placed == XK_OUT_REPEATED;
 		count(placed == XK_OUT_REPEATED ? XK_KNOCK_REPEATED : XK_KNOCK_CONTENDED);
 	}
 	return XK_FIRST_DONE;
@@ -386,18 +381,22 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 	}
 	if (struck)
 		count(XK_KNOCK_STRICT_RESET);
-	if (timed_out || reset)
+	/* Strict resets never count towards a ban (see first_knock). */
+	if (timed_out || (knock & XK_KNOCK_WAS_RESET))
 		record_failure(pkt, set, bank, now);
 	switch (outcome) {
 	case XK_OUT_ADVANCED:
 		count(XK_KNOCK_ADVANCED);
+		pkt->took = 1;
 		break;
 	case XK_OUT_COMPLETED:
 		count(XK_KNOCK_COMPLETED);
 		write_grants(seq, pkt, now);
+		pkt->took = 1;
 		break;
 	case XK_OUT_REPEATED:
 		count(XK_KNOCK_REPEATED);
+		pkt->took = 1;
 		break;
 	case XK_OUT_RACED:
 		count(XK_KNOCK_CONTENDED);
@@ -409,7 +408,8 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 	}
 }
 
-/* Every knock port packet is dropped; this only records what it meant. */
+/* Every knock port packet is dropped (an ICMP echo passes: the host answers
+ * the ping); this only records what it meant. */
 static __always_inline void handle_knock(struct xk_packet *pkt, struct xk_port_val *port, __u64 now,
 					 struct xk_settings *set, __u32 bank)
 {
@@ -424,11 +424,9 @@ static __always_inline void handle_knock(struct xk_packet *pkt, struct xk_port_v
 	pkt->seq_idx = 0;
 	pkt->now = now;
 	pkt->bank = bank;
-	if (set->flags & XK_SET_STRICT) {
-		u64 *seen = touched.lookup(&pkt->src);
-		if (seen)
-			pkt->touched_us = *seen / 1000;
-	}
+	pkt->took = 0;
+	if (set->flags & XK_SET_STRICT)
+		pkt->touched_us = last_touch_us(pkt, now / 1000, set);
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < XK_MAX_SEQS_PER_PORT; i++) {
 		__u32 idx = *(volatile __u8 *)&pkt->seq_idx;
@@ -438,6 +436,16 @@ static __always_inline void handle_knock(struct xk_packet *pkt, struct xk_port_v
 			       *(volatile __u32 *)&pkt->bank & 1);
 		pkt->seq_idx = idx + 1;
 	}
+	/* Read again, not kept in a register: a flag live across the loop
+	 * would have the verifier walk the loop once for each of its values. */
+	if (!(*(volatile __u32 *)&set->flags & XK_SET_STRICT))
+		return;
+	/* A knock some sequence here took keeps its source knocking; any other
+	 * (the step of a sequence this source is not at) intervenes in the rest. */
+	if (*(volatile __u8 *)&pkt->took)
+		mark_knocking(pkt, *(volatile __u64 *)&pkt->now / 1000);
+	else
+		touch_if_knocking(pkt, *(volatile __u64 *)&pkt->now / 1000, set);
 }
 
 #endif

@@ -33,9 +33,10 @@ BPF_TABLE_PINNED7("lpm_trie", struct xk_lpm_key, u32, deny, XK_LIST_ENTRIES, XK_
 /* failed sequences per source, for bans */
 BPF_TABLE_PINNED("lru_hash", struct xk_addr, struct xk_failures, failures, XK_FAILURE_ENTRIES,
 		 XK_PIN_DIR "/failures");
-/* strict mode: when each source last sent a packet to a port that is no
- * knock port (ns); a knock finds its progress reset if this is newer */
-BPF_TABLE_PINNED("lru_hash", struct xk_addr, u64, touched, XK_TOUCHED_ENTRIES, XK_PIN_DIR "/touched");
+/* strict mode: a knocking source's last knock and last new connection to
+ * another port, at a slot hashed from the source (xknock_strict.h); an array,
+ * so a source that is not knocking costs a read, never an insert */
+BPF_TABLE_PINNED("array", u32, struct xk_recent, recent, XK_RECENT_SLOTS, XK_PIN_DIR "/recent");
 /* banned sources and until when */
 BPF_TABLE_PINNED("hash", struct xk_addr, struct xk_ban, bans, XK_BAN_ENTRIES, XK_PIN_DIR "/bans");
 /* per-CPU counters indexed by enum xk_reason; the controller sums them */
@@ -60,5 +61,15 @@ BPF_TABLE("lru_hash", struct xk_addr, struct xk_bucket, spa_rate, XK_SPA_RATE_EN
 BPF_PERCPU_ARRAY(spa_cpu_rate, struct xk_bucket, 1);
 /* where a candidate's record is built before it goes out at its own size */
 BPF_PERCPU_ARRAY(spa_scratch, struct xk_spa_event, 1);
+
+/* Answers (xknock_answer.h): ICMP error buckets per destination (the LRU may
+ * forget a quiet one: it starts full again, as Linux's inet_peer does) and
+ * for the host; the frame scratch where checksums are summed */
+BPF_TABLE("lru_hash", struct xk_addr, struct xk_bucket, icmp_peers, XK_ICMP_PEER_ENTRIES);
+BPF_ARRAY(icmp_host, struct xk_locked_bucket, 1);
+struct xk_answer_scratch {
+	__u8 buf[XK_ANSWER_MAX_L4 + 4];
+};
+BPF_PERCPU_ARRAY(answer_scratch, struct xk_answer_scratch, 1);
 
 #endif

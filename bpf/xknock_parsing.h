@@ -25,7 +25,12 @@ struct xk_packet {
 	__u64 now;        /* the clock and the bank, re-read through map memory on each */
 	__u32 bank;       /* pass of the sequence loop so its verifier states join */
 	__u32 pad2;
-	__u64 touched_us; /* strict mode: the source's last packet to another port, us; 0: none */
+	__u64 touched_us; /* strict mode: the source's last new connection elsewhere, us; 0: none */
+	__u16 l3_off;     /* where the IP header starts (after Ethernet and VLAN tags) */
+	__u16 l4_off;     /* where the TCP, UDP or ICMP header starts */
+	__u8 answerable;  /* refused on a guarded, knock or SPA port: answer = "closed" applies */
+	__u8 took;        /* a knock some sequence took (advanced, completed or repeated) */
+	__u8 pad3[2];
 };
 
 /* How far parsing got. */
@@ -55,7 +60,9 @@ struct xk_ipv6_frag_hdr {
 	__be32 identification;
 };
 
+#define XK_TCP_FIN 0x01
 #define XK_TCP_SYN 0x02
+#define XK_TCP_RST 0x04
 #define XK_TCP_ACK 0x10
 #define XK_IP_MF 0x2000
 #define XK_IP_OFFSET 0x1fff
@@ -115,6 +122,7 @@ static __always_inline int parse_iphdr(void *data, void *data_end, struct xk_pac
 	struct iphdr *iph = cursor(data, data_end, pkt, sizeof(*iph));
 	if (!iph)
 		return -1;
+	pkt->l3_off = pkt->off;
 	if (iph->version != 4)
 		return -1;
 	__u32 hdrsize = iph->ihl * 4;
@@ -154,6 +162,7 @@ static __always_inline int parse_ipv6hdr(void *data, void *data_end, struct xk_p
 	struct ipv6hdr *ip6h = cursor(data, data_end, pkt, sizeof(*ip6h));
 	if (!ip6h)
 		return -1;
+	pkt->l3_off = pkt->off;
 	if (ip6h->version != 6)
 		return -1;
 	__builtin_memcpy(&pkt->src, &ip6h->saddr, sizeof(pkt->src));
@@ -197,6 +206,7 @@ static __always_inline int parse_ipv6hdr(void *data, void *data_end, struct xk_p
  * L4 header is not all there, or 1 for ICMP that is not an echo request. */
 static __always_inline int parse_l4(void *data, void *data_end, int proto, struct xk_packet *pkt)
 {
+	pkt->l4_off = pkt->off;
 	if (proto == IPPROTO_TCP) {
 		struct tcphdr *th = cursor(data, data_end, pkt, sizeof(*th));
 		if (!th || pkt->l4_room < sizeof(*th))

@@ -27,20 +27,6 @@ static __always_inline int source_banned(struct xk_packet *pkt, __u64 now)
 	return 0;
 }
 
-/* Strict mode: when the source last sent a packet that is no knock. A flood
- * of spoofed sources can only evict entries here, which makes strictness
- * forget a touch: never a reset of anyone's knock. */
-static __always_inline void touch(struct xk_packet *pkt, __u64 now)
-{
-	u64 *seen = touched.lookup(&pkt->src);
-	if (seen) {
-		*seen = now;
-		return;
-	}
-	u64 when = now;
-	touched.update(&pkt->src, &when);
-}
-
 #define XK_EEXIST 17
 
 /* One more failed sequence (a reset or a time-out) for the packet's source;

@@ -98,6 +98,23 @@ struct xk_settings {
 	__u64 spa_burst_ns;
 	__u64 spa_cpu_cost_ns;   /* per CPU: 1e9 / (total rate / CPUs) */
 	__u64 spa_cpu_burst_ns;
+	/* strict mode: how long a knock keeps its source "knocking" (the
+	 * longest step timeout), us */
+	__u64 knock_window_us;
+	/* answers: Linux's ICMP error rate limits read from the host, as token
+	 * buckets in ns of credit: per destination (icmp_ratelimit, IPv6's
+	 * scaled as for a /64 route; burst six of them, as inet_peer allows)
+	 * and for the host (icmp_msgs_per_sec, icmp_msgs_burst) */
+	__u64 icmp_peer_cost_ns;
+	__u64 icmp_peer_burst_ns;
+	__u64 icmp6_peer_cost_ns;
+	__u64 icmp6_peer_burst_ns;
+	__u64 icmp_host_cost_ns;
+	__u64 icmp_host_burst_ns;
+	__u32 hash_seed;         /* keys the IPv4 ID and IPv6 flow label of answers */
+	__u8 ttl;                /* the host's net.ipv4.ip_default_ttl */
+	__u8 hop_limit;          /* the interface's net.ipv6.conf.IFACE.hop_limit */
+	__u8 pad[2];
 };
 
 /* failures: recent failed sequences per source, the LRU may forget the quiet ones. */
@@ -119,6 +136,22 @@ struct xk_seq_stats {
 	__u64 completed;
 	__u64 reset;
 	__u64 timed_out;
+};
+
+/* recent[hash(source)]: strict mode's memory of a knocking source. Each word
+ * is (24-bit tag of the source << 40 | time in us, low 40 bits): the last
+ * accepted knock, and the last new connection to any other port since. */
+struct xk_recent {
+	__u64 knock;
+	__u64 touch;
+};
+
+/* icmp_host[0]: the host-wide ICMP error bucket, shared by all CPUs. */
+struct xk_locked_bucket {
+	struct bpf_spin_lock lock;
+	__u32 pad;
+	__u64 last_ns;
+	__u64 credit_ns;
 };
 
 /* spa_rate (per source) and spa_cpu_rate: a token bucket as credit in ns. */

@@ -51,7 +51,8 @@ BAN_SCOPES = {"all": layout.BAN_EVERYWHERE, "knock": layout.BAN_KNOCK_PORTS}
 DEFAULT_BAN_WITHIN_NS = 60 * NS_PER_UNIT["s"]
 DEFAULT_BAN_FOR_NS = 10 * NS_PER_UNIT["m"]
 MAX_BAN_AFTER = 1000
-FILTER_KEYS = ("mode", "strict")
+FILTER_KEYS = ("mode", "strict", "answer")
+ANSWERS = ("closed", "drop")
 SEQUENCE_KEYS = ("name", "knock", "step_timeout", "open", "open_for", "idle_timeout", "on_open", "on_close",
                  "totp", "secret", "secret_file", "window", "port_range")
 HOOKS_KEYS = ("timeout", "max_running")
@@ -134,7 +135,12 @@ class Ban:
 class Config:
     mode: str  # "enforce" | "monitor"
     sequences: tuple[Sequence, ...]
-    strict: bool = False   # a packet to any other port resets the source's knock progress
+    # a new connection to any other port resets the source's knock progress
+    # (the seed's "no intervening packets"); False: only wrong knocks do
+    strict: bool = True
+    # "closed": refused packets get the answer of an unused port (a RST, an
+    # ICMP port unreachable); "drop": nothing, for hosts whose firewall drops
+    answer: str = "closed"
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ban: Ban | None = None   # None: failed knocks ban nobody
@@ -287,7 +293,7 @@ def parse_config(text, path=None, *, listening=None):
     report = _Report(path)
     _check_keys(report, None, document, TOP_LEVEL_KEYS)
 
-    mode, strict = _parse_filter(report, document.get("filter", {}))
+    mode, strict, answer = _parse_filter(report, document.get("filter", {}))
     sequences = _parse_sequences(report, document.get("sequence", []))
     allow = _parse_sources(report, "allow", document.get("allow", {}))
     deny = _parse_sources(report, "deny", document.get("deny", {}))
@@ -307,6 +313,7 @@ def parse_config(text, path=None, *, listening=None):
     if not report.errors:
         if not sequences and spa is None:
             report.warn(None, "no sequences: nothing is guarded")
+        _warn_scannable_sequences(report, sequences, strict)
         # /proc is read only when a knock port could collide with a listener.
         if any(step.proto != "icmp" for sequence in sequences for step in sequence.knock):
             if listening is None:
@@ -327,6 +334,7 @@ def parse_config(text, path=None, *, listening=None):
     return Config(
         mode=mode,
         strict=strict,
+        answer=answer,
         sequences=tuple(sequences),
         allow=tuple(network for network, _ in allow),
         deny=tuple(network for network, _ in deny),
@@ -363,8 +371,12 @@ def config_hash(config):
         "ban": {key: value for key, value in dataclasses.asdict(config.ban).items() if key != "on_ban"}
         if config.ban else None,
     }
-    if config.strict:   # only when set, so that every config from before strict mode keeps its hash
-        normalized["strict"] = True
+    # Only when not the default, so that configs which say nothing of them
+    # keep one hash across versions.
+    if not config.strict:
+        normalized["strict"] = False
+    if config.answer != "closed":
+        normalized["answer"] = config.answer
     if config.spa is not None:   # keys never enter the hash, not even hashed: a weak key could be guessed
         spa = config.spa
         normalized["spa"] = {
@@ -446,22 +458,57 @@ def _is_table_array(value):
 
 
 def _parse_filter(report, table):
-    """(mode, strict) of the [filter] table."""
+    """(mode, strict, answer) of the [filter] table."""
     if not isinstance(table, dict):
         report.error("filter", f"must be a table ([filter]), not {_type_name(table)}")
-        return "enforce", False
+        return "enforce", True, "closed"
     _check_keys(report, "filter", table, FILTER_KEYS)
-    strict = table.get("strict", False)
+    strict = table.get("strict", True)
     if not isinstance(strict, bool):
         report.error("filter", f"strict must be true or false, not {_type_name(strict)}")
-        strict = False
+        strict = True
+    answer = table.get("answer", "closed")
+    if not isinstance(answer, str) or answer not in ANSWERS:
+        shown = f'"{answer}"' if isinstance(answer, str) else _type_name(answer)
+        report.error("filter", f'answer {shown}: must be "closed" (answer like an unused port) or "drop"')
+        answer = "closed"
     mode = table.get("mode", "enforce")
     if not isinstance(mode, str):
         report.error("filter", f'mode must be a string ("enforce" or "monitor"), not {_type_name(mode)}')
-        return "enforce", strict
+        return "enforce", strict, answer
     if mode not in layout.MODES:
         report.error("filter", f'mode "{mode}": must be "enforce" or "monitor"')
-    return mode, strict
+    return mode, strict, answer
+
+
+def _warn_scannable_sequences(report, sequences, strict):
+    """Sequences a port scan could complete. Strict mode resets a knock on any
+    other new connection, so a scan opens a sequence only by sending exactly
+    its knocks one after another: ascending neighbours of one protocol (a
+    sequential scan sends them in that order). Without strict mode, every
+    sequence whose steps ascend in one protocol is completed by a sequential
+    scan, and two-step sequences by random-order scans within a step timeout."""
+    for sequence in sequences:
+        if sequence.totp is not None:
+            continue
+        steps = sequence.knock
+        protos = {step.proto for step in steps}
+        if len(protos) != 1 or "icmp" in protos:
+            continue
+        ports = [step.port for step in steps]
+        ascending = all(a < b for a, b in zip(ports, ports[1:]))
+        adjacent = all(b == a + 1 for a, b in zip(ports, ports[1:]))
+        if len(steps) == 1:
+            report.warn(f"sequence {sequence.name}", "a single knock: any scan of its port opens it")
+        elif adjacent:
+            report.warn(f"sequence {sequence.name}",
+                        f"knock {' '.join(map(str, steps))}: neighbouring ports in ascending order, which a "
+                        "sequential port scan sends exactly so: it would open this sequence")
+        elif not strict and (ascending or len(steps) == 2):
+            report.warn(f"sequence {sequence.name}",
+                        f"knock {' '.join(map(str, steps))}: with strict = false, a "
+                        + ("sequential" if ascending else "random-order") + " port scan can complete it; "
+                        "keep strict = true, mix protocols or reorder the ports")
 
 
 def _parse_ban(report, table):

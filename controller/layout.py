@@ -17,7 +17,8 @@ LIST_ENTRIES = 262144
 FIRST_SLOTS = 1 << 21
 FAILURE_ENTRIES = 65536
 BAN_ENTRIES = 65536
-TOUCHED_ENTRIES = 65536
+RECENT_SLOTS = 1 << 18
+ICMP_PEER_ENTRIES = 65536
 COUNTERS = 64
 SPA_RATE_ENTRIES = 65536
 SPA_KNOWN_ENTRIES = 16384
@@ -44,6 +45,7 @@ LPM_IPV4 = 0x80   # in LpmKey.bank: IPv4 entries, kept apart from IPv6 ones
 
 SET_BANS = 1 << 2
 SET_STRICT = 1 << 3
+SET_ANSWER = 1 << 4
 BAN_EVERYWHERE = 0
 BAN_KNOCK_PORTS = 1
 
@@ -77,6 +79,7 @@ class Reason(enum.IntEnum):
     DROP_FRAGMENT = 10
     DROP_BANNED = 11
     DROP_SPA = 12
+    PASS_ECHO = 13   # an ICMP echo knock, recorded; the host answers the ping
     KNOCK_ADVANCED = 16
     KNOCK_COMPLETED = 17
     KNOCK_RESET = 18
@@ -97,7 +100,7 @@ class Reason(enum.IntEnum):
     BAN_FAILED = 33
     BAN_SPARED = 34
     BAN_REMOVED = 35      # written by the controller only
-    KNOCK_STRICT_RESET = 36   # of the resets: progress a packet to another port ended (strict mode)
+    KNOCK_STRICT_RESET = 36   # of the resets: progress a new connection to another port ended (strict mode)
     SPA_QUEUED = 37
     SPA_NOT_CANDIDATE = 38
     SPA_RATE_LIMITED = 39
@@ -114,13 +117,17 @@ class Reason(enum.IntEnum):
     SPA_GRANT_FAILED = 50
     SPA_GRANT_CREATED = 51
     SPA_KNOWN_PASSED = 52   # the data path's, like SPA_QUEUED
+    ANSWER_RST = 53          # answer = "closed": refused packets answered with a TCP reset
+    ANSWER_UNREACH = 54      # ... with an ICMP / ICMPv6 port unreachable
+    ANSWER_RATE_LIMITED = 55  # ... not: over the host's ICMP rate limits
+    ANSWER_NONE = 56         # ... not: Linux would send nothing (RST, bad checksum, not unicast)
 
 
 # Counters only the controller writes: the data path never touches them.
 CONTROLLER_REASONS = frozenset({Reason.GRANT_REMOVED, Reason.GRANT_OPERATOR, Reason.BAN_REMOVED} |
                                {r for r in Reason if Reason.SPA_ACCEPTED <= r <= Reason.SPA_GRANT_CREATED})
 
-VERDICT_REASONS = 13  # reasons below this are verdicts: one per packet
+VERDICT_REASONS = 14  # reasons below this are verdicts: one per packet
 
 
 def is_verdict(reason):
@@ -128,7 +135,7 @@ def is_verdict(reason):
 
 
 def is_drop(reason):
-    return Reason.DROP_DENYLIST <= reason < VERDICT_REASONS
+    return Reason.DROP_DENYLIST <= reason <= Reason.DROP_SPA
 
 
 class Addr(ctypes.Structure):
@@ -221,7 +228,25 @@ class Settings(ctypes.Structure):
         ("spa_burst_ns", ctypes.c_uint64),
         ("spa_cpu_cost_ns", ctypes.c_uint64),
         ("spa_cpu_burst_ns", ctypes.c_uint64),
+        ("knock_window_us", ctypes.c_uint64),
+        ("icmp_peer_cost_ns", ctypes.c_uint64),
+        ("icmp_peer_burst_ns", ctypes.c_uint64),
+        ("icmp6_peer_cost_ns", ctypes.c_uint64),
+        ("icmp6_peer_burst_ns", ctypes.c_uint64),
+        ("icmp_host_cost_ns", ctypes.c_uint64),
+        ("icmp_host_burst_ns", ctypes.c_uint64),
+        ("hash_seed", ctypes.c_uint32),
+        ("ttl", ctypes.c_uint8),
+        ("hop_limit", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
     ]
+
+
+class Recent(ctypes.Structure):
+    """strict mode's slot per source hash: (24-bit tag << 40 | us) of the last
+    knock, and of the last new connection elsewhere since."""
+
+    _fields_ = [("knock", ctypes.c_uint64), ("touch", ctypes.c_uint64)]
 
 
 class Failures(ctypes.Structure):
@@ -303,5 +328,5 @@ MAPS = {
     "failures": (Addr, Failures),
     "bans": (Addr, Ban),
     "spa_known": (Addr, ctypes.c_uint64),
-    "touched": (Addr, ctypes.c_uint64),
+    "recent": (ctypes.c_uint32, Recent),
 }

@@ -46,7 +46,7 @@ BATCH_ENTRIES = 4096         # entries per BPF_MAP_LOOKUP_BATCH call
 
 # Maps whose number of entries changes: counted by the sampler. The arrays
 # (control, settings, seqs, counters) are always full by construction.
-SAMPLED_MAPS = ("ports", "progress", "firsts", "grants", "allow", "deny", "seqstats", "touched")
+SAMPLED_MAPS = ("ports", "progress", "firsts", "grants", "allow", "deny", "seqstats")
 
 KNOCK_RESULTS = ("advanced", "completed", "reset", "timed_out")     # layout.SeqStats fields
 # SPA: what the kernel did with each packet to the SPA port, and what the

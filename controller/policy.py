@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import bpfsys, layout
+from . import answers, bpfsys, layout
 from .errors import XknockError
 from .maps import to_addr
 
@@ -57,8 +57,9 @@ def lpm_key(network, bank):
     return key
 
 
-def compile_policy(config, bank, cpus=None):
-    """cpus: how many CPUs share the SPA total rate (default: those online).
+def compile_policy(config, bank, cpus=None, host=None):
+    """cpus: how many CPUs share the SPA total rate (default: those online);
+    host: answers.HostAnswers (default: read from this host's sysctls).
     Time-based sequences become their live windows' sequences (controller/totp.py)."""
     if any(seq.totp is not None for seq in config.sequences):
         from . import totp
@@ -69,6 +70,7 @@ def compile_policy(config, bank, cpus=None):
     settings.flags = (layout.SET_HAS_ALLOW if config.allow else 0) | (layout.SET_HAS_DENY if config.deny else 0)
     if config.strict:
         settings.flags |= layout.SET_STRICT
+    answers.fill_settings(settings, config, host or answers.read_host())
     if config.ban:
         from .config import BAN_SCOPES
 
@@ -121,6 +123,8 @@ def compile_policy(config, bank, cpus=None):
         for step in config.spa.guarded:
             _port(policy, step).flags |= layout.PORT_GUARDED
 
+    # strict mode: a source stays "knocking" as long as any step may still follow
+    settings.knock_window_us = max((seq.step_timeout_ns // 1000 for seq in config.sequences), default=0)
     policy.allow = [lpm_key(net, bank) for net in config.allow]
     policy.deny = [lpm_key(net, bank) for net in config.deny]
     return policy

@@ -17,14 +17,18 @@ XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICT_NAMES = {XDP_ABORTED: "ABORTED", XDP_DROP: "DROP", XDP_PASS: "PASS", XDP_TX: "TX", XDP_REDIRECT: "REDIRECT"}
 
 
-# The first-step filter is cleared between test cases; a small one clears fast.
+# The first-step filter and strict mode's slots are cleared between test
+# cases; small ones clear fast.
 TEST_FIRST_SLOTS = 1 << 16
+TEST_RECENT_SLOTS = 1 << 12
 
 
 class Harness:
     def __init__(self, test_clock=True, cflags=(), pin_dir=None):
         if not any(flag.startswith("-DXK_FIRST_SLOTS=") for flag in cflags):
             cflags = [*cflags, f"-DXK_FIRST_SLOTS={TEST_FIRST_SLOTS}"]
+        if not any(flag.startswith("-DXK_RECENT_SLOTS=") for flag in cflags):
+            cflags = [*cflags, f"-DXK_RECENT_SLOTS={TEST_RECENT_SLOTS}"]
         self.pin_dir = pin_dir or f"{datapath.PIN_ROOT}/test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.loaded = datapath.compile_and_load(self.pin_dir, cflags=cflags, test_clock=test_clock)
@@ -78,8 +82,7 @@ class Harness:
 
     def reset_state(self):
         """Forget knocks, grants and counters (clean state per case)."""
-        for m in (self.maps.progress, self.maps.grants, self.maps.failures, self.maps.bans, self.maps.spa_known,
-                  self.maps.touched):
+        for m in (self.maps.progress, self.maps.grants, self.maps.failures, self.maps.bans, self.maps.spa_known):
             for raw in [bytes(k) for k in m.keys()]:
                 m.delete(m.key_type.from_buffer_copy(raw))
         for reason in range(layout.COUNTERS):
@@ -88,9 +91,12 @@ class Harness:
         self.drain_events(b"spa_events")
         self.loaded.bpf[b"spa_rate"].clear()
         self.loaded.bpf[b"spa_cpu_rate"].clear()
-        slots = self.maps.firsts.max_entries
-        bpfsys.map_update_batch(self.maps.firsts.fd, (ctypes.c_uint32 * slots)(*range(slots)),
-                                (ctypes.c_uint64 * slots)(), slots)
+        self.loaded.bpf[b"icmp_peers"].clear()
+        self.loaded.bpf[b"icmp_host"].clear()
+        for name, value_type in (("firsts", ctypes.c_uint64), ("recent", layout.Recent)):
+            array = getattr(self.maps, name)
+            slots = array.max_entries
+            bpfsys.map_update_batch(array.fd, (ctypes.c_uint32 * slots)(*range(slots)), (value_type * slots)(), slots)
         for key in list(self.maps.seqstats.keys()):
             self.maps.seqstats.update(key, [layout.SeqStats()] * self.maps.seqstats.cpus)
 

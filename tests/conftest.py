@@ -5,9 +5,13 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# The knock, grant and list tests read plain verdicts: their refusals drop.
+# What answer = "closed" (the default) sends is tested in test_answers.py and
+# end to end; strict mode (also the default) stays on.
 EXAMPLE_CONFIG = """
 [filter]
 mode = "enforce"
+answer = "drop"
 
 [[sequence]]
 name = "ssh"

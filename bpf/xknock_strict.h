@@ -1,0 +1,89 @@
+/* xknock_strict.h: strict mode, the seed's "no intervening packets". A new
+ * connection (TCP SYN, UDP datagram, ICMP echo) from a knocking source to a
+ * port that is not its next step ends its knock progress; its established
+ * traffic (TCP without SYN) does not.
+ *
+ * `recent` holds one slot per hash of the source: when it last knocked, and
+ * when it last opened a connection elsewhere since. A source that is not
+ * knocking costs one read of its slot, never a write or an insert: a flood of
+ * new sources cannot fill anything. Two sources sharing a slot overwrite each
+ * other's words, which makes strictness forget a touch (the tags tell them
+ * apart): never a reset of anyone's knock. */
+#ifndef XKNOCK_STRICT_H
+#define XKNOCK_STRICT_H
+
+#define XK_RECENT_TIME_BITS 40
+#define XK_RECENT_TIME_MASK ((1ULL << XK_RECENT_TIME_BITS) - 1)
+#define XK_RECENT_WORD(tag, us) ((((__u64)(tag)) << XK_RECENT_TIME_BITS) | ((us) & XK_RECENT_TIME_MASK))
+#define XK_RECENT_TAG(word) ((__u32)((word) >> XK_RECENT_TIME_BITS))
+
+static __always_inline __u32 recent_hash(struct xk_addr *src)
+{
+	__u32 words[4];
+	__builtin_memcpy(words, src->b, sizeof(words));
+	return xk_mix32((words[0] ^ words[1] ^ words[2]) * 0x9e3779b1 ^ words[3]);
+}
+
+/* The source's slot and its 24-bit tag (never 0: an empty word matches nobody). */
+static __always_inline struct xk_recent *recent_slot(struct xk_packet *pkt, __u32 *tag)
+{
+	__u32 h = recent_hash(&pkt->src);
+	__u32 idx = h & (XK_RECENT_SLOTS - 1);
+	*tag = (xk_mix32(h + 0x27d4eb2f) >> 8) | 1;
+	return recent.lookup(&idx);
+}
+
+/* How long ago a word of this source was written, us; or ~0 when it is not
+ * this source's or older than any step timeout. */
+static __always_inline __u64 recent_age(__u64 word, __u32 tag, __u64 now_us, __u64 window_us)
+{
+	if (XK_RECENT_TAG(word) != tag)
+		return ~0ULL;
+	__u64 age = (now_us - word) & XK_RECENT_TIME_MASK;
+	return age <= window_us ? age : ~0ULL;
+}
+
+/* A knock was taken: the source is knocking for the next step timeout. */
+static __always_inline void mark_knocking(struct xk_packet *pkt, __u64 now_us)
+{
+	__u32 tag;
+	struct xk_recent *slot = recent_slot(pkt, &tag);
+	if (slot)
+		slot->knock = XK_RECENT_WORD(tag, now_us);
+}
+
+/* A new connection to a port that is not a step: remembered only if the
+ * source is knocking. */
+static __always_inline void touch_if_knocking(struct xk_packet *pkt, __u64 now_us, struct xk_settings *set)
+{
+	__u32 tag;
+	struct xk_recent *slot = recent_slot(pkt, &tag);
+	if (!slot)
+		return;
+	if (recent_age(slot->knock, tag, now_us, set->knock_window_us) == ~0ULL)
+		return;
+	slot->touch = XK_RECENT_WORD(tag, now_us);
+}
+
+/* When the source last opened a connection elsewhere while knocking, us; 0: never. */
+static __always_inline __u64 last_touch_us(struct xk_packet *pkt, __u64 now_us, struct xk_settings *set)
+{
+	__u32 tag;
+	struct xk_recent *slot = recent_slot(pkt, &tag);
+	if (!slot)
+		return 0;
+	__u64 age = recent_age(slot->touch, tag, now_us, set->knock_window_us);
+	if (age == ~0ULL || age >= now_us)
+		return 0;
+	return now_us - age;
+}
+
+/* What starts a connection: the packets that count as intervening. */
+static __always_inline int opens_connection(struct xk_packet *pkt)
+{
+	if (pkt->proto == XK_PROTO_TCP)
+		return (pkt->tcp_flags & (XK_TCP_SYN | XK_TCP_ACK)) == XK_TCP_SYN;
+	return 1;   /* UDP, ICMP echo: parsing let nothing else through */
+}
+
+#endif

@@ -1,0 +1,94 @@
+"""What this host's kernel answers for a port nobody listens on, read from its
+sysctls, so that the data path's answers (answer = "closed",
+bpf/xknock_answer.h) carry the same TTL and hop limit and keep to the same
+ICMP rate limits as the kernel's own."""
+
+import dataclasses
+import os
+
+from . import layout
+
+PROC_SYS = "/proc/sys"
+# inet_peer_xrlim_allow lets a destination save up six intervals (XRLIM_BURST_FACTOR).
+PEER_BURST_FACTOR = 6
+# icmpv6_xrlim_allow divides the interval by 2 ** ((128 - prefix length) >> 5)
+# of the route to the destination: an on-link /64 is the common case.
+IPV6_ROUTE_PREFIX = 64
+ICMP_DEST_UNREACH = 3      # bit of net.ipv4.icmp_ratemask
+ICMPV6_DEST_UNREACH = 1    # type in net.ipv6.icmp.ratemask
+
+
+@dataclasses.dataclass(frozen=True)
+class HostAnswers:
+    """Linux's defaults; read_host() reads the real values."""
+
+    ttl: int = 64                     # net.ipv4.ip_default_ttl
+    hop_limit: int = 64               # net.ipv6.conf.IFACE.hop_limit
+    icmp_ratelimit_ms: int = 1000     # net.ipv4.icmp_ratelimit
+    icmp_ratemask: int = 0x1818       # net.ipv4.icmp_ratemask
+    icmp6_ratelimit_ms: int = 1000    # net.ipv6.icmp.ratelimit
+    icmp6_unreach_limited: bool = True   # net.ipv6.icmp.ratemask holds type 1
+    msgs_per_sec: int = 1000          # net.ipv4.icmp_msgs_per_sec (v4 and v6 share it)
+    msgs_burst: int = 50              # net.ipv4.icmp_msgs_burst
+
+
+def read_host(ifname=None, root=PROC_SYS):
+    """This network namespace's values; a missing file keeps Linux's default
+    (IPv6 disabled, an older kernel)."""
+    default = HostAnswers()
+
+    def number(path, fallback):
+        try:
+            with open(os.path.join(root, path)) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return fallback
+
+    conf = ifname if ifname and os.path.exists(os.path.join(root, "net/ipv6/conf", ifname)) else "default"
+    try:
+        with open(os.path.join(root, "net/ipv6/icmp/ratemask")) as f:
+            icmp6_unreach_limited = ICMPV6_DEST_UNREACH in parse_type_list(f.read())
+    except (OSError, ValueError):
+        icmp6_unreach_limited = default.icmp6_unreach_limited
+    return HostAnswers(
+        ttl=number("net/ipv4/ip_default_ttl", default.ttl),
+        hop_limit=number(f"net/ipv6/conf/{conf}/hop_limit", default.hop_limit),
+        icmp_ratelimit_ms=number("net/ipv4/icmp_ratelimit", default.icmp_ratelimit_ms),
+        icmp_ratemask=number("net/ipv4/icmp_ratemask", default.icmp_ratemask),
+        icmp6_ratelimit_ms=number("net/ipv6/icmp/ratelimit", default.icmp6_ratelimit_ms),
+        icmp6_unreach_limited=icmp6_unreach_limited,
+        msgs_per_sec=number("net/ipv4/icmp_msgs_per_sec", default.msgs_per_sec),
+        msgs_burst=number("net/ipv4/icmp_msgs_burst", default.msgs_burst),
+    )
+
+
+def parse_type_list(text):
+    """The kernel's list format of net.ipv6.icmp.ratemask: "0-1,3-127"."""
+    types = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        types.update(range(int(low), int(high or low) + 1))
+    return types
+
+
+def fill_settings(settings, config, host):
+    """The answer fields of a bank's layout.Settings."""
+    if config.answer == "closed":
+        settings.flags |= layout.SET_ANSWER
+    settings.ttl = min(max(host.ttl, 1), 255)
+    settings.hop_limit = min(max(host.hop_limit, 1), 255)
+    settings.hash_seed = int.from_bytes(os.urandom(4), "little")
+    if host.icmp_ratemask & (1 << ICMP_DEST_UNREACH) and host.icmp_ratelimit_ms > 0:
+        settings.icmp_peer_cost_ns = host.icmp_ratelimit_ms * 1_000_000
+        settings.icmp_peer_burst_ns = settings.icmp_peer_cost_ns * PEER_BURST_FACTOR
+    if host.icmp6_unreach_limited and host.icmp6_ratelimit_ms > 0:
+        settings.icmp6_peer_cost_ns = (host.icmp6_ratelimit_ms * 1_000_000) >> ((128 - IPV6_ROUTE_PREFIX) >> 5)
+        settings.icmp6_peer_burst_ns = settings.icmp6_peer_cost_ns * PEER_BURST_FACTOR
+    if host.msgs_per_sec > 0:
+        settings.icmp_host_cost_ns = 1_000_000_000 // host.msgs_per_sec
+        settings.icmp_host_burst_ns = settings.icmp_host_cost_ns * max(host.msgs_burst, 1)
+    else:   # no host credit ever: Linux sends no ICMP errors then
+        settings.icmp_host_cost_ns = 1 << 62
+        settings.icmp_host_burst_ns = 0
