@@ -22,9 +22,8 @@
 #define XK_ICMP_PORT_UNREACH 3
 #define XK_ICMPV6_DEST_UNREACH 1
 #define XK_ICMPV6_PORT_UNREACH 4
-/* Linux's auto flow labels set the top bit (net.ipv6.flowlabel_state_ranges). */
-#define XK_FLOWLABEL_STATELESS 0x80000
-#define XK_FLOWLABEL_HASH_MASK 0x7ffff
+#define XK_FLOWLABEL_TOP_BIT 0x80000
+#define XK_FLOWLABEL_MASK 0xfffff
 
 struct xk_pseudo4 {
 	__be32 saddr;
@@ -40,6 +39,22 @@ struct xk_pseudo6 {
 	__be32 len;
 	__u8 zero[3];
 	__u8 nexthdr;
+};
+
+/* What answer() learns of the packet before it rewrites the frame. */
+struct xk_asked {
+	__u8 saddr[16];      /* the IP header's, 4 or 16 bytes used */
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__be32 seq;
+	__be32 ack_seq;
+	__u32 payload;       /* TCP: segment length less the header */
+	__u32 quote;         /* UDP: bytes of the datagram the ICMP error quotes */
+	__u8 flags;          /* TCP flags */
+	__u8 tos;            /* IPv4 TOS or IPv6 traffic class */
+	__u8 ipv4;
+	__u8 pad;
 };
 
 static __always_inline __u16 csum_fold(__s64 sum)
@@ -139,6 +154,19 @@ static __always_inline __u32 flow_hash(struct xk_settings *set, __u8 *saddr, __u
 		h = xk_mix32(h ^ w);
 	}
 	return h;
+}
+
+/* The flow label this host would give a flow it starts: a keyed hash of the
+ * flow (net.ipv6.auto_flowlabels), its top bit set under
+ * net.ipv6.flowlabel_state_ranges; or none. */
+static __always_inline __u32 flow_label(struct xk_settings *set, struct xk_asked *q, __u32 ports)
+{
+	if (!(set->flowlabels & XK_FLOWLABEL_AUTO))
+		return 0;
+	__u32 label = flow_hash(set, q->daddr, q->saddr, ports, 16) & XK_FLOWLABEL_MASK;
+	if (set->flowlabels & XK_FLOWLABEL_STATELESS)
+		label |= XK_FLOWLABEL_TOP_BIT;
+	return label;
 }
 
 /* Ethernet answered: addresses swapped; VLAN tags keep their ids and lose
@@ -252,22 +280,6 @@ static __always_inline int l4_checksum_ok(struct xdp_md *ctx, struct xk_answer_s
 		return 0;
 	return csum_fold(csum_scratch(s, n, (__u32)seed)) == 0;
 }
-
-/* What answer() learns of the packet before it rewrites the frame. */
-struct xk_asked {
-	__u8 saddr[16];      /* the IP header's, 4 or 16 bytes used */
-	__u8 daddr[16];
-	__be16 sport;
-	__be16 dport;
-	__be32 seq;
-	__be32 ack_seq;
-	__u32 payload;       /* TCP: segment length less the header */
-	__u32 quote;         /* UDP: bytes of the datagram the ICMP error quotes */
-	__u8 flags;          /* TCP flags */
-	__u8 tos;            /* IPv4 TOS or IPv6 traffic class */
-	__u8 ipv4;
-	__u8 pad;
-};
 
 /* Reads the addresses and checks everything Linux checks before it answers.
  * Returns 1 if an answer is due, 0 if none is. */
@@ -421,9 +433,7 @@ static __always_inline int answer_tcp(struct xdp_md *ctx, struct xk_packet *pkt,
 		struct tcphdr *out = ip + sizeof(*ip6h);
 		if ((void *)(out + 1) > data_end)
 			return -1;
-		__u32 label = XK_FLOWLABEL_STATELESS |
-			      (flow_hash(set, q->daddr, q->saddr, ((__u32)q->dport << 16) | q->sport, 16) &
-			       XK_FLOWLABEL_HASH_MASK);
+		__u32 label = flow_label(set, q, ((__u32)q->dport << 16) | q->sport);
 		__u8 tclass = q->tos & ~3;
 		__be32 first = bpf_htonl((6U << 28) | ((__u32)tclass << 20) | label);
 		__builtin_memcpy(ip6h, &first, 4);
@@ -493,8 +503,10 @@ static __always_inline int answer_udp(struct xdp_md *ctx, struct xk_packet *pkt,
 		iph->ihl = 5;
 		iph->tos = (q->tos & XK_IPTOS_TOS_MASK) | XK_IPTOS_PREC_INTERNETCONTROL;
 		iph->tot_len = bpf_htons(room + quote);
-		/* Not DF, so Linux picks a hashed, moving ID: ours is keyed and moves too. */
-		iph->id = (__u16)flow_hash(set, q->daddr, q->saddr, (__u32)(now >> 10), 4);
+		/* Not DF, so Linux takes the ID from a counter per hash of the
+		 * addresses: ours starts at a keyed hash and moves per error too. */
+		s->ip_ids += 1;
+		iph->id = (__u16)(flow_hash(set, q->daddr, q->saddr, IPPROTO_ICMP, 4) + s->ip_ids);
 		iph->frag_off = 0;
 		iph->ttl = set->ttl;
 		iph->protocol = IPPROTO_ICMP;
@@ -513,8 +525,7 @@ static __always_inline int answer_udp(struct xdp_md *ctx, struct xk_packet *pkt,
 		struct icmp6hdr *ich = ip + sizeof(*ip6h);
 		if ((void *)(ich + 1) > data_end)
 			return -1;
-		__u32 label = XK_FLOWLABEL_STATELESS |
-			      (flow_hash(set, q->daddr, q->saddr, IPPROTO_ICMPV6, 16) & XK_FLOWLABEL_HASH_MASK);
+		__u32 label = flow_label(set, q, IPPROTO_ICMPV6);
 		__be32 first = bpf_htonl((6U << 28) | label);
 		__builtin_memcpy(ip6h, &first, 4);
 		ip6h->payload_len = bpf_htons(sizeof(*ich) + quote);

@@ -120,6 +120,10 @@
 #define XK_SET_STRICT    (1U << 3)   /* a new connection to another port resets the source's knocks */
 #define XK_SET_ANSWER    (1U << 4)   /* refused packets get the answer of an unused port */
 
+/* xk_settings.flowlabels: how this host labels the IPv6 flows it starts */
+#define XK_FLOWLABEL_AUTO      (1U << 0)   /* a hash of the flow (auto_flowlabels) */
+#define XK_FLOWLABEL_STATELESS (1U << 1)   /* with the top bit set (flowlabel_state_ranges) */
+
 /* xk_settings.ban_scope */
 #define XK_BAN_EVERYWHERE 0          /* a banned source is dropped on every port */
 #define XK_BAN_KNOCK_PORTS 1         /* only on knock and guarded ports */

@@ -69,6 +69,7 @@ BPF_TABLE("lru_hash", struct xk_addr, struct xk_bucket, icmp_peers, XK_ICMP_PEER
 BPF_ARRAY(icmp_host, struct xk_locked_bucket, 1);
 struct xk_answer_scratch {
 	__u8 buf[XK_ANSWER_MAX_L4 + 4];
+	__u32 ip_ids;   /* ICMP errors sent by this CPU: IPv4 IDs move per error, as Linux's do */
 };
 BPF_PERCPU_ARRAY(answer_scratch, struct xk_answer_scratch, 1);
 

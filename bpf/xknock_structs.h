@@ -114,7 +114,8 @@ struct xk_settings {
 	__u32 hash_seed;         /* keys the IPv4 ID and IPv6 flow label of answers */
 	__u8 ttl;                /* the host's net.ipv4.ip_default_ttl */
 	__u8 hop_limit;          /* the interface's net.ipv6.conf.IFACE.hop_limit */
-	__u8 pad[2];
+	__u8 flowlabels;         /* XK_FLOWLABEL_*: net.ipv6.auto_flowlabels, flowlabel_state_ranges */
+	__u8 pad;
 };
 
 /* failures: recent failed sequences per source, the LRU may forget the quiet ones. */

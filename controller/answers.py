@@ -30,6 +30,8 @@ class HostAnswers:
     icmp6_unreach_limited: bool = True   # net.ipv6.icmp.ratemask holds type 1
     msgs_per_sec: int = 1000          # net.ipv4.icmp_msgs_per_sec (v4 and v6 share it)
     msgs_burst: int = 50              # net.ipv4.icmp_msgs_burst
+    auto_flowlabels: int = 1          # net.ipv6.auto_flowlabels: 1 and 3 label the flows the host starts
+    flowlabel_state_ranges: int = 0   # net.ipv6.flowlabel_state_ranges
 
 
 def read_host(ifname=None, root=PROC_SYS):
@@ -59,6 +61,8 @@ def read_host(ifname=None, root=PROC_SYS):
         icmp6_unreach_limited=icmp6_unreach_limited,
         msgs_per_sec=number("net/ipv4/icmp_msgs_per_sec", default.msgs_per_sec),
         msgs_burst=number("net/ipv4/icmp_msgs_burst", default.msgs_burst),
+        auto_flowlabels=number("net/ipv6/auto_flowlabels", default.auto_flowlabels),
+        flowlabel_state_ranges=number("net/ipv6/flowlabel_state_ranges", default.flowlabel_state_ranges),
     )
 
 
@@ -80,6 +84,12 @@ def fill_settings(settings, config, host):
     settings.ttl = min(max(host.ttl, 1), 255)
     settings.hop_limit = min(max(host.hop_limit, 1), 255)
     settings.hash_seed = int.from_bytes(os.urandom(4), "little")
+    # auto_flowlabels 1 (opt-out) and 3 (forced) label the kernel's own
+    # replies; 0 and 2 (opt-in) leave them unlabelled
+    if host.auto_flowlabels in (1, 3):
+        settings.flowlabels |= layout.FLOWLABEL_AUTO
+    if host.flowlabel_state_ranges:
+        settings.flowlabels |= layout.FLOWLABEL_STATELESS
     if host.icmp_ratemask & (1 << ICMP_DEST_UNREACH) and host.icmp_ratelimit_ms > 0:
         settings.icmp_peer_cost_ns = host.icmp_ratelimit_ms * 1_000_000
         settings.icmp_peer_burst_ns = settings.icmp_peer_cost_ns * PEER_BURST_FACTOR

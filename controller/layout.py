@@ -46,6 +46,8 @@ LPM_IPV4 = 0x80   # in LpmKey.bank: IPv4 entries, kept apart from IPv6 ones
 SET_BANS = 1 << 2
 SET_STRICT = 1 << 3
 SET_ANSWER = 1 << 4
+FLOWLABEL_AUTO = 1 << 0
+FLOWLABEL_STATELESS = 1 << 1
 BAN_EVERYWHERE = 0
 BAN_KNOCK_PORTS = 1
 
@@ -238,7 +240,8 @@ class Settings(ctypes.Structure):
         ("hash_seed", ctypes.c_uint32),
         ("ttl", ctypes.c_uint8),
         ("hop_limit", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 2),
+        ("flowlabels", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
     ]
 
 
