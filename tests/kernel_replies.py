@@ -38,10 +38,8 @@ for line in sys.stdin:
         if not select.select([sock], [], [], left)[0]:
             break
         data, addr = sock.recvfrom(65535)
-        if addr[2] == socket.PACKET_OUTGOING or data == frame:
-            continue
-        if data[12:14] == b"\x86\xdd" and len(data) > 54 and data[54] in (133, 135, 143):
-            continue   # the server's own neighbour and multicast chatter
+        if addr[2] != socket.PACKET_HOST:
+            continue   # our own frame, and the server's multicast chatter (MLD, router solicitations)
         reply = data
     print(reply.hex() if reply is not None else "-", flush=True)
 """

@@ -1,0 +1,269 @@
+"""answer = "closed": what the program sends back for a refused packet,
+compared byte for byte with what this kernel sends for a port nobody listens
+on (tests/kernel_replies.py captures it in a namespace). Fields the kernel
+keys with a secret of its own (the IPv6 flow label, the IPv4 ID of an ICMP
+error and so that header's checksum) are compared masked; the rest must be
+identical, checksums included."""
+
+import dataclasses
+
+import pytest
+from kernel_replies import KernelReplies
+from packets import (
+    ICMP, IP, TCP, UDP, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, Raw, SERVER4, SERVER6, ether, raw, step, tcp,
+    udp,
+)
+from scapy.layers.inet import IPOption_NOP
+from scapy.layers.l2 import Ether
+
+from xknock.controller import bpfsys
+from xknock.controller.layout import Reason
+from xknock.controller.testrun import XDP_DROP, XDP_PASS, XDP_TX
+
+STRANGER4 = "198.51.100.7"
+STRANGER6 = "2001:db8:77::7"
+GUARDED_TCP, GUARDED_UDP, KNOCK_TCP, KNOCK_UDP = 22, 443, 7000, 8000
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    with KernelReplies() as replies:
+        yield replies
+
+
+@pytest.fixture
+def closed(xk, example_config):
+    """The example policy with the default answer = "closed", on this host's
+    answer settings, the clock far from zero (the ICMP buckets start full)."""
+    xk.apply(dataclasses.replace(example_config, answer="closed"))
+    xk.set_clock(xk.now_ns)
+    return xk
+
+
+def answered(xk, frame):
+    """(verdict, frame out) of one run."""
+    verdict, _, out = bpfsys.test_run(xk.fd, bytes(frame), data_out_size=4096)
+    return verdict, out
+
+
+def masked(frame):
+    """The frame with the kernel's keyed fields zeroed."""
+    data = bytearray(frame)
+    offset = 14
+    while data[offset - 2:offset] in (b"\x81\x00", b"\x88\xa8"):
+        offset += 4
+    if data[offset] >> 4 == 6:
+        data[offset + 1] &= 0xF0
+        data[offset + 2:offset + 4] = b"\0\0"
+    elif data[offset + 9] == 1:   # an ICMP error: its ID, and so the header checksum
+        data[offset + 4:offset + 6] = b"\0\0"
+        data[offset + 10:offset + 12] = b"\0\0"
+    return bytes(data)
+
+
+def assert_same_answer(xk, replies, frame):
+    expected = replies.reply(frame)
+    verdict, out = answered(xk, frame)
+    if expected is None:
+        assert verdict == XDP_DROP, f"the kernel sends nothing, the program sent {Ether(out).summary()}"
+        return
+    assert verdict == XDP_TX, f"the kernel answers {Ether(expected).summary()}, the program did not"
+    assert masked(out) == masked(expected), f"\nkernel:  {Ether(expected).summary()}\nprogram: {Ether(out).summary()}"
+    parsed = Ether(out)
+    if IP in parsed:   # the masked header checksum is still right
+        header = parsed[IP].copy()
+        header.chksum = None
+        assert IP(raw(header)).chksum == parsed[IP].chksum
+
+
+def frame4(l4, **ipkw):
+    return raw(ether() / IP(src=ipkw.pop("src", "198.51.100.21"), dst=SERVER4, **ipkw) / l4)
+
+
+def frame6(l4, **ipkw):
+    return raw(ether() / IPv6(src=ipkw.pop("src", "2001:db8:77::21"), dst=SERVER6, **ipkw) / l4)
+
+
+TCP_CASES = {
+    "SYN": TCP(sport=41000, dport=GUARDED_TCP, flags="S", seq=1000),
+    "SYN with data": TCP(sport=41001, dport=GUARDED_TCP, flags="S", seq=1000) / Raw(b"d" * 17),
+    "ACK (scan -sA)": TCP(sport=41002, dport=GUARDED_TCP, flags="A", seq=5, ack=123456),
+    "FIN (scan -sF)": TCP(sport=41003, dport=GUARDED_TCP, flags="F", seq=77),
+    "NULL (scan -sN)": TCP(sport=41004, dport=GUARDED_TCP, flags="", seq=77),
+    "Xmas (scan -sX)": TCP(sport=41005, dport=GUARDED_TCP, flags="FPU", seq=77),
+    "data segment": TCP(sport=41006, dport=GUARDED_TCP, flags="PA", seq=9, ack=10) / Raw(b"x" * 100),
+    "SYN with options": TCP(sport=41007, dport=GUARDED_TCP, flags="S", seq=1,
+                            options=[("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("WScale", 7)]),
+    "RST (no answer)": TCP(sport=41008, dport=GUARDED_TCP, flags="R", seq=1),
+    "RST|ACK (no answer)": TCP(sport=41009, dport=GUARDED_TCP, flags="RA", seq=1, ack=2),
+    "SYN to a knock port": TCP(sport=41010, dport=KNOCK_TCP, flags="S", seq=3),
+    "bad checksum (no answer)": TCP(sport=41011, dport=GUARDED_TCP, flags="S", seq=3, chksum=0x1234),
+}
+UDP_CASES = {
+    "datagram": UDP(sport=42000, dport=GUARDED_UDP) / Raw(b"probe"),
+    "empty datagram (scan -sU)": UDP(sport=42001, dport=GUARDED_UDP),
+    "large datagram (quote cut)": UDP(sport=42002, dport=GUARDED_UDP) / Raw(b"q" * 1300),
+    "to a knock port": UDP(sport=42003, dport=KNOCK_UDP) / Raw(b"knock"),
+    "bad checksum (no answer)": UDP(sport=42004, dport=GUARDED_UDP, chksum=0x1234) / Raw(b"probe"),
+}
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("case", sorted(TCP_CASES))
+@pytest.mark.parametrize("family", [4, 6])
+def test_tcp_answers_match_the_kernel(closed, kernel, family, case):
+    build = frame4 if family == 4 else frame6
+    assert_same_answer(closed, kernel, build(TCP_CASES[case]))
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("case", sorted(UDP_CASES))
+@pytest.mark.parametrize("family", [4, 6])
+def test_udp_answers_match_the_kernel(closed, kernel, family, case):
+    build = frame4 if family == 4 else frame6
+    assert_same_answer(closed, kernel, build(UDP_CASES[case]))
+
+
+IP_CASES = {
+    "IPv4 TOS and ECN bits": lambda: frame4(TCP(sport=43000, dport=GUARDED_TCP, flags="S"), tos=0xB9, ttl=7),
+    "IPv4 ECN on a datagram": lambda: frame4(UDP(sport=43001, dport=GUARDED_UDP) / Raw(b"e"), tos=0x13),
+    "IPv4 with options": lambda: frame4(TCP(sport=43002, dport=GUARDED_TCP, flags="S"),
+                                        options=[IPOption_NOP()] * 4),
+    "IPv4 UDP with options": lambda: frame4(UDP(sport=43003, dport=GUARDED_UDP) / Raw(b"o"),
+                                            options=[IPOption_NOP()] * 4),
+    "IPv4 UDP without checksum": lambda: frame4(UDP(sport=43004, dport=GUARDED_UDP, chksum=0) / Raw(b"z")),
+    "IPv6 UDP without checksum (no answer)": lambda: frame6(UDP(sport=43005, dport=GUARDED_UDP, chksum=0) / Raw(b"z")),
+    "IPv4 bad header checksum (no answer)": lambda: frame4(TCP(sport=43006, dport=GUARDED_TCP, flags="S"),
+                                                           chksum=0x1111),
+    "IPv6 traffic class and flow label": lambda: frame6(TCP(sport=43007, dport=GUARDED_TCP, flags="S"),
+                                                        tc=0xB9, fl=0x12345),
+    "IPv6 destination options": lambda: raw(ether() / IPv6(src="2001:db8:77::22", dst=SERVER6)
+                                            / IPv6ExtHdrDestOpt() / TCP(sport=43008, dport=GUARDED_TCP, flags="S")),
+    "IPv6 atomic fragment": lambda: raw(ether() / IPv6(src="2001:db8:77::23", dst=SERVER6)
+                                        / IPv6ExtHdrFragment(m=0, offset=0, id=7)
+                                        / TCP(sport=43009, dport=GUARDED_TCP, flags="S")),
+    "IPv4 first fragment (no answer in time)": lambda: frame4(UDP(sport=43010, dport=GUARDED_UDP, len=1008)
+                                                              / Raw(b"f" * 64), flags="MF", id=99),
+    "IPv4 broadcast destination (no answer)": lambda: raw(Ether(src="02:00:00:00:00:02", dst="ff:ff:ff:ff:ff:ff")
+                                                          / IP(src="198.51.100.24", dst="255.255.255.255")
+                                                          / UDP(sport=43011, dport=GUARDED_UDP) / Raw(b"b")),
+    "IPv4 loopback source (no answer)": lambda: frame4(TCP(sport=43012, dport=GUARDED_TCP, flags="S"),
+                                                       src="127.0.0.9"),
+    "IPv4 multicast source (no answer)": lambda: frame4(UDP(sport=43013, dport=GUARDED_UDP) / Raw(b"m"),
+                                                        src="224.0.0.9"),
+    "IPv6 multicast destination (no answer)": lambda: raw(Ether(src="02:00:00:00:00:02", dst="33:33:00:00:00:01")
+                                                          / IPv6(src="2001:db8:77::25", dst="ff02::1")
+                                                          / UDP(sport=43014, dport=GUARDED_UDP) / Raw(b"m")),
+}
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("case", sorted(IP_CASES))
+def test_ip_variants_match_the_kernel(closed, kernel, case):
+    assert_same_answer(closed, kernel, IP_CASES[case]())
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("l4", [TCP(sport=44000, dport=GUARDED_TCP, flags="S", seq=5),
+                                TCP(sport=44001, dport=GUARDED_TCP, flags="A", ack=9),
+                                UDP(sport=44002, dport=GUARDED_UDP) / Raw(b"v")], ids=["SYN", "ACK", "UDP"])
+@pytest.mark.parametrize("vlans", [(10,), (10, 20)], ids=["802.1Q", "QinQ"])
+@pytest.mark.parametrize("family", [4, 6])
+def test_vlan_tagged_answers_carry_the_tags(closed, kernel, family, vlans, l4):
+    """This kernel has no 8021q, so the oracle is its answer to the untagged
+    frame: ours to the tagged one must be that, under the same tags with
+    their priority bits cleared (as a VLAN device sends by default)."""
+    src = "198.51.100.26" if family == 4 else "2001:db8:77::26"
+    inner = (IP(src=src, dst=SERVER4) if family == 4 else IPv6(src=src, dst=SERVER6)) / l4
+    expected = kernel.reply(raw(ether() / inner))
+    tagged = bytearray(raw(ether(vlans=vlans) / inner))
+    for i in range(len(vlans)):
+        tagged[14 + 4 * i] |= 0xE0   # priority 7 on the way in
+    verdict, out = answered(closed, bytes(tagged))
+    assert verdict == XDP_TX and expected is not None
+    tags = out[12:12 + 4 * len(vlans)]
+    assert tags == bytes(tagged[12:12 + 4 * len(vlans)]).replace(b"\xe0", b"\x00")
+    untagged = out[:12] + out[12 + 4 * len(vlans):]
+    assert masked(untagged) == masked(expected)
+
+
+def test_answers_are_counted(closed):
+    closed.run(tcp(STRANGER4, GUARDED_TCP))
+    closed.run(udp(STRANGER4, GUARDED_UDP))
+    closed.run(tcp(STRANGER4, GUARDED_TCP, flags="R"))
+    counters = closed.counters()
+    assert counters[Reason.ANSWER_RST] == counters[Reason.ANSWER_UNREACH] == counters[Reason.ANSWER_NONE] == 1
+    assert counters[Reason.DROP_NO_GRANT] == 3
+
+
+@pytest.mark.parametrize("src", [STRANGER4, STRANGER6])
+def test_granted_and_allowed_sources_see_the_service(closed, src):
+    for s in ["tcp:7000", "udp:8000", "tcp:9000"]:
+        assert closed.run(step(src, s)) == XDP_TX   # every knock answered like an unused port
+        closed.advance(0.1)
+    assert closed.run(tcp(src, GUARDED_TCP)) == XDP_PASS
+    assert closed.run(tcp(src, GUARDED_TCP, flags="A")) == XDP_PASS
+    assert closed.run(tcp("192.0.2.10", GUARDED_TCP)) == XDP_PASS   # allow-listed
+
+
+def test_deny_listed_and_malformed_drop_silently(closed):
+    assert closed.run(tcp("203.0.113.5", GUARDED_TCP)) == XDP_DROP
+    assert closed.run(tcp("203.0.113.5", 80)) == XDP_DROP
+    assert closed.run(tcp(STRANGER4, GUARDED_TCP)[:50]) == XDP_DROP   # cut short
+    assert closed.counters()[Reason.ANSWER_RST] == 0
+
+
+def _with_ban(config, scope):
+    from xknock.controller.config import Ban
+
+    return dataclasses.replace(config, answer="closed",
+                               ban=Ban(after=1, within_ns=60 * 10**9, for_ns=600 * 10**9, scope=scope))
+
+
+@pytest.mark.parametrize("scope,answered_on_guarded", [("knock", True), ("all", False)])
+def test_banned_sources(closed, example_config, scope, answered_on_guarded):
+    """Banned on knock ports only: those ports still look unused, as before the
+    ban. Banned everywhere: the host goes dark for that source alike on every
+    port, which tells it nothing about which ports are knocks."""
+    closed.apply(_with_ban(example_config, scope))
+    for s in ["tcp:7000", "tcp:9000"]:   # a first step, then a wrong one: banned
+        closed.run(step(STRANGER4, s))
+        closed.advance(0.1)
+    assert closed.counters()[Reason.BAN_ISSUED] == 1
+    assert closed.run(tcp(STRANGER4, GUARDED_TCP)) == (XDP_TX if answered_on_guarded else XDP_DROP)
+    assert closed.run(tcp(STRANGER4, 80)) == (XDP_PASS if answered_on_guarded else XDP_DROP)
+
+
+def test_monitor_mode_and_drop_answer_nothing(closed, example_config):
+    closed.apply(dataclasses.replace(example_config, answer="closed", mode="monitor"))
+    assert closed.run(tcp(STRANGER4, GUARDED_TCP)) == XDP_PASS
+    closed.apply(dataclasses.replace(example_config, answer="drop"))
+    assert closed.run(tcp(STRANGER4, GUARDED_TCP)) == XDP_DROP
+    assert closed.run(udp(STRANGER4, GUARDED_UDP)) == XDP_DROP
+
+
+def test_icmp_errors_keep_linuxs_per_destination_limit(closed):
+    """icmp_ratelimit 1000 ms with inet_peer's burst of six: six errors at
+    once, then one a second, per destination; another destination has its own."""
+    settings = closed.maps.settings.lookup(__import__("ctypes").c_uint32(closed.maps.active_bank()))
+    assert settings.icmp_peer_cost_ns == 10**9 and settings.icmp_peer_burst_ns == 6 * 10**9
+    verdicts = [closed.run(udp(STRANGER4, GUARDED_UDP)) for _ in range(8)]
+    assert verdicts == [XDP_TX] * 6 + [XDP_DROP] * 2
+    assert closed.run(udp("198.51.100.8", GUARDED_UDP)) == XDP_TX
+    closed.advance(0.999)
+    assert closed.run(udp(STRANGER4, GUARDED_UDP)) == XDP_DROP
+    closed.advance(0.002)
+    assert closed.run(udp(STRANGER4, GUARDED_UDP)) == XDP_TX
+    assert closed.run(tcp(STRANGER4, GUARDED_TCP)) == XDP_TX   # resets are not rate limited (as in Linux)
+    assert closed.counters()[Reason.ANSWER_RATE_LIMITED] == 3
+
+
+def test_icmp_errors_keep_the_hosts_limit_under_a_flood(closed):
+    """A UDP flood from many sources: no more errors than icmp_msgs_burst at
+    once and icmp_msgs_per_sec after it, as the kernel would send."""
+    sent = sum(closed.run(udp(f"198.51.{100 + i // 250}.{1 + i % 250}", GUARDED_UDP)) == XDP_TX for i in range(500))
+    assert sent == 50
+    for _ in range(10):
+        closed.advance(0.001)   # one error's worth of credit a millisecond
+        sent += sum(closed.run(udp(f"2001:db8:99::{i + 1:x}", GUARDED_UDP)) == XDP_TX for i in range(20))
+    assert sent == 60
