@@ -91,7 +91,7 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 	if (!port)
 		return XK_PASS_UNGUARDED;
 	/* From here on a refusal is answered as an unused port would be. */
-	pkt->answerable = 1;
+	pkt->answerable = (port->flags & XK_PORT_GUARDED) ? XK_ANSWERED_HERE : XK_ANSWERED_BY_HOST;
 	if (banned)
 		return XK_DROP_BANNED;   /* banned on knock and guarded ports only */
 	if (port->flags & XK_PORT_SPA)

@@ -10,7 +10,9 @@
  *        for the host, read from its sysctls).
  * and nothing wherever Linux sends nothing: a bad checksum, a short or
  * inconsistent header, a fragment, a source or destination that is not
- * unicast. docs/datapath.md gives every field and where it comes from. */
+ * unicast. Knock and SPA ports, where nobody listens as a rule, are passed to
+ * the host instead, whose stack answers them as it answers every unused port:
+ * same timing, same ICMP budget. docs/datapath.md gives every field. */
 #ifndef XKNOCK_ANSWER_H
 #define XKNOCK_ANSWER_H
 
@@ -343,6 +345,8 @@ static __always_inline int read_asked(struct xdp_md *ctx, struct xk_packet *pkt,
 		struct udphdr *uh = data + l4;
 		if ((void *)(uh + 1) > data_end)
 			return 0;
+		q->sport = uh->source;
+		q->dport = uh->dest;
 		__u32 ulen = bpf_ntohs(uh->len);
 		if (ulen < sizeof(*uh) || ulen > (__u32)n)
 			return 0;   /* Linux: a short or cut datagram */
@@ -359,6 +363,38 @@ static __always_inline int read_asked(struct xdp_md *ctx, struct xk_packet *pkt,
 		return 1;
 	}
 	return 0;   /* a guarded ICMP echo: Linux would answer it, we may not */
+}
+
+/* Would a socket take this packet? (The listener of a guarded port, or
+ * something an operator started on a knock port.) */
+static __always_inline int someone_listens(struct xdp_md *ctx, struct xk_packet *pkt, struct xk_asked *q)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct bpf_sock *sk;
+	int tcp = pkt->proto == XK_PROTO_TCP;
+	if (q->ipv4) {
+		__builtin_memcpy(&tuple.ipv4.saddr, q->saddr, 4);
+		__builtin_memcpy(&tuple.ipv4.daddr, q->daddr, 4);
+		tuple.ipv4.sport = q->sport;
+		tuple.ipv4.dport = q->dport;
+		if (tcp)
+			sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+		else
+			sk = bpf_sk_lookup_udp(ctx, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	} else {
+		__builtin_memcpy(tuple.ipv6.saddr, q->saddr, 16);
+		__builtin_memcpy(tuple.ipv6.daddr, q->daddr, 16);
+		tuple.ipv6.sport = q->sport;
+		tuple.ipv6.dport = q->dport;
+		if (tcp)
+			sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+		else
+			sk = bpf_sk_lookup_udp(ctx, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+	}
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
 }
 
 /* Shrinks or grows the frame's tail to len bytes. */
@@ -562,6 +598,10 @@ static __always_inline int answer(struct xdp_md *ctx, struct xk_settings *set)
 	if (!read_asked(ctx, pkt, &q)) {
 		count(XK_ANSWER_NONE);
 		return XDP_DROP;
+	}
+	if (*(volatile __u8 *)&pkt->answerable == XK_ANSWERED_BY_HOST && !someone_listens(ctx, pkt, &q)) {
+		count(XK_ANSWER_BY_HOST);
+		return XDP_PASS;
 	}
 	if (pkt->proto == XK_PROTO_TCP) {
 		if (answer_tcp(ctx, pkt, set, &q) < 0) {

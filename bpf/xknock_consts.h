@@ -120,6 +120,10 @@
 #define XK_SET_STRICT    (1U << 3)   /* a new connection to another port resets the source's knocks */
 #define XK_SET_ANSWER    (1U << 4)   /* refused packets get the answer of an unused port */
 
+/* xk_packet.answerable: how a refused packet is answered (answer = "closed") */
+#define XK_ANSWERED_HERE 1           /* guarded ports (a service listens): the answer is made here */
+#define XK_ANSWERED_BY_HOST 2        /* knock and SPA ports: the host's stack answers, if nobody listens */
+
 /* xk_settings.flowlabels: how this host labels the IPv6 flows it starts */
 #define XK_FLOWLABEL_AUTO      (1U << 0)   /* a hash of the flow (auto_flowlabels) */
 #define XK_FLOWLABEL_STATELESS (1U << 1)   /* with the top bit set (flowlabel_state_ranges) */
@@ -199,6 +203,7 @@ enum xk_reason {
 	XK_ANSWER_UNREACH = 54,    /* an ICMP or ICMPv6 port unreachable */
 	XK_ANSWER_RATE_LIMITED = 55, /* no ICMP error: over Linux's rate limits, as the kernel would be */
 	XK_ANSWER_NONE = 56,       /* no answer, as Linux gives none: a RST, a bad checksum, not unicast... */
+	XK_ANSWER_BY_HOST = 57,    /* knock and SPA ports nobody listens on: passed, the host answers itself */
 	XK_COUNTERS = 64,
 };
 

@@ -340,16 +340,21 @@ Examples:
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="Send every knock this many times (xknock ignores the copies); 3 where packets get lost, "
                    "e.g. under a flood.")
+@click.option("--until-open", "until_open", type=STEP, default=None, metavar="tcp:PORT",
+              help="Knock again until this guarded port accepts a connection (lossy networks).")
+@click.option("--deadline", type=float, default=30.0, show_default=True,
+              help="With --until-open: give up after this many seconds.")
 @click.option("-4", "ipv4", is_flag=True, help="IPv4 only.")
 @click.option("-6", "ipv6", is_flag=True, help="IPv6 only.")
 @fail_cleanly
-def knock(host, steps, sequence_name, config_path, secret_file, protos, window, port_range, delay, repeat, ipv4,
-          ipv6):
+def knock(host, steps, sequence_name, config_path, secret_file, protos, window, port_range, delay, repeat,
+          until_open, deadline, ipv4, ipv6):
     """Send a knock sequence to HOST (the client; needs root for ICMP)."""
     import socket
 
-    from xknock.controller.knockclient import send_knocks
+    from xknock.controller.knockclient import knock_until_open, send_knocks
 
+    steps_now = None   # a time-based sequence: its knocks change with the window
     if sequence_name:
         if steps:
             raise click.UsageError("give STEPS or --sequence, not both")
@@ -369,8 +374,10 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
         if found[0].totp is not None:   # this window's ports, from the shared secret and the clock
             from xknock.controller import totp
 
-            window = totp.window_of(time.time_ns(), found[0].totp.window_ns)
-            steps = totp.variant(found[0], window).knock
+            def steps_now(sequence=found[0]):   # noqa: F811 (the time-based case of steps_now)
+                return totp.variant(sequence, totp.window_of(time.time_ns(), sequence.totp.window_ns)).knock
+
+            steps = steps_now()
     elif secret_file or protos or window or port_range:
         raise click.UsageError("--secret-file, --protos, --window and --port-range go with --sequence NAME")
     if not steps:
@@ -380,8 +387,21 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
     if repeat < 1:
         raise click.BadParameter("must be >= 1", param_hint="--repeat")
     family = socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None
-    send_knocks(host, list(steps), delay=delay, family=family, repeat=repeat)
-    click.echo(f"knocked {host}: {' '.join(str(s) for s in steps)}")
+    if until_open is None:
+        send_knocks(host, list(steps), delay=delay, family=family, repeat=repeat)
+        click.echo(f"knocked {host}: {' '.join(str(s) for s in steps)}")
+        return
+    if deadline <= 0:
+        raise click.BadParameter("must be > 0", param_hint="--deadline")
+    if until_open.proto != "tcp":
+        raise click.BadParameter(f"{until_open}: only a tcp port can be seen to open", param_hint="--until-open")
+    fixed = list(steps)
+    rounds = knock_until_open(
+        host, steps_now or (lambda: fixed), until_open, deadline, delay=delay, family=family,
+        repeat=repeat,
+        on_attempt=lambda n, knocked, outcome: outcome != "open" and click.echo(
+            f"round {n}: {' '.join(map(str, knocked))}; {until_open} {outcome}, knocking again", err=True))
+    click.echo(f"knocked {host}: {until_open} open after {rounds} round{'s' if rounds > 1 else ''}")
 
 
 from xknock.cli.top import top  # noqa: E402

@@ -1,6 +1,9 @@
 """The knock client: sends a sequence of knocks (TCP SYNs, UDP datagrams,
-ICMP echo requests) to a host. Knocks are fire and forget: the filter drops
-them, so nothing ever answers and nothing is waited for."""
+ICMP echo requests) to a host. Knocks are fire and forget: the filter
+answers them as unused ports (a reset, a port unreachable) or drops them, and
+the client waits for neither. knock_until_open() knocks again until the
+guarded port answers: the seed's resending "until the sequence is
+acknowledged", for lossy networks."""
 
 import errno
 import os
@@ -66,6 +69,50 @@ def send_knocks(host: str, steps: list[Step], delay: float = 0.1, family=None, r
             except (OSError, OverflowError) as e:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 raise KnockError(f"knock {step} to {address[0]} failed: {reason}") from e
+
+
+def knock_until_open(host, steps_now, target, deadline, delay=0.1, family=None, repeat=1, probe_timeout=1.0,
+                     on_attempt=None):
+    """Knock, then try to connect to target (a tcp Step) on host; knock again
+    until it accepts or deadline seconds have passed. steps_now() gives the
+    knocks of each round (a time-based sequence changes its ports). Returns
+    the number of rounds; raises KnockError when the port never opened. A
+    refused or timed-out probe is itself a new connection, which in strict
+    mode ends any progress: every round starts at the first knock."""
+    if target.proto != "tcp":
+        raise KnockError(f"--until-open {target}: only a tcp port can be seen to open")
+    address = resolve(host, family)
+    end = time.monotonic() + deadline
+    rounds = 0
+    while True:
+        rounds += 1
+        steps = steps_now()
+        send_knocks(address[1][0], steps, delay=delay, family=address[0], repeat=repeat)
+        outcome = probe_tcp(address, target.port, min(probe_timeout, max(end - time.monotonic(), 0.05)))
+        if on_attempt:
+            on_attempt(rounds, steps, outcome)
+        if outcome == "open":
+            return rounds
+        if time.monotonic() >= end:
+            raise KnockError(f"{target} on {address[1][0]} did not open within {deadline:g}s "
+                             f"({rounds} rounds of knocks; the last probe was {outcome})")
+        time.sleep(min(delay, max(end - time.monotonic(), 0)))
+
+
+def probe_tcp(address, port, timeout):
+    """"open", "refused" or "timed out": one connection attempt, closed at once."""
+    family, _ = address
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(with_port(address, port))
+        except ConnectionRefusedError:
+            return "refused"
+        except (TimeoutError, socket.timeout):
+            return "timed out"
+        except OSError as e:
+            return e.strerror or str(e)
+        return "open"
 
 
 def copy_pauses(delay, repeat):

@@ -123,6 +123,7 @@ class Reason(enum.IntEnum):
     ANSWER_UNREACH = 54      # ... with an ICMP / ICMPv6 port unreachable
     ANSWER_RATE_LIMITED = 55  # ... not: over the host's ICMP rate limits
     ANSWER_NONE = 56         # ... not: Linux would send nothing (RST, bad checksum, not unicast)
+    ANSWER_BY_HOST = 57      # knock and SPA ports nobody listens on: passed, the host's stack answers
 
 
 # Counters only the controller writes: the data path never touches them.

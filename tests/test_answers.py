@@ -96,14 +96,12 @@ TCP_CASES = {
                             options=[("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("WScale", 7)]),
     "RST (no answer)": TCP(sport=41008, dport=GUARDED_TCP, flags="R", seq=1),
     "RST|ACK (no answer)": TCP(sport=41009, dport=GUARDED_TCP, flags="RA", seq=1, ack=2),
-    "SYN to a knock port": TCP(sport=41010, dport=KNOCK_TCP, flags="S", seq=3),
     "bad checksum (no answer)": TCP(sport=41011, dport=GUARDED_TCP, flags="S", seq=3, chksum=0x1234),
 }
 UDP_CASES = {
     "datagram": UDP(sport=42000, dport=GUARDED_UDP) / Raw(b"probe"),
     "empty datagram (scan -sU)": UDP(sport=42001, dport=GUARDED_UDP),
     "large datagram (quote cut)": UDP(sport=42002, dport=GUARDED_UDP) / Raw(b"q" * 1300),
-    "to a knock port": UDP(sport=42003, dport=KNOCK_UDP) / Raw(b"knock"),
     "bad checksum (no answer)": UDP(sport=42004, dport=GUARDED_UDP, chksum=0x1234) / Raw(b"probe"),
 }
 
@@ -187,6 +185,37 @@ def test_vlan_tagged_answers_carry_the_tags(closed, kernel, family, vlans, l4):
     assert masked(untagged) == masked(expected)
 
 
+@pytest.mark.parametrize("l4", [TCP(sport=45000, dport=KNOCK_TCP, flags="S", seq=3),
+                                UDP(sport=45001, dport=KNOCK_UDP) / Raw(b"knock")], ids=["tcp", "udp"])
+@pytest.mark.parametrize("family", [4, 6])
+def test_knock_ports_nobody_listens_on_are_answered_by_the_host(closed, family, l4):
+    """Passed after the knock is recorded: the host's own stack answers, as
+    for every unused port (same timing, same ICMP budget)."""
+    frame = (frame4 if family == 4 else frame6)(l4)
+    assert closed.run(frame) == XDP_PASS
+    counters = closed.counters()
+    assert counters[Reason.DROP_KNOCK] == counters[Reason.ANSWER_BY_HOST] == 1
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_knock_port_someone_listens_on_is_answered_here(closed, kernel, proto):
+    """Something the operator started on a knock port (the config warns) must
+    not see the knock: then the answer is made here, as for a guarded port."""
+    import socket
+
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    port = KNOCK_TCP if proto == "tcp" else KNOCK_UDP
+    with socket.socket(socket.AF_INET, kind) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("0.0.0.0", port))
+        if proto == "tcp":
+            listener.listen()
+        l4 = TCP(sport=45002, dport=port, flags="S", seq=3) if proto == "tcp" else UDP(sport=45003, dport=port)
+        assert_same_answer(closed, kernel, frame4(l4))
+    assert closed.counters()[Reason.ANSWER_BY_HOST] == 0
+
+
 def test_answers_are_counted(closed):
     closed.run(tcp(STRANGER4, GUARDED_TCP))
     closed.run(udp(STRANGER4, GUARDED_UDP))
@@ -199,8 +228,9 @@ def test_answers_are_counted(closed):
 @pytest.mark.parametrize("src", [STRANGER4, STRANGER6])
 def test_granted_and_allowed_sources_see_the_service(closed, src):
     for s in ["tcp:7000", "udp:8000", "tcp:9000"]:
-        assert closed.run(step(src, s)) == XDP_TX   # every knock answered like an unused port
+        assert closed.run(step(src, s)) == XDP_PASS   # the host answers, nobody listens there
         closed.advance(0.1)
+    assert closed.counters()[Reason.ANSWER_BY_HOST] == 3
     assert closed.run(tcp(src, GUARDED_TCP)) == XDP_PASS
     assert closed.run(tcp(src, GUARDED_TCP, flags="A")) == XDP_PASS
     assert closed.run(tcp("192.0.2.10", GUARDED_TCP)) == XDP_PASS   # allow-listed
