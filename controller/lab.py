@@ -171,7 +171,15 @@ class Lab:
                 # so no name ever appears in the caller's namespace.
                 sw.link("add", ifname=port, kind="veth", peer={"ifname": host.iface, "net_ns_fd": host.name})
                 sw.link("set", index=sw.link_lookup(ifname=port)[0], master=bridge, state="up")
+
             sw.link("set", index=bridge, state="up")
+        # A native XDP program's XDP_TX on a veth (the answers of answer =
+        # "closed") reaches the other end only if that end runs an XDP
+        # program too: the switch's ports run one that passes everything, as
+        # a NIC would simply transmit.
+        subprocess.run(["ip", "netns", "exec", self.switch, HELPER_PYTHON, "-c", _XDP_PASS,
+                        *(f"{role}1-{self.token}" for role in self.hosts)],
+                       check=True, capture_output=True, timeout=60)
 
         for host in self.hosts.values():
             with contextlib.closing(NetNS(host.name)) as ns:
@@ -181,6 +189,11 @@ class Lab:
                 if host.ipv6:
                     ns.addr("add", index=index, address=host.ipv6, prefixlen=IPV6_PREFIX, flags=IFA_F_NODAD)
                 ns.link("set", index=index, state="up")
+            # Full checksums on the wire, as a NIC delivers them: a veth
+            # would send partial ones (offload), which the filter, like the
+            # kernel for frames from a real NIC, takes for corrupt and leaves
+            # unanswered.
+            _ethtool(host.name, host.iface, "tx", "off")
         self._wait_until_ready()
 
     def _sysctl(self, namespace, *settings):
@@ -217,6 +230,21 @@ class Lab:
                 errors.append(f"removing netns {name}: {e}")
         if errors:
             raise RuntimeError("lab teardown: " + "; ".join(errors))
+
+
+_XDP_PASS = r"""
+import sys
+from bcc import BPF
+b = BPF(text=b"int xk_lab_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+fn = b.load_func(b"xk_lab_pass", BPF.XDP)
+for iface in sys.argv[1:]:
+    BPF.attach_xdp(iface, fn, 0)
+"""
+
+
+def _ethtool(namespace, iface, *features):
+    subprocess.run(["ip", "netns", "exec", namespace, "ethtool", "-K", iface, *features],
+                   check=True, capture_output=True, timeout=30)
 
 
 def _usable(ns, iface):
