@@ -142,6 +142,10 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, once, keep_sessions, for
         if metrics_server:
             metrics_server.close()
         raise
+    from xknock.controller.answers import attach_warnings
+
+    for warning in attach_warnings(config, attached.modes):
+        log.warning(warning)
     for name in ifaces:
         how = "replaced program %d" % attached.replaced[name] if name in attached.replaced else "attached"
         log.info(f"{how} on {name}", extra={"fields": {

@@ -102,3 +102,67 @@ def fill_settings(settings, config, host):
     else:   # no host credit ever: Linux sends no ICMP errors then
         settings.icmp_host_cost_ns = 1 << 62
         settings.icmp_host_burst_ns = 0
+
+
+def host_drops_unused_ports():
+    """Where this host's firewall drops what nothing accepts (an input chain
+    with policy drop, in nftables or iptables), a description of it; else None."""
+    import json
+    import shutil
+    import subprocess
+
+    if shutil.which("nft"):
+        try:
+            result = subprocess.run(["nft", "-j", "list", "chains"], capture_output=True, text=True, timeout=10)
+            for item in json.loads(result.stdout or "{}").get("nftables", []):
+                chain = item.get("chain")
+                if chain and chain.get("hook") == "input" and chain.get("policy") == "drop":
+                    return f"nftables chain {chain.get('family')} {chain.get('table')} {chain.get('name')}: policy drop"
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
+    for tool in ("iptables", "ip6tables"):
+        if not shutil.which(tool):
+            continue
+        try:
+            result = subprocess.run([tool, "-S", "INPUT"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if result.returncode == 0 and result.stdout.startswith("-P INPUT DROP"):
+            return f"{tool} INPUT policy DROP"
+    return None
+
+
+def attach_warnings(config, modes, drops=None):
+    """What an operator should hear about answers on this host: a choice of
+    answer that makes the guarded ports stand out, or an interface where
+    answers would be lost. modes: interface -> "native" | "generic"."""
+    warnings = []
+    drops = host_drops_unused_ports() if drops is None else drops
+    if config.answer == "closed" and drops:
+        warnings.append(f'this host drops packets to unused ports ({drops}) while [filter] answer = "closed" '
+                        "answers refused ones like closed ports: a scan tells the guarded ports apart. "
+                        'Set answer = "drop"')
+    elif config.answer == "drop" and not drops and config.mode == "enforce":
+        warnings.append('[filter] answer = "drop" on a host whose unused ports answer (no input policy drop '
+                        'found): the guarded and knock ports are the only silent ones a scan sees. '
+                        'Use answer = "closed" unless a firewall drops unused ports')
+    if config.answer == "closed":
+        for name, mode in sorted(modes.items()):
+            if mode == "native" and is_veth(name):
+                warnings.append(f"{name} is a veth in native mode: answers (XDP_TX) reach its peer only if "
+                                "the peer runs an XDP program too; otherwise they are lost and refused ports "
+                                "look filtered. Attach with --xdp-mode generic, or run an XDP program on the peer")
+    return warnings
+
+
+def is_veth(ifname):
+    """Is ifname a veth (netlink's link kind)?"""
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ipr:
+            [link] = ipr.link("get", ifname=ifname)
+    except Exception:   # pyroute2 raises NetlinkError and others: then we cannot tell
+        return False
+    info = link.get_attr("IFLA_LINKINFO")
+    return bool(info) and info.get_attr("IFLA_INFO_KIND") == "veth"
