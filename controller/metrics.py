@@ -62,6 +62,14 @@ SPA_VERDICTS = {reason.name.lower().removeprefix("spa_"): reason for reason in (
     layout.Reason.SPA_ACCEPTED, layout.Reason.SPA_BAD_HMAC, layout.Reason.SPA_REPLAYED, layout.Reason.SPA_STALE,
     layout.Reason.SPA_MALFORMED, layout.Reason.SPA_UNKNOWN_USER, layout.Reason.SPA_PORT_DENIED,
     layout.Reason.SPA_SOURCE_DENIED, layout.Reason.SPA_GRANT_FAILED)}
+# answer = "closed": how the refused packets were answered
+ANSWERS = {
+    "rst": layout.Reason.ANSWER_RST,
+    "unreachable": layout.Reason.ANSWER_UNREACH,
+    "by_host": layout.Reason.ANSWER_BY_HOST,
+    "rate_limited": layout.Reason.ANSWER_RATE_LIMITED,
+    "none": layout.Reason.ANSWER_NONE,
+}
 KNOCK_EVENTS = {
     "repeated": layout.Reason.KNOCK_REPEATED,
     "ignored": layout.Reason.KNOCK_IGNORED,
@@ -527,7 +535,12 @@ class XknockCollector:
              "(size, base64), over the source's rate, over this CPU's share of the total rate, or lost to a full "
              "ring buffer. Every one is dropped.", SPA_CANDIDATES),
             ("xknock_spa_verdicts_total",
-             "Queued SPA packets by the controller's verdict: accepted (grants written) or why not.", SPA_VERDICTS)):
+             "Queued SPA packets by the controller's verdict: accepted (grants written) or why not.", SPA_VERDICTS),
+            ("xknock_answers_total",
+             'Refused packets on guarded, knock and SPA ports by how they were answered (answer = "closed"): a '
+             "TCP reset or ICMP port unreachable made here, passed for the host's own stack to answer (knock and "
+             "SPA ports nobody listens on), nothing over the ICMP rate limits, or nothing where Linux sends "
+             "nothing.", ANSWERS)):
             family = CounterMetricFamily(name, doc, labels=["iface", "result"])
             for result, reason in results.items():
                 family.add_metric([iface, result], counters[reason])
