@@ -51,8 +51,17 @@ def show(result):
             print(stream.rstrip())
 
 
-def verdict(ok):
-    return "\033[32mconnected\033[0m" if ok else "\033[31mno answer (dropped in XDP)\033[0m"
+def verdict(outcome):
+    """What a connection attempt saw: open, or refused as an unused port refuses."""
+    if outcome == "open":
+        return "\033[32mconnected\033[0m"
+    if outcome == "refused":
+        return "\033[31mrefused, like an unused port (a reset forged in XDP)\033[0m"
+    return f"\033[31m{outcome}\033[0m"
+
+
+def probe(host_from, addr, port):
+    return verdict(lab.connect_outcome(host_from, addr, port))
 
 
 def main():
@@ -75,7 +84,7 @@ def _run(net, config, keys):
     print(DEMO_CONFIG)
     with lab.tcp_listen(server, 22), lab.tcp_listen(server, 2222):
         say("Before xknock: anyone reaches the server's port 22")
-        print(f"attacker -> {server.ipv4}:22  {verdict(lab.can_connect(attacker, server.ipv4, 22))}")
+        print(f"attacker -> {server.ipv4}:22  {probe(attacker, server.ipv4, 22)}")
 
         say(f"xknock attach {net.server_iface} --once (on the server)")
         result = server.run([XKNOCK, "attach", net.server_iface, "-c", config, "--once"])
@@ -84,20 +93,25 @@ def _run(net, config, keys):
             sys.exit("demo: attach failed")
 
         say("The attacker tries port 22 again")
-        print(f"attacker -> {server.ipv4}:22  {verdict(lab.can_connect(attacker, server.ipv4, 22))}")
+        print(f"attacker -> {server.ipv4}:22  {probe(attacker, server.ipv4, 22)}")
+
+        say("The attacker scans: the guarded port 22 and the knock port 7000 read like their unused neighbours")
+        scan = attacker.run(["nmap", "-n", "-Pn", "-sS", "-p", "20-24,6999-7001,8999-9001", server.ipv4])
+        print("\n".join(line for line in scan.stdout.splitlines() if "/tcp" in line or "PORT" in line)
+              or scan.stderr.strip())
 
         say("The client knocks: xknock knock 10.77.0.1 tcp:7000 udp:8000 tcp:9000")
         show(client.run([XKNOCK, "knock", server.ipv4, "tcp:7000", "udp:8000", "tcp:9000"]))
-        print(f"client   -> {server.ipv4}:22  {verdict(lab.can_connect(client, server.ipv4, 22))}")
-        print(f"attacker -> {server.ipv4}:22  {verdict(lab.can_connect(attacker, server.ipv4, 22))}")
+        print(f"client   -> {server.ipv4}:22  {probe(client, server.ipv4, 22)}")
+        print(f"attacker -> {server.ipv4}:22  {probe(attacker, server.ipv4, 22)}")
 
         say("The attacker guesses a sequence: nothing opens")
         show(attacker.run([XKNOCK, "knock", server.ipv4, "tcp:7000", "tcp:8000", "tcp:9000"]))
-        print(f"attacker -> {server.ipv4}:22  {verdict(lab.can_connect(attacker, server.ipv4, 22))}")
+        print(f"attacker -> {server.ipv4}:22  {probe(attacker, server.ipv4, 22)}")
 
         say("But a sniffed static knock works for anyone: the attacker replays the client's")
         show(attacker.run([XKNOCK, "knock", server.ipv4, "tcp:7000", "udp:8000", "tcp:9000"]))
-        print(f"attacker -> {server.ipv4}:22  {verdict(lab.can_connect(attacker, server.ipv4, 22))}")
+        print(f"attacker -> {server.ipv4}:22  {probe(attacker, server.ipv4, 22)}")
 
         say("SPA instead: the controller runs (xknock attach, foreground) and verifies packets")
         print(SPA_CONFIG.format(cache="...", keys=keys))
@@ -107,17 +121,17 @@ def _run(net, config, keys):
         # The controller replaces the program (keeping every map and grant) and then listens.
         lab.wait_for(lambda: _prog_id(server) not in (before, None), timeout=30)
         time.sleep(0.5)
-        print(f"attacker -> {server.ipv4}:2222  {verdict(lab.can_connect(attacker, server.ipv4, 2222))}")
-        say("The attacker sends SPA packets with keys of its own: nothing opens, nothing answers")
+        print(f"attacker -> {server.ipv4}:2222  {probe(attacker, server.ipv4, 2222)}")
+        say("The attacker sends SPA packets with keys of its own: nothing opens")
         wrong = os.path.join(os.path.dirname(keys), "attacker.keys")
         spa_keys.write_key_file(wrong, spa_keys.generate())
         show(attacker.run([XKNOCK, "spa", server.ipv4, "-A", "tcp/2222", "--key-file", wrong]))
-        print(f"attacker -> {server.ipv4}:2222  {verdict(lab.can_connect(attacker, server.ipv4, 2222))}")
+        print(f"attacker -> {server.ipv4}:2222  {probe(attacker, server.ipv4, 2222)}")
         say("The client sends one SPA packet: xknock spa 10.77.0.1 -A tcp/2222 --key-file client.keys")
         show(client.run([XKNOCK, "spa", server.ipv4, "-A", "tcp/2222", "--key-file", keys]))
-        opened = lab.wait_for(lambda: lab.can_connect(client, server.ipv4, 2222, timeout=0.5), timeout=3)
-        print(f"client   -> {server.ipv4}:2222  {verdict(opened)}")
-        print(f"attacker -> {server.ipv4}:2222  {verdict(lab.can_connect(attacker, server.ipv4, 2222))}")
+        lab.wait_for(lambda: lab.can_connect(client, server.ipv4, 2222, timeout=0.5), timeout=3)
+        print(f"client   -> {server.ipv4}:2222  {probe(client, server.ipv4, 2222)}")
+        print(f"attacker -> {server.ipv4}:2222  {probe(attacker, server.ipv4, 2222)}")
 
         say("xknock status (on the server)")
         show(server.run([XKNOCK, "status"]))

@@ -233,7 +233,8 @@ def status(iface, as_json):
 def _render(f):
     lines = []
     ifaces = ", ".join(f"{i['name']} ({i['xdp_mode']}, prog {i['prog_id']})" for i in f["interfaces"])
-    lines.append(f"filter on {ifaces}: {f['mode']}" + (", strict" if f.get("strict") else ""))
+    lines.append(f"filter on {ifaces}: {f['mode']}" + (", strict" if f.get("strict") else ", lenient")
+                 + f", answer {f.get('answer', 'drop')}")
     lines.append(f"guarded: {' '.join(f['guarded']) or 'nothing'}")
     if f.get("spa_ports"):
         lines.append(f"spa: {' '.join(f['spa_ports'])} (verified by the running controller)")

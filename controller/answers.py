@@ -149,9 +149,9 @@ def attach_warnings(config, modes, drops=None):
     if config.answer == "closed":
         for name, mode in sorted(modes.items()):
             if mode == "native" and is_veth(name):
-                warnings.append(f"{name} is a veth in native mode: answers (XDP_TX) reach its peer only if "
-                                "the peer runs an XDP program too; otherwise they are lost and refused ports "
-                                "look filtered. Attach with --xdp-mode generic, or run an XDP program on the peer")
+                warnings.append(f"{name} is a veth in native mode: unless its peer runs an XDP program, answers "
+                                "(XDP_TX) are lost there and refused ports look filtered; if it does not, attach "
+                                "with --xdp-mode generic")
     return warnings
 
 

@@ -329,6 +329,19 @@ except OSError:
     sys.exit(1)
 """
 
+_CONNECT_OUTCOME = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+    print("open")
+except ConnectionRefusedError:
+    print("refused")
+except (TimeoutError, socket.timeout):
+    print("timed out")
+except OSError as e:
+    print(e.strerror or e)
+"""
+
 _UDP_ROUNDTRIP = """
 import socket, sys
 addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
@@ -409,6 +422,13 @@ def _probe(host, script, *args, timeout):
 def can_connect(host_from, addr, port, timeout=1.0):
     """Does a TCP connection from host_from's namespace to (addr, port) succeed?"""
     return _probe(host_from, _CAN_CONNECT, addr, port, timeout=timeout)
+
+
+def connect_outcome(host_from, addr, port, timeout=1.0):
+    """"open", "refused" (a RST came back) or "timed out", from host_from's namespace."""
+    result = host_from.run([HELPER_PYTHON, "-c", _CONNECT_OUTCOME, addr, str(port), str(timeout)],
+                           timeout=timeout + 10)
+    return result.stdout.strip()
 
 
 def udp_roundtrip(host_from, addr, port, timeout=1.0):

@@ -43,9 +43,15 @@ def spa_ports(maps):
 
 
 def strict_mode(maps):
-    """Does the live bank reset knocks on packets to other ports ([filter] strict)?"""
+    """Does the live bank reset knocks on new connections to other ports ([filter] strict)?"""
     settings = maps.settings.lookup(ctypes.c_uint32(maps.active_bank()))
     return bool(settings is not None and settings.flags & layout.SET_STRICT)
+
+
+def answer_mode(maps):
+    """"closed" or "drop": what the live bank sends back for refused packets ([filter] answer)."""
+    settings = maps.settings.lookup(ctypes.c_uint32(maps.active_bank()))
+    return "closed" if settings is not None and settings.flags & layout.SET_ANSWER else "drop"
 
 
 def filter_status(maps, interfaces, now=None):
@@ -55,6 +61,7 @@ def filter_status(maps, interfaces, now=None):
         "interfaces": interfaces,
         "mode": mode,
         "strict": strict_mode(maps),
+        "answer": answer_mode(maps),
         "sequences": sequences,
         "guarded": [f"{proto}:{port}" for proto, port in grants.guarded_ports(maps)],
         "spa_ports": spa_ports(maps),
