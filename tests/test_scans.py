@@ -203,3 +203,46 @@ def test_knock_until_open_knocks_again_after_a_lost_knock(attached):
                     "--until-open", f"tcp:{SHORT_GUARDED}", "--deadline", "2")
     assert result.returncode != 0 and "did not open within 2s" in result.stderr, result.stderr
     assert "refused, knocking again" in result.stderr
+
+
+TOTP_SECRET = base64.b32encode(os.urandom(20)).decode()
+TOTP_CONFIG = f"""
+[[sequence]]
+name = "rotating"
+totp = true
+knock = ["tcp", "tcp"]
+secret = "{TOTP_SECRET}"
+window = "10m"
+port_range = "20000-20999"
+step_timeout = "5s"
+open = ["tcp:{GUARDED_TCP}"]
+open_for = "30s"
+"""
+
+
+@pytest.fixture
+def rotating(net, tmp_path):
+    path = write_config(tmp_path, "totp.toml", TOTP_CONFIG)
+    os.chmod(path, 0o600)
+    fresh_attach(net, path)
+    yield net
+    [running] = status_json(net.server)
+    attacker = {net.attacker.ipv4, net.attacker.ipv6}
+    assert not [g for g in running["grants"] if g["source"] in attacker], \
+        f"the scan knocked a port open: {running['grants']}"
+
+
+def test_time_based_knock_ports_read_as_unused_and_scans_open_nothing(rotating):
+    """Time-based sequences fell to a scan of their range: the live window's
+    knock ports were the only filtered ones, and trying their orders opened
+    the guarded port. Now they read closed like the rest of the range, and a
+    sequential scan of the range, then random-order ones, open nothing."""
+    net = rotating
+    live = status_json(net.server)[0]["sequences"]
+    assert live, "no live window"
+    result = nmap(net.attacker, net.server.ipv4, "-sS", "-r", "--min-rate", "5000", "-p", "20000-20999")
+    assert result == {} or {state for state, _ in result.values()} <= {"closed"}, result
+    for _ in range(3):
+        nmap(net.attacker, net.server.ipv4, "-sS", "--min-rate", "5000", "-p", "20000-20999")
+    counters = status_json(net.server)[0]["counters"]
+    assert counters["knock_completed"] == 0, counters
