@@ -25,6 +25,13 @@
 #include "xknock_spa.h"
 #include "xknock_answer.h"
 
+static __always_inline int source_invalid6(struct xk_addr *src)
+{
+	__u32 w[3];
+	__builtin_memcpy(w, src->b, sizeof(w));
+	return src->b[0] == 0xff || (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff));
+}
+
 static __always_inline int is_drop(__u32 reason)
 {
 	return reason >= XK_DROP_DENYLIST && reason <= XK_DROP_SPA;
@@ -67,7 +74,11 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 	default:
 		break;
 	}
-	/* The source is known from here on, for every parse result left. */
+	/* The source is known from here on, for every parse result left. An
+	 * IPv6 source no stack accepts (IPv4-mapped, which would alias the IPv4
+	 * source's state, list entries and bans; or multicast) touches nothing. */
+	if (!pkt->ipv4 && source_invalid6(&pkt->src))
+		return XK_DROP_MALFORMED;
 	if ((set->flags & XK_SET_HAS_DENY) && source_listed(1, bank, pkt))
 		return XK_DROP_DENYLIST;
 	int banned = (set->flags & XK_SET_BANS) && source_banned(pkt, now);

@@ -58,6 +58,8 @@ STATELESS_CASES = [
     ("knock packets drop", step(STRANGER4, "tcp:7000"), XDP_DROP, Reason.DROP_KNOCK),
     ("ICMP echo is a knock: recorded, the host answers it", icmp_echo(STRANGER4), XDP_PASS, Reason.PASS_ECHO),
     ("ICMPv6 echo is a knock: recorded, the host answers it", icmp_echo(STRANGER6), XDP_PASS, Reason.PASS_ECHO),
+    ("IPv6 from an IPv4-mapped source is malformed", tcp("::ffff:198.51.100.7", 80), XDP_DROP, Reason.DROP_MALFORMED),
+    ("IPv6 from a multicast source is malformed", udp("ff02::1", 53), XDP_DROP, Reason.DROP_MALFORMED),
     ("ICMP echo reply is not a knock", raw(ether() / IP(src=STRANGER4, dst="10.77.0.1") / ICMP(type=0)),
      XDP_PASS, Reason.PASS_OTHER_L4),
     ("GRE passes: no ports", raw(ether() / IP(src=STRANGER4, dst="10.77.0.1", proto=47) / Raw(b"x" * 8)),
@@ -654,3 +656,13 @@ def test_lenient_writes_no_strict_state(xk, example_config):
     knock(xk, STRANGER4, SSH[:1])
     xk.run(tcp(STRANGER4, 80))
     assert _recent_words(xk) == []
+
+
+def test_an_ipv4_mapped_source_cannot_get_an_allow_listed_ipv4_address_banned(xk, example_config):
+    """Issue 13.2: ::ffff:192.0.2.10 was the same key as 192.0.2.10, and one
+    wrong knock from it banned the allow-listed admin everywhere."""
+    xk.apply(_with_ban(example_config, after=1))
+    knock(xk, "::ffff:192.0.2.10", ["tcp:7000", "tcp:9000"])
+    assert counted(xk, Reason.BAN_ISSUED) == 0 and counted(xk, Reason.KNOCK_ADVANCED) == 0
+    assert list(xk.maps.bans.keys()) == [] and list(xk.maps.failures.keys()) == []
+    assert xk.run(tcp("192.0.2.10", 22)) == XDP_PASS
