@@ -104,13 +104,16 @@ Examples:
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; the conventional "
                    "port is 9798, e.g. 127.0.0.1:9798, [::1]:9798, or :9798 for every IPv4 address).")
+@click.option("--metrics-public", is_flag=True,
+              help="Allow --metrics-addr on an address that is not loopback (the counters tell a prober "
+                   "whether each knock step was right: put a firewall in front).")
 @click.option("--once", is_flag=True, help="Attach and exit; the filter keeps enforcing.")
 @click.option("--keep-sessions", is_flag=True,
               help="Grant established sessions to guarded ports (their traffic only, no new connections).")
 @click.option("--force", is_flag=True,
               help="Replace another XDP program on the interface, and cut established sessions to guarded ports.")
 @fail_cleanly
-def attach(ifaces, config_path, xdp_mode, metrics_addr, once, keep_sessions, force):
+def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, keep_sessions, force):
     """Load the filter, attach it to IFACES and run the controller."""
     from xknock.controller.daemon import Controller, Signals
     from xknock.controller.events import EventReader
@@ -121,6 +124,11 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, once, keep_sessions, for
         from xknock.controller.metrics import MetricsServer, parse_addr
 
         host, port = parse_addr(metrics_addr)
+        if not metrics_public and not _loopback(host):
+            raise click.UsageError(
+                f"--metrics-addr {metrics_addr}: {host} is not a loopback address, and the metrics tell whoever "
+                "reads them whether each knock step was right (docs/metrics.md). Serve them on 127.0.0.1 or "
+                "[::1] and scrape through a tunnel or proxy, or add --metrics-public behind a firewall")
     lifecycle.require_root()
     config = _load(config_path)
     spa_cache = None
@@ -164,6 +172,23 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, once, keep_sessions, for
         metrics_server.start(attached.maps, list(ifaces), config)
     Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals,
                spa=spa_receiver).run()
+
+
+def _loopback(host):
+    """Is host a loopback address, or a name that resolves to loopback only?
+    A name that does not resolve is left to bind(), which says so."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return True
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 def _session_guard(config, keep_sessions, force):
@@ -371,6 +396,9 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
             found = [client_sequence(sequence_name, os.path.abspath(os.path.expanduser(secret_file)), protos,
                                      window, port_range)]
         else:
+            if protos or window or port_range:
+                raise click.UsageError("--protos, --window and --port-range go with --secret-file; with -c the "
+                                       "config's sequence says them")
             config = load_config(config_path)
             found = [s for s in config.sequences if s.name == sequence_name]
             if not found:
