@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import stat
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -69,9 +70,39 @@ def ensure_bpffs():
     import subprocess
 
     os.makedirs(BPFFS, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], capture_output=True, text=True)
+    # mode=0700: without it bpffs is 1777, and any user could make xknock/
+    # first and plant links in it (issue 13.9).
+    result = subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", BPFFS], capture_output=True, text=True)
     if result.returncode != 0 or not _is_bpffs(BPFFS):
         raise XknockError(f"cannot mount bpffs at {BPFFS}: {result.stderr.strip() or 'mount failed'}")
+
+
+def make_private_dirs(directory, root=None):
+    """Make directory and every parent below root (PIN_ROOT by default) as
+    root's alone: each one a real directory (no link), owned by this user,
+    writable by nobody else (fixed to 0700 if it is ours). Anything else
+    raises XknockError: a stranger's directory there could hand us another
+    filter's maps."""
+    root = PIN_ROOT if root is None else root
+    relative = os.path.relpath(directory, os.path.dirname(root))
+    if relative.startswith("..") or not (relative + os.sep).startswith(os.path.basename(root) + os.sep):
+        os.makedirs(directory, mode=0o700, exist_ok=True)   # a test's or benchmark's own place
+        return
+    path = os.path.dirname(root)
+    for part in relative.split(os.sep):
+        path = os.path.join(path, part)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode):
+            raise XknockError(f"{path} is not a directory (a link?): remove it, xknock makes its own")
+        if info.st_uid != os.geteuid():
+            raise XknockError(f"{path} belongs to uid {info.st_uid}: remove it (and what is under it); "
+                              "xknock makes its own")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.chmod(path, 0o700)
 
 
 def _is_bpffs(path):
@@ -166,7 +197,7 @@ def running_map_ids(prog_id):
 def repin(prog_id, directory):
     """Pin the running program's maps where a new program will look for them,
     replacing pins that point elsewhere."""
-    os.makedirs(directory, exist_ok=True)
+    make_private_dirs(directory)
     for name, map_id in running_map_ids(prog_id).items():
         if name not in layout.MAPS:
             continue
@@ -217,7 +248,7 @@ def compile_and_load(directory, cflags=(), test_clock=False):
             "--system-site-packages (scripts/setup does both)"
         ) from err
     ensure_bpffs()
-    os.makedirs(directory, exist_ok=True)
+    make_private_dirs(directory)
     check_pinned_layout(directory)
     flags = [f'-DXK_PIN_DIR="{directory}"', *cflags]
     if test_clock:
