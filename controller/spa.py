@@ -138,8 +138,13 @@ class SpaVerifier:
                 return None, "0.0.0.0 in the message, and the stanza requires the address"
             return source, None
         if source.version == 6:
-            # fwknop's message carries IPv4 only: an IPv6 sender gets its own address.
-            return source, None
+            # fwknop's message carries IPv4 only: an IPv6 sender can ask for
+            # its own address only as 0.0.0.0 (what `xknock spa` sends). A
+            # message sealed for some IPv4 address was meant for that
+            # address: sniffed and resent from IPv6, it must open nothing.
+            if user.grant_requested_address:
+                return asked, None
+            return None, f"the message asks for {asked}, the packet came from {source} (IPv6 senders ask for 0.0.0.0)"
         if asked == source:
             return source, None
         if user.grant_requested_address:

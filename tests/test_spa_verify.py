@@ -121,9 +121,16 @@ def test_username_and_source_address_rules(tmp_path):
         assert (verdict.outcome, str(verdict.address)) == (R.SPA_ACCEPTED, ALICE)
 
 
-def test_ipv6_senders_get_their_own_address(verifier):
-    verdict = verifier.verify(packet(address="192.0.2.1"), "2001:db8::7")
+def test_ipv6_senders_get_their_own_address_by_asking_for_0_0_0_0(verifier):
+    verdict = verifier.verify(packet(address="0.0.0.0"), "2001:db8::7")
     assert (verdict.outcome, verdict.address) == (R.SPA_ACCEPTED, ipaddress.ip_address("2001:db8::7"))
+
+
+def test_a_packet_sealed_for_an_ipv4_address_opens_nothing_from_ipv6(verifier):
+    """Issue 13.1: sniffed from 198.51.100.7 and resent from an IPv6 address,
+    it was accepted and the grant went to the sender."""
+    verdict = verifier.verify(packet(address="198.51.100.7"), "2001:db8:bad::66")
+    assert verdict.outcome == R.SPA_SOURCE_DENIED and verdict.address is None
 
 
 def test_a_client_timeout_is_capped(tmp_path):
