@@ -109,7 +109,7 @@ CASES = [
     ("[hooks] max_running as a string", '[hooks]\nmax_running = "8"\n', "hooks: max_running '8': must be a whole number from 1 to 256"),
     ("hooks is not a table", 'hooks = ["/bin/true"]\n', "hooks: must be a table ([hooks]), not an array"),
     # [filter]
-    ("an unknown key in [filter]", '[filter]\nmod = "monitor"\n', 'filter: unknown key "mod"; known: mode, strict (did you mean "mode"?)'),
+    ("an unknown key in [filter]", '[filter]\nmod = "monitor"\n', 'filter: unknown key "mod"; known: mode, strict, answer (did you mean "mode"?)'),
     ("strict is not a boolean", '[filter]\nstrict = "yes"\n', "filter: strict must be true or false, not a string"),
     ("an unknown mode", '[filter]\nmode = "block"\n', 'filter: mode "block": must be "enforce" or "monitor"'),
     ("mode is not a string", "[filter]\nmode = 1\n", 'filter: mode must be a string ("enforce" or "monitor"), not an integer'),
@@ -206,9 +206,9 @@ def test_example_parses_to_the_expected_config():
     assert loaded.warnings == ()
 
 
-def test_strict_is_off_unless_set():
-    assert config.parse_config(SSH, listening=set()).strict is False
-    assert config.parse_config("[filter]\nstrict = true\n" + SSH, listening=set()).strict is True
+def test_strict_is_on_unless_turned_off():
+    assert config.parse_config(SSH, listening=set()).strict is True
+    assert config.parse_config("[filter]\nstrict = false\n" + SSH, listening=set()).strict is False
 
 
 def test_defaults_when_durations_are_omitted():
@@ -230,7 +230,7 @@ def test_every_error_of_a_file_is_reported_at_once():
     with pytest.raises(ConfigError) as caught:
         config.parse_config(text, "/etc/xknock/xknock.toml", listening=set())
     assert caught.value.errors == [
-        '/etc/xknock/xknock.toml: filter: unknown key "mod"; known: mode, strict (did you mean "mode"?)',
+        '/etc/xknock/xknock.toml: filter: unknown key "mod"; known: mode, strict, answer (did you mean "mode"?)',
         '/etc/xknock/xknock.toml: sequence "ssh": knock[2] "tcp:70000": port out of range 1-65535',
         '/etc/xknock/xknock.toml: sequence "ssh": step_timeout "5x": not a duration (use e.g. 500ms, 5s, 2m, 1h)',
         '/etc/xknock/xknock.toml: allow: sources[0] "10.0.0.300": not an IP address or CIDR',
@@ -572,7 +572,8 @@ knock = ["tcp:7000", "udp:8000", "tcp:9000"]
     "change",
     [
         ('mode = "enforce"', 'mode = "monitor"'),
-        ('mode = "enforce"', 'mode = "enforce"\nstrict = true'),
+        ('mode = "enforce"', 'mode = "enforce"\nstrict = false'),
+        ('mode = "enforce"', 'mode = "enforce"\nanswer = "drop"'),
         ('"tcp:9000"]', '"tcp:9001"]'),
         ('"udp:8000", "tcp:9000"', '"tcp:9000", "udp:8000"'),  # knock order matters
         ('open_for = "30s"', 'open_for = "31s"'),

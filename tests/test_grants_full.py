@@ -26,7 +26,11 @@ from xknock.controller.testrun import XDP_DROP, XDP_PASS, Harness
 GRANT_ENTRIES = 4
 KNOCK = ["udp:7100", "tcp:7200"]
 OPEN_FOR_S, IDLE_S, STEP_TIMEOUT_S = 10, 20, 5
+# The grants map is the subject here: refusals drop (answers: test_answers.py).
 CONFIG = f"""
+[filter]
+answer = "drop"
+
 [[sequence]]
 name = "tiny"
 knock = {KNOCK!r}

@@ -18,10 +18,13 @@ HMAC_KEY = base64.b64encode(b"h" * 64).decode()
 R = layout.Reason
 
 
-def spa_config(rate=10, total_rate=5000, mode="enforce"):
+def spa_config(rate=10, total_rate=5000, mode="enforce", answer="drop"):
+    """answer = "drop": these cases read the kernel's SPA verdicts; with the
+    default "closed" the packets go on to the host (the last test here)."""
     return parse_config(f"""
 [filter]
 mode = "{mode}"
+answer = "{answer}"
 
 [spa]
 port = {SPA_PORT}
@@ -181,3 +184,15 @@ def test_past_the_total_rate_sources_with_an_accepted_spa_still_get_through(harn
     for _ in range(20):   # still within its own rate only
         harness.run(udp("192.0.2.50", SPA_PORT, payload=payload))
     assert len(harness.spa_candidates()) == 9
+
+
+def test_with_answers_the_spa_port_is_answered_by_the_host(spa):
+    """answer = "closed" (the default): after the kernel's SPA work the packet
+    goes on to the host, whose stack answers it as any unused port (nothing
+    listens on the SPA port); the candidate is queued all the same."""
+    spa.apply(spa_config(answer="closed"))
+    payload = candidate()
+    assert spa.run(udp("198.51.100.7", SPA_PORT, payload=payload)) == XDP_PASS
+    assert [p for _, _, p in spa.spa_candidates()] == [payload]
+    counters = spa.counters()
+    assert counters[R.DROP_SPA] == counters[R.ANSWER_BY_HOST] == counters[R.SPA_QUEUED] == 1

@@ -27,8 +27,7 @@ def net():
 
 def strict_config(tmp_path, strict):
     text = config_text()
-    if strict:
-        text = text.replace('mode = "enforce"', 'mode = "enforce"\nstrict = true', 1)
+    text = text.replace('mode = "enforce"', f'mode = "enforce"\nstrict = {"true" if strict else "false"}', 1)
     return write_config(tmp_path, f"strict-{strict}.toml", text)
 
 

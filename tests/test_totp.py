@@ -20,7 +20,11 @@ WINDOW_S = 60
 
 
 def totp_config(protos='["tcp", "udp", "tcp"]', window="60s", port_range="20000-29999", extra=""):
+    # answer = "drop": these cases read plain verdicts (answers: test_answers.py, test_scans.py)
     return parse_config(f"""
+[filter]
+answer = "drop"
+
 [[sequence]]
 name = "ssh"
 totp = true
