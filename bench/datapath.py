@@ -262,7 +262,9 @@ def bench_allow_scaling(h, floor_fd, settings):
 def sequences_config(count):
     """count sequences of three steps each on ports of their own (tcp, udp,
     tcp from 10000 on), all guarding tcp:22."""
-    blocks = ['[filter]\nmode = "enforce"\n']
+    # answer = "drop": a repeated BPF_PROG_TEST_RUN runs on the frame its last
+    # run left, and an answer rewrites it (bench/answers.py measures answers)
+    blocks = ['[filter]\nmode = "enforce"\nanswer = "drop"\n']
     for i in range(count):
         base = 10000 + 3 * i
         blocks.append(f'[[sequence]]\nname = "s{i}"\nknock = ["tcp:{base}", "udp:{base + 1}", "tcp:{base + 2}"]\n'

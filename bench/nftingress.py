@@ -91,7 +91,9 @@ def allow_prefixes(count):
 
 
 def xknock_config(allow=()):
-    return parse_config(config_text(knock=sb.SEQUENCE, allow=allow), listening=set())
+    # answer = "drop": the same static job as the nftables rules (drop), not answers
+    text = config_text(knock=sb.SEQUENCE, allow=allow).replace('mode = "enforce"', 'mode = "enforce"\nanswer = "drop"', 1)
+    return parse_config(text, listening=set())
 
 
 def nft_ruleset(iface, allow=()):
