@@ -15,19 +15,19 @@ import dataclasses
 import ipaddress
 import os
 import random
-import sys
 import time
 
-from xknock.controller import bpfsys, grants, layout, policy
+from xknock.controller.kernel import bpfsys, layout
+from xknock.controller.state import grants
+from xknock.controller.policy import policy
 from xknock.controller.config import parse_config
-from xknock.controller.maps import to_addr
-from xknock.controller.testrun import VERDICT_NAMES, XDP_DROP, XDP_PASS, Harness
+from xknock.controller.kernel.maps import to_addr
+from xknock_dev.testrun import VERDICT_NAMES, XDP_DROP, XDP_PASS, Harness
 
 from . import common, xdpfilter
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from conftest import EXAMPLE_CONFIG  # noqa: E402
-from packets import tcp, udp  # noqa: E402
+from xknock_dev.example import EXAMPLE_CONFIG
+from xknock_dev.packets import tcp, udp
 
 STRANGER4, STRANGER6 = "198.51.100.7", "2001:db8:77::7"
 GRANTED4 = "198.51.100.20"
@@ -412,38 +412,3 @@ def run_datapath(quick):
     print(f"written to {common.write_results('datapath', text)}")
     return {"settings": vars(settings), "paths": paths, "single": single, "progress": progress_rows,
             "allow": allow_rows, "sequences": sequence_rows, "xdp_filter": xf_note, "text": text}
-
-
-COMMANDS = ("datapath", "controlplane", "flood", "knockd", "nft", "spa", "report", "all")
-
-
-def main(argv):
-    quick = "--quick" in argv
-    which = [a for a in argv if not a.startswith("-")] or ["datapath"]
-    if len(which) != 1 or which[0] not in COMMANDS:
-        raise SystemExit(f"usage: bench/run [{'|'.join(COMMANDS)}] [--quick]")
-    which = which[0]
-    if which in ("datapath", "all"):
-        run_datapath(quick)
-    if which in ("controlplane", "all"):
-        from . import controlplane
-
-        controlplane.run_controlplane(quick)
-    if which == "flood":
-        from . import flood
-
-        flood.run_flood(quick)
-    if which == "report":
-        from . import report
-
-        report.run_report(quick)
-    for name, module in (("knockd", "knockd"), ("nft", "nftingress"), ("spa", "fwknop")):
-        if which == name:
-            import importlib
-
-            bench = importlib.import_module(f"bench.{module}")
-            print(bench.markdown(bench.run(quick)))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -2,7 +2,7 @@
 namespace lab (`bench/run flood [--quick]`).
 
 The attacker's namespace floods the server with the generator of
-xknock.controller.traffic (XDP live frames) while the client knocks with the
+xknock_dev.traffic (XDP live frames) while the client knocks with the
 real `xknock knock` and connects to the guarded port, over and over. Floods:
 
 - first knock port: SYNs to the sequence's first step from random sources,
@@ -41,15 +41,18 @@ import sys
 import threading
 import time
 
-from xknock.controller import bpfsys, knockclient, layout, metrics, policy, traffic
-from xknock.controller.lab import HELPER_PYTHON, lab, stop_process
-from xknock.controller.maps import FilterMaps, to_addr
+from xknock.controller.kernel import bpfsys, layout
+from xknock.controller.client import knockclient
+from xknock.controller.daemon import metrics
+from xknock.controller.policy import policy
+from xknock_dev import traffic
+from xknock_dev.lab import HELPER_PYTHON, lab, stop_process
+from xknock.controller.kernel.maps import FilterMaps, to_addr
 
 from . import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from e2e_helpers import (  # noqa: E402
+from xknock_dev.e2e import (
     XKNOCK, LineReader, TcpEchoServer, config_text, fresh_attach, status_json, write_config, xknock,
 )
 
@@ -311,7 +314,7 @@ class FloodLab:
         # in data paths that have it, in the `firsts` array of hashed slots.
         self.firsts = None
         try:
-            from xknock.controller import firsts
+            from xknock.controller.kernel import firsts
 
             self.maps.firsts
             self.firsts = firsts
@@ -640,7 +643,7 @@ def provenance():
     compiled, and the commit (with bpf/ changed or not) when git knows."""
     import hashlib
 
-    from xknock.controller import datapath
+    from xknock.controller.kernel import datapath
 
     lines = [f"- xknock data path: sha256 {hashlib.sha256(datapath.bpf_source().encode()).hexdigest()[:12]} "
              "of the inlined bpf/ source"]

@@ -30,15 +30,15 @@ import sys
 import tempfile
 import time
 
-from xknock.controller import layout, policy
-from xknock.controller.lab import lab, stop_process
-from xknock.controller.maps import FilterMaps, to_addr
+from xknock.controller.kernel import layout
+from xknock.controller.policy import policy
+from xknock_dev.lab import lab, stop_process
+from xknock.controller.kernel.maps import FilterMaps, to_addr
 
 from . import common, sidebyside as sb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from e2e_helpers import XKNOCK, LineReader, TcpEchoServer, config_text, write_config, xknock  # noqa: E402,I001
+from xknock_dev.e2e import XKNOCK, LineReader, TcpEchoServer, config_text, write_config, xknock
 
 FLOODS = {
     "random ports": ["tcp:*", "udp:*"],
@@ -83,7 +83,7 @@ class Xknock:
         self.maps.grants.delete(self.keys[0])
         self.maps.progress.delete(self.keys[1])
         with contextlib.suppress(AttributeError, ImportError):
-            from xknock.controller import firsts
+            from xknock.controller.kernel import firsts
 
             self.maps.firsts
             firsts.forget(self.maps, self.net.client.ipv4, [self.uid])
@@ -169,7 +169,7 @@ class Knockd:
             with contextlib.suppress(FileNotFoundError), open(self.log) as f:
                 return "listening on" in f.read()
 
-        from xknock.controller.lab import wait_for
+        from xknock_dev.lab import wait_for
 
         if not wait_for(listening, 10):
             raise RuntimeError(f"knockd did not start: {LineReader(self.process.stderr).read_all(1)}")

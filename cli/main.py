@@ -9,10 +9,10 @@ import time
 
 import click
 
-from xknock.controller import lifecycle
+from xknock.controller.daemon import lifecycle
 from xknock.controller.config import DEFAULT_PATH, ConfigError, load_config, parse_duration, parse_step
 from xknock.controller.errors import XknockError
-from xknock.controller.events import setup_logging
+from xknock.controller.daemon.events import setup_logging
 
 log = logging.getLogger("xknock")
 
@@ -60,7 +60,7 @@ def fail_cleanly(fn):
     def wrapper(*args, **kwargs):
         from pyroute2.netlink.exceptions import NetlinkError
 
-        from xknock.controller.bpfsys import BpfError
+        from xknock.controller.kernel.bpfsys import BpfError
 
         try:
             return fn(*args, **kwargs)
@@ -112,13 +112,13 @@ Examples:
 @fail_cleanly
 def attach(ifaces, config_path, xdp_mode, metrics_addr, once, keep_sessions, force):
     """Load the filter, attach it to IFACES and run the controller."""
-    from xknock.controller.daemon import Controller, Signals
-    from xknock.controller.events import EventReader
+    from xknock.controller.daemon.daemon import Controller, Signals
+    from xknock.controller.daemon.events import EventReader
 
     signals = Signals().install()   # before anything is attached: see Signals
     metrics_server = None
     if metrics_addr:
-        from xknock.controller.metrics import MetricsServer, parse_addr
+        from xknock.controller.daemon.metrics import MetricsServer, parse_addr
 
         host, port = parse_addr(metrics_addr)
     lifecycle.require_root()
@@ -128,7 +128,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, once, keep_sessions, for
         log.warning("[spa] with --once: SPA packets are verified by the running controller; until one runs "
                     "they are dropped and open nothing")
     elif config.spa is not None:
-        from xknock.controller.spa import open_replay_cache
+        from xknock.controller.spa.spa import open_replay_cache
 
         spa_cache = open_replay_cache(config.spa)   # a cache we cannot trust fails before anything changes
     if metrics_addr and once:
@@ -153,7 +153,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, once, keep_sessions, for
     events = EventReader(attached.loaded, attached.maps)
     spa_receiver = None
     if spa_cache is not None:
-        from xknock.controller.spa import SpaReceiver
+        from xknock.controller.spa.spa import SpaReceiver
 
         spa_receiver = SpaReceiver(attached.loaded, attached.maps, config.spa, spa_cache)
     if metrics_server:
@@ -165,7 +165,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, once, keep_sessions, for
 def _session_guard(config, keep_sessions, force):
     """Refuse to cut established sessions to guarded ports (the operator's own
     SSH session first of all), or grant them with --keep-sessions."""
-    from xknock.controller import grants, lockout
+    from xknock.controller.state import grants, lockout
 
     at_risk = lockout.sessions_at_risk(config)
 
@@ -210,7 +210,7 @@ Examples:
 @fail_cleanly
 def status(iface, as_json):
     """Attached interfaces, policy, counters, live grants, knocks in progress."""
-    from xknock.controller.status import status as gather
+    from xknock.controller.state.status import status as gather
 
     lifecycle.require_root()
     if iface:
@@ -262,7 +262,7 @@ def _render(f):
 @fail_cleanly
 def reload(iface, config_path):
     """Validate CONFIG and make it the live policy; grants and knocks survive."""
-    from xknock.controller.policy import apply_policy
+    from xknock.controller.policy.policy import apply_policy
 
     lifecycle.require_root()
     config = _load(config_path)
@@ -287,7 +287,7 @@ Examples:
 @fail_cleanly
 def grant(iface, addr, ports, for_ns, idle_ns):
     """Open guarded ports to ADDR, as a completed knock would."""
-    from xknock.controller.grants import grant as write_grant
+    from xknock.controller.state.grants import grant as write_grant
 
     with lifecycle.open_filter(iface) as maps:
         opened = write_grant(maps, addr, [(p.proto, p.port) for p in ports], for_ns, idle_ns)
@@ -300,7 +300,7 @@ def grant(iface, addr, ports, for_ns, idle_ns):
 @fail_cleanly
 def revoke(iface, addr):
     """End every grant (both clocks) and knock in progress of ADDR."""
-    from xknock.controller.grants import revoke as remove
+    from xknock.controller.state.grants import revoke as remove
 
     with lifecycle.open_filter(iface) as maps:
         removed = remove(maps, addr)
@@ -313,7 +313,7 @@ def revoke(iface, addr):
 @fail_cleanly
 def unban(iface, addr):
     """Lift the ban of ADDR and forget its failed knocks."""
-    from xknock.controller.bans import unban as lift
+    from xknock.controller.state.bans import unban as lift
 
     with lifecycle.open_filter(iface) as maps:
         lifted = lift(maps, addr)
@@ -348,13 +348,13 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
     """Send a knock sequence to HOST (the client; needs root for ICMP)."""
     import socket
 
-    from xknock.controller.knockclient import send_knocks
+    from xknock.controller.client.knockclient import send_knocks
 
     if sequence_name:
         if steps:
             raise click.UsageError("give STEPS or --sequence, not both")
         if secret_file:
-            from xknock.controller.totp_config import client_sequence
+            from xknock.controller.config.totp_config import client_sequence
 
             if not protos:
                 raise click.UsageError("--secret-file needs --protos (e.g. tcp,udp,tcp: as the server's knock)")
@@ -367,7 +367,7 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
                 raise XknockError(f"{config_path}: no sequence named {sequence_name!r}")
         steps = found[0].knock
         if found[0].totp is not None:   # this window's ports, from the shared secret and the clock
-            from xknock.controller import totp
+            from xknock.controller.policy import totp
 
             window = totp.window_of(time.time_ns(), found[0].totp.window_ns)
             steps = totp.variant(found[0], window).knock

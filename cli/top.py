@@ -28,8 +28,11 @@ from dataclasses import dataclass
 
 import click
 
-from xknock.controller import grants, layout, lifecycle, policy
-from xknock.controller.maps import FilterMaps
+from xknock.controller.state import grants
+from xknock.controller.kernel import layout
+from xknock.controller.daemon import lifecycle
+from xknock.controller.policy import policy
+from xknock.controller.kernel.maps import FilterMaps
 
 LISTED = 10                   # grants and knocks in progress listed per filter
 WALK_EVERY_X_ITS_COST = 10    # a map walk uses at most about a tenth of the time

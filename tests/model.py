@@ -59,7 +59,7 @@ import dataclasses
 import ipaddress
 from typing import NamedTuple
 
-from xknock.controller.layout import Reason
+from xknock.controller.kernel.layout import Reason
 
 XDP_DROP = 1
 XDP_PASS = 2

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xknock.controller import config, layout
+from xknock.controller.config import load as config   # the module itself: a test patches its listening_ports
+from xknock.controller.kernel import layout
 from xknock.controller.config import ConfigError, Step
 
 EXAMPLE = """

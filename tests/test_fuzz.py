@@ -59,10 +59,10 @@ import random
 import struct
 import time
 
-from packets import Ether
+from xknock_dev.packets import Ether
 
-from xknock.controller.layout import VERDICT_REASONS, Reason
-from xknock.controller.testrun import XDP_DROP, XDP_PASS
+from xknock.controller.kernel.layout import VERDICT_REASONS, Reason
+from xknock_dev.testrun import XDP_DROP, XDP_PASS
 
 FRAMES = int(os.environ.get("XK_FUZZ_FRAMES", "100000"))
 VALID_SHARE = 0.3
@@ -275,7 +275,7 @@ def mutate(rng, frame):
 
 def test_oracle_reads_scapy_frames():
     """The oracle against frames built by scapy, not by this file."""
-    from packets import IP, TCP, UDP, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, Raw, ether, raw, tcp, udp
+    from xknock_dev.packets import IP, TCP, UDP, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, Raw, ether, raw, tcp, udp
 
     src = "198.51.100.7"
     assert stack_target(tcp(src, 22))[1] == ("tcp", 22)

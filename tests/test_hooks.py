@@ -11,13 +11,14 @@ import types
 
 import pytest
 from conftest import EXAMPLE_CONFIG
-from packets import step, tcp, udp
+from xknock_dev.packets import step, tcp, udp
 
-from xknock.controller import bans, daemon, grants
+from xknock.controller.state import bans, grants
+from xknock.controller.daemon import daemon
 from xknock.controller.config import parse_config
-from xknock.controller.events import EventReader
-from xknock.controller.hooks import HOOK_PATH, HookDispatcher, HookRunner, hook_env, printable
-from xknock.controller.testrun import XDP_DROP
+from xknock.controller.daemon.events import EventReader
+from xknock.controller.daemon.hooks import HOOK_PATH, HookDispatcher, HookRunner, hook_env, printable
+from xknock_dev.testrun import XDP_DROP
 
 SOURCE = "198.51.100.7"
 SOURCE6 = "2001:db8:77::7"

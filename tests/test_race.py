@@ -45,12 +45,13 @@ import time
 import traceback
 
 import pytest
-from packets import udp
+from xknock_dev.packets import udp
 
-from xknock.controller import bpfsys, firsts, policy
+from xknock.controller.kernel import bpfsys, firsts
+from xknock.controller.policy import policy
 from xknock.controller.config import parse_config
-from xknock.controller.layout import Reason, progress_step
-from xknock.controller.testrun import Harness
+from xknock.controller.kernel.layout import Reason, progress_step
+from xknock_dev.testrun import Harness
 
 CONFIG = parse_config(
     """

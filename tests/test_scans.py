@@ -24,8 +24,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from e2e_helpers import LineReader, TcpEchoServer, check, config_text, fresh_attach, status_json, write_config, xknock
-from xknock.controller.lab import lab, stop_process, udp_echo
+from xknock_dev.e2e import LineReader, TcpEchoServer, check, config_text, fresh_attach, status_json, write_config, xknock
+from xknock_dev.lab import lab, stop_process, udp_echo
 
 pytestmark = [
     pytest.mark.netns,

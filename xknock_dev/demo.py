@@ -9,7 +9,8 @@ import sys
 import tempfile
 import time
 
-from xknock.controller import lab, spa_keys
+from xknock_dev import lab
+from xknock.controller.wire import spa_keys
 
 XKNOCK = os.path.join(os.path.dirname(sys.executable), "xknock")
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from xknock.controller.lab import HELPER_PYTHON, stop_process, wait_for
+from xknock_dev.lab import HELPER_PYTHON, stop_process, wait_for
 
 # The console script next to the Python running the tests (the venv's).
 XKNOCK = os.path.join(os.path.dirname(sys.executable), "xknock")

@@ -10,8 +10,9 @@ import os
 import shutil
 import uuid
 
-from . import bpfsys, datapath, layout, policy
-from .maps import FilterMaps
+from xknock.controller.kernel import bpfsys, datapath, layout
+from xknock.controller.policy import policy
+from xknock.controller.kernel.maps import FilterMaps
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICT_NAMES = {XDP_ABORTED: "ABORTED", XDP_DROP: "DROP", XDP_PASS: "PASS", XDP_TX: "TX", XDP_REDIRECT: "REDIRECT"}
@@ -101,7 +102,7 @@ class Harness:
 
     def spa_candidates(self):
         """[(source ip, port, payload)] the program queued for the controller since the last call."""
-        from .maps import from_addr
+        from xknock.controller.kernel.maps import from_addr
 
         found = []
 
@@ -130,7 +131,7 @@ class Harness:
 
     def grants(self):
         """{(source ip, proto name, port): layout.Grant} of everything in the map."""
-        from .maps import from_addr
+        from xknock.controller.kernel.maps import from_addr
 
         return {
             (from_addr(k.src), layout.PROTO_NAMES.get(k.proto, k.proto), k.port): v

@@ -45,7 +45,7 @@ sent but not the frames judged (first step: 10 Mpps sent, 1.2 Mpps judged).
 
 The generator runs in the namespace of the sending interface (ifindex is
 per namespace): from elsewhere run it as a child process, `FloodProcess`, i.e.
-`ip netns exec NS python -m xknock.controller.traffic --iface ...`, which
+`ip netns exec NS python -m xknock_dev.traffic --iface ...`, which
 prints one JSON line "ready" after compiling and one with the result at the end.
 """
 
@@ -63,7 +63,7 @@ import sys
 import threading
 import time
 
-from . import bpfsys
+from xknock.controller.kernel import bpfsys
 
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 BATCH_SIZE = 64            # frames per batch inside one test run (TEST_XDP_MAX_BATCH is 256)
@@ -513,7 +513,7 @@ class FloodProcess:
 
     def __init__(self, netns, iface, dst_mac, dst_ip, src_prefix="10.200.0.0/16", ports=(7000,), proto="tcp",
                  weights=None, exclude=None, seconds=None, rate=None, python=sys.executable):
-        argv = [python, "-m", "xknock.controller.traffic", "--stop-on-eof", "--iface", iface, "--dst-mac", dst_mac,
+        argv = [python, "-m", "xknock_dev.traffic", "--stop-on-eof", "--iface", iface, "--dst-mac", dst_mac,
                 "--dst-ip", dst_ip, "--src-prefix", src_prefix, "--proto", proto,
                 "--ports", ",".join(str(p) for p in ports)]
         if weights:
@@ -530,8 +530,11 @@ class FloodProcess:
 
     def start(self, timeout=60.0):
         # stdin stays open: the child stops when it closes, that is when this process goes.
+        # `-m xknock_dev.traffic`: xknock_dev is not installed, the child finds it beside this file.
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
         self.process = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
+                                        stderr=subprocess.PIPE, text=True, env=env)
         line = _readline(self.process.stdout, timeout)
         if not line or json.loads(line).get("state") != "ready":
             self.kill()
@@ -614,7 +617,7 @@ def lab_flood(lab, ports, src_prefix="0.0.0.0/0", seconds=None, rate=None, weigh
 # --- the child process ---------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m xknock.controller.traffic",
+    parser = argparse.ArgumentParser(prog="python -m xknock_dev.traffic",
                                      description="Flood random-source frames out of a veth (XDP live frames).")
     parser.add_argument("--iface", required=True, help="the sending interface, in this namespace")
     parser.add_argument("--dst-mac", required=True)

@@ -8,8 +8,8 @@ import socket
 import struct
 import time
 
-from .config import Step
-from .errors import XknockError
+from ..config import Step
+from ..errors import XknockError
 
 UDP_PAYLOAD = b"xknock"
 ICMP_PAYLOAD = b"xknock"

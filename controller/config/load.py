@@ -13,7 +13,7 @@ import re
 import sys
 import tomllib
 
-from . import layout
+from ..kernel import layout
 
 DEFAULT_PATH = "/etc/xknock/xknock.toml"
 

@@ -12,8 +12,8 @@ import ipaddress
 import os
 import stat
 
-from . import spa_message
-from .config import (NAME_PATTERN, NS_PER_UNIT, _check_keys, _parse_duration_key, _parse_network, _parse_open,
+from ..wire import spa_message
+from .load import (NAME_PATTERN, NS_PER_UNIT, _check_keys, _parse_duration_key, _parse_network, _parse_open,
                      _type_name)
 
 SPA_KEYS = ("port", "max_age", "rate", "total_rate", "replay_cache", "user")
@@ -65,7 +65,7 @@ class Spa:
 
     @property
     def port_step(self):
-        from .config import Step
+        from .load import Step
 
         return Step("udp", self.port)
 
@@ -204,7 +204,7 @@ def _parse_user(report, place, name, table, config_path):
 
 def _parse_keys(report, place, table, config_path):
     """(key, hmac_key) as bytes, from key_file or inline base64."""
-    from . import spa_keys
+    from ..wire import spa_keys
 
     inline = "key" in table or "hmac_key" in table
     if "key_file" in table and inline:

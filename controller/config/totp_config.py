@@ -7,9 +7,9 @@ import binascii
 import os
 import re
 
-from .config import NS_PER_UNIT, _parse_duration_key, _type_name
+from .load import NS_PER_UNIT, _parse_duration_key, _type_name
 from .spa_config import secret_readable_by_others
-from .totp import Totp
+from ..policy.totp import Totp
 
 TOTP_KEYS = ("totp", "secret", "secret_file", "window", "port_range")
 DEFAULT_WINDOW_NS = 60 * NS_PER_UNIT["s"]
@@ -122,8 +122,8 @@ def client_sequence(name, secret_file, protos, window=None, port_range=None):
     """A time-based config.Sequence from a client's options (`xknock knock
     --sequence NAME --secret-file F --protos tcp,udp,tcp`), with no config
     file: only what the ports are computed from. ConfigError when wrong."""
-    from . import layout
-    from .config import ConfigError, Sequence, _Report
+    from ..kernel import layout
+    from .load import ConfigError, Sequence, _Report
 
     table = {"knock": [p.strip() for p in protos.split(",")], "secret_file": secret_file}
     if window is not None:

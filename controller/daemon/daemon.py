@@ -10,9 +10,11 @@ import logging
 import signal
 import time
 
-from . import bans, grants, layout, policy, totp
-from .config import ConfigError, load_config
-from .errors import XknockError
+from ..state import bans, grants
+from ..kernel import layout
+from ..policy import policy, totp
+from ..config import ConfigError, load_config
+from ..errors import XknockError
 from .hooks import HookDispatcher
 from .sdnotify import Notifier
 
@@ -107,7 +109,7 @@ class Controller:
             if self.spa is not None:
                 self.spa.set_spa(None)   # the ring buffer stays open, and empty: no SPA port
             return
-        from . import spa
+        from ..spa import spa
 
         if self.spa is None:
             self.spa = spa.SpaReceiver(self.attached.loaded, self.attached.maps, config.spa)

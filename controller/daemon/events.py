@@ -8,8 +8,9 @@ import ctypes
 import json
 import logging
 
-from . import layout, policy
-from .maps import from_addr
+from ..kernel import layout
+from ..policy import policy
+from ..kernel.maps import from_addr
 
 log = logging.getLogger("xknock.events")
 

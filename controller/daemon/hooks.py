@@ -27,8 +27,9 @@ import subprocess
 import threading
 import time
 
-from . import layout, policy
-from .maps import from_addr, to_addr
+from ..kernel import layout
+from ..policy import policy
+from ..kernel.maps import from_addr, to_addr
 
 log = logging.getLogger("xknock.hooks")
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import datapath, policy
-from .errors import XknockError
-from .maps import FilterMaps
+from ..kernel import datapath
+from ..policy import policy
+from ..errors import XknockError
+from ..kernel.maps import FilterMaps
 
 log = logging.getLogger("xknock")
 
@@ -187,7 +188,7 @@ def detach(ifname):
 
 def _pin_dirs_of(control_map_id):
     """Pin directories (in this mount namespace) whose control map is this one."""
-    from . import bpfsys
+    from ..kernel import bpfsys
 
     found = []
     if not os.path.isdir(datapath.PIN_ROOT):

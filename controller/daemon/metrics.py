@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import bpfsys, datapath, layout, policy
-from .config import config_hash
-from .errors import XknockError
-from .grants import monotonic_ns
+from ..kernel import bpfsys, datapath, layout
+from ..policy import policy
+from ..config import config_hash
+from ..errors import XknockError
+from ..state.grants import monotonic_ns
 
 log = logging.getLogger("xknock.metrics")
 

@@ -27,8 +27,8 @@ import json
 import os
 import re
 
-from . import spa_keys
-from .spa_message import HMAC_DIGESTS, MAX_HMAC_KEY, MAX_KEY
+from ..wire import spa_keys
+from ..wire.spa_message import HMAC_DIGESTS, MAX_HMAC_KEY, MAX_KEY
 
 DEFAULT_PATH = "/etc/fwknop/access.conf"
 

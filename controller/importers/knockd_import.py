@@ -28,8 +28,8 @@ import json
 import re
 import shlex
 
-from . import layout
-from .config import (
+from ..kernel import layout
+from ..config import (
     DEFAULT_IDLE_TIMEOUT_NS, DEFAULT_OPEN_FOR_NS, NAME_MAX_BYTES, NS_PER_UNIT, ConfigError, Step,
     format_duration, parse_config,
 )

@@ -22,7 +22,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import bpfsys, layout
-from .errors import XknockError
+from ..errors import XknockError
 
 PROG_NAME = "xdp_knock"
 BPFFS = "/sys/fs/bpf"

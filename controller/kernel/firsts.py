@@ -47,7 +47,7 @@ def held(maps, source, uid):
 def fresh(maps, longest_timeout_us, now_us):
     """How many first steps the filter holds that are younger than
     longest_timeout_us (a slot does not say its sequence)."""
-    from .metrics import batches   # the batch reader of the metrics sampler
+    from ..daemon.metrics import batches   # the batch reader of the metrics sampler
 
     now_low = now_us & MASK32
     count = 0

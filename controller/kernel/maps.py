@@ -10,7 +10,7 @@ import ipaddress
 import os
 
 from . import bpfsys, layout
-from .errors import XknockError
+from ..errors import XknockError
 
 
 def to_addr(ip):

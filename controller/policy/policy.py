@@ -16,9 +16,9 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import bpfsys, layout
-from .errors import XknockError
-from .maps import to_addr
+from ..kernel import bpfsys, layout
+from ..errors import XknockError
+from ..kernel.maps import to_addr
 
 LOCK_DIR = "/run/xknock"
 # After the flip, programs already running may still read the old bank. XDP
@@ -70,7 +70,7 @@ def compile_policy(config, bank, cpus=None):
     if config.strict:
         settings.flags |= layout.SET_STRICT
     if config.ban:
-        from .config import BAN_SCOPES
+        from ..config import BAN_SCOPES
 
         settings.flags |= layout.SET_BANS
         settings.ban_after = config.ban.after
@@ -114,7 +114,7 @@ def compile_policy(config, bank, cpus=None):
             _port(policy, step).flags |= layout.PORT_GUARDED
 
     if config.spa is not None:
-        from . import spa_config
+        from ..config import spa_config
 
         spa_config.fill_settings(settings, config.spa, cpus or os.cpu_count() or 1)
         _port(policy, config.spa.port_step).flags |= layout.PORT_SPA

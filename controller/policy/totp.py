@@ -55,7 +55,7 @@ def derive_ports(name, totp, window):
 
 def variant(sequence, window):
     """The concrete config.Sequence of a time-based sequence in one window."""
-    from .config import Step
+    from ..config import Step
 
     ports = derive_ports(sequence.name, sequence.totp, window)
     knock = tuple(Step(proto, port) for proto, port in zip(sequence.totp.protos, ports))

@@ -18,9 +18,11 @@ import ipaddress
 import logging
 import time
 
-from . import grants, layout, spa_message
-from .errors import XknockError
-from .maps import from_addr, to_addr
+from ..state import grants
+from ..kernel import layout
+from ..wire import spa_message
+from ..errors import XknockError
+from ..kernel.maps import from_addr, to_addr
 
 log = logging.getLogger("xknock.spa")
 
@@ -251,7 +253,7 @@ class SpaReceiver:
         self.next_flush = time.monotonic() + FLUSH_EVERY_S
         pending, self.pending = self.pending, {}
         if pending:
-            from . import policy
+            from ..policy import policy
 
             with policy.map_lock(self.maps):
                 for reason, n in pending.items():

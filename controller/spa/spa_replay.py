@@ -22,7 +22,7 @@ import fcntl
 import os
 import threading
 
-from .errors import XknockError
+from ..errors import XknockError
 
 HEADER = b"xknock-spa-replay 1\n"
 DEFAULT_MAX_ENTRIES = 1_000_000

@@ -7,9 +7,10 @@ and removes a ban it finds over; the controller lifts bans on request
 import ipaddress
 from dataclasses import dataclass
 
-from . import layout, policy
+from ..kernel import layout
+from ..policy import policy
 from .grants import monotonic_ns
-from .maps import from_addr, to_addr
+from ..kernel.maps import from_addr, to_addr
 
 
 @dataclass

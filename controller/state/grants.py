@@ -9,9 +9,10 @@ import ipaddress
 import time
 from dataclasses import dataclass
 
-from . import bpfsys, firsts, layout, policy
-from .errors import XknockError
-from .maps import from_addr, to_addr
+from ..kernel import bpfsys, firsts, layout
+from ..policy import policy
+from ..errors import XknockError
+from ..kernel.maps import from_addr, to_addr
 
 
 def monotonic_ns():

@@ -11,8 +11,8 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from . import layout
-from .maps import to_addr
+from ..kernel import layout
+from ..kernel.maps import to_addr
 
 TCP_ESTABLISHED = "01"
 

@@ -2,9 +2,11 @@
 
 import ctypes
 
-from . import bans, grants, layout, policy
-from .lifecycle import attached_filters
-from .maps import FilterMaps
+from . import bans, grants
+from ..kernel import layout
+from ..policy import policy
+from ..daemon.lifecycle import attached_filters
+from ..kernel.maps import FilterMaps
 
 
 def live_policy(maps):

@@ -20,7 +20,7 @@ import secrets
 import stat
 import tempfile
 
-from .errors import XknockError
+from ..errors import XknockError
 from .spa_message import DEFAULT_DIGEST, HMAC_DIGESTS, MAX_HMAC_KEY, MAX_KEY
 
 KEY_BYTES = 32
