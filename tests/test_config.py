@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xknock.controller.config import load as config   # the module itself: a test patches its listening_ports
+from xknock.controller import config
+from xknock.controller.config import load
 from xknock.controller.kernel import layout
 from xknock.controller.config import ConfigError, Step
 
@@ -270,7 +271,7 @@ def test_a_listener_on_the_other_protocol_does_not_warn():
 
 
 def test_listening_is_read_from_proc_when_not_given(monkeypatch):
-    monkeypatch.setattr(config, "listening_ports", lambda: {("udp", 8000)})
+    monkeypatch.setattr(load, "listening_ports", lambda: {("udp", 8000)})
     warnings = config.parse_config(SSH).warnings
     assert warnings == ('sequence "ssh": knock[1] "udp:8000": a local socket listens on this port; '
                         "knock packets are always dropped, so it becomes unreachable",)

@@ -4,7 +4,6 @@ else. Every mistake in a file is found in one pass and named by its place, so a
 bad config is fixed in one edit, never in a loop of edit, reload, next error."""
 
 import dataclasses
-import difflib
 import hashlib
 import ipaddress
 import json
@@ -14,212 +13,18 @@ import sys
 import tomllib
 
 from ..kernel import layout
-
-DEFAULT_PATH = "/etc/xknock/xknock.toml"
-
-NS_PER_UNIT = {
-    "d": 86_400_000_000_000,
-    "h": 3_600_000_000_000,
-    "m": 60_000_000_000,
-    "s": 1_000_000_000,
-    "ms": 1_000_000,
-}
-# Far beyond any sensible timeout, and far below where the data path's u64
-# nanosecond arithmetic (now + open_for) could wrap.
-MAX_DURATION_NS = 365 * NS_PER_UNIT["d"]
-MAX_STEP_TIMEOUT_NS = NS_PER_UNIT["h"]
-DURATION_HINT = "use e.g. 500ms, 5s, 2m, 1h"
-
-DEFAULT_STEP_TIMEOUT_NS = 5 * NS_PER_UNIT["s"]
-DEFAULT_OPEN_FOR_NS = 30 * NS_PER_UNIT["s"]
-DEFAULT_IDLE_TIMEOUT_NS = 15 * NS_PER_UNIT["m"]
-
-NAME_MAX_BYTES = 31  # struct xk_seq.name is char[32], NUL included
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
-# The list maps hold both policy banks, so one config gets half of each.
-MAX_LIST_SOURCES = layout.LIST_ENTRIES // 2
-# Below this many steps a sequence is cheap to find by scanning.
-SHORT_SEQUENCE_STEPS = 3
-
-STEP_PROTOS = ("tcp", "udp", "icmp")
-OPENABLE_PROTOS = ("tcp", "udp")
-
-TOP_LEVEL_KEYS = ("filter", "sequence", "allow", "deny", "ban", "hooks", "spa")
-RESERVED_TABLES = ("limits",)  # taken by features still to come
-BAN_KEYS = ("after", "within", "for", "scope", "on_ban")
-BAN_SCOPES = {"all": layout.BAN_EVERYWHERE, "knock": layout.BAN_KNOCK_PORTS}
-DEFAULT_BAN_WITHIN_NS = 60 * NS_PER_UNIT["s"]
-DEFAULT_BAN_FOR_NS = 10 * NS_PER_UNIT["m"]
-MAX_BAN_AFTER = 1000
-FILTER_KEYS = ("mode", "strict")
-SEQUENCE_KEYS = ("name", "knock", "step_timeout", "open", "open_for", "idle_timeout", "on_open", "on_close",
-                 "totp", "secret", "secret_file", "window", "port_range")
-HOOKS_KEYS = ("timeout", "max_running")
-DEFAULT_HOOK_TIMEOUT_NS = 10 * NS_PER_UNIT["s"]
-MAX_HOOK_TIMEOUT_NS = NS_PER_UNIT["h"]
-DEFAULT_HOOK_MAX_RUNNING = 8
-MAX_HOOK_MAX_RUNNING = 256
-HOOK_EXAMPLE = '["/usr/local/bin/notify", "opened"]'
-LIST_KEYS = ("sources",)
-
-# /proc/net socket states: TCP_LISTEN for tcp; an unconnected (bound, listening)
-# UDP socket sits in TCP_CLOSE.
-PROC_NET_LISTENING = (("tcp", "tcp", "0A"), ("tcp", "tcp6", "0A"), ("udp", "udp", "07"), ("udp", "udp6", "07"))
-
-
-class ConfigError(Exception):
-    """A config that cannot be used; .errors holds every problem found."""
-
-    def __init__(self, errors, warnings=()):
-        self.errors = list(errors)
-        self.warnings = list(warnings)
-        super().__init__("\n".join(self.errors))
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One knock, or one port a sequence opens."""
-
-    proto: str  # "tcp" | "udp" | "icmp"
-    port: int  # 0 for icmp
-
-    def __str__(self):
-        return self.proto if self.proto == "icmp" else f"{self.proto}:{self.port}"
-
-    @property
-    def proto_number(self):
-        return layout.PROTO_NUMBERS[self.proto]
-
-
-@dataclasses.dataclass(frozen=True)
-class Sequence:
-    name: str
-    knock: tuple[Step, ...]
-    step_timeout_ns: int
-    open: tuple[Step, ...]
-    open_for_ns: int
-    idle_timeout_ns: int
-    # Commands (argv, never a shell string) run when a grant of this sequence
-    # opens and when it has closed. Not part of the filter: configs that filter
-    # alike compare equal whatever their hooks.
-    on_open: tuple[str, ...] = dataclasses.field(default=(), compare=False)
-    on_close: tuple[str, ...] = dataclasses.field(default=(), compare=False)
-    # A time-based sequence (controller/totp.py): knock is empty, the ports
-    # of each window come from totp; totp.variant() makes the concrete ones.
-    totp: object = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Hooks:
-    """[hooks]: how hook commands run (controller/hooks.py)."""
-
-    timeout_ns: int = DEFAULT_HOOK_TIMEOUT_NS   # a hook still running after this is killed
-    max_running: int = DEFAULT_HOOK_MAX_RUNNING  # hooks started beyond this are dropped, not queued
-
-
-@dataclasses.dataclass(frozen=True)
-class Ban:
-    """[ban]: `after` failed sequences (resets or time-outs) of one source
-    `within` a period ban it `for` a while, on every port or only on knock and
-    guarded ports (`scope`)."""
-
-    after: int
-    within_ns: int
-    for_ns: int
-    scope: str  # "all" | "knock"
-    on_ban: tuple[str, ...] = dataclasses.field(default=(), compare=False)   # argv run when a source is banned
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    mode: str  # "enforce" | "monitor"
-    sequences: tuple[Sequence, ...]
-    strict: bool = False   # a packet to any other port resets the source's knock progress
-    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    ban: Ban | None = None   # None: failed knocks ban nobody
-    hooks: Hooks = dataclasses.field(default=Hooks(), compare=False)
-    spa: object = None   # spa_config.Spa, or None: no SPA port
-    # Where it came from and what was said about it: not part of the policy,
-    # so two configs that filter alike compare equal.
-    path: str | None = dataclasses.field(default=None, compare=False)
-    warnings: tuple[str, ...] = dataclasses.field(default=(), compare=False)
-
-    def openers(self):
-        """(steps opened, idle timeout) of every sequence and SPA user."""
-        yield from ((seq.open, seq.idle_timeout_ns) for seq in self.sequences)
-        if self.spa is not None:
-            yield from ((user.open, user.idle_timeout_ns) for user in self.spa.users)
-
-    @property
-    def guarded(self):
-        """Every Step the policy guards: what sequences and SPA users open."""
-        return tuple(dict.fromkeys(step for steps, _ in self.openers() for step in steps))
-
-
-def parse_step(text):
-    """"tcp:7000", "udp:8000" or "icmp" -> Step; ValueError with a short reason."""
-    spec = text.strip().lower()
-    if not spec:
-        raise ValueError("empty: write tcp:PORT, udp:PORT or icmp")
-    proto, colon, port = spec.partition(":")
-    if not colon:
-        if spec == "icmp":
-            return Step("icmp", 0)
-        if spec in OPENABLE_PROTOS:
-            raise ValueError(f"{spec} needs a port: write {spec}:PORT")
-        if spec.isascii() and spec.isdigit():
-            raise ValueError(f"no protocol: say tcp:{spec} or udp:{spec}")
-        raise ValueError("not a step: write tcp:PORT, udp:PORT or icmp")
-    if port in STEP_PROTOS and proto.isascii() and proto.isdigit():
-        # knockd's own order; ours puts the protocol first.
-        raise ValueError(f"write it {port}:{proto}" if port != "icmp" else "write it icmp")
-    if proto == "icmp":
-        raise ValueError("icmp has no port: write just icmp (an echo request)")
-    if proto not in OPENABLE_PROTOS:
-        raise ValueError(f'unknown protocol "{proto}": use tcp, udp or icmp')
-    if not re.fullmatch(r"[0-9]+", port):
-        raise ValueError(f'port "{port}" is not a number')
-    number = int(port) if len(port) <= 5 else 0
-    if not 1 <= number <= 65535:
-        raise ValueError("port out of range 1-65535")
-    return Step(proto, number)
-
-
-def parse_duration(text, *, allow_zero=False):
-    """"500ms", "5s", "1m30s", "2h", "1d" -> nanoseconds; ValueError with a reason."""
-    spec = text.strip()
-    if not spec:
-        raise ValueError(f"empty ({DURATION_HINT})")
-    if spec.startswith("-"):
-        raise ValueError("cannot be negative")
-    if spec.isascii() and spec.isdigit():
-        raise ValueError(f"no unit: say {spec}s or {spec}ms ({DURATION_HINT})")
-    parts = re.findall(r"([0-9]+)(ms|d|h|m|s)", spec)
-    if not parts or "".join(number + unit for number, unit in parts) != spec:
-        raise ValueError(f"not a duration ({DURATION_HINT})")
-    units = [unit for _, unit in parts]
-    order = list(NS_PER_UNIT)
-    if units != sorted(set(units), key=order.index):
-        raise ValueError("units out of order: largest first, each once, e.g. 1m30s")
-    total = sum(int(number) * NS_PER_UNIT[unit] for number, unit in parts)
-    if total == 0 and not allow_zero:
-        raise ValueError("must be more than zero")
-    if total > MAX_DURATION_NS:
-        raise ValueError("too long: at most 365d")
-    return total
-
-
-def format_duration(ns):
-    """Nanoseconds -> the shortest config spelling, e.g. 90 s -> "1m30s"."""
-    if ns == 0:
-        return "0s"
-    parts = []
-    for unit, size in NS_PER_UNIT.items():
-        count, ns = divmod(ns, size)
-        if count:
-            parts.append(f"{count}{unit}")
-    return "".join(parts) + (f"{ns}ns" if ns else "")
+from . import spa_config, totp_config
+from .fields import (
+    Report, check_keys, format_duration, parse_duration_key, parse_network, parse_open, parse_steps, step_list,
+    type_name,
+)
+from .model import (
+    BAN_KEYS, BAN_SCOPES, DEFAULT_BAN_FOR_NS, DEFAULT_BAN_WITHIN_NS, DEFAULT_HOOK_MAX_RUNNING, DEFAULT_HOOK_TIMEOUT_NS,
+    DEFAULT_IDLE_TIMEOUT_NS, DEFAULT_OPEN_FOR_NS, DEFAULT_PATH, DEFAULT_STEP_TIMEOUT_NS, FILTER_KEYS, HOOK_EXAMPLE,
+    HOOKS_KEYS, LIST_KEYS, MAX_BAN_AFTER, MAX_HOOK_MAX_RUNNING, MAX_HOOK_TIMEOUT_NS, MAX_LIST_SOURCES,
+    MAX_STEP_TIMEOUT_NS, NAME_MAX_BYTES, NAME_PATTERN, PROC_NET_LISTENING, SEQUENCE_KEYS, SHORT_SEQUENCE_STEPS,
+    TOP_LEVEL_KEYS, Ban, Config, ConfigError, Hooks, Sequence,
+)
 
 
 def listening_ports(proc_net="/proc/net"):
@@ -284,8 +89,8 @@ def parse_config(text, path=None, *, listening=None):
     except tomllib.TOMLDecodeError as err:
         raise ConfigError([prefix + _toml_error_message(err, text)]) from None
 
-    report = _Report(path)
-    _check_keys(report, None, document, TOP_LEVEL_KEYS)
+    report = Report(path)
+    check_keys(report, None, document, TOP_LEVEL_KEYS)
 
     mode, strict = _parse_filter(report, document.get("filter", {}))
     sequences = _parse_sequences(report, document.get("sequence", []))
@@ -296,8 +101,6 @@ def parse_config(text, path=None, *, listening=None):
     hooks = _parse_hooks(report, document.get("hooks", {}))
     spa = None
     if "spa" in document:
-        from . import spa_config
-
         spa = spa_config.parse_spa(report, document["spa"], path)
         if spa is not None:
             spa_config.check_spa_ports(report, spa, sequences)
@@ -313,11 +116,9 @@ def parse_config(text, path=None, *, listening=None):
                 listening = listening_ports()
             _warn_listening_knock_ports(report, sequences, listening)
         if any(sequence.totp for sequence in sequences):
-            from .totp_config import ephemeral_ports
-
             if listening is None:   # this host's own sockets and ports, not a test's
                 listening = listening_ports()
-                _warn_totp_ranges(report, sequences, listening, ephemeral_ports())
+                _warn_totp_ranges(report, sequences, listening, totp_config.ephemeral_ports())
             else:
                 _warn_totp_ranges(report, sequences, listening, None)
 
@@ -381,21 +182,6 @@ def config_hash(config):
     return hashlib.sha256(encoded).hexdigest()[:16]
 
 
-class _Report:
-    """Collects errors and warnings, each led by the place it concerns."""
-
-    def __init__(self, path=None):
-        self.path = path   # the config file, for checks of who may read the secrets in it
-        self.errors = []
-        self.warnings = []
-
-    def error(self, place, message):
-        self.errors.append(f"{place}: {message}" if place else message)
-
-    def warn(self, place, message):
-        self.warnings.append(f"{place}: {message}" if place else message)
-
-
 def _toml_error_message(err, text):
     message = str(err)
     at_line = re.search(r" \(at line (\d+), column (\d+)\)$", message)
@@ -408,56 +194,19 @@ def _toml_error_message(err, text):
     return message
 
 
-def _type_name(value):
-    if isinstance(value, bool):  # before int: bool is an int in Python
-        return "a boolean"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return "a date or time"
-
-
-def _check_keys(report, place, table, known):
-    for key, value in table.items():
-        if key in known:
-            continue
-        if place is None and key in RESERVED_TABLES:
-            report.error(key, "not supported yet in this version")
-            continue
-        if place is None:
-            kind = "table" if isinstance(value, dict) or _is_table_array(value) else "key"
-            what = f'unknown {kind} "{key}"'
-        else:
-            what = f'unknown key "{key}"'
-        guess = difflib.get_close_matches(key, known, n=1)
-        hint = f' (did you mean "{guess[0]}"?)' if guess else ""
-        report.error(place, f"{what}; known: {', '.join(known)}{hint}")
-
-
-def _is_table_array(value):
-    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
-
-
 def _parse_filter(report, table):
     """(mode, strict) of the [filter] table."""
     if not isinstance(table, dict):
-        report.error("filter", f"must be a table ([filter]), not {_type_name(table)}")
+        report.error("filter", f"must be a table ([filter]), not {type_name(table)}")
         return "enforce", False
-    _check_keys(report, "filter", table, FILTER_KEYS)
+    check_keys(report, "filter", table, FILTER_KEYS)
     strict = table.get("strict", False)
     if not isinstance(strict, bool):
-        report.error("filter", f"strict must be true or false, not {_type_name(strict)}")
+        report.error("filter", f"strict must be true or false, not {type_name(strict)}")
         strict = False
     mode = table.get("mode", "enforce")
     if not isinstance(mode, str):
-        report.error("filter", f'mode must be a string ("enforce" or "monitor"), not {_type_name(mode)}')
+        report.error("filter", f'mode must be a string ("enforce" or "monitor"), not {type_name(mode)}')
         return "enforce", strict
     if mode not in layout.MODES:
         report.error("filter", f'mode "{mode}": must be "enforce" or "monitor"')
@@ -466,9 +215,9 @@ def _parse_filter(report, table):
 
 def _parse_ban(report, table):
     if not isinstance(table, dict):
-        report.error("ban", f"must be a table ([ban]), not {_type_name(table)}")
+        report.error("ban", f"must be a table ([ban]), not {type_name(table)}")
         return None
-    _check_keys(report, "ban", table, BAN_KEYS)
+    check_keys(report, "ban", table, BAN_KEYS)
     after = table.get("after")
     if after is None:
         report.error("ban", 'missing key "after" (how many failed sequences ban a source, e.g. after = 5)')
@@ -476,8 +225,8 @@ def _parse_ban(report, table):
     elif not isinstance(after, int) or isinstance(after, bool) or not 1 <= after <= MAX_BAN_AFTER:
         report.error("ban", f"after {after!r}: must be a whole number from 1 to {MAX_BAN_AFTER}")
         after = 1
-    within = _parse_duration_key(report, "ban", table, "within", DEFAULT_BAN_WITHIN_NS)
-    ban_for = _parse_duration_key(report, "ban", table, "for", DEFAULT_BAN_FOR_NS)
+    within = parse_duration_key(report, "ban", table, "within", DEFAULT_BAN_WITHIN_NS)
+    ban_for = parse_duration_key(report, "ban", table, "for", DEFAULT_BAN_FOR_NS)
     scope = table.get("scope", "all")
     if scope not in BAN_SCOPES:
         report.error("ban", f'scope {scope!r}: must be "all" (every port) or "knock" (knock and guarded ports)')
@@ -488,10 +237,10 @@ def _parse_ban(report, table):
 
 def _parse_hooks(report, table):
     if not isinstance(table, dict):
-        report.error("hooks", f"must be a table ([hooks]), not {_type_name(table)}")
+        report.error("hooks", f"must be a table ([hooks]), not {type_name(table)}")
         return Hooks()
-    _check_keys(report, "hooks", table, HOOKS_KEYS)
-    timeout_ns = _parse_duration_key(report, "hooks", table, "timeout", DEFAULT_HOOK_TIMEOUT_NS)
+    check_keys(report, "hooks", table, HOOKS_KEYS)
+    timeout_ns = parse_duration_key(report, "hooks", table, "timeout", DEFAULT_HOOK_TIMEOUT_NS)
     if timeout_ns > MAX_HOOK_TIMEOUT_NS:
         report.error("hooks", f'timeout "{table["timeout"]}": too long: at most 1h')
         timeout_ns = DEFAULT_HOOK_TIMEOUT_NS
@@ -516,7 +265,7 @@ def _parse_hook(report, place, table, key):
                             f'["/bin/sh", "-c", "..."]')
         return ()
     if not isinstance(argv, list):
-        report.error(place, f"{key} must be an array of strings such as {HOOK_EXAMPLE}, not {_type_name(argv)}")
+        report.error(place, f"{key} must be an array of strings such as {HOOK_EXAMPLE}, not {type_name(argv)}")
         return ()
     if not argv:
         report.error(place, f"{key} is empty; give the command to run, e.g. {HOOK_EXAMPLE}")
@@ -524,7 +273,7 @@ def _parse_hook(report, place, table, key):
     errors_before = len(report.errors)
     for index, item in enumerate(argv):
         if not isinstance(item, str):
-            report.error(place, f"{key}[{index}] must be a string, not {_type_name(item)}")
+            report.error(place, f"{key}[{index}] must be a string, not {type_name(item)}")
         elif "\0" in item:
             report.error(place, f"{key}[{index}] contains a NUL character")
     if len(report.errors) > errors_before:
@@ -548,7 +297,7 @@ def _parse_sequences(report, tables):
         report.error("sequence", "must be an array of tables: write [[sequence]], not [sequence]")
         return []
     if not isinstance(tables, list):
-        report.error("sequence", f"must be an array of tables ([[sequence]]), not {_type_name(tables)}")
+        report.error("sequence", f"must be an array of tables ([[sequence]]), not {type_name(tables)}")
         return []
     if len(tables) > layout.MAX_SEQUENCES:
         report.error("sequence", f"{len(tables)} sequences; at most {layout.MAX_SEQUENCES}")
@@ -558,7 +307,7 @@ def _parse_sequences(report, tables):
     for index, table in enumerate(tables):
         place = f"sequence[{index}]"
         if not isinstance(table, dict):
-            report.error(place, f"must be a table ([[sequence]]), not {_type_name(table)}")
+            report.error(place, f"must be a table ([[sequence]]), not {type_name(table)}")
             continue
         name = _parse_name(report, place, table)
         if name is not None and name in first_index_of_name:
@@ -585,7 +334,7 @@ def _parse_name(report, place, table):
         return None
     name = table["name"]
     if not isinstance(name, str):
-        report.error(place, f"name must be a string, not {_type_name(name)}")
+        report.error(place, f"name must be a string, not {type_name(name)}")
         return None
     if not name:
         report.error(place, "name is empty")
@@ -603,7 +352,7 @@ def _parse_name(report, place, table):
 def _parse_sequence(report, place, name, table):
     """The sequence, or None when anything in it is wrong (already reported)."""
     errors_before = len(report.errors)
-    _check_keys(report, place, table, SEQUENCE_KEYS)
+    check_keys(report, place, table, SEQUENCE_KEYS)
     totp = None
     if table.get("totp", False) is True:
         from . import totp_config
@@ -612,18 +361,18 @@ def _parse_sequence(report, place, name, table):
         totp = totp_config.parse_totp(report, place, table, report.path, layout.MAX_STEPS)
     else:
         if "totp" in table and table["totp"] is not False:
-            report.error(place, f"totp must be true or false, not {_type_name(table['totp'])}")
+            report.error(place, f"totp must be true or false, not {type_name(table['totp'])}")
         for key in ("secret", "secret_file", "window", "port_range"):
             if key in table:
                 report.error(place, f'{key} belongs to time-based sequences: add totp = true, or remove {key}')
         knock = _parse_knock(report, place, table)
-    step_timeout_ns = _parse_duration_key(report, place, table, "step_timeout", DEFAULT_STEP_TIMEOUT_NS)
+    step_timeout_ns = parse_duration_key(report, place, table, "step_timeout", DEFAULT_STEP_TIMEOUT_NS)
     if step_timeout_ns > MAX_STEP_TIMEOUT_NS:
         report.error(place, f"step_timeout {format_duration(step_timeout_ns)}: at most 1h "
                             "(the first-step filter keeps 32 bits of microseconds)")
-    opened = _parse_open(report, place, table)
-    open_for_ns = _parse_duration_key(report, place, table, "open_for", DEFAULT_OPEN_FOR_NS)
-    idle_timeout_ns = _parse_duration_key(report, place, table, "idle_timeout", DEFAULT_IDLE_TIMEOUT_NS)
+    opened = parse_open(report, place, table)
+    open_for_ns = parse_duration_key(report, place, table, "open_for", DEFAULT_OPEN_FOR_NS)
+    idle_timeout_ns = parse_duration_key(report, place, table, "idle_timeout", DEFAULT_IDLE_TIMEOUT_NS)
     on_open = _parse_hook(report, place, table, "on_open")
     on_close = _parse_hook(report, place, table, "on_close")
     if name is None or len(report.errors) > errors_before:
@@ -631,42 +380,13 @@ def _parse_sequence(report, place, name, table):
     return Sequence(name, knock, step_timeout_ns, opened, open_for_ns, idle_timeout_ns, on_open, on_close, totp)
 
 
-def _step_list(report, place, table, key, example):
-    """The raw list under key, checked to be a non-empty array; None if not."""
-    if key not in table:
-        report.error(place, f'missing key "{key}"')
-        return None
-    items = table[key]
-    if not isinstance(items, list):
-        report.error(place, f"{key} must be an array such as {example}, not {_type_name(items)}")
-        return None
-    if not items:
-        report.error(place, f"{key} is empty; give at least one step such as {example}")
-        return None
-    return items
-
-
-def _parse_steps(report, place, key, items):
-    """(index, text, Step) for every entry that parses; the rest are reported."""
-    parsed = []
-    for index, item in enumerate(items):
-        if not isinstance(item, str):
-            report.error(place, f'{key}[{index}] must be a string such as "tcp:7000", not {_type_name(item)}')
-            continue
-        try:
-            parsed.append((index, item, parse_step(item)))
-        except ValueError as err:
-            report.error(place, f'{key}[{index}] "{item}": {err}')
-    return parsed
-
-
 def _parse_knock(report, place, table):
-    items = _step_list(report, place, table, "knock", '["tcp:7000", "udp:8000", "tcp:9000"]')
+    items = step_list(report, place, table, "knock", '["tcp:7000", "udp:8000", "tcp:9000"]')
     if items is None:
         return ()
     if len(items) > layout.MAX_STEPS:
         report.error(place, f"knock has {len(items)} steps; at most {layout.MAX_STEPS}")
-    parsed = _parse_steps(report, place, "knock", items)
+    parsed = parse_steps(report, place, "knock", items)
     previous = None
     for index, text, step in parsed:
         if previous is not None and previous[0] == index - 1 and previous[1] == step:
@@ -689,40 +409,6 @@ def _parse_knock(report, place, table):
             )
             break
     return tuple(step for _, _, step in parsed)
-
-
-def _parse_open(report, place, table):
-    items = _step_list(report, place, table, "open", '["tcp:22"]')
-    if items is None:
-        return ()
-    opened = []
-    first_index_of_step = {}
-    for index, text, step in _parse_steps(report, place, "open", items):
-        if step.proto not in OPENABLE_PROTOS:
-            report.error(place, f'open[{index}] "{text}": {step.proto} cannot be opened; use tcp:PORT or udp:PORT')
-            continue
-        if step in first_index_of_step:
-            report.warn(place, f'open[{index}] "{text}": same as open[{first_index_of_step[step]}]; ignored')
-            continue
-        first_index_of_step[step] = index
-        opened.append(step)
-    if len(opened) > layout.MAX_OPEN:
-        report.error(place, f"open has {len(opened)} ports; at most {layout.MAX_OPEN}")
-    return tuple(opened)
-
-
-def _parse_duration_key(report, place, table, key, default_ns):
-    if key not in table:
-        return default_ns
-    value = table[key]
-    if not isinstance(value, str):
-        report.error(place, f'{key} must be a string such as "{format_duration(default_ns)}", not {_type_name(value)}')
-        return default_ns
-    try:
-        return parse_duration(value)
-    except ValueError as err:
-        report.error(place, f'{key} "{value}": {err}')
-        return default_ns
 
 
 def _check_across_sequences(report, sequences):
@@ -805,24 +491,24 @@ def _warn_listening_knock_ports(report, sequences, listening):
 def _parse_sources(report, list_name, table):
     """[(network, index)] of one source list, duplicates dropped with a warning."""
     if not isinstance(table, dict):
-        report.error(list_name, f'must be a table with a "sources" array ([{list_name}]), not {_type_name(table)}')
+        report.error(list_name, f'must be a table with a "sources" array ([{list_name}]), not {type_name(table)}')
         return []
-    _check_keys(report, list_name, table, LIST_KEYS)
+    check_keys(report, list_name, table, LIST_KEYS)
     items = table.get("sources", [])
     if not isinstance(items, list):
         report.error(
             list_name,
-            f'sources must be an array such as ["192.0.2.10", "2001:db8::/32"], not {_type_name(items)}',
+            f'sources must be an array such as ["192.0.2.10", "2001:db8::/32"], not {type_name(items)}',
         )
         return []
     networks = []
     first_index_of_network = {}
     for index, item in enumerate(items):
         if not isinstance(item, str):
-            report.error(list_name, f"sources[{index}] must be a string, not {_type_name(item)}")
+            report.error(list_name, f"sources[{index}] must be a string, not {type_name(item)}")
             continue
         try:
-            network = _parse_network(item)
+            network = parse_network(item)
         except ValueError as err:
             report.error(list_name, f'sources[{index}] "{item}": {err}')
             continue
@@ -842,26 +528,6 @@ def _parse_sources(report, list_name, table):
     if len(networks) > MAX_LIST_SOURCES:
         report.error(list_name, f"{len(networks)} sources; at most {MAX_LIST_SOURCES}")
     return networks
-
-
-def _parse_network(text):
-    """"192.0.2.10", "2001:db8::/32" -> network; a bare address is a /32 or /128."""
-    if "%" in text:
-        raise ValueError("a zone index (%...) has no meaning in a source list")
-    try:
-        network = ipaddress.ip_network(text.strip(), strict=True)
-    except ValueError as err:
-        if "has host bits set" not in str(err):
-            raise ValueError("not an IP address or CIDR") from None
-        loose = ipaddress.ip_network(text.strip(), strict=False)
-        address = text.strip().partition("/")[0]
-        raise ValueError(f"host bits set: write {loose} for the network, or {address} for one address") from None
-    # The data path keeps IPv4 as IPv4-mapped IPv6; spelling those as IPv4
-    # lets duplicates and allow/deny clashes be seen whichever way they are written.
-    if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped is not None:
-        mapped = network.network_address.ipv4_mapped
-        network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
-    return network
 
 
 def _check_allow_deny_overlap(report, allow, deny):

@@ -12,9 +12,9 @@ import ipaddress
 import os
 import stat
 
-from ..wire import spa_message
-from .load import (NAME_PATTERN, NS_PER_UNIT, _check_keys, _parse_duration_key, _parse_network, _parse_open,
-                     _type_name)
+from ..wire import spa_keys, spa_message
+from .fields import check_keys, parse_duration_key, parse_network, parse_open, type_name
+from .model import NAME_PATTERN, NS_PER_UNIT, Step
 
 SPA_KEYS = ("port", "max_age", "rate", "total_rate", "replay_cache", "user")
 USER_KEYS = ("name", "key", "hmac_key", "key_file", "hmac_digest", "sources", "open", "open_for", "max_open_for",
@@ -65,8 +65,6 @@ class Spa:
 
     @property
     def port_step(self):
-        from .load import Step
-
         return Step("udp", self.port)
 
     @property
@@ -87,12 +85,12 @@ def secret_readable_by_others(path):
 def parse_spa(report, table, config_path=None):
     """Spa, or None when the table is wrong (reported)."""
     if not isinstance(table, dict):
-        report.error("spa", f"must be a table ([spa]), not {_type_name(table)}")
+        report.error("spa", f"must be a table ([spa]), not {type_name(table)}")
         return None
     errors_before = len(report.errors)
-    _check_keys(report, "spa", table, SPA_KEYS)
+    check_keys(report, "spa", table, SPA_KEYS)
     port = _whole(report, "spa", table, "port", DEFAULT_PORT, 1, 65535)
-    max_age_ns = _parse_duration_key(report, "spa", table, "max_age", DEFAULT_MAX_AGE_NS)
+    max_age_ns = parse_duration_key(report, "spa", table, "max_age", DEFAULT_MAX_AGE_NS)
     rate = _whole(report, "spa", table, "rate", DEFAULT_RATE, 1, MAX_RATE)
     total_rate = _whole(report, "spa", table, "total_rate", DEFAULT_TOTAL_RATE, 1, MAX_TOTAL_RATE)
     if total_rate < rate:
@@ -137,7 +135,7 @@ def _whole(report, place, table, key, default, low, high):
 def _flag(report, place, table, key):
     value = table.get(key, False)
     if not isinstance(value, bool):
-        report.error(place, f"{key} must be true or false, not {_type_name(value)}")
+        report.error(place, f"{key} must be true or false, not {type_name(value)}")
         return False
     return value
 
@@ -175,20 +173,20 @@ def _parse_users(report, tables, config_path):
 
 def _parse_user(report, place, name, table, config_path):
     errors_before = len(report.errors)
-    _check_keys(report, place, table, USER_KEYS)
+    check_keys(report, place, table, USER_KEYS)
     key, hmac_key = _parse_keys(report, place, table, config_path)
     digest = table.get("hmac_digest", "sha256")
     if digest not in HMAC_DIGESTS:
         report.error(place, f"hmac_digest {digest!r}: one of {', '.join(HMAC_DIGESTS)}")
     sources = _parse_user_sources(report, place, table)
-    opened = _parse_open(report, place, table) if "open" in table else ()
+    opened = parse_open(report, place, table) if "open" in table else ()
     if "open" not in table:
         report.error(place, 'missing key "open" (the ports this user may open, e.g. ["tcp:22"])')
-    open_for_ns = _parse_duration_key(report, place, table, "open_for", DEFAULT_OPEN_FOR_NS)
-    max_open_for_ns = _parse_duration_key(report, place, table, "max_open_for", open_for_ns)
+    open_for_ns = parse_duration_key(report, place, table, "open_for", DEFAULT_OPEN_FOR_NS)
+    max_open_for_ns = parse_duration_key(report, place, table, "max_open_for", open_for_ns)
     if max_open_for_ns < open_for_ns:
         report.error(place, "max_open_for is shorter than open_for")
-    idle_timeout_ns = _parse_duration_key(report, place, table, "idle_timeout", DEFAULT_IDLE_TIMEOUT_NS)
+    idle_timeout_ns = parse_duration_key(report, place, table, "idle_timeout", DEFAULT_IDLE_TIMEOUT_NS)
     username = table.get("username")
     if username is not None and (not isinstance(username, str) or not username):
         report.error(place, "username must be a non-empty string (the user the fwknop client sends)")
@@ -204,8 +202,6 @@ def _parse_user(report, place, name, table, config_path):
 
 def _parse_keys(report, place, table, config_path):
     """(key, hmac_key) as bytes, from key_file or inline base64."""
-    from ..wire import spa_keys
-
     inline = "key" in table or "hmac_key" in table
     if "key_file" in table and inline:
         report.error(place, "give key_file or key + hmac_key, not both")
@@ -229,7 +225,7 @@ def _parse_keys(report, place, table, config_path):
             return b"", b""
         for name in ("key", "hmac_key"):
             if not isinstance(table[name], str):
-                report.error(place, f"{name} must be a base64 string, not {_type_name(table[name])}")
+                report.error(place, f"{name} must be a base64 string, not {type_name(table[name])}")
                 return b"", b""
         if config_path and secret_readable_by_others(config_path):
             report.error(place, f"keys inline, but {config_path} is readable by group or others: "
@@ -252,10 +248,10 @@ def _parse_user_sources(report, place, table):
     networks = []
     for index, item in enumerate(items):
         if not isinstance(item, str):
-            report.error(place, f"sources[{index}] must be a string, not {_type_name(item)}")
+            report.error(place, f"sources[{index}] must be a string, not {type_name(item)}")
             continue
         try:
-            networks.append(_parse_network(item))
+            networks.append(parse_network(item))
         except ValueError as err:
             report.error(place, f'sources[{index}] "{item}": {err}')
     return tuple(networks)

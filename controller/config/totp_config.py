@@ -7,9 +7,10 @@ import binascii
 import os
 import re
 
-from .load import NS_PER_UNIT, _parse_duration_key, _type_name
+from ..kernel import layout
+from .fields import Report, parse_duration_key, type_name
+from .model import NS_PER_UNIT, ConfigError, Sequence, Totp
 from .spa_config import secret_readable_by_others
-from ..policy.totp import Totp
 
 TOTP_KEYS = ("totp", "secret", "secret_file", "window", "port_range")
 DEFAULT_WINDOW_NS = 60 * NS_PER_UNIT["s"]
@@ -27,7 +28,7 @@ def parse_totp(report, place, table, config_path, max_steps):
     errors_before = len(report.errors)
     protos = _parse_protos(report, place, table, max_steps)
     secret = _parse_secret(report, place, table, config_path)
-    window_ns = _parse_duration_key(report, place, table, "window", DEFAULT_WINDOW_NS)
+    window_ns = parse_duration_key(report, place, table, "window", DEFAULT_WINDOW_NS)
     if not MIN_WINDOW_NS <= window_ns <= MAX_WINDOW_NS:
         report.error(place, "window must be from 10s to 24h (long enough to knock in, short enough to expire)")
     low, high = _parse_range(report, place, table)
@@ -76,7 +77,7 @@ def _parse_secret(report, place, table, config_path):
                             f"{config_path}, or use secret_file")
     value = table["secret"]
     if not isinstance(value, str):
-        report.error(place, f"secret must be a base32 string, not {_type_name(value)}")
+        report.error(place, f"secret must be a base32 string, not {type_name(value)}")
         return b""
     return _decode(report, place, value, "secret")
 
@@ -122,15 +123,12 @@ def client_sequence(name, secret_file, protos, window=None, port_range=None):
     """A time-based config.Sequence from a client's options (`xknock knock
     --sequence NAME --secret-file F --protos tcp,udp,tcp`), with no config
     file: only what the ports are computed from. ConfigError when wrong."""
-    from ..kernel import layout
-    from .load import ConfigError, Sequence, _Report
-
     table = {"knock": [p.strip() for p in protos.split(",")], "secret_file": secret_file}
     if window is not None:
         table["window"] = window
     if port_range is not None:
         table["port_range"] = port_range
-    report = _Report()
+    report = Report()
     totp = parse_totp(report, f'sequence "{name}"', table, None, layout.MAX_STEPS)
     if report.errors:
         raise ConfigError(report.errors)

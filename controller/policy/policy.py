@@ -10,15 +10,17 @@ flip leaves the running policy untouched.
 import contextlib
 import ctypes
 import fcntl
-import hashlib
 import ipaddress
 import os
 import time
 from dataclasses import dataclass, field
 
-from ..kernel import bpfsys, layout
+from ..config import BAN_SCOPES, spa_config
 from ..errors import XknockError
+from ..kernel import bpfsys, layout
 from ..kernel.maps import to_addr
+from . import totp
+from .uid import sequence_uid
 
 LOCK_DIR = "/run/xknock"
 # After the flip, programs already running may still read the old bank. XDP
@@ -38,15 +40,6 @@ class Policy:
     deny: list = field(default_factory=list)
 
 
-def sequence_uid(seq):
-    """Stable while the knock itself is unchanged, so in-flight knocks survive
-    reloads that touch other sequences or only timeouts; never 0 (0 marks a
-    grant written by the operator)."""
-    text = seq.name + "\0" + " ".join(str(step) for step in seq.knock)
-    uid = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little")
-    return uid or 1
-
-
 def lpm_key(network, bank):
     network = ipaddress.ip_network(network)
     prefix = network.prefixlen + (96 if network.version == 4 else 0)
@@ -61,8 +54,6 @@ def compile_policy(config, bank, cpus=None):
     """cpus: how many CPUs share the SPA total rate (default: those online).
     Time-based sequences become their live windows' sequences (controller/totp.py)."""
     if any(seq.totp is not None for seq in config.sequences):
-        from . import totp
-
         config = totp.Rotation(config).concrete()
     settings = layout.Settings()
     settings.mode = layout.MODES[config.mode]
@@ -70,8 +61,6 @@ def compile_policy(config, bank, cpus=None):
     if config.strict:
         settings.flags |= layout.SET_STRICT
     if config.ban:
-        from ..config import BAN_SCOPES
-
         settings.flags |= layout.SET_BANS
         settings.ban_after = config.ban.after
         settings.ban_scope = BAN_SCOPES[config.ban.scope]
@@ -114,8 +103,6 @@ def compile_policy(config, bank, cpus=None):
             _port(policy, step).flags |= layout.PORT_GUARDED
 
     if config.spa is not None:
-        from ..config import spa_config
-
         spa_config.fill_settings(settings, config.spa, cpus or os.cpu_count() or 1)
         _port(policy, config.spa.port_step).flags |= layout.PORT_SPA
         for step in config.spa.guarded:

@@ -17,16 +17,10 @@ import hashlib
 import hmac
 import time
 
+from ..config.model import Step
+from .uid import sequence_uid
+
 NS_PER_S = 1_000_000_000
-
-
-@dataclasses.dataclass(frozen=True)
-class Totp:
-    secret: bytes = dataclasses.field(repr=False)
-    window_ns: int
-    port_low: int
-    port_high: int
-    protos: tuple[str, ...]   # "tcp" | "udp", one per knock
 
 
 def window_of(unix_ns, window_ns):
@@ -55,8 +49,6 @@ def derive_ports(name, totp, window):
 
 def variant(sequence, window):
     """The concrete config.Sequence of a time-based sequence in one window."""
-    from ..config import Step
-
     ports = derive_ports(sequence.name, sequence.totp, window)
     knock = tuple(Step(proto, port) for proto, port in zip(sequence.totp.protos, ports))
     return dataclasses.replace(sequence, knock=knock, totp=None)
@@ -91,8 +83,6 @@ class Rotation:
 
     def concrete(self):
         """The config with each time-based sequence replaced by its live, unspent windows."""
-        from . import policy
-
         now = self.wall_clock_ns()
         sequences, self.uids = [], {}
         for seq in self.config.sequences:
@@ -104,7 +94,7 @@ class Rotation:
                     continue
                 concrete = variant(seq, window)
                 sequences.append(concrete)
-                self.uids[policy.sequence_uid(concrete)] = (seq.name, window)
+                self.uids[sequence_uid(concrete)] = (seq.name, window)
         oldest = {seq.name: min(live_windows(now, seq.totp.window_ns)) for seq in self.config.sequences if seq.totp}
         self.spent = {(name, w) for name, w in self.spent if name in oldest and w >= oldest[name]}
         return dataclasses.replace(self.config, sequences=tuple(sequences))
@@ -112,15 +102,13 @@ class Rotation:
     def _window_of_uid(self, uid):
         """(name, window) of a variant live now or just before, for a policy
         written without this object (attach compiles its own)."""
-        from . import policy
-
         now = self.wall_clock_ns()
         for seq in self.config.sequences:
             if seq.totp is None:
                 continue
             latest = max(live_windows(now, seq.totp.window_ns))
             for window in range(latest - 2, latest + 1):
-                if policy.sequence_uid(variant(seq, window)) == uid:
+                if sequence_uid(variant(seq, window)) == uid:
                     return seq.name, window
         return None
 
