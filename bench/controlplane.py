@@ -147,12 +147,12 @@ def bench_scrape(quick):
 
     from xknock.controller.state import grants
     from xknock.controller.daemon import metrics
-    from xknock.controller.policy import policy
+    from xknock.controller.kernel.maps import live_sequences
 
     sizes = ScrapeSizes(quick)
     rng = random.Random(11)
     with example_harness(cflags=sizes.cflags) as h:
-        uid = next(seq.uid for seq in policy.live_sequences(h.maps).values() if seq.name == b"ssh")
+        uid = next(seq.uid for seq in live_sequences(h.maps).values() if seq.name == b"ssh")
         started = time.monotonic()
         fill_progress(h, sizes.progress, uid, h.now_ns // 1000, rng)
         granted = fill_grants(h, sizes.grants or h.maps.grants.max_entries, h.now_ns, rng)

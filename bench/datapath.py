@@ -13,13 +13,12 @@ Also the entry point of bench/run: `bench/run [datapath|controlplane|flood|knock
 import ctypes
 import dataclasses
 import ipaddress
-import os
 import random
 import time
 
 from xknock.controller.kernel import bpfsys, layout
 from xknock.controller.state import grants
-from xknock.controller.policy import policy
+from xknock.controller.kernel.maps import live_sequences
 from xknock.controller.config import parse_config
 from xknock.controller.kernel.maps import to_addr
 from xknock_dev.testrun import VERDICT_NAMES, XDP_DROP, XDP_PASS, Harness
@@ -128,7 +127,7 @@ def bench_single_advance(h, floor_fd, settings):
     before each run. Single runs include BPF_PROG_TEST_RUN's fixed overhead,
     so compare with the floor timed the same way."""
     frame = tcp(FRESH4, 7000)
-    uid = next(seq.uid for seq in policy.live_sequences(h.maps).values() if seq.name == b"ssh")
+    uid = next(seq.uid for seq in live_sequences(h.maps).values() if seq.name == b"ssh")
     key = layout.ProgressKey(src=to_addr(FRESH4), uid=uid)
     xknock, floor = [], []
     for _ in range(settings.single_runs):
@@ -217,7 +216,7 @@ def bench_progress_scaling(floor_fd, settings):
     rng = random.Random(7)
     rows = []
     with example_harness(cflags=["-DXK_PROGRESS_ENTRIES=1048576"]) as h:
-        uid = next(seq.uid for seq in policy.live_sequences(h.maps).values() if seq.name == b"ssh")
+        uid = next(seq.uid for seq in live_sequences(h.maps).values() if seq.name == b"ssh")
         sample, filled = [], 0
         for size in settings.progress_sizes:
             started = time.monotonic()

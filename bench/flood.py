@@ -42,9 +42,10 @@ import threading
 import time
 
 from xknock.controller.kernel import bpfsys, layout
+from xknock.controller.kernel.batch import batches
 from xknock.controller.client import knockclient
 from xknock.controller.daemon import metrics
-from xknock.controller.policy import policy
+from xknock.controller.kernel.maps import live_sequences
 from xknock_dev import traffic
 from xknock_dev.lab import HELPER_PYTHON, lab, stop_process
 from xknock.controller.kernel.maps import FilterMaps, to_addr
@@ -306,7 +307,7 @@ class FloodLab:
             fresh_attach(net, path)
         self.prog_id = status_json(net.server)[0]["interfaces"][0]["prog_id"]
         self.maps = FilterMaps.from_prog(self.prog_id)
-        [seq] = policy.live_sequences(self.maps).values()
+        [seq] = live_sequences(self.maps).values()
         self.nsteps = seq.nsteps
         self.uid = seq.uid
         self.key = layout.ProgressKey(src=to_addr(net.client.ipv4), uid=seq.uid)
@@ -359,7 +360,7 @@ class FloodLab:
         m = self.maps.progress
         info = bpfsys.map_info(m.fd)
         chunks = [bytes(keys[:n * info.key_size])
-                  for n, keys, _ in metrics.batches(m.fd, info.key_size, info.value_size)]
+                  for n, keys, _ in batches(m.fd, info.key_size, info.value_size)]
         delete = bpfsys.lib().bpf_map_delete_batch
         delete.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
         delete.restype = ctypes.c_int

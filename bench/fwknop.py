@@ -18,7 +18,6 @@ grants being in the map, reported as "arrival to grant".
 import base64
 import os
 import subprocess
-import sys
 import tempfile
 import time
 

@@ -26,12 +26,11 @@ Measured for each, one after the other in the same lab:
 import contextlib
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
 from xknock.controller.kernel import layout
-from xknock.controller.policy import policy
+from xknock.controller.kernel.maps import live_sequences
 from xknock_dev.lab import lab, stop_process
 from xknock.controller.kernel.maps import FilterMaps, to_addr
 
@@ -72,7 +71,7 @@ class Xknock:
     def start(self):
         self.controller, self.prog_id, self.pid = sb.start_xknock(self.net, self.path)
         self.maps = FilterMaps.from_prog(self.prog_id)
-        [seq] = policy.live_sequences(self.maps).values()
+        [seq] = live_sequences(self.maps).values()
         self.uid = seq.uid
         client = self.net.client.ipv4
         self.keys = (layout.GrantKey(src=to_addr(client), proto=layout.PROTO_TCP, port=sb.GUARDED),

@@ -30,7 +30,6 @@ import ctypes
 import ipaddress
 import os
 import socket
-import sys
 import tempfile
 import time
 

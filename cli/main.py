@@ -165,12 +165,13 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, once, keep_sessions, for
 def _session_guard(config, keep_sessions, force):
     """Refuse to cut established sessions to guarded ports (the operator's own
     SSH session first of all), or grant them with --keep-sessions."""
+    from xknock.controller.kernel import clock
     from xknock.controller.state import grants, lockout
 
     at_risk = lockout.sessions_at_risk(config)
 
     def check(maps):
-        now = grants.monotonic_ns()
+        now = clock.monotonic_ns()
         left = lockout.without_grants(maps, at_risk, now)
         if not left or force:
             for session in left:

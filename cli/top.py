@@ -28,11 +28,10 @@ from dataclasses import dataclass
 
 import click
 
-from xknock.controller.state import grants
-from xknock.controller.kernel import layout
 from xknock.controller.daemon import lifecycle
-from xknock.controller.policy import policy
-from xknock.controller.kernel.maps import FilterMaps
+from xknock.controller.kernel import datapath, layout
+from xknock.controller.kernel.maps import FilterMaps, live_sequences
+from xknock.controller.state import grants
 
 LISTED = 10                   # grants and knocks in progress listed per filter
 WALK_EVERY_X_ITS_COST = 10    # a map walk uses at most about a tenth of the time
@@ -55,7 +54,7 @@ class Reading:
 
 def read(maps):
     sequences = {}
-    for seq in policy.live_sequences(maps).values():
+    for seq in live_sequences(maps).values():
         stats = maps.sequence_stats(seq.uid) or layout.SeqStats()
         sequences[seq.uid] = (seq.name.decode(errors="replace"), stats)
     settings = maps.settings.lookup(ctypes.c_uint32(maps.active_bank()))
@@ -194,7 +193,7 @@ class Top:
 
     def discover(self):
         found = {}
-        for control, atts in lifecycle.attached_filters():
+        for control, atts in datapath.attached_filters():
             if self.iface and self.iface not in [a.ifname for a in atts]:
                 continue
             view = self.views.pop(control, None)

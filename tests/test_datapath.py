@@ -333,7 +333,7 @@ def test_malformed_and_fragmented(xk, description, frame, verdict, reason):
 
 
 def _stats(xk, name):
-    from xknock.controller.policy.policy import live_sequences
+    from xknock.controller.kernel.maps import live_sequences
 
     [seq] = [s for s in live_sequences(xk.maps).values() if s.name.decode() == name]
     return xk.maps.sequence_stats(seq.uid)

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from xknock.controller.state import grants
 from xknock.controller.kernel import layout
+from xknock.controller.kernel.batch import NoBatch
 from xknock.controller.daemon import metrics
 from xknock.controller.errors import XknockError
 from xknock.controller.kernel.maps import FilterMaps
@@ -236,7 +237,7 @@ def test_count_entries_batch_and_iteration_agree(xk):
 
 def test_without_batch_lookup_entries_are_counted_by_iteration(xk, monkeypatch):
     def no_batch(*args, **kwargs):
-        raise metrics._NoBatch()
+        raise NoBatch()
         yield
 
     monkeypatch.setattr(metrics, "batches", no_batch)

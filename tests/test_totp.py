@@ -12,6 +12,7 @@ import pytest
 from xknock_dev.packets import step, tcp
 
 from xknock.controller.policy import policy, totp
+from xknock.controller.kernel.maps import live_sequences
 from xknock.controller.config import ConfigError, parse_config
 from xknock_dev.testrun import XDP_DROP, XDP_PASS
 
@@ -170,7 +171,7 @@ def test_a_spent_window_opens_nothing_more(timed):
 def test_a_stateless_apply_writes_the_current_windows(timed):
     config = totp_config()
     timed.apply(config)   # `xknock reload`, `attach --once`: no rotation object
-    live = {seq.uid for seq in policy.live_sequences(timed.maps).values()}
+    live = {seq.uid for seq in live_sequences(timed.maps).values()}
     now = time.time_ns()
     expected = {policy.sequence_uid(totp.variant(config.sequences[0], w))
                 for w in totp.live_windows(now, config.sequences[0].totp.window_ns)}

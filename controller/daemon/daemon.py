@@ -10,11 +10,12 @@ import logging
 import signal
 import time
 
-from ..state import bans, grants
-from ..kernel import layout
-from ..policy import policy, totp
 from ..config import ConfigError, load_config
 from ..errors import XknockError
+from ..kernel import layout
+from ..policy import policy, totp
+from ..spa.spa import SpaReceiver
+from ..state import bans, grants
 from .hooks import HookDispatcher
 from .sdnotify import Notifier
 
@@ -109,10 +110,8 @@ class Controller:
             if self.spa is not None:
                 self.spa.set_spa(None)   # the ring buffer stays open, and empty: no SPA port
             return
-        from ..spa import spa
-
         if self.spa is None:
-            self.spa = spa.SpaReceiver(self.attached.loaded, self.attached.maps, config.spa)
+            self.spa = SpaReceiver(self.attached.loaded, self.attached.maps, config.spa)
         else:
             self.spa.set_spa(config.spa)
 

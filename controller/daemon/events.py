@@ -9,8 +9,7 @@ import json
 import logging
 
 from ..kernel import layout
-from ..policy import policy
-from ..kernel.maps import from_addr
+from ..kernel.maps import from_addr, live_sequences
 
 log = logging.getLogger("xknock.events")
 
@@ -58,7 +57,7 @@ class EventReader:
 
     def refresh_names(self):
         """Sequence names by uid, read back from the live policy (after a reload too)."""
-        self.names = {seq.uid: seq.name.decode(errors="replace") for seq in policy.live_sequences(self.maps).values()}
+        self.names = {seq.uid: seq.name.decode(errors="replace") for seq in live_sequences(self.maps).values()}
 
     def poll(self, timeout_ms):
         self._bpf.ring_buffer_poll(timeout_ms)

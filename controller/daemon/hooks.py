@@ -28,8 +28,7 @@ import threading
 import time
 
 from ..kernel import layout
-from ..policy import policy
-from ..kernel.maps import from_addr, to_addr
+from ..kernel.maps import from_addr, live_sequences, to_addr
 
 log = logging.getLogger("xknock.hooks")
 
@@ -325,7 +324,7 @@ class HookDispatcher:
     def refresh(self):
         """uid -> (name, ports) of the live policy's sequences."""
         self.live = {}
-        for seq in policy.live_sequences(self.maps).values():
+        for seq in live_sequences(self.maps).values():
             ports = tuple((layout.PROTO_NAMES[seq.open[i].proto], seq.open[i].port) for i in range(seq.nopen))
             self.live[seq.uid] = (seq.name.decode(errors="replace"), ports)
 

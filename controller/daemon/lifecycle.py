@@ -12,13 +12,12 @@ import logging
 import os
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..kernel import datapath
-from ..policy import policy
 from ..errors import XknockError
+from ..kernel import bpfsys, datapath
 from ..kernel.maps import FilterMaps
+from ..policy import policy
 
 log = logging.getLogger("xknock")
 
@@ -154,21 +153,6 @@ def open_filter(ifname):
     return FilterMaps.from_prog(running_xknock(ifname).prog_id)
 
 
-def attached_filters():
-    """Every interface of this network namespace that runs xknock, grouped by
-    filter: [(control map id, [Attachment, ...])]."""
-    with IPRoute() as ipr:
-        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
-    groups = {}
-    for name in names:
-        with contextlib.suppress(XknockError, NetlinkError, OSError):
-            att = datapath.attachment(name)
-            if datapath.is_xknock(att):
-                control = datapath.running_map_ids(att.prog_id).get("control")
-                groups.setdefault(control, []).append(att)
-    return sorted(groups.items(), key=lambda item: item[1][0].ifname)
-
-
 def detach(ifname):
     """Detach xknock from ifname; remove its pins when no other interface of
     this namespace still uses its maps. Returns what was detached."""
@@ -179,7 +163,7 @@ def detach(ifname):
         datapath.xdp_detach(att.ifindex, att.mode)
     except NetlinkError as err:
         raise XknockError(f"detaching from {ifname} failed: {datapath.netlink_reason(err)}")
-    still_used = any(control == cid for cid, _ in attached_filters())
+    still_used = any(control == cid for cid, _ in datapath.attached_filters())
     if not still_used:
         for directory in _pin_dirs_of(control):
             datapath.remove_pins(directory)
@@ -188,8 +172,6 @@ def detach(ifname):
 
 def _pin_dirs_of(control_map_id):
     """Pin directories (in this mount namespace) whose control map is this one."""
-    from ..kernel import bpfsys
-
     found = []
     if not os.path.isdir(datapath.PIN_ROOT):
         return found

@@ -19,11 +19,9 @@ alerts in dashboards/alerts.yml fire.
 """
 
 import ctypes
-import errno
 import importlib.metadata
 import ipaddress
 import logging
-import os
 import struct
 import threading
 import time
@@ -32,18 +30,18 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..kernel import bpfsys, datapath, layout
-from ..policy import policy
 from ..config import config_hash
 from ..errors import XknockError
-from ..state.grants import monotonic_ns
+from ..kernel import bpfsys, datapath, layout
+from ..kernel.batch import NoBatch, OverBudget, batches
+from ..kernel.clock import monotonic_ns
+from ..kernel.maps import live_sequences
 
 log = logging.getLogger("xknock.metrics")
 
 DEFAULT_PORT = 9798          # the conventional port; metrics are off unless --metrics-addr is given
 SAMPLE_EVERY_S = 30.0
 SAMPLE_BUDGET_S = 5.0        # per map and round: beyond it the map keeps its previous count
-BATCH_ENTRIES = 4096         # entries per BPF_MAP_LOOKUP_BATCH call
 
 # Maps whose number of entries changes: counted by the sampler. The arrays
 # (control, settings, seqs, counters) are always full by construction.
@@ -140,74 +138,7 @@ def parse_addr(text):
 
 # --- counting map entries ------------------------------------------------------
 
-class _BatchOpts(ctypes.Structure):
-    """struct bpf_map_batch_opts (libbpf)."""
-
-    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
-
-
 _PER_CPU_TYPES = {5, 6, 10}    # BPF_MAP_TYPE_PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
-_NO_BATCH_ERRNOS = {errno.EINVAL, errno.EOPNOTSUPP, 524}   # 524: the kernel's ENOTSUPP
-_batch_fn = None
-
-
-def _lookup_batch():
-    global _batch_fn
-    if _batch_fn is None:
-        fn = bpfsys.lib().bpf_map_lookup_batch
-        vp = ctypes.c_void_p
-        fn.argtypes = [ctypes.c_int, vp, vp, vp, vp, ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(_BatchOpts)]
-        fn.restype = ctypes.c_int
-        _batch_fn = fn
-    return _batch_fn
-
-
-class _NoBatch(Exception):
-    """This map type has no batch operations."""
-
-
-class _OverBudget(Exception):
-    """Counting went past its deadline."""
-
-
-def _errno_of(ret):
-    return -ret if ret < -1 else ctypes.get_errno()
-
-
-def batches(fd, key_size, value_size, deadline=None, chunk=BATCH_ENTRIES):
-    """Yield (n, keys buffer, values buffer) chunks of a whole map through
-    BPF_MAP_LOOKUP_BATCH. value_size is per element as the syscall lays it out
-    (per-CPU maps: rounded up to 8 bytes, times the CPUs). Raises _NoBatch when
-    the map type does not support it, _OverBudget past deadline."""
-    fn = _lookup_batch()
-    token_in = ctypes.create_string_buffer(max(key_size, 8))
-    token_out = ctypes.create_string_buffer(max(key_size, 8))
-    opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
-    keys = values = None
-    first = True
-    while True:
-        if keys is None:
-            keys = ctypes.create_string_buffer(key_size * chunk)
-            values = ctypes.create_string_buffer(value_size * chunk)
-        count = ctypes.c_uint32(chunk)
-        ret = fn(fd, None if first else token_in, token_out, keys, values, ctypes.byref(count), ctypes.byref(opts))
-        err = _errno_of(ret) if ret < 0 else 0
-        if err in _NO_BATCH_ERRNOS and first:
-            raise _NoBatch()
-        if err == errno.ENOSPC:        # one hash bucket holds more than chunk entries
-            chunk *= 4
-            keys = None
-            continue
-        if err not in (0, errno.ENOENT):
-            raise bpfsys.BpfError(err, f"map batch lookup: {os.strerror(err)}")
-        if count.value:
-            yield count.value, keys, values
-        if err == errno.ENOENT:
-            return
-        if deadline is not None and time.monotonic() > deadline:
-            raise _OverBudget()
-        ctypes.memmove(token_in, token_out, len(token_in))
-        first = False
 
 
 def _value_size(info):
@@ -219,7 +150,7 @@ def _value_size(info):
 def count_entries(m, budget_s=SAMPLE_BUDGET_S, per_batch=None):
     """Entries of a Map now, or None when counting took longer than budget_s.
     per_batch(n, keys, values), when given, sees every batch; then a map
-    without batch lookup raises _NoBatch instead of being walked."""
+    without batch lookup raises NoBatch instead of being walked."""
     deadline = time.monotonic() + budget_s
     info = bpfsys.map_info(m.fd)
     try:
@@ -229,12 +160,12 @@ def count_entries(m, budget_s=SAMPLE_BUDGET_S, per_batch=None):
             if per_batch:
                 per_batch(n, keys, values)
         return total
-    except _NoBatch:
+    except NoBatch:
         pass
-    except _OverBudget:
+    except OverBudget:
         return None
     if per_batch:
-        raise _NoBatch()
+        raise NoBatch()
     total = 0
     for total, _ in enumerate(m.keys(), 1):
         if total % 1024 == 0 and time.monotonic() > deadline:
@@ -299,7 +230,7 @@ class MapSampler:
 
     def _count_progress(self, maps, m):
         """(entries, knocks in progress): progress neither completed nor timed out."""
-        seqs = {seq.uid: (seq.nsteps, seq.step_timeout_ns // 1000) for seq in policy.live_sequences(maps).values()}
+        seqs = {seq.uid: (seq.nsteps, seq.step_timeout_ns // 1000) for seq in live_sequences(maps).values()}
         now_us = self.now_ns() // 1000
         key_size = ctypes.sizeof(layout.ProgressKey)
         uid_of = struct.Struct("<16xI")
@@ -319,7 +250,7 @@ class MapSampler:
 
         try:
             counted = count_entries(m, self.budget_s, per_batch)
-        except _NoBatch:   # no batch lookup on this kernel: entries only
+        except NoBatch:   # no batch lookup on this kernel: entries only
             return count_entries(m, self.budget_s), None
         return counted, (in_progress if counted is not None else None)
 
@@ -327,7 +258,7 @@ class MapSampler:
         """(occupied slots, first steps still fresh) of the first-step filter.
         A slot does not say its sequence: fresh means younger than the
         longest step timeout of the live multi-step sequences."""
-        timeouts = [seq.step_timeout_ns // 1000 for seq in policy.live_sequences(maps).values() if seq.nsteps > 1]
+        timeouts = [seq.step_timeout_ns // 1000 for seq in live_sequences(maps).values() if seq.nsteps > 1]
         longest_us = max(timeouts, default=0)
         now_low = (self.now_ns() // 1000) & 0xFFFFFFFF
         occupied = fresh = 0
@@ -341,7 +272,7 @@ class MapSampler:
 
         try:
             counted = count_entries(m, self.budget_s, per_batch)
-        except _NoBatch:
+        except NoBatch:
             return None, None
         return (occupied, fresh) if counted is not None else (None, None)
 
@@ -495,7 +426,7 @@ class XknockCollector:
                 packets.add_metric([iface, verdict, reason.name.lower()], counters[reason])
         families.append(packets)
 
-        sequences = policy.live_sequences(maps)
+        sequences = live_sequences(maps)
         knocks = CounterMetricFamily(
             "xknock_knocks_total",
             "Knocks of each live sequence by what they did: advanced a step, completed the sequence, reset "

@@ -295,3 +295,18 @@ def netlink_reason(err):
     if code == errno.EBUSY or code == errno.EEXIST:
         return "another XDP program is attached (in this or another mode)"
     return os.strerror(code) if code else str(err)
+
+
+def attached_filters():
+    """Every interface of this network namespace that runs xknock, grouped by
+    filter: [(control map id, [Attachment, ...])]."""
+    with IPRoute() as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    groups = {}
+    for name in names:
+        with contextlib.suppress(XknockError, NetlinkError, OSError):
+            att = attachment(name)
+            if is_xknock(att):
+                control = running_map_ids(att.prog_id).get("control")
+                groups.setdefault(control, []).append(att)
+    return sorted(groups.items(), key=lambda item: item[1][0].ifname)

@@ -5,6 +5,7 @@ can read it."""
 
 import ctypes
 
+from .batch import batches
 from .maps import to_addr
 
 MASK32 = 0xFFFFFFFF
@@ -47,8 +48,6 @@ def held(maps, source, uid):
 def fresh(maps, longest_timeout_us, now_us):
     """How many first steps the filter holds that are younger than
     longest_timeout_us (a slot does not say its sequence)."""
-    from ..daemon.metrics import batches   # the batch reader of the metrics sampler
-
     now_low = now_us & MASK32
     count = 0
     for n, _, values in batches(maps.firsts.fd, 4, 8):

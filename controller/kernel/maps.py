@@ -9,8 +9,9 @@ import ctypes
 import ipaddress
 import os
 
-from . import bpfsys, layout
 from ..errors import XknockError
+from . import bpfsys, layout
+from .datapath import running_map_ids
 
 
 def to_addr(ip):
@@ -121,8 +122,6 @@ class FilterMaps:
 
     @classmethod
     def from_prog(cls, prog_id):
-        from .datapath import running_map_ids
-
         ids = running_map_ids(prog_id)
         missing = [name for name in layout.MAPS if name not in ids]
         if missing:
@@ -198,3 +197,15 @@ class FilterMaps:
             for field, _ in layout.SeqStats._fields_:
                 setattr(total, field, getattr(total, field) + getattr(value, field))
         return total
+
+
+def live_sequences(maps):
+    """slot -> layout.Seq for the live bank's sequences."""
+    bank = maps.active_bank()
+    found = {}
+    for i in range(layout.MAX_SEQUENCES):
+        slot = bank * layout.MAX_SEQUENCES + i
+        seq = maps.seqs.lookup(ctypes.c_uint32(slot))
+        if seq is not None and seq.nsteps:
+            found[slot] = seq
+    return found

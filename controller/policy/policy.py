@@ -7,9 +7,7 @@ sees either the old policy or the new one, never a mix; a failure before the
 flip leaves the running policy untouched.
 """
 
-import contextlib
 import ctypes
-import fcntl
 import ipaddress
 import os
 import time
@@ -18,11 +16,11 @@ from dataclasses import dataclass, field
 from ..config import BAN_SCOPES, spa_config
 from ..errors import XknockError
 from ..kernel import bpfsys, layout
+from ..kernel.lock import map_lock
 from ..kernel.maps import to_addr
 from . import totp
 from .uid import sequence_uid
 
-LOCK_DIR = "/run/xknock"
 # After the flip, programs already running may still read the old bank. XDP
 # runs to completion in softirq context within microseconds; this is ample.
 FLIP_GRACE_S = 0.01
@@ -120,20 +118,6 @@ def _port(policy, step):
     return policy.ports[key]
 
 
-@contextlib.contextmanager
-def map_lock(maps):
-    """One writer at a time per filter (the daemon, `xknock reload`, `grant`),
-    keyed by the control map's id so it holds across mount namespaces."""
-    os.makedirs(LOCK_DIR, exist_ok=True)
-    path = os.path.join(LOCK_DIR, f"filter-{maps.control.id}.lock")
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def apply_policy(maps, config):
     """Make config the live policy. Returns the bank now live."""
     with map_lock(maps):
@@ -197,15 +181,3 @@ def _forget_stats_except(maps, uids):
     for key in [k.value for k in maps.seqstats.keys()]:
         if key not in uids:
             maps.seqstats.delete(ctypes.c_uint32(key))
-
-
-def live_sequences(maps):
-    """slot -> layout.Seq for the live bank's sequences."""
-    bank = maps.active_bank()
-    found = {}
-    for i in range(layout.MAX_SEQUENCES):
-        slot = bank * layout.MAX_SEQUENCES + i
-        seq = maps.seqs.lookup(ctypes.c_uint32(slot))
-        if seq is not None and seq.nsteps:
-            found[slot] = seq
-    return found

@@ -18,11 +18,14 @@ import ipaddress
 import logging
 import time
 
-from ..state import grants
-from ..kernel import layout
-from ..wire import spa_message
 from ..errors import XknockError
+from ..kernel import clock, layout
+from ..kernel.lock import map_lock
 from ..kernel.maps import from_addr, to_addr
+from ..state import grants
+from ..wire import spa_message
+from . import spa_replay
+from .spa_replay import ReplayCacheError
 
 log = logging.getLogger("xknock.spa")
 
@@ -97,8 +100,6 @@ class SpaVerifier:
         except spa_message.SpaFormatError as err:
             return Verdict(Reason.SPA_MALFORMED, err.outcome, user.name)
         # Authentic from here on: remember it before anything can grant.
-        from .spa_replay import ReplayCacheError
-
         try:
             self.replay.add(digest, message.timestamp)
         except ReplayCacheError as err:   # unrecorded means replayable: refuse
@@ -152,8 +153,6 @@ class SpaVerifier:
 def open_replay_cache(spa):
     """The digest cache of [spa], loaded and pruned; XknockError when it cannot
     be trusted (then no SPA packet is accepted: better shut than replayable)."""
-    from . import spa_replay
-
     try:
         cache = spa_replay.ReplayCache(spa.replay_cache)
         cache.prune(time.time(), spa.max_age_ns / 1e9)
@@ -206,7 +205,7 @@ class SpaReceiver:
         """A source whose SPA was accepted: past the total rate, the kernel
         still queues its packets (xknock_spa.h)."""
         try:
-            self.maps.spa_known.update(to_addr(source), ctypes.c_uint64(grants.monotonic_ns()))
+            self.maps.spa_known.update(to_addr(source), ctypes.c_uint64(clock.monotonic_ns()))
         except OSError as err:   # an LRU never fills; anything else must not stop the receiver
             log.warning("could not remember a SPA source", extra={"fields": {"error": str(err)}})
 
@@ -232,7 +231,7 @@ class SpaReceiver:
             fields["ports"] = ",".join(f"{proto}:{port}" for proto, port in verdict.ports)
             fields["open_for"] = f"{verdict.open_for_ns // 1_000_000_000}s"
             if arrived_ns:
-                fields["latency_ms"] = f"{(grants.monotonic_ns() - arrived_ns) / 1e6:.2f}"
+                fields["latency_ms"] = f"{(clock.monotonic_ns() - arrived_ns) / 1e6:.2f}"
             log.info("spa_accepted", extra={"fields": fields})
         else:
             fields["why"] = verdict.detail
@@ -253,8 +252,6 @@ class SpaReceiver:
         self.next_flush = time.monotonic() + FLUSH_EVERY_S
         pending, self.pending = self.pending, {}
         if pending:
-            from ..policy import policy
-
-            with policy.map_lock(self.maps):
+            with map_lock(self.maps):
                 for reason, n in pending.items():
                     self.maps.count_by_controller(reason, n)

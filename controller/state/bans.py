@@ -8,8 +8,8 @@ import ipaddress
 from dataclasses import dataclass
 
 from ..kernel import layout
-from ..policy import policy
-from .grants import monotonic_ns
+from ..kernel.clock import monotonic_ns
+from ..kernel.lock import map_lock
 from ..kernel.maps import from_addr, to_addr
 
 
@@ -33,7 +33,7 @@ def list_bans(maps, now=None):
 def unban(maps, source):
     """Lift the ban of source and forget its failures. Returns whether it was banned."""
     key = to_addr(ipaddress.ip_address(source))
-    with policy.map_lock(maps):
+    with map_lock(maps):
         maps.failures.delete(key)
         removed = maps.bans.delete(key)
         maps.count_by_controller(layout.Reason.BAN_REMOVED, int(removed))
@@ -44,7 +44,7 @@ def expire_bans(maps, now=None):
     """Delete bans that are over. Returns how many."""
     now = monotonic_ns() if now is None else now
     removed = 0
-    with policy.map_lock(maps):
+    with map_lock(maps):
         for raw in [bytes(k) for k in maps.bans.keys()]:
             key = layout.Addr.from_buffer_copy(raw)
             ban = maps.bans.lookup(key)

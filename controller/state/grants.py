@@ -6,18 +6,13 @@ dead grants nobody touched again, so the map does not fill with them.
 """
 
 import ipaddress
-import time
 from dataclasses import dataclass
 
-from ..kernel import bpfsys, firsts, layout
-from ..policy import policy
 from ..errors import XknockError
-from ..kernel.maps import from_addr, to_addr
-
-
-def monotonic_ns():
-    """The data path's clock: bpf_ktime_get_ns() is CLOCK_MONOTONIC."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+from ..kernel import bpfsys, firsts, layout
+from ..kernel.clock import monotonic_ns
+from ..kernel.lock import map_lock
+from ..kernel.maps import from_addr, live_sequences, to_addr
 
 
 class GrantsFull(XknockError):
@@ -77,7 +72,7 @@ def write_grants(maps, source, ports, for_ns, idle_ns, now=None, seq_uid=0, flag
     value.flags = flags
     keys = [layout.GrantKey(src=to_addr(ipaddress.ip_address(source)), proto=layout.PROTO_NUMBERS[proto], port=port)
             for proto, port in ports]
-    with policy.map_lock(maps):
+    with map_lock(maps):
         created = []
         for key in keys:
             fresh = maps.grants.lookup(key) is None
@@ -99,7 +94,7 @@ def revoke(maps, source):
     """End every grant and knock in progress of source. Returns grants removed."""
     wanted = bytes(to_addr(ipaddress.ip_address(source)).b)
     removed = 0
-    with policy.map_lock(maps):
+    with map_lock(maps):
         for raw in [bytes(k) for k in maps.grants.keys()]:
             key = layout.GrantKey.from_buffer_copy(raw)
             if bytes(key.src.b) == wanted and maps.grants.delete(key):
@@ -108,14 +103,14 @@ def revoke(maps, source):
             key = layout.ProgressKey.from_buffer_copy(raw)
             if bytes(key.src.b) == wanted:
                 maps.progress.delete(key)
-        firsts.forget(maps, source, [seq.uid for seq in policy.live_sequences(maps).values()])
+        firsts.forget(maps, source, [seq.uid for seq in live_sequences(maps).values()])
         maps.count_by_controller(layout.Reason.GRANT_REMOVED, removed)
     return removed
 
 
 def list_grants(maps, now=None):
     now = monotonic_ns() if now is None else now
-    names = {seq.uid: seq.name.decode(errors="replace") for seq in policy.live_sequences(maps).values()}
+    names = {seq.uid: seq.name.decode(errors="replace") for seq in live_sequences(maps).values()}
     views = []
     for key, val in maps.grants.items():
         views.append(GrantView(
@@ -141,7 +136,7 @@ def expire_grants(maps, now=None):
     """Delete grants dead on both clocks. Returns how many."""
     now = monotonic_ns() if now is None else now
     removed = 0
-    with policy.map_lock(maps):
+    with map_lock(maps):
         for raw in [bytes(k) for k in maps.grants.keys()]:
             key = layout.GrantKey.from_buffer_copy(raw)
             val = maps.grants.lookup(key)
@@ -160,7 +155,7 @@ def knocks_in_progress(maps, limit=50, now=None):
     at their first step are counted but not listed: the first-step filter
     keeps a hash of the source, not the source."""
     now_us = (monotonic_ns() if now is None else now) // 1000
-    seqs = {seq.uid: seq for seq in policy.live_sequences(maps).values()}
+    seqs = {seq.uid: seq for seq in live_sequences(maps).values()}
     longest_us = max((seq.step_timeout_ns // 1000 for seq in seqs.values() if seq.nsteps > 1), default=0)
     total, shown = firsts.fresh(maps, longest_us, now_us), []
     for key in maps.progress.keys():

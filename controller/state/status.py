@@ -2,18 +2,17 @@
 
 import ctypes
 
-from . import bans, grants
 from ..kernel import layout
-from ..policy import policy
-from ..daemon.lifecycle import attached_filters
-from ..kernel.maps import FilterMaps
+from ..kernel.datapath import attached_filters
+from ..kernel.maps import FilterMaps, live_sequences
+from . import bans, grants
 
 
 def live_policy(maps):
     """The live bank as the operator wrote it: mode and sequences with steps."""
     bank = maps.active_bank()
     settings = maps.settings.lookup(ctypes.c_uint32(bank))
-    seqs = policy.live_sequences(maps)
+    seqs = live_sequences(maps)
     steps = {slot: {} for slot in seqs}
     for key, val in maps.ports.items():
         if key.bank != bank or not val.flags & layout.PORT_KNOCK:
