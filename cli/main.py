@@ -4,17 +4,26 @@ import ipaddress
 import json
 import logging
 import os
-import sys
 import time
 
 import click
 
+from xknock.cli.common import fail_cleanly
+from xknock.cli.importers import import_
+from xknock.cli.spa import keygen, spa
+from xknock.cli.top import top
+from xknock.controller.config import DEFAULT_PATH, load_config, parse_duration, parse_step
 from xknock.controller.daemon import lifecycle
-from xknock.controller.config import DEFAULT_PATH, ConfigError, load_config, parse_duration, parse_step
-from xknock.controller.errors import XknockError
 from xknock.controller.daemon.events import setup_logging
+from xknock.controller.errors import XknockError
 
 log = logging.getLogger("xknock")
+
+# Commands import the controller modules only they use inside their function
+# (the daemon, prometheus-client's metrics, status, grants, the knock client):
+# start-up time, for `xknock knock` on a client and for shell completion, which
+# runs the program at every <Tab>. None of these imports hides a cycle:
+# tests/test_structure.py checks that.
 
 
 class StepType(click.ParamType):
@@ -50,29 +59,6 @@ class AddressType(click.ParamType):
 
 
 STEP, DURATION, ADDRESS = StepType(), DurationType(), AddressType()
-
-
-def fail_cleanly(fn):
-    """Every expected failure is one line on stderr and exit status 1."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        from xknock.controller.kernel.bpfsys import BpfError
-
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as err:
-            for line in str(err).splitlines():
-                click.echo(f"xknock: {line}", err=True)
-            sys.exit(1)
-        except (XknockError, BpfError, NetlinkError, OSError) as err:
-            click.echo(f"xknock: {err}", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 def _load(config_path):
@@ -385,16 +371,8 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
     click.echo(f"knocked {host}: {' '.join(str(s) for s in steps)}")
 
 
-from xknock.cli.top import top  # noqa: E402
-
 main.add_command(top)
-
-from xknock.cli.importers import import_  # noqa: E402
-
 main.add_command(import_, name="import")
-
-from xknock.cli.spa import keygen, spa  # noqa: E402
-
 main.add_command(spa)
 main.add_command(keygen)
 

@@ -2,7 +2,7 @@
 
 import click
 
-from xknock.cli.main import fail_cleanly
+from xknock.cli.common import fail_cleanly
 from xknock.controller.wire import spa_message
 from xknock.controller.client.spa_client import DEFAULT_PORT, parse_access, send_spa
 from xknock.controller.wire.spa_keys import (

@@ -20,7 +20,6 @@ The screen is redrawn with ANSI escapes (home, clear to the end), no curses.
 """
 
 import ctypes
-import functools
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 
 import click
 
+from xknock.cli.common import fail_cleanly
 from xknock.controller.daemon import lifecycle
 from xknock.controller.kernel import datapath, layout
 from xknock.controller.kernel.maps import FilterMaps, live_sequences
@@ -248,20 +248,6 @@ def run(iface, interval, once, out=sys.stdout):
             next_at = max(next_at + interval, time.monotonic())
     finally:
         view.close()
-
-
-def fail_cleanly(fn):
-    """cli/main.py's fail_cleanly, looked up when the command runs: main.py
-    imports this module at its end, so importing main here at import time would
-    be circular when main.py runs as __main__ (`python -m xknock.cli.main`)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from xknock.cli.main import fail_cleanly as main_fail_cleanly
-
-        return main_fail_cleanly(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 @click.command(epilog="""\b
