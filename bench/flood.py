@@ -121,17 +121,12 @@ for line in sys.stdin:
 """
 
 # `xknock attach --once` with build-time defines (map sizes such as
-# XK_PROGRESS_ENTRIES): the CLI has no option for it, so this wraps the compile.
+# XK_PROGRESS_ENTRIES): the CLI has no option for them, attach() has cflags.
 SCALED_ATTACH = r"""
 import sys
-from xknock.controller import datapath, lifecycle
 from xknock.controller.config import load_config
-extra = sys.argv[3:]
-original = datapath.compile_and_load
-def compile_and_load(directory, cflags=(), test_clock=False):
-    return original(directory, cflags=[*cflags, *extra], test_clock=test_clock)
-datapath.compile_and_load = compile_and_load
-lifecycle.attach([sys.argv[1]], load_config(sys.argv[2]))
+from xknock.controller.daemon import lifecycle
+lifecycle.attach([sys.argv[1]], load_config(sys.argv[2]), cflags=sys.argv[3:])
 print("attached", flush=True)
 """
 

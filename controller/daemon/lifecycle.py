@@ -40,11 +40,13 @@ class Attached:
     replaced: dict       # ifname -> old program id, where one was replaced
 
 
-def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None):
+def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cflags=()):
     """Attach one filter, sharing one set of maps, to every interface in
     ifnames: all of them or, when one fails, none (each is put back as it was).
     before_attach(maps) runs once the policy is written and before any
-    interface is touched; raising there attaches nothing."""
+    interface is touched; raising there attaches nothing. cflags: extra
+    compiler flags, such as -DXK_PROGRESS_ENTRIES=... (benchmarks); the CLI
+    passes none."""
     require_root()
     if xdp_mode not in XDP_MODES:
         raise XknockError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}")
@@ -68,7 +70,7 @@ def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None):
     datapath.ensure_bpffs()
     if adopted_from:
         datapath.repin(adopted_from, directory)
-    loaded = datapath.compile_and_load(directory)
+    loaded = datapath.compile_and_load(directory, cflags=cflags)
     maps = FilterMaps.from_prog(loaded.prog_id)
     modes, replaced, done = {}, {}, []
     try:

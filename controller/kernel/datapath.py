@@ -209,6 +209,8 @@ class Loaded:
 def compile_and_load(directory, cflags=(), test_clock=False):
     """Compile the program with its maps pinned in directory (existing pins are
     re-adopted) and load it. Raises XknockError with what to do next."""
+    # bcc here, not at the top: importing it takes a while (it loads libbcc
+    # and LLVM), and only attach compiles; status, grant, knock... never do.
     try:
         from bcc import BPF
     except ImportError as err:
@@ -233,8 +235,6 @@ def compile_and_load(directory, cflags=(), test_clock=False):
 def check_pinned_layout(directory):
     """BCC re-adopts a pinned map by name whatever its layout; a map of another
     version of xknock would then be misread. Refuse, saying what to do."""
-    import ctypes
-
     for name, (key_type, value_type) in layout.MAPS.items():
         path = os.path.join(directory, name)
         if not os.path.exists(path):
