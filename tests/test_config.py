@@ -1,4 +1,4 @@
-"""controller/config.py: every rule of the config file, as a table of cases,
+"""controller/config/: every rule of the config file, as a table of cases,
 plus the step and duration parsers it is built from."""
 
 import ipaddress

@@ -67,7 +67,7 @@ from xknock_dev.testrun import XDP_DROP, XDP_PASS
 FRAMES = int(os.environ.get("XK_FUZZ_FRAMES", "100000"))
 VALID_SHARE = 0.3
 
-GUARDED = {("tcp", 22), ("tcp", 443), ("udp", 443)}   # tests/conftest.py EXAMPLE_CONFIG
+GUARDED = {("tcp", 22), ("tcp", 443), ("udp", 443)}   # xknock_dev/example.py EXAMPLE_CONFIG
 ALLOWED = [ipaddress.ip_network("192.0.2.10/32"), ipaddress.ip_network("2001:db8:a::/48")]
 SRC4 = ipaddress.ip_address("198.51.100.7").packed
 SRC6 = ipaddress.ip_address("2001:db8:77::7").packed

@@ -1,4 +1,4 @@
-"""`xknock import fwknop` (controller/fwknop_import.py): a realistic
+"""`xknock import fwknop` (controller/importers/fwknop_import.py): a realistic
 access.conf with convertible and unconvertible stanzas; every setting that is
 not carried over is reported, and the keys still verify real fwknop packets."""
 

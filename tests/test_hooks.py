@@ -1,4 +1,4 @@
-"""controller/hooks.py: hook commands run with an exact environment, never
+"""controller/daemon/hooks.py: hook commands run with an exact environment, never
 through a shell of ours, killed at their timeout, dropped beyond max_running;
 and, on the real program with the test clock, on_open / on_close / on_ban run
 from ring-buffer events, the sweep and revoke."""

@@ -1,4 +1,4 @@
-"""The SPA client (controller/spa_client.py, `xknock spa`, `xknock keygen`):
+"""The SPA client (controller/client/spa_client.py, `xknock spa`, `xknock keygen`):
 real UDP sockets on loopback receive the packet; our decoder and the real
 fwknopd both accept it."""
 

@@ -1,4 +1,4 @@
-"""SPA keys (controller/spa_keys.py) in `fwknop --key-gen` format, and the
+"""SPA keys (controller/wire/spa_keys.py) in `fwknop --key-gen` format, and the
 real fwknop client using keys we generate."""
 
 import base64

@@ -1,4 +1,4 @@
-"""fwknop's SPA format (controller/spa_message.py) against the real thing:
+"""fwknop's SPA format (controller/wire/spa_message.py) against the real thing:
 known-answer vectors from the fwknop client (committed, and fresh ones when
 /usr/bin/fwknop is installed), our packets judged by the real fwknopd, every
 rejection, and fuzzing: only SpaFormatError or a valid result, whatever the

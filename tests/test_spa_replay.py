@@ -1,4 +1,4 @@
-"""The SPA replay cache (controller/spa_replay.py): durable, survives a
+"""The SPA replay cache (controller/spa/spa_replay.py): durable, survives a
 reopen (a controller restart), pruned by message age, and refuses to run on a
 file it cannot trust."""
 

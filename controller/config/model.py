@@ -96,14 +96,14 @@ class Sequence:
     # alike compare equal whatever their hooks.
     on_open: tuple[str, ...] = dataclasses.field(default=(), compare=False)
     on_close: tuple[str, ...] = dataclasses.field(default=(), compare=False)
-    # A time-based sequence (controller/totp.py): knock is empty, the ports
+    # A time-based sequence (policy/totp.py): knock is empty, the ports
     # of each window come from totp; totp.variant() makes the concrete ones.
     totp: object = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Hooks:
-    """[hooks]: how hook commands run (controller/hooks.py)."""
+    """[hooks]: how hook commands run (daemon/hooks.py)."""
 
     timeout_ns: int = DEFAULT_HOOK_TIMEOUT_NS   # a hook still running after this is killed
     max_running: int = DEFAULT_HOOK_MAX_RUNNING  # hooks started beyond this are dropped, not queued

@@ -1,5 +1,5 @@
 """The controller's loop: events to the log, SIGHUP reloads, grant sweeping,
-hooks (controller/hooks.py) run for grants opened and closed and for bans.
+hooks (daemon/hooks.py) run for grants opened and closed and for bans.
 
 The controller is never on the packet path. When it stops (SIGINT, SIGTERM,
 or killed) the filter stays attached and enforcing; a later `xknock attach`
@@ -52,7 +52,7 @@ class Controller:
         self.events = events
         self.metrics = metrics   # a metrics.MetricsServer, or None
         self.signals = signals or Signals().install()
-        # on_open / on_close / on_ban (controller/hooks.py): fed by the events and the sweep.
+        # on_open / on_close / on_ban (daemon/hooks.py): fed by the events and the sweep.
         self.hooks = hooks if hooks is not None else HookDispatcher(attached.maps, config, ifnames)
         if events is not None:
             events.hooks = self.hooks

@@ -50,7 +50,7 @@ def lpm_key(network, bank):
 
 def compile_policy(config, bank, cpus=None):
     """cpus: how many CPUs share the SPA total rate (default: those online).
-    Time-based sequences become their live windows' sequences (controller/totp.py)."""
+    Time-based sequences become their live windows' sequences (policy/totp.py)."""
     if any(seq.totp is not None for seq in config.sequences):
         config = totp.Rotation(config).concrete()
     settings = layout.Settings()
