@@ -145,9 +145,9 @@ def bench_scrape(quick):
     program loaded with BPF_PROG_TEST_RUN's harness (no interface needed)."""
     from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
-    from xknock.controller.state import grants
     from xknock.controller.daemon import metrics
     from xknock.controller.kernel.maps import live_sequences
+    from xknock.controller.state import grants
 
     sizes = ScrapeSizes(quick)
     rng = random.Random(11)

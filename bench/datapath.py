@@ -16,11 +16,10 @@ import ipaddress
 import random
 import time
 
-from xknock.controller.kernel import bpfsys, layout
-from xknock.controller.state import grants
-from xknock.controller.kernel.maps import live_sequences
 from xknock.controller.config import parse_config
-from xknock.controller.kernel.maps import to_addr
+from xknock.controller.kernel import bpfsys, layout
+from xknock.controller.kernel.maps import live_sequences, to_addr
+from xknock.controller.state import grants
 from xknock_dev.testrun import VERDICT_NAMES, XDP_DROP, XDP_PASS, Harness
 
 from . import common, xdpfilter

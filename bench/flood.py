@@ -41,14 +41,13 @@ import sys
 import threading
 import time
 
-from xknock.controller.kernel import bpfsys, layout
-from xknock.controller.kernel.batch import batches
 from xknock.controller.client import knockclient
 from xknock.controller.daemon import metrics
-from xknock.controller.kernel.maps import live_sequences
+from xknock.controller.kernel import bpfsys, layout
+from xknock.controller.kernel.batch import batches
+from xknock.controller.kernel.maps import FilterMaps, live_sequences, to_addr
 from xknock_dev import traffic
 from xknock_dev.lab import HELPER_PYTHON, lab, stop_process
-from xknock.controller.kernel.maps import FilterMaps, to_addr
 
 from . import common
 

@@ -301,10 +301,10 @@ def verifications(seconds):
     recorded in the replay cache with an fsync, judged; no map write)."""
     import ipaddress
 
-    from xknock.controller.wire import spa_message
     from xknock.controller.config import parse_config
     from xknock.controller.spa.spa import SpaVerifier
     from xknock.controller.spa.spa_replay import ReplayCache
+    from xknock.controller.wire import spa_message
 
     key, hmac_key = os.urandom(32), os.urandom(64)
     spa = parse_config(XKNOCK_SPA_CONF % {"port": SPA_PORT, "cache": "/unused", "key": base64.b64encode(key).decode(),

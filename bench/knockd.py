@@ -30,9 +30,8 @@ import tempfile
 import time
 
 from xknock.controller.kernel import layout
-from xknock.controller.kernel.maps import live_sequences
+from xknock.controller.kernel.maps import FilterMaps, live_sequences, to_addr
 from xknock_dev.lab import lab, stop_process
-from xknock.controller.kernel.maps import FilterMaps, to_addr
 
 from . import common, sidebyside as sb
 

@@ -33,11 +33,11 @@ import socket
 import tempfile
 import time
 
-from xknock.controller.kernel import bpfsys, datapath
-from xknock.controller.policy import policy
 from xknock.controller.config import parse_config
-from xknock_dev.lab import lab
+from xknock.controller.kernel import bpfsys, datapath
 from xknock.controller.kernel.maps import FilterMaps
+from xknock.controller.policy import policy
+from xknock_dev.lab import lab
 
 from . import common, sidebyside as sb
 

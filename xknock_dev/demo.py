@@ -9,8 +9,8 @@ import sys
 import tempfile
 import time
 
-from xknock_dev import lab
 from xknock.controller.wire import spa_keys
+from xknock_dev import lab
 
 XKNOCK = os.path.join(os.path.dirname(sys.executable), "xknock")
 

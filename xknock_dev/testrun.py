@@ -11,8 +11,8 @@ import shutil
 import uuid
 
 from xknock.controller.kernel import bpfsys, datapath, layout
-from xknock.controller.policy import policy
 from xknock.controller.kernel.maps import FilterMaps
+from xknock.controller.policy import policy
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICT_NAMES = {XDP_ABORTED: "ABORTED", XDP_DROP: "DROP", XDP_PASS: "PASS", XDP_TX: "TX", XDP_REDIRECT: "REDIRECT"}

@@ -13,8 +13,8 @@ import getpass
 import ipaddress
 import socket
 
-from ..wire import spa_message
 from ..errors import XknockError
+from ..wire import spa_message
 from .knockclient import resolve, with_port
 
 DEFAULT_PORT = 62201   # fwknop's

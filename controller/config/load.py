@@ -355,8 +355,6 @@ def _parse_sequence(report, place, name, table):
     check_keys(report, place, table, SEQUENCE_KEYS)
     totp = None
     if table.get("totp", False) is True:
-        from . import totp_config
-
         knock = ()
         totp = totp_config.parse_totp(report, place, table, report.path, layout.MAX_STEPS)
     else:

@@ -21,8 +21,8 @@ from importlib import resources
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import bpfsys, layout
 from ..errors import XknockError
+from . import bpfsys, layout
 
 PROG_NAME = "xdp_knock"
 BPFFS = "/sys/fs/bpf"
