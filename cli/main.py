@@ -20,9 +20,9 @@ from xknock.controller.errors import XknockError
 log = logging.getLogger("xknock")
 
 # Commands import the controller modules only they use inside their function
-# (the daemon, prometheus-client's metrics, status, grants, the knock client):
-# start-up time, for `xknock knock` on a client and for shell completion, which
-# runs the program at every <Tab>. None of these imports hides a cycle:
+# (the daemon, prometheus-client's metrics, status, grants, the knock client),
+# so that the other commands, shell completion (which runs the program at every
+# <Tab>) and --help do not load them. None of these imports hides a cycle:
 # tests/test_structure.py checks that.
 
 
