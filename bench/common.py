@@ -71,7 +71,7 @@ def ratio(value, reference):
 def prog_run_time(prog_id):
     """(run_time_ns, run_cnt) of a loaded program: the kernel's BPF stats,
     counted while bpf_enable_stats(BPF_STATS_RUN_TIME) is on."""
-    from xknock.controller import bpfsys
+    from xknock.controller.kernel import bpfsys
 
     fd = bpfsys.prog_fd_by_id(prog_id)
     try:

@@ -110,7 +110,7 @@ def fill_grants(h, count, now_ns, rng):
     """Write count operator grants (random IPv6 sources, tcp:22, open an hour)
     in batches, and count them as operator grants so that xknock_grants_live
     says what the map holds. Returns how many were written."""
-    from xknock.controller import bpfsys, layout
+    from xknock.controller.kernel import bpfsys, layout
 
     value = layout.Grant(window_end_ns=now_ns + 3600 * 10**9, idle_timeout_ns=3600 * 10**9, last_seen_ns=now_ns)
     done = 0
@@ -145,12 +145,14 @@ def bench_scrape(quick):
     program loaded with BPF_PROG_TEST_RUN's harness (no interface needed)."""
     from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
-    from xknock.controller import grants, metrics, policy
+    from xknock.controller.daemon import metrics
+    from xknock.controller.kernel.maps import live_sequences
+    from xknock.controller.state import grants
 
     sizes = ScrapeSizes(quick)
     rng = random.Random(11)
     with example_harness(cflags=sizes.cflags) as h:
-        uid = next(seq.uid for seq in policy.live_sequences(h.maps).values() if seq.name == b"ssh")
+        uid = next(seq.uid for seq in live_sequences(h.maps).values() if seq.name == b"ssh")
         started = time.monotonic()
         fill_progress(h, sizes.progress, uid, h.now_ns // 1000, rng)
         granted = fill_grants(h, sizes.grants or h.maps.grants.max_entries, h.now_ns, rng)

@@ -13,21 +13,19 @@ Also the entry point of bench/run: `bench/run [datapath|controlplane|flood|knock
 import ctypes
 import dataclasses
 import ipaddress
-import os
 import random
-import sys
 import time
 
-from xknock.controller import bpfsys, grants, layout, policy
 from xknock.controller.config import parse_config
-from xknock.controller.maps import to_addr
-from xknock.controller.testrun import VERDICT_NAMES, XDP_DROP, XDP_PASS, Harness
+from xknock.controller.kernel import bpfsys, layout
+from xknock.controller.kernel.maps import live_sequences, to_addr
+from xknock.controller.state import grants
+from xknock_dev.testrun import VERDICT_NAMES, XDP_DROP, XDP_PASS, Harness
 
 from . import common, xdpfilter
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from conftest import EXAMPLE_CONFIG  # noqa: E402
-from packets import tcp, udp  # noqa: E402
+from xknock_dev.example import EXAMPLE_CONFIG
+from xknock_dev.packets import tcp, udp
 
 STRANGER4, STRANGER6 = "198.51.100.7", "2001:db8:77::7"
 GRANTED4 = "198.51.100.20"
@@ -128,7 +126,7 @@ def bench_single_advance(h, floor_fd, settings):
     before each run. Single runs include BPF_PROG_TEST_RUN's fixed overhead,
     so compare with the floor timed the same way."""
     frame = tcp(FRESH4, 7000)
-    uid = next(seq.uid for seq in policy.live_sequences(h.maps).values() if seq.name == b"ssh")
+    uid = next(seq.uid for seq in live_sequences(h.maps).values() if seq.name == b"ssh")
     key = layout.ProgressKey(src=to_addr(FRESH4), uid=uid)
     xknock, floor = [], []
     for _ in range(settings.single_runs):
@@ -217,7 +215,7 @@ def bench_progress_scaling(floor_fd, settings):
     rng = random.Random(7)
     rows = []
     with example_harness(cflags=["-DXK_PROGRESS_ENTRIES=1048576"]) as h:
-        uid = next(seq.uid for seq in policy.live_sequences(h.maps).values() if seq.name == b"ssh")
+        uid = next(seq.uid for seq in live_sequences(h.maps).values() if seq.name == b"ssh")
         sample, filled = [], 0
         for size in settings.progress_sizes:
             started = time.monotonic()
@@ -414,38 +412,3 @@ def run_datapath(quick):
     print(f"written to {common.write_results('datapath', text)}")
     return {"settings": vars(settings), "paths": paths, "single": single, "progress": progress_rows,
             "allow": allow_rows, "sequences": sequence_rows, "xdp_filter": xf_note, "text": text}
-
-
-COMMANDS = ("datapath", "controlplane", "flood", "knockd", "nft", "spa", "report", "all")
-
-
-def main(argv):
-    quick = "--quick" in argv
-    which = [a for a in argv if not a.startswith("-")] or ["datapath"]
-    if len(which) != 1 or which[0] not in COMMANDS:
-        raise SystemExit(f"usage: bench/run [{'|'.join(COMMANDS)}] [--quick]")
-    which = which[0]
-    if which in ("datapath", "all"):
-        run_datapath(quick)
-    if which in ("controlplane", "all"):
-        from . import controlplane
-
-        controlplane.run_controlplane(quick)
-    if which == "flood":
-        from . import flood
-
-        flood.run_flood(quick)
-    if which == "report":
-        from . import report
-
-        report.run_report(quick)
-    for name, module in (("knockd", "knockd"), ("nft", "nftingress"), ("spa", "fwknop")):
-        if which == name:
-            import importlib
-
-            bench = importlib.import_module(f"bench.{module}")
-            print(bench.markdown(bench.run(quick)))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

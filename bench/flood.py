@@ -2,7 +2,7 @@
 namespace lab (`bench/run flood [--quick]`).
 
 The attacker's namespace floods the server with the generator of
-xknock.controller.traffic (XDP live frames) while the client knocks with the
+xknock_dev.traffic (XDP live frames) while the client knocks with the
 real `xknock knock` and connects to the guarded port, over and over. Floods:
 
 - first knock port: SYNs to the sequence's first step from random sources,
@@ -41,15 +41,18 @@ import sys
 import threading
 import time
 
-from xknock.controller import bpfsys, knockclient, layout, metrics, policy, traffic
-from xknock.controller.lab import HELPER_PYTHON, lab, stop_process
-from xknock.controller.maps import FilterMaps, to_addr
+from xknock.controller.client import knockclient
+from xknock.controller.daemon import metrics
+from xknock.controller.kernel import bpfsys, layout
+from xknock.controller.kernel.batch import batches
+from xknock.controller.kernel.maps import FilterMaps, live_sequences, to_addr
+from xknock_dev import traffic
+from xknock_dev.lab import HELPER_PYTHON, lab, stop_process
 
 from . import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from e2e_helpers import (  # noqa: E402
+from xknock_dev.e2e import (
     XKNOCK, LineReader, TcpEchoServer, config_text, fresh_attach, status_json, write_config, xknock,
 )
 
@@ -117,17 +120,12 @@ for line in sys.stdin:
 """
 
 # `xknock attach --once` with build-time defines (map sizes such as
-# XK_PROGRESS_ENTRIES): the CLI has no option for it, so this wraps the compile.
+# XK_PROGRESS_ENTRIES): the CLI has no option for them, attach() has cflags.
 SCALED_ATTACH = r"""
 import sys
-from xknock.controller import datapath, lifecycle
 from xknock.controller.config import load_config
-extra = sys.argv[3:]
-original = datapath.compile_and_load
-def compile_and_load(directory, cflags=(), test_clock=False):
-    return original(directory, cflags=[*cflags, *extra], test_clock=test_clock)
-datapath.compile_and_load = compile_and_load
-lifecycle.attach([sys.argv[1]], load_config(sys.argv[2]))
+from xknock.controller.daemon import lifecycle
+lifecycle.attach([sys.argv[1]], load_config(sys.argv[2]), cflags=sys.argv[3:])
 print("attached", flush=True)
 """
 
@@ -303,7 +301,7 @@ class FloodLab:
             fresh_attach(net, path)
         self.prog_id = status_json(net.server)[0]["interfaces"][0]["prog_id"]
         self.maps = FilterMaps.from_prog(self.prog_id)
-        [seq] = policy.live_sequences(self.maps).values()
+        [seq] = live_sequences(self.maps).values()
         self.nsteps = seq.nsteps
         self.uid = seq.uid
         self.key = layout.ProgressKey(src=to_addr(net.client.ipv4), uid=seq.uid)
@@ -311,7 +309,7 @@ class FloodLab:
         # in data paths that have it, in the `firsts` array of hashed slots.
         self.firsts = None
         try:
-            from xknock.controller import firsts
+            from xknock.controller.kernel import firsts
 
             self.maps.firsts
             self.firsts = firsts
@@ -356,7 +354,7 @@ class FloodLab:
         m = self.maps.progress
         info = bpfsys.map_info(m.fd)
         chunks = [bytes(keys[:n * info.key_size])
-                  for n, keys, _ in metrics.batches(m.fd, info.key_size, info.value_size)]
+                  for n, keys, _ in batches(m.fd, info.key_size, info.value_size)]
         delete = bpfsys.lib().bpf_map_delete_batch
         delete.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
         delete.restype = ctypes.c_int
@@ -640,7 +638,7 @@ def provenance():
     compiled, and the commit (with bpf/ changed or not) when git knows."""
     import hashlib
 
-    from xknock.controller import datapath
+    from xknock.controller.kernel import datapath
 
     lines = [f"- xknock data path: sha256 {hashlib.sha256(datapath.bpf_source().encode()).hexdigest()[:12]} "
              "of the inlined bpf/ source"]

@@ -18,17 +18,15 @@ grants being in the map, reported as "arrival to grant".
 import base64
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
-from xknock.controller.lab import lab, stop_process, wait_for
+from xknock_dev.lab import lab, stop_process, wait_for
 
 from . import common, sidebyside as sb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from e2e_helpers import XKNOCK, LineReader, TcpEchoServer, xknock  # noqa: E402,I001
+from xknock_dev.e2e import XKNOCK, LineReader, TcpEchoServer, xknock
 
 SPA_PORT = 62201
 
@@ -303,10 +301,10 @@ def verifications(seconds):
     recorded in the replay cache with an fsync, judged; no map write)."""
     import ipaddress
 
-    from xknock.controller import spa_message
     from xknock.controller.config import parse_config
-    from xknock.controller.spa import SpaVerifier
-    from xknock.controller.spa_replay import ReplayCache
+    from xknock.controller.spa.spa import SpaVerifier
+    from xknock.controller.spa.spa_replay import ReplayCache
+    from xknock.controller.wire import spa_message
 
     key, hmac_key = os.urandom(32), os.urandom(64)
     spa = parse_config(XKNOCK_SPA_CONF % {"port": SPA_PORT, "cache": "/unused", "key": base64.b64encode(key).decode(),

@@ -26,19 +26,17 @@ Measured for each, one after the other in the same lab:
 import contextlib
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
-from xknock.controller import layout, policy
-from xknock.controller.lab import lab, stop_process
-from xknock.controller.maps import FilterMaps, to_addr
+from xknock.controller.kernel import layout
+from xknock.controller.kernel.maps import FilterMaps, live_sequences, to_addr
+from xknock_dev.lab import lab, stop_process
 
 from . import common, sidebyside as sb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from e2e_helpers import XKNOCK, LineReader, TcpEchoServer, config_text, write_config, xknock  # noqa: E402,I001
+from xknock_dev.e2e import XKNOCK, LineReader, TcpEchoServer, config_text, write_config, xknock
 
 FLOODS = {
     "random ports": ["tcp:*", "udp:*"],
@@ -72,7 +70,7 @@ class Xknock:
     def start(self):
         self.controller, self.prog_id, self.pid = sb.start_xknock(self.net, self.path)
         self.maps = FilterMaps.from_prog(self.prog_id)
-        [seq] = policy.live_sequences(self.maps).values()
+        [seq] = live_sequences(self.maps).values()
         self.uid = seq.uid
         client = self.net.client.ipv4
         self.keys = (layout.GrantKey(src=to_addr(client), proto=layout.PROTO_TCP, port=sb.GUARDED),
@@ -83,7 +81,7 @@ class Xknock:
         self.maps.grants.delete(self.keys[0])
         self.maps.progress.delete(self.keys[1])
         with contextlib.suppress(AttributeError, ImportError):
-            from xknock.controller import firsts
+            from xknock.controller.kernel import firsts
 
             self.maps.firsts
             firsts.forget(self.maps, self.net.client.ipv4, [self.uid])
@@ -169,7 +167,7 @@ class Knockd:
             with contextlib.suppress(FileNotFoundError), open(self.log) as f:
                 return "listening on" in f.read()
 
-        from xknock.controller.lab import wait_for
+        from xknock_dev.lab import wait_for
 
         if not wait_for(listening, 10):
             raise RuntimeError(f"knockd did not start: {LineReader(self.process.stderr).read_all(1)}")

@@ -3,7 +3,7 @@ job: drop everything to the guarded tcp:22, pass the rest; and the same with
 an allow-list of prefixes in front (`bench/run nft`).
 
 BPF_PROG_TEST_RUN cannot run nftables, so both are measured live: the
-generator of xknock.controller.traffic pushes frames from the lab's attacker
+generator of xknock_dev.traffic pushes frames from the lab's attacker
 through the bridge port's redirect (path "direct") into the server's veth,
 whose receive side (its NAPI poll, in softirq) runs one of:
 
@@ -30,20 +30,19 @@ import ctypes
 import ipaddress
 import os
 import socket
-import sys
 import tempfile
 import time
 
-from xknock.controller import bpfsys, datapath, policy
 from xknock.controller.config import parse_config
-from xknock.controller.lab import lab
-from xknock.controller.maps import FilterMaps
+from xknock.controller.kernel import bpfsys, datapath
+from xknock.controller.kernel.maps import FilterMaps
+from xknock.controller.policy import policy
+from xknock_dev.lab import lab
 
 from . import common, sidebyside as sb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from e2e_helpers import config_text, fresh_attach, status_json, write_config  # noqa: E402,I001
+from xknock_dev.e2e import config_text, fresh_attach, status_json, write_config
 
 CLONE_NEWNET = 0x40000000
 FLOODS = {

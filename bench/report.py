@@ -11,8 +11,8 @@ import platform
 import subprocess
 import time
 
-from xknock.controller import traffic
-from xknock.controller.lab import lab
+from xknock_dev import traffic
+from xknock_dev.lab import lab
 
 from . import common, controlplane, datapath, fwknop, knockd, nftingress, plots, sidebyside as sb
 

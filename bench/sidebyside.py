@@ -23,8 +23,9 @@ import struct
 import subprocess
 import time
 
-from xknock.controller import traffic
-from xknock.controller.lab import HELPER_PYTHON, stop_process
+from xknock_dev import traffic
+from xknock_dev.e2e import Foreground, LineReader, status_json, xknock
+from xknock_dev.lab import HELPER_PYTHON, stop_process
 
 from . import common
 
@@ -96,8 +97,6 @@ class Client:
     """The client's helper process: one knock (plain or by command) and connect per try()."""
 
     def __init__(self, net):
-        from e2e_helpers import LineReader
-
         self.process = net.client.popen([HELPER_PYTHON, "-c", CLIENT, net.server.ipv4, str(GUARDED)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.out = LineReader(self.process.stdout)
@@ -170,7 +169,7 @@ class Meter:
 
     def __enter__(self):
         if self.prog_id:
-            from xknock.controller import bpfsys
+            from xknock.controller.kernel import bpfsys
 
             fn = bpfsys.lib().bpf_enable_stats
             fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
@@ -296,8 +295,6 @@ def package_version(name):
 def start_xknock(net, config_path):
     """A foreground xknock controller on the lab's server with config_path, on
     a freshly detached interface: (controller, prog_id, controller pid)."""
-    from e2e_helpers import Foreground, status_json, xknock   # tests/ is on the path: see the callers
-
     xknock(net.server, "detach", net.server_iface)
     controller = Foreground(net, config_path)
     controller.wait_ready()

@@ -11,7 +11,7 @@ import ctypes
 import glob
 import socket
 
-from xknock.controller import bpfsys
+from xknock.controller.kernel import bpfsys
 
 OBJECT_GLOBS = ("/usr/lib/*/bpf/xdpfilt_alw_tcp.o", "/usr/lib/bpf/xdpfilt_alw_tcp.o")
 PROGRAM = b"xdpfilt_alw_tcp"

@@ -8,8 +8,8 @@ import tempfile
 import click
 
 from xknock.controller.config import ConfigError
-from xknock.controller.fwknop_import import DEFAULT_PATH as FWKNOP_DEFAULT_PATH
-from xknock.controller.knockd_import import DEFAULT_PATH, KnockdImportError, convert
+from xknock.controller.importers.fwknop_import import DEFAULT_PATH as FWKNOP_DEFAULT_PATH
+from xknock.controller.importers.knockd_import import DEFAULT_PATH, KnockdImportError, convert
 
 
 @click.group(name="import", epilog="Example:\n\n  xknock import knockd /etc/knockd.conf -o /etc/xknock/xknock.toml")
@@ -123,9 +123,9 @@ each, and as comments at the top of the TOML.""")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT and key files that exist.")
 def fwknop(path, output, keys_dir, force):
     """Convert fwknopd's access.conf PATH (default /etc/fwknop/access.conf; - for stdin) into [spa] users."""
-    from xknock.controller.fwknop_import import FwknopImportError
-    from xknock.controller.fwknop_import import convert as convert_fwknop
-    from xknock.controller.spa_keys import SpaKeyError, write_key_file
+    from xknock.controller.importers.fwknop_import import FwknopImportError
+    from xknock.controller.importers.fwknop_import import convert as convert_fwknop
+    from xknock.controller.wire.spa_keys import SpaKeyError, write_key_file
 
     text = _read(path, "access.conf")
     source = "stdin" if path == "-" else path

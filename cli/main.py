@@ -4,17 +4,26 @@ import ipaddress
 import json
 import logging
 import os
-import sys
 import time
 
 import click
 
-from xknock.controller import lifecycle
-from xknock.controller.config import DEFAULT_PATH, ConfigError, load_config, parse_duration, parse_step
+from xknock.cli.common import fail_cleanly
+from xknock.cli.importers import import_
+from xknock.cli.spa import keygen, spa
+from xknock.cli.top import top
+from xknock.controller.config import DEFAULT_PATH, load_config, parse_duration, parse_step
+from xknock.controller.daemon import lifecycle
+from xknock.controller.daemon.events import setup_logging
 from xknock.controller.errors import XknockError
-from xknock.controller.events import setup_logging
 
 log = logging.getLogger("xknock")
+
+# Commands import the controller modules only they use inside their function
+# (the daemon, prometheus-client's metrics, status, grants, the knock client),
+# so that the other commands, shell completion (which runs the program at every
+# <Tab>) and --help do not load them. None of these imports hides a cycle:
+# tests/test_structure.py checks that.
 
 
 class StepType(click.ParamType):
@@ -50,29 +59,6 @@ class AddressType(click.ParamType):
 
 
 STEP, DURATION, ADDRESS = StepType(), DurationType(), AddressType()
-
-
-def fail_cleanly(fn):
-    """Every expected failure is one line on stderr and exit status 1."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        from xknock.controller.bpfsys import BpfError
-
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as err:
-            for line in str(err).splitlines():
-                click.echo(f"xknock: {line}", err=True)
-            sys.exit(1)
-        except (XknockError, BpfError, NetlinkError, OSError) as err:
-            click.echo(f"xknock: {err}", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 def _load(config_path):
@@ -115,13 +101,13 @@ Examples:
 @fail_cleanly
 def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, keep_sessions, force):
     """Load the filter, attach it to IFACES and run the controller."""
-    from xknock.controller.daemon import Controller, Signals
-    from xknock.controller.events import EventReader
+    from xknock.controller.daemon.daemon import Controller, Signals
+    from xknock.controller.daemon.events import EventReader
 
     signals = Signals().install()   # before anything is attached: see Signals
     metrics_server = None
     if metrics_addr:
-        from xknock.controller.metrics import MetricsServer, parse_addr
+        from xknock.controller.daemon.metrics import MetricsServer, parse_addr
 
         host, port = parse_addr(metrics_addr)
         if not metrics_public and not _loopback(host):
@@ -136,7 +122,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
         log.warning("[spa] with --once: SPA packets are verified by the running controller; until one runs "
                     "they are dropped and open nothing")
     elif config.spa is not None:
-        from xknock.controller.spa import open_replay_cache
+        from xknock.controller.spa.spa import open_replay_cache
 
         spa_cache = open_replay_cache(config.spa)   # a cache we cannot trust fails before anything changes
     if metrics_addr and once:
@@ -150,7 +136,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
         if metrics_server:
             metrics_server.close()
         raise
-    from xknock.controller.answers import attach_warnings
+    from xknock.controller.policy.answers import attach_warnings
 
     for warning in attach_warnings(config, attached.modes):
         log.warning(warning)
@@ -165,7 +151,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
     events = EventReader(attached.loaded, attached.maps)
     spa_receiver = None
     if spa_cache is not None:
-        from xknock.controller.spa import SpaReceiver
+        from xknock.controller.spa.spa import SpaReceiver
 
         spa_receiver = SpaReceiver(attached.loaded, attached.maps, config.spa, spa_cache)
     if metrics_server:
@@ -194,12 +180,13 @@ def _loopback(host):
 def _session_guard(config, keep_sessions, force):
     """Refuse to cut established sessions to guarded ports (the operator's own
     SSH session first of all), or grant them with --keep-sessions."""
-    from xknock.controller import grants, lockout
+    from xknock.controller.kernel import clock
+    from xknock.controller.state import grants, lockout
 
     at_risk = lockout.sessions_at_risk(config)
 
     def check(maps):
-        now = grants.monotonic_ns()
+        now = clock.monotonic_ns()
         left = lockout.without_grants(maps, at_risk, now)
         if not left or force:
             for session in left:
@@ -239,7 +226,7 @@ Examples:
 @fail_cleanly
 def status(iface, as_json):
     """Attached interfaces, policy, counters, live grants, knocks in progress."""
-    from xknock.controller.status import status as gather
+    from xknock.controller.state.status import status as gather
 
     lifecycle.require_root()
     if iface:
@@ -292,7 +279,7 @@ def _render(f):
 @fail_cleanly
 def reload(iface, config_path):
     """Validate CONFIG and make it the live policy; grants and knocks survive."""
-    from xknock.controller.policy import apply_policy
+    from xknock.controller.policy.policy import apply_policy
 
     lifecycle.require_root()
     config = _load(config_path)
@@ -317,7 +304,7 @@ Examples:
 @fail_cleanly
 def grant(iface, addr, ports, for_ns, idle_ns):
     """Open guarded ports to ADDR, as a completed knock would."""
-    from xknock.controller.grants import grant as write_grant
+    from xknock.controller.state.grants import grant as write_grant
 
     with lifecycle.open_filter(iface) as maps:
         opened = write_grant(maps, addr, [(p.proto, p.port) for p in ports], for_ns, idle_ns)
@@ -330,7 +317,7 @@ def grant(iface, addr, ports, for_ns, idle_ns):
 @fail_cleanly
 def revoke(iface, addr):
     """End every grant (both clocks) and knock in progress of ADDR."""
-    from xknock.controller.grants import revoke as remove
+    from xknock.controller.state.grants import revoke as remove
 
     with lifecycle.open_filter(iface) as maps:
         removed = remove(maps, addr)
@@ -343,7 +330,7 @@ def revoke(iface, addr):
 @fail_cleanly
 def unban(iface, addr):
     """Lift the ban of ADDR and forget its failed knocks."""
-    from xknock.controller.bans import unban as lift
+    from xknock.controller.state.bans import unban as lift
 
     with lifecycle.open_filter(iface) as maps:
         lifted = lift(maps, addr)
@@ -382,14 +369,14 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
     """Send a knock sequence to HOST (the client; needs root for ICMP)."""
     import socket
 
-    from xknock.controller.knockclient import knock_until_open, send_knocks
+    from xknock.controller.client.knockclient import knock_until_open, send_knocks
 
     steps_now = None   # a time-based sequence: its knocks change with the window
     if sequence_name:
         if steps:
             raise click.UsageError("give STEPS or --sequence, not both")
         if secret_file:
-            from xknock.controller.totp_config import client_sequence
+            from xknock.controller.config.totp_config import client_sequence
 
             if not protos:
                 raise click.UsageError("--secret-file needs --protos (e.g. tcp,udp,tcp: as the server's knock)")
@@ -405,7 +392,7 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
                 raise XknockError(f"{config_path}: no sequence named {sequence_name!r}")
         steps = found[0].knock
         if found[0].totp is not None:   # this window's ports, from the shared secret and the clock
-            from xknock.controller import totp
+            from xknock.controller.policy import totp
 
             def steps_now(sequence=found[0]):   # noqa: F811 (the time-based case of steps_now)
                 return totp.variant(sequence, totp.window_of(time.time_ns(), sequence.totp.window_ns)).knock
@@ -437,16 +424,8 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
     click.echo(f"knocked {host}: {until_open} open after {rounds} round{'s' if rounds > 1 else ''}")
 
 
-from xknock.cli.top import top  # noqa: E402
-
 main.add_command(top)
-
-from xknock.cli.importers import import_  # noqa: E402
-
 main.add_command(import_, name="import")
-
-from xknock.cli.spa import keygen, spa  # noqa: E402
-
 main.add_command(spa)
 main.add_command(keygen)
 

@@ -2,10 +2,10 @@
 
 import click
 
-from xknock.cli.main import fail_cleanly
-from xknock.controller import spa_message
-from xknock.controller.spa_client import DEFAULT_PORT, parse_access, send_spa
-from xknock.controller.spa_keys import (
+from xknock.cli.common import fail_cleanly
+from xknock.controller.client.spa_client import DEFAULT_PORT, parse_access, send_spa
+from xknock.controller.wire import spa_message
+from xknock.controller.wire.spa_keys import (
     HMAC_KEY_BYTES, format_keygen, generate, keys_from_base64, load_key_file, write_key_file,
 )
 

@@ -20,7 +20,6 @@ The screen is redrawn with ANSI escapes (home, clear to the end), no curses.
 """
 
 import ctypes
-import functools
 import os
 import sys
 import time
@@ -28,8 +27,11 @@ from dataclasses import dataclass
 
 import click
 
-from xknock.controller import grants, layout, lifecycle, policy
-from xknock.controller.maps import FilterMaps
+from xknock.cli.common import fail_cleanly
+from xknock.controller.daemon import lifecycle
+from xknock.controller.kernel import datapath, layout
+from xknock.controller.kernel.maps import FilterMaps, live_sequences
+from xknock.controller.state import grants
 
 LISTED = 10                   # grants and knocks in progress listed per filter
 WALK_EVERY_X_ITS_COST = 10    # a map walk uses at most about a tenth of the time
@@ -52,7 +54,7 @@ class Reading:
 
 def read(maps):
     sequences = {}
-    for seq in policy.live_sequences(maps).values():
+    for seq in live_sequences(maps).values():
         stats = maps.sequence_stats(seq.uid) or layout.SeqStats()
         sequences[seq.uid] = (seq.name.decode(errors="replace"), stats)
     settings = maps.settings.lookup(ctypes.c_uint32(maps.active_bank()))
@@ -191,7 +193,7 @@ class Top:
 
     def discover(self):
         found = {}
-        for control, atts in lifecycle.attached_filters():
+        for control, atts in datapath.attached_filters():
             if self.iface and self.iface not in [a.ifname for a in atts]:
                 continue
             view = self.views.pop(control, None)
@@ -246,20 +248,6 @@ def run(iface, interval, once, out=sys.stdout):
             next_at = max(next_at + interval, time.monotonic())
     finally:
         view.close()
-
-
-def fail_cleanly(fn):
-    """cli/main.py's fail_cleanly, looked up when the command runs: main.py
-    imports this module at its end, so importing main here at import time would
-    be circular when main.py runs as __main__ (`python -m xknock.cli.main`)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from xknock.cli.main import fail_cleanly as main_fail_cleanly
-
-        return main_fail_cleanly(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 @click.command(epilog="""\b

@@ -3,38 +3,16 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
+# tests/ for the test helpers (fault_helpers, model, ...); the repository root
+# for xknock_dev, the development tools that are never installed. Subprocesses
+# (the traffic generator, `python -c` helpers) find it through PYTHONPATH.
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
+sys.path.insert(0, REPO)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
 
-# The knock, grant and list tests read plain verdicts: their refusals drop.
-# What answer = "closed" (the default) sends is tested in test_answers.py and
-# end to end; strict mode (also the default) stays on.
-EXAMPLE_CONFIG = """
-[filter]
-mode = "enforce"
-answer = "drop"
-
-[[sequence]]
-name = "ssh"
-knock = ["tcp:7000", "udp:8000", "tcp:9000"]
-step_timeout = "5s"
-open = ["tcp:22"]
-open_for = "30s"
-idle_timeout = "15m"
-
-[[sequence]]
-name = "web"
-knock = ["udp:8000", "icmp", "tcp:7001"]
-step_timeout = "5s"
-open = ["tcp:443", "udp:443"]
-open_for = "10s"
-idle_timeout = "1m"
-
-[allow]
-sources = ["192.0.2.10", "2001:db8:a::/48"]
-
-[deny]
-sources = ["203.0.113.0/24", "2001:db8:bad::/48"]
-"""
+from xknock_dev.example import EXAMPLE_CONFIG  # noqa: E402  (conftest.EXAMPLE_CONFIG: tests import it from here)
 
 
 def pytest_configure(config):
@@ -45,7 +23,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def harness():
     """The real program, built with the test clock, loaded once per session."""
-    from xknock.controller.testrun import Harness
+    from xknock_dev.testrun import Harness
 
     with Harness() as h:
         yield h

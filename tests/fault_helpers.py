@@ -14,10 +14,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from e2e_helpers import LineReader
-from xknock.controller import layout
-from xknock.controller.lab import HELPER_PYTHON, stop_process
-from xknock.controller.maps import FilterMaps
+from xknock_dev.e2e import LineReader
+from xknock.controller.kernel import layout
+from xknock_dev.lab import HELPER_PYTHON, stop_process
+from xknock.controller.kernel.maps import FilterMaps
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import secrets
 import subprocess
 import sys
 
-from packets import SERVER4, SERVER6
+from xknock_dev.packets import SERVER4, SERVER6
 
 SERVER_MAC = "02:00:00:00:00:01"
 CLIENT_MAC = "02:00:00:00:00:02"

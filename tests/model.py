@@ -3,7 +3,7 @@ verdicts, for differential tests against the real program.
 
 It works on packets as plain tuples, never bytes: Pkt(src, proto, port,
 tcp_flags), proto one of "tcp", "udp", "icmp" (an echo request, port 0). It
-takes a controller Config (tests/conftest.py shows one) and keeps what the
+takes a controller Config (xknock_dev/example.py shows one) and keeps what the
 maps keep: progress per (source, sequence) and grants per (source, proto,
 port). Written from the rules, not translated line by line from the C:
 
@@ -59,7 +59,7 @@ import dataclasses
 import ipaddress
 from typing import NamedTuple
 
-from xknock.controller.layout import Reason
+from xknock.controller.kernel.layout import Reason
 
 XDP_DROP = 1
 XDP_PASS = 2

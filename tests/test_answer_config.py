@@ -3,7 +3,8 @@ about them: pure functions, on files made here, never this host's own."""
 
 import pytest
 
-from xknock.controller import answers, layout, policy
+from xknock.controller.kernel import layout
+from xknock.controller.policy import answers, policy
 from xknock.controller.config import ConfigError, parse_config
 
 SSH = """

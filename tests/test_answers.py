@@ -9,16 +9,16 @@ import dataclasses
 
 import pytest
 from kernel_replies import KernelReplies
-from packets import (
+from xknock_dev.packets import (
     ICMP, IP, TCP, UDP, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, Raw, SERVER4, SERVER6, ether, raw, step, tcp,
     udp,
 )
 from scapy.layers.inet import IPOption_NOP
 from scapy.layers.l2 import Ether
 
-from xknock.controller import bpfsys
-from xknock.controller.layout import Reason
-from xknock.controller.testrun import XDP_DROP, XDP_PASS, XDP_TX
+from xknock.controller.kernel import bpfsys
+from xknock.controller.kernel.layout import Reason
+from xknock_dev.testrun import XDP_DROP, XDP_PASS, XDP_TX
 
 STRANGER4 = "198.51.100.7"
 STRANGER6 = "2001:db8:77::7"

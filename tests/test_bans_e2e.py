@@ -2,9 +2,9 @@
 lists it, `xknock unban` lifts it."""
 
 import pytest
-from e2e_helpers import DROPPED, TcpEchoServer, config_text, knock, status_json, write_config, xknock
+from xknock_dev.e2e import DROPPED, TcpEchoServer, config_text, knock, status_json, write_config, xknock
 
-from xknock.controller.lab import can_connect, lab
+from xknock_dev.lab import can_connect, lab
 
 BAN = """
 [ban]

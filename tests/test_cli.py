@@ -8,10 +8,10 @@ import subprocess
 
 import pytest
 
-from e2e_helpers import (
+from xknock_dev.e2e import (
     XKNOCK, attach_foreign_xdp, check, config_text, remove_xdp, status_json, write_config, xdp_prog_id, xknock,
 )
-from xknock.controller.lab import lab
+from xknock_dev.lab import lab
 
 COMMANDS = ["attach", "detach", "status", "reload", "grant", "revoke", "unban", "knock", "top", "import", "spa", "keygen"]
 

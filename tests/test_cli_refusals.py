@@ -5,7 +5,7 @@ step), and knock --sequence with -c refuses the --secret-file options."""
 import subprocess
 
 import pytest
-from e2e_helpers import XKNOCK
+from xknock_dev.e2e import XKNOCK
 
 
 @pytest.mark.parametrize("addr", [":9798", "0.0.0.0:9798", "[::]:9798", "192.0.2.1:9798"])

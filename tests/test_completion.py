@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-from e2e_helpers import XKNOCK
+from xknock_dev.e2e import XKNOCK
 
 
 def complete(words, cword, shell="bash"):

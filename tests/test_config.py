@@ -1,4 +1,4 @@
-"""controller/config.py: every rule of the config file, as a table of cases,
+"""controller/config/: every rule of the config file, as a table of cases,
 plus the step and duration parsers it is built from."""
 
 import ipaddress
@@ -7,7 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xknock.controller import config, layout
+from xknock.controller import config
+from xknock.controller.config import load
+from xknock.controller.kernel import layout
 from xknock.controller.config import ConfigError, Step
 
 EXAMPLE = """
@@ -269,7 +271,7 @@ def test_a_listener_on_the_other_protocol_does_not_warn():
 
 
 def test_listening_is_read_from_proc_when_not_given(monkeypatch):
-    monkeypatch.setattr(config, "listening_ports", lambda: {("udp", 8000)})
+    monkeypatch.setattr(load, "listening_ports", lambda: {("udp", 8000)})
     warnings = config.parse_config(SSH).warnings
     assert warnings == ('sequence "ssh": knock[1] "udp:8000": a local socket listens on this port; '
                         "knock packets are always dropped, so it becomes unreachable",)

@@ -5,14 +5,14 @@ and each case starts from the example policy with no knocks, grants or
 counters left behind (the `xk` fixture)."""
 
 import pytest
-from packets import (
+from xknock_dev.packets import (
     ICMP, IP, TCP, UDP, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, Raw,
     arp, ether, icmp_echo, raw, step, tcp, udp,
 )
 
-from xknock.controller.layout import Reason
-from xknock.controller.maps import from_addr
-from xknock.controller.testrun import XDP_DROP, XDP_PASS
+from xknock.controller.kernel.layout import Reason
+from xknock.controller.kernel.maps import from_addr
+from xknock_dev.testrun import XDP_DROP, XDP_PASS
 
 SSH = ["tcp:7000", "udp:8000", "tcp:9000"]
 WEB = ["udp:8000", "icmp", "tcp:7001"]
@@ -335,7 +335,7 @@ def test_malformed_and_fragmented(xk, description, frame, verdict, reason):
 
 
 def _stats(xk, name):
-    from xknock.controller.policy import live_sequences
+    from xknock.controller.kernel.maps import live_sequences
 
     [seq] = [s for s in live_sequences(xk.maps).values() if s.name.decode() == name]
     return xk.maps.sequence_stats(seq.uid)
@@ -364,7 +364,7 @@ def test_sequence_stats_survive_a_reload_that_keeps_the_sequence(xk, example_con
 
 
 def test_created_grants_are_told_from_refreshed_ones(xk):
-    from xknock.controller import grants
+    from xknock.controller.state import grants
 
     knock(xk, STRANGER4, SSH)
     xk.advance(6)
@@ -460,7 +460,7 @@ def test_allow_listed_sources_are_never_banned(xk, example_config):
 
 
 def test_unban_lifts_the_ban_and_the_failures(xk, example_config):
-    from xknock.controller import bans
+    from xknock.controller.state import bans
 
     xk.apply(_with_ban(example_config))
     _fail(xk, STRANGER4, 3)

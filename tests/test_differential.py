@@ -34,12 +34,13 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import find as hypothesis_find
 from hypothesis import strategies as st
 from model import TCP_ACK, TCP_SYN, XDP_DROP, XDP_PASS, Model, Pkt, source_key
-from packets import icmp_echo, tcp, udp
+from xknock_dev.packets import icmp_echo, tcp, udp
 
-from xknock.controller import firsts, policy
+from xknock.controller.kernel import firsts
+from xknock.controller.policy import policy
 from xknock.controller.config import parse_config
-from xknock.controller.layout import Reason, progress_state, progress_step
-from xknock.controller.maps import from_addr
+from xknock.controller.kernel.layout import Reason, progress_state, progress_step
+from xknock.controller.kernel.maps import from_addr
 
 # Four sequences sharing ports: tcp:7000 is step 0 of ssh and steps 0 and 2 of
 # aba (A B A C); udp:8000 is step 1 of ssh and step 0 of web; tcp:7001 ends

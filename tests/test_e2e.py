@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from e2e_helpers import (
+from xknock_dev.e2e import (
     ACCEPTED, DROPPED, SEQUENCE, XKNOCK, Foreground, HeldConnection, LineReader, TcpEchoServer, addr_of, check,
     config_text, fresh_attach, full_pipe, knock, plain_knock, status_json, write_config, writing_to_stderr, xknock,
 )
-from xknock.controller.lab import can_connect, lab, stop_process, wait_for
+from xknock_dev.lab import can_connect, lab, stop_process, wait_for
 
 pytestmark = pytest.mark.netns
 

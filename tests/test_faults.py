@@ -25,16 +25,16 @@ import time
 
 import pytest
 
-from e2e_helpers import (
+from xknock_dev.e2e import (
     ACCEPTED, DROPPED, XKNOCK, Foreground, HeldConnection, TcpEchoServer, check, fresh_attach, knock, status_json,
     xdp_prog_id, xknock,
 )
 from fault_helpers import (
     Attacker, Exchanges, Policy, Seq, allow_sources, census, parallel, wait_until, which_policy, write_atomically,
 )
-from xknock.controller import policy as xk_policy
-from xknock.controller.lab import can_connect, lab, wait_for
-from xknock.controller.maps import FilterMaps
+from xknock.controller.policy import policy as xk_policy
+from xknock_dev.lab import can_connect, lab, wait_for
+from xknock.controller.kernel.maps import FilterMaps
 
 pytestmark = pytest.mark.netns
 

@@ -59,15 +59,15 @@ import random
 import struct
 import time
 
-from packets import Ether
+from xknock_dev.packets import Ether
 
-from xknock.controller.layout import VERDICT_REASONS, Reason
-from xknock.controller.testrun import XDP_DROP, XDP_PASS
+from xknock.controller.kernel.layout import VERDICT_REASONS, Reason
+from xknock_dev.testrun import XDP_DROP, XDP_PASS
 
 FRAMES = int(os.environ.get("XK_FUZZ_FRAMES", "100000"))
 VALID_SHARE = 0.3
 
-GUARDED = {("tcp", 22), ("tcp", 443), ("udp", 443)}   # tests/conftest.py EXAMPLE_CONFIG
+GUARDED = {("tcp", 22), ("tcp", 443), ("udp", 443)}   # xknock_dev/example.py EXAMPLE_CONFIG
 ALLOWED = [ipaddress.ip_network("192.0.2.10/32"), ipaddress.ip_network("2001:db8:a::/48")]
 SRC4 = ipaddress.ip_address("198.51.100.7").packed
 SRC6 = ipaddress.ip_address("2001:db8:77::7").packed
@@ -275,7 +275,7 @@ def mutate(rng, frame):
 
 def test_oracle_reads_scapy_frames():
     """The oracle against frames built by scapy, not by this file."""
-    from packets import IP, TCP, UDP, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, Raw, ether, raw, tcp, udp
+    from xknock_dev.packets import IP, TCP, UDP, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, Raw, ether, raw, tcp, udp
 
     src = "198.51.100.7"
     assert stack_target(tcp(src, 22))[1] == ("tcp", 22)

@@ -1,4 +1,4 @@
-"""`xknock import fwknop` (controller/fwknop_import.py): a realistic
+"""`xknock import fwknop` (controller/importers/fwknop_import.py): a realistic
 access.conf with convertible and unconvertible stanzas; every setting that is
 not carried over is reported, and the keys still verify real fwknop packets."""
 
@@ -9,11 +9,11 @@ import tomllib
 
 import pytest
 
-from e2e_helpers import XKNOCK
+from xknock_dev.e2e import XKNOCK
 from fwknop_helpers import fwknop_packet, have_fwknop
-from xknock.controller import spa_message as spa
-from xknock.controller.fwknop_import import FwknopImportError, convert
-from xknock.controller.spa_keys import generate, load_key_file
+from xknock.controller.wire import spa_message as spa
+from xknock.controller.importers.fwknop_import import FwknopImportError, convert
+from xknock.controller.wire.spa_keys import generate, load_key_file
 
 b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
 ALICE, BOB, CAROL, DAVE = generate(), generate("sha512"), generate(), generate()
@@ -179,7 +179,7 @@ def test_the_converted_config_loads_as_xknock_config(tmp_path):
     assert alice.open_for_ns == 60 * 10**9 and alice.max_open_for_ns == 600 * 10**9
 
     result = convert(ACCESS_CONF, keys_dir=str(tmp_path / "keys"))
-    from xknock.controller import spa_keys
+    from xknock.controller.wire import spa_keys
 
     for path, keys in result.key_files:
         os.makedirs(os.path.dirname(path), exist_ok=True)

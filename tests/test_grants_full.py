@@ -13,15 +13,15 @@ The test clock drives time; nothing sleeps.
 import ctypes
 
 import pytest
-from packets import step, tcp
+from xknock_dev.packets import step, tcp
 
-from xknock.controller import layout
+from xknock.controller.kernel import layout
 from xknock.controller.config import parse_config
 from xknock.controller.errors import XknockError
-from xknock.controller.grants import grant as operator_grant
-from xknock.controller.layout import Reason
-from xknock.controller.maps import from_addr
-from xknock.controller.testrun import XDP_DROP, XDP_PASS, Harness
+from xknock.controller.state.grants import grant as operator_grant
+from xknock.controller.kernel.layout import Reason
+from xknock.controller.kernel.maps import from_addr
+from xknock_dev.testrun import XDP_DROP, XDP_PASS, Harness
 
 GRANT_ENTRIES = 4
 KNOCK = ["udp:7100", "tcp:7200"]

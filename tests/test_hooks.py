@@ -1,4 +1,4 @@
-"""controller/hooks.py: hook commands run with an exact environment, never
+"""controller/daemon/hooks.py: hook commands run with an exact environment, never
 through a shell of ours, killed at their timeout, dropped beyond max_running;
 and, on the real program with the test clock, on_open / on_close / on_ban run
 from ring-buffer events, the sweep and revoke."""
@@ -11,13 +11,14 @@ import types
 
 import pytest
 from conftest import EXAMPLE_CONFIG
-from packets import step, tcp, udp
+from xknock_dev.packets import step, tcp, udp
 
-from xknock.controller import bans, daemon, grants
+from xknock.controller.state import bans, grants
+from xknock.controller.daemon import daemon
 from xknock.controller.config import parse_config
-from xknock.controller.events import EventReader
-from xknock.controller.hooks import HOOK_PATH, HookDispatcher, HookRunner, hook_env, printable
-from xknock.controller.testrun import XDP_DROP, XDP_PASS
+from xknock.controller.daemon.events import EventReader
+from xknock.controller.daemon.hooks import HOOK_PATH, HookDispatcher, HookRunner, hook_env, printable
+from xknock_dev.testrun import XDP_DROP, XDP_PASS
 
 SOURCE = "198.51.100.7"
 SOURCE6 = "2001:db8:77::7"

@@ -16,10 +16,10 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 
 from xknock.controller.config import Step
-from xknock.controller.knockclient import (
+from xknock.controller.client.knockclient import (
     REPEAT_GAP, KnockError, copy_pauses, echo_request, internet_checksum, send_knocks,
 )
-from xknock.controller.lab import lab, stop_process, wait_for
+from xknock_dev.lab import lab, stop_process, wait_for
 
 KNOCKS = [Step("tcp", 7000), Step("udp", 8000), Step("icmp", 0)]
 EXPECTED = [("tcp", 7000, "S"), ("udp", 8000), ("icmp",)]
@@ -28,7 +28,7 @@ EXPECTED = [("tcp", 7000, "S"), ("udp", 8000), ("icmp",)]
 SEND_KNOCKS = """
 import sys
 from xknock.controller.config import Step
-from xknock.controller.knockclient import send_knocks
+from xknock.controller.client.knockclient import send_knocks
 send_knocks(sys.argv[1], [Step("tcp", 7000), Step("udp", 8000), Step("icmp", 0)], delay=0.05,
             repeat=int(sys.argv[2]) if len(sys.argv) > 2 else 1)
 """

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from xknock.controller.lab import Lab, can_connect, can_ping, lab, tcp_listen, udp_echo, udp_roundtrip
+from xknock_dev.lab import Lab, can_connect, can_ping, lab, tcp_listen, udp_echo, udp_roundtrip
 
 pytestmark = pytest.mark.netns
 

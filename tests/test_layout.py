@@ -10,7 +10,7 @@ from importlib import resources
 
 import pytest
 
-from xknock.controller import layout
+from xknock.controller.kernel import layout
 
 
 def _fields(ctype, prefix=""):
@@ -91,7 +91,7 @@ def test_pinned_maps_of_another_layout_are_refused_not_misread():
 
     from bcc import BPF
 
-    from xknock.controller import datapath
+    from xknock.controller.kernel import datapath
     from xknock.controller.errors import XknockError
 
     directory = f"{datapath.PIN_ROOT}/test-layout-{uuid.uuid4().hex[:8]}"

@@ -6,13 +6,13 @@ client holds a TCP session to the guarded port while the server attaches."""
 import ipaddress
 
 import pytest
-from e2e_helpers import (
+from xknock_dev.e2e import (
     DROPPED, HeldConnection, TcpEchoServer, config_text, status_json, write_config, xknock,
 )
 
-from xknock.controller import lockout
+from xknock.controller.state import lockout
 from xknock.controller.config import parse_config
-from xknock.controller.lab import can_connect, lab
+from xknock_dev.lab import can_connect, lab
 
 CLIENT = ipaddress.ip_address("10.77.0.2")
 GUARDED = 22

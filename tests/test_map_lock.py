@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from xknock.controller import policy
+from xknock.controller.kernel import lock as policy
 from xknock.controller.errors import XknockError
 
 NOBODY = 65534

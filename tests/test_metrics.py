@@ -16,13 +16,16 @@ import sys
 import urllib.request
 
 import pytest
-from packets import arp, step, tcp
+from xknock_dev.packets import arp, step, tcp
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from xknock.controller import grants, layout, metrics
+from xknock.controller.state import grants
+from xknock.controller.kernel import layout
+from xknock.controller.kernel.batch import NoBatch
+from xknock.controller.daemon import metrics
 from xknock.controller.errors import XknockError
-from xknock.controller.maps import FilterMaps
+from xknock.controller.kernel.maps import FilterMaps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XKNOCK = os.path.join(os.path.dirname(sys.executable), "xknock")
@@ -215,7 +218,7 @@ def test_sampler_counts_map_entries_and_knocks_in_progress(xk):
 
 
 def test_sampler_thread_samples_at_once_and_stops(xk):
-    from xknock.controller.lab import wait_for
+    from xknock_dev.lab import wait_for
 
     sampler = metrics.MapSampler(lambda: xk.maps, interval=60).start()
     try:
@@ -234,7 +237,7 @@ def test_count_entries_batch_and_iteration_agree(xk):
 
 def test_without_batch_lookup_entries_are_counted_by_iteration(xk, monkeypatch):
     def no_batch(*args, **kwargs):
-        raise metrics._NoBatch()
+        raise NoBatch()
         yield
 
     monkeypatch.setattr(metrics, "batches", no_batch)

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from xknock.controller import datapath
+from xknock.controller.kernel import datapath
 from xknock.controller.errors import XknockError
 
 NOBODY = 65534

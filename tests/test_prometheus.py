@@ -22,10 +22,10 @@ import subprocess
 
 import pytest
 
-from e2e_helpers import (
+from xknock_dev.e2e import (
     XKNOCK, LineReader, TcpEchoServer, check, config_text, knock, status_json, write_config, xknock,
 )
-from xknock.controller.lab import HELPER_PYTHON, can_connect, lab, stop_process, wait_for
+from xknock_dev.lab import HELPER_PYTHON, can_connect, lab, stop_process, wait_for
 
 pytestmark = pytest.mark.netns
 

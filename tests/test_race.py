@@ -45,12 +45,13 @@ import time
 import traceback
 
 import pytest
-from packets import udp
+from xknock_dev.packets import udp
 
-from xknock.controller import bpfsys, firsts, policy
+from xknock.controller.kernel import bpfsys, firsts
+from xknock.controller.kernel.maps import live_sequences
 from xknock.controller.config import parse_config
-from xknock.controller.layout import Reason, progress_step
-from xknock.controller.testrun import Harness
+from xknock.controller.kernel.layout import Reason, progress_step
+from xknock_dev.testrun import Harness
 
 CONFIG = parse_config(
     """
@@ -167,7 +168,7 @@ def outcome(harness, knocks):
     # Step 1 of a two-step sequence is held in the first-step filter. A first
     # step placed there while the other CPU completed counts as the step the
     # source is at, even where the progress word still says "completed".
-    [uid] = [seq.uid for seq in policy.live_sequences(harness.maps).values()]
+    [uid] = [seq.uid for seq in live_sequences(harness.maps).values()]
     states = [value.value for _, value in harness.maps.progress.items()]
     if firsts.held(harness.maps, SRC, uid) is not None:
         final = 1

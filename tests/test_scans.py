@@ -21,8 +21,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from e2e_helpers import TcpEchoServer, check, fresh_attach, status_json, write_config, xknock
-from xknock.controller.lab import lab, udp_echo
+from xknock_dev.e2e import TcpEchoServer, check, fresh_attach, status_json, write_config, xknock
+from xknock_dev.lab import lab, udp_echo
 
 pytestmark = [
     pytest.mark.netns,

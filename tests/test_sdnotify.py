@@ -7,10 +7,10 @@ import signal
 import socket
 
 import pytest
-from e2e_helpers import XKNOCK, config_text, write_config
+from xknock_dev.e2e import XKNOCK, config_text, write_config
 
-from xknock.controller.lab import lab
-from xknock.controller.sdnotify import Notifier
+from xknock_dev.lab import lab
+from xknock.controller.daemon.sdnotify import Notifier
 
 
 @pytest.fixture

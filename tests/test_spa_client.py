@@ -1,4 +1,4 @@
-"""The SPA client (controller/spa_client.py, `xknock spa`, `xknock keygen`):
+"""The SPA client (controller/client/spa_client.py, `xknock spa`, `xknock keygen`):
 real UDP sockets on loopback receive the packet; our decoder and the real
 fwknopd both accept it."""
 
@@ -9,11 +9,11 @@ import subprocess
 
 import pytest
 
-from e2e_helpers import XKNOCK
+from xknock_dev.e2e import XKNOCK
 from fwknop_helpers import access_stanza, fwknopd_verdicts, have_fwknopd
-from xknock.controller import spa_message as spa
-from xknock.controller.spa_client import SpaClientError, parse_access, send_spa
-from xknock.controller.spa_keys import generate, load_key_file
+from xknock.controller.wire import spa_message as spa
+from xknock.controller.client.spa_client import SpaClientError, parse_access, send_spa
+from xknock.controller.wire.spa_keys import generate, load_key_file
 
 
 def listener(family, address):

@@ -5,7 +5,8 @@ import ipaddress
 
 import pytest
 
-from xknock.controller import layout, policy
+from xknock.controller.kernel import layout
+from xknock.controller.policy import policy
 from xknock.controller.config import ConfigError, Step, parse_config
 
 KEY = base64.b64encode(b"k" * 32).decode()

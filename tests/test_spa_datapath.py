@@ -6,11 +6,11 @@ import base64
 import os
 
 import pytest
-from packets import IP, UDP, Raw, ether, raw, tcp, udp
+from xknock_dev.packets import IP, UDP, Raw, ether, raw, tcp, udp
 
-from xknock.controller import layout
+from xknock.controller.kernel import layout
 from xknock.controller.config import parse_config
-from xknock.controller.testrun import XDP_DROP, XDP_PASS
+from xknock_dev.testrun import XDP_DROP, XDP_PASS
 
 SPA_PORT = 62201
 KEY = base64.b64encode(b"k" * 32).decode()
@@ -166,7 +166,7 @@ def test_without_spa_the_port_is_just_a_port(xk):
 def test_past_the_total_rate_sources_with_an_accepted_spa_still_get_through(harness):
     import ctypes
 
-    from xknock.controller.maps import to_addr
+    from xknock.controller.kernel.maps import to_addr
 
     harness.reset_state()
     harness.set_clock(1_000_000_000_000)

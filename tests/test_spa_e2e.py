@@ -11,9 +11,9 @@ import subprocess
 import time
 
 import pytest
-from e2e_helpers import Foreground, TcpEchoServer, check, status_json, write_config, xknock
+from xknock_dev.e2e import Foreground, TcpEchoServer, check, status_json, write_config, xknock
 
-from xknock.controller.lab import HELPER_PYTHON, can_connect, lab, wait_for
+from xknock_dev.lab import HELPER_PYTHON, can_connect, lab, wait_for
 
 pytestmark = pytest.mark.netns
 

@@ -1,4 +1,4 @@
-"""SPA keys (controller/spa_keys.py) in `fwknop --key-gen` format, and the
+"""SPA keys (controller/wire/spa_keys.py) in `fwknop --key-gen` format, and the
 real fwknop client using keys we generate."""
 
 import base64
@@ -8,8 +8,8 @@ import re
 import pytest
 
 from fwknop_helpers import fwknop_packet, have_fwknop
-from xknock.controller import spa_message as spa
-from xknock.controller.spa_keys import (
+from xknock.controller.wire import spa_message as spa
+from xknock.controller.wire.spa_keys import (
     HMAC_KEY_BYTES, Keys, SpaKeyError, decode_hmac_key, decode_key, format_keygen, generate, keys_from_base64,
     load_key_file, write_key_file,
 )

@@ -1,4 +1,4 @@
-"""fwknop's SPA format (controller/spa_message.py) against the real thing:
+"""fwknop's SPA format (controller/wire/spa_message.py) against the real thing:
 known-answer vectors from the fwknop client (committed, and fresh ones when
 /usr/bin/fwknop is installed), our packets judged by the real fwknopd, every
 rejection, and fuzzing: only SpaFormatError or a valid result, whatever the
@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from fwknop_helpers import (
     CASES, VECTORS, access_stanza, fresh_keys, fwknop_packet, fwknopd_verdicts, have_fwknop, have_fwknopd,
 )
-from xknock.controller import spa_message as spa
-from xknock.controller.spa_message import SpaFormatError
+from xknock.controller.wire import spa_message as spa
+from xknock.controller.wire.spa_message import SpaFormatError
 
 with open(VECTORS) as f:
     COMMITTED = json.load(f)["vectors"]
@@ -136,7 +136,7 @@ def test_fwknopd_accepts_our_packets_and_refuses_broken_ones():
 
 
 def spa_keys_for(hmac_digest):
-    from xknock.controller.spa_keys import generate
+    from xknock.controller.wire.spa_keys import generate
 
     keys = generate(hmac_digest)
     return keys.key, keys.hmac_key, hmac_digest

@@ -1,4 +1,4 @@
-"""The SPA replay cache (controller/spa_replay.py): durable, survives a
+"""The SPA replay cache (controller/spa/spa_replay.py): durable, survives a
 reopen (a controller restart), pruned by message age, and refuses to run on a
 file it cannot trust."""
 
@@ -11,7 +11,7 @@ import tracemalloc
 
 import pytest
 
-from xknock.controller.spa_replay import HEADER, ReplayCache, ReplayCacheError, ReplayCacheFull
+from xknock.controller.spa.spa_replay import HEADER, ReplayCache, ReplayCacheError, ReplayCacheFull
 
 
 def digest(n):
@@ -39,7 +39,7 @@ def test_created_private_and_survives_reopen(path):
 
 def test_add_is_on_disk_before_it_returns(path):
     """A process killed right after add() returns has the digest on disk."""
-    code = ("import sys, os; from xknock.controller.spa_replay import ReplayCache; "
+    code = ("import sys, os; from xknock.controller.spa.spa_replay import ReplayCache; "
             f"c = ReplayCache({path!r}); c.add(bytes(range(32)), 5); os._exit(0)")
     subprocess.run([sys.executable, "-c", code], check=True)
     with ReplayCache(path) as cache:

@@ -6,10 +6,11 @@ import ipaddress
 
 import pytest
 
-from xknock.controller import layout, spa_message
+from xknock.controller.kernel import layout
+from xknock.controller.wire import spa_message
 from xknock.controller.config import parse_config
-from xknock.controller.spa import SpaReceiver, SpaVerifier, spa_uid
-from xknock.controller.spa_replay import ReplayCache
+from xknock.controller.spa.spa import SpaReceiver, SpaVerifier, spa_uid
+from xknock.controller.spa.spa_replay import ReplayCache
 
 R = layout.Reason
 KEY, HMAC_KEY = b"k" * 32, b"h" * 64
@@ -174,7 +175,7 @@ def test_the_receiver_writes_grants_and_counts_outcomes(harness, tmp_path):
     counters = harness.counters()
     assert counters[R.SPA_ACCEPTED] == 1 and counters[R.SPA_REPLAYED] == 1
     assert counters[R.SPA_GRANT_CREATED] == 1
-    from xknock.controller.maps import to_addr
+    from xknock.controller.kernel.maps import to_addr
 
     assert harness.maps.spa_known.lookup(to_addr(ALICE)) is not None   # remembered: past floods, still heard
     cache.close()

@@ -3,11 +3,11 @@ then connects to an unguarded port of the server, then knocks the rest,
 opens nothing when [filter] strict = true, and the guarded port when not."""
 
 import pytest
-from e2e_helpers import (
+from xknock_dev.e2e import (
     DROPPED, TcpEchoServer, config_text, fresh_attach, knock, status_json, write_config, xknock,
 )
 
-from xknock.controller.lab import can_connect, lab
+from xknock_dev.lab import can_connect, lab
 
 pytestmark = pytest.mark.netns
 

@@ -7,12 +7,12 @@ import subprocess
 
 import pytest
 
-from e2e_helpers import (
+from xknock_dev.e2e import (
     XKNOCK, LineReader, TcpEchoServer, check, config_text, knock, plain_knock, write_config, xknock,
 )
 from xknock.cli import top
-from xknock.controller import layout
-from xknock.controller.lab import HELPER_PYTHON, lab, stop_process
+from xknock.controller.kernel import layout
+from xknock_dev.lab import HELPER_PYTHON, lab, stop_process
 
 GUARDED = 22
 

@@ -9,11 +9,12 @@ import os
 import time
 
 import pytest
-from packets import step, tcp
+from xknock_dev.packets import step, tcp
 
-from xknock.controller import policy, totp
+from xknock.controller.policy import policy, totp
+from xknock.controller.kernel.maps import live_sequences
 from xknock.controller.config import ConfigError, parse_config
-from xknock.controller.testrun import XDP_DROP, XDP_PASS
+from xknock_dev.testrun import XDP_DROP, XDP_PASS
 
 SECRET = base64.b32encode(b"s" * 20).decode()
 WINDOW_S = 60
@@ -174,7 +175,7 @@ def test_a_spent_window_opens_nothing_more(timed):
 def test_a_stateless_apply_writes_the_current_windows(timed):
     config = totp_config()
     timed.apply(config)   # `xknock reload`, `attach --once`: no rotation object
-    live = {seq.uid for seq in policy.live_sequences(timed.maps).values()}
+    live = {seq.uid for seq in live_sequences(timed.maps).values()}
     now = time.time_ns()
     expected = {policy.sequence_uid(totp.variant(config.sequences[0], w))
                 for w in totp.live_windows(now, config.sequences[0].totp.window_ns)}
@@ -186,9 +187,9 @@ def test_a_stateless_apply_writes_the_current_windows(timed):
 
 @pytest.mark.netns
 def test_end_to_end_the_client_computes_the_window_and_a_replay_fails(tmp_path):
-    from e2e_helpers import Foreground, TcpEchoServer, check, status_json, write_config, xknock
+    from xknock_dev.e2e import Foreground, TcpEchoServer, check, status_json, write_config, xknock
 
-    from xknock.controller.lab import can_connect, lab, wait_for
+    from xknock_dev.lab import can_connect, lab, wait_for
 
     text = f"""
 [[sequence]]

@@ -1,4 +1,4 @@
-"""The flood generator (xknock.controller.traffic): the frames it builds, and
+"""The flood generator (xknock_dev.traffic): the frames it builds, and
 that a flood out of the attacker's veth reaches the server's xknock."""
 
 import collections
@@ -10,12 +10,13 @@ import time
 
 import pytest
 
-from e2e_helpers import config_text, fresh_attach, status_json, write_config
-from xknock.controller import bpfsys, traffic
-from xknock.controller.lab import lab
-from xknock.controller.layout import VERDICT_REASONS, Reason
-from xknock.controller.maps import FilterMaps
-from xknock.controller.testrun import XDP_TX
+from xknock_dev.e2e import config_text, fresh_attach, status_json, write_config
+from xknock.controller.kernel import bpfsys
+from xknock_dev import traffic
+from xknock_dev.lab import lab
+from xknock.controller.kernel.layout import VERDICT_REASONS, Reason
+from xknock.controller.kernel.maps import FilterMaps
+from xknock_dev.testrun import XDP_TX
 
 
 # --- without a lab ---------------------------------------------------------------------

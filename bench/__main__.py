@@ -1,0 +1,30 @@
+"""bench/run's entry: `python -m bench [datapath|controlplane|flood|knockd|nft|spa|report|all] [--quick]`."""
+
+import sys
+
+from . import controlplane, datapath, flood, fwknop, knockd, nftingress, report
+
+COMMANDS = ("datapath", "controlplane", "flood", "knockd", "nft", "spa", "report", "all")
+
+
+def main(argv):
+    quick = "--quick" in argv
+    which = [a for a in argv if not a.startswith("-")] or ["datapath"]
+    if len(which) != 1 or which[0] not in COMMANDS:
+        raise SystemExit(f"usage: bench/run [{'|'.join(COMMANDS)}] [--quick]")
+    which = which[0]
+    if which in ("datapath", "all"):
+        datapath.run_datapath(quick)
+    if which in ("controlplane", "all"):
+        controlplane.run_controlplane(quick)
+    if which == "flood":
+        flood.run_flood(quick)
+    if which == "report":
+        report.run_report(quick)
+    for name, bench in (("knockd", knockd), ("nft", nftingress), ("spa", fwknop)):
+        if which == name:
+            print(bench.markdown(bench.run(quick)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

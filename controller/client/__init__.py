@@ -1,0 +1,1 @@
+"""Client side: sending knocks and SPA packets."""

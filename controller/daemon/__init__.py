@@ -1,0 +1,1 @@
+"""The running controller: attach and detach, the foreground loop, events, hooks, systemd notify, metrics."""

@@ -1,0 +1,160 @@
+"""The controller's loop: events to the log, SIGHUP reloads, grant sweeping,
+hooks (daemon/hooks.py) run for grants opened and closed and for bans.
+
+The controller is never on the packet path. When it stops (SIGINT, SIGTERM,
+or killed) the filter stays attached and enforcing; a later `xknock attach`
+re-adopts the maps and loses nothing.
+"""
+
+import logging
+import signal
+import time
+
+from ..config import ConfigError, load_config
+from ..errors import XknockError
+from ..kernel import layout
+from ..policy import policy, totp
+from ..spa.spa import SpaReceiver
+from ..state import bans, grants
+from .hooks import HookDispatcher
+from .sdnotify import Notifier
+
+log = logging.getLogger("xknock")
+
+SWEEP_EVERY_S = 10.0
+POLL_MS = 200
+
+
+class Signals:
+    """SIGTERM and SIGINT ask to stop, SIGHUP to reload. Installed before the
+    filter is attached, so that a signal arriving meanwhile is honoured once
+    the controller runs instead of killing it half-way."""
+
+    def __init__(self):
+        self.stop = False
+        self.reload = False
+
+    def install(self):
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "reload", True))
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "stop", True))
+        return self
+
+
+class Controller:
+    def __init__(self, attached, ifnames, config_path, config, events=None, metrics=None, signals=None, hooks=None,
+                 spa=None):
+        self.attached = attached
+        self.spa = spa         # a spa.SpaReceiver while the config has [spa], else None
+        self.ifnames = ifnames
+        self.config_path = config_path
+        self.config = config
+        self.events = events
+        self.metrics = metrics   # a metrics.MetricsServer, or None
+        self.signals = signals or Signals().install()
+        # on_open / on_close / on_ban (daemon/hooks.py): fed by the events and the sweep.
+        self.hooks = hooks if hooks is not None else HookDispatcher(attached.maps, config, ifnames)
+        if events is not None:
+            events.hooks = self.hooks
+            events.observers.append(self._observe)
+        # Time-based sequences: which windows are live, and which were spent.
+        self.rotation = totp.Rotation(config)
+        self.next_rotation_ns = self.rotation.next_change_ns() if self.rotation.active else None
+        self.rotate_now = False
+
+    def reload(self):
+        """Validate the file, then switch policy; a bad file changes nothing."""
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as err:
+            log.error("reload refused: the running policy is unchanged", extra={"fields": {"errors": str(err)}})
+            return False
+        for warning in config.warnings:
+            log.warning(warning)
+        try:
+            self._prepare_spa(config)   # before the policy: a cache we cannot trust refuses the reload
+            rotation = totp.Rotation(config)
+            rotation.spent = self.rotation.spent
+            policy.apply_policy(self.attached.maps, rotation.concrete())
+        except (XknockError, OSError) as err:
+            log.error("reload failed: the running policy is unchanged", extra={"fields": {"error": str(err)}})
+            return False
+        self.config = config
+        self.rotation = rotation
+        self.next_rotation_ns = rotation.next_change_ns() if rotation.active else None
+        if self.events:
+            self.events.refresh_names()
+        self.hooks.set_config(config)
+        log.info("reloaded", extra={"fields": {"config": self.config_path, "sequences": len(config.sequences)}})
+        return True
+
+    def _observe(self, record):
+        if record.type == layout.Event.GRANTED and self.rotation.spend(record.seq_uid):
+            self.rotate_now = True   # that window's knock is used: take it out of the maps
+
+    def rotate(self):
+        """Writes the live windows of the time-based sequences (same policy otherwise)."""
+        self.rotate_now = False
+        try:
+            policy.apply_policy(self.attached.maps, self.rotation.concrete())
+        except (XknockError, OSError) as err:
+            log.error("rotating time-based sequences failed; retrying", extra={"fields": {"error": str(err)}})
+            self.rotate_now = True
+            return
+        self.next_rotation_ns = self.rotation.next_change_ns()
+        if self.events:
+            self.events.refresh_names()
+
+    def _prepare_spa(self, config):
+        if config.spa is None:
+            if self.spa is not None:
+                self.spa.set_spa(None)   # the ring buffer stays open, and empty: no SPA port
+            return
+        if self.spa is None:
+            self.spa = SpaReceiver(self.attached.loaded, self.attached.maps, config.spa)
+        else:
+            self.spa.set_spa(config.spa)
+
+    def run(self, notifier=None):
+        notifier = notifier or Notifier()
+        notifier.ready(f"enforcing on {','.join(self.ifnames)}")
+        next_sweep = time.monotonic() + SWEEP_EVERY_S
+        try:
+            while not self.signals.stop:
+                notifier.watchdog()
+                if self.events:
+                    self.events.poll(POLL_MS)   # both ring buffers: events and SPA candidates
+                else:
+                    time.sleep(POLL_MS / 1000)
+                if self.spa:
+                    self.spa.flush_due()
+                if self.rotation.active and (self.rotate_now or time.time_ns() >= self.next_rotation_ns):
+                    self.rotate()
+                if self.signals.reload:
+                    self.signals.reload = False
+                    ok = self.reload()
+                    if self.metrics:
+                        self.metrics.record_reload(ok, self.config)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + SWEEP_EVERY_S
+                    swept = grants.expire_grants(self.attached.maps)
+                    if self.spa:
+                        self.spa.sweep()
+                    bans.expire_bans(self.attached.maps)
+                    if swept:
+                        log.debug("expired grants removed", extra={"fields": {"count": swept}})
+                    try:   # on_close for grants gone since: swept now, or revoked by `xknock revoke`
+                        self.hooks.sweep()
+                    except OSError as err:
+                        log.error("hook sweep failed", extra={"fields": {"error": str(err)}})
+        finally:
+            notifier.stopping()
+            if self.spa:
+                self.spa.flush()
+            self.hooks.close()   # lets running hooks end; each is killed at its timeout at the latest
+            if self.metrics:
+                self.metrics.close()
+            log.info(
+                "controller stopped; the filter stays attached and enforcing",
+                extra={"fields": {"iface": ",".join(self.ifnames)}},
+            )

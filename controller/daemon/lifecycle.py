@@ -1,0 +1,198 @@
+"""Attaching, re-adopting and detaching a filter, and finding a running one.
+
+The attached program is the truth about what runs: every function here starts
+from the interface, so it works from any mount namespace and after pins are
+gone. Attaching validates the config and writes the policy into the new
+program's maps before the program sees a packet; attaching again replaces the
+program atomically and keeps every grant and knock in progress.
+"""
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import XknockError
+from ..kernel import bpfsys, datapath
+from ..kernel.maps import FilterMaps
+from ..policy import policy
+
+log = logging.getLogger("xknock")
+
+XDP_MODES = ("auto", "native", "generic")
+
+
+def require_root():
+    if os.geteuid() != 0:
+        raise XknockError("must run as root: xknock loads XDP programs and opens BPF maps")
+
+
+@dataclass
+class Attached:
+    """The outcome of attach(): keep `loaded` alive while the controller runs."""
+
+    loaded: datapath.Loaded
+    maps: FilterMaps
+    pin_dir: str
+    modes: dict          # ifname -> native/generic
+    replaced: dict       # ifname -> old program id, where one was replaced
+
+
+def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cflags=()):
+    """Attach one filter, sharing one set of maps, to every interface in
+    ifnames: all of them or, when one fails, none (each is put back as it was).
+    before_attach(maps) runs once the policy is written and before any
+    interface is touched; raising there attaches nothing. cflags: extra
+    compiler flags, such as -DXK_PROGRESS_ENTRIES=... (benchmarks); the CLI
+    passes none."""
+    require_root()
+    if xdp_mode not in XDP_MODES:
+        raise XknockError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}")
+    repeated = sorted({name for name in ifnames if ifnames.count(name) > 1})
+    if repeated:
+        raise XknockError(f"{', '.join(repeated)} named twice")
+    current = {name: datapath.attachment(name) for name in ifnames}
+    foreign = [a for a in current.values() if a.prog_id and not datapath.is_xknock(a)]
+    if foreign and not force:
+        names = ", ".join(f"{a.ifname} (program {a.prog_id} '{a.prog_name}')" for a in foreign)
+        raise XknockError(f"another XDP program is attached to {names}: detach it, or pass --force to replace it")
+    for att in current.values():
+        if att.prog_id and xdp_mode != "auto" and att.mode != xdp_mode:
+            raise XknockError(
+                f"{att.ifname} runs a program in {att.mode} mode; detach it before attaching in {xdp_mode} mode"
+            )
+    ours = {a.ifname: a for a in current.values() if datapath.is_xknock(a)}
+    adopted_from = _single_filter(ours)
+
+    directory = datapath.pin_dir(sorted(ifnames))
+    datapath.ensure_bpffs()
+    if adopted_from:
+        datapath.repin(adopted_from, directory)
+    loaded = datapath.compile_and_load(directory, cflags=cflags)
+    maps = FilterMaps.from_prog(loaded.prog_id)
+    modes, replaced, done = {}, {}, []
+    try:
+        policy.apply_policy(maps, config)
+        if before_attach:
+            before_attach(maps)
+        for name in ifnames:
+            modes[name], replaced_id = _attach_one(current[name], loaded.fd, xdp_mode)
+            done.append(name)
+            if replaced_id:
+                replaced[name] = replaced_id
+    except BaseException:
+        _roll_back(done, current, loaded.fd)
+        maps.close()
+        raise
+    return Attached(loaded, maps, directory, modes, replaced)
+
+
+def _roll_back(done, current, new_fd):
+    """Put interfaces attached by a failed attach() back as they were."""
+    for name in done:
+        before = current[name]
+        try:
+            if before.prog_id:
+                with datapath.prog_fd(before.prog_id) as old_fd:
+                    datapath.xdp_attach(before.ifindex, old_fd, before.mode, replace_fd=new_fd)
+            else:
+                datapath.xdp_detach(before.ifindex, datapath.attachment(name).mode)
+        except (NetlinkError, OSError, XknockError) as err:
+            log.error(f"could not restore {name} after a failed attach: {err}; check it with `xknock status`")
+
+
+def _single_filter(ours):
+    """The program id to re-adopt maps from, refusing to merge two filters."""
+    by_control = {}
+    for att in ours.values():
+        maps_ids = datapath.running_map_ids(att.prog_id)
+        by_control.setdefault(maps_ids.get("control"), att)
+    if len(by_control) > 1:
+        names = ", ".join(a.ifname for a in ours.values())
+        raise XknockError(
+            f"{names} run separate xknock filters with their own maps; attach them one group at a time, "
+            "or detach them first to share one set of maps"
+        )
+    return next(iter(by_control.values())).prog_id if by_control else None
+
+
+def _attach_one(att, prog_fd, xdp_mode):
+    """Attach to one interface; returns (mode, replaced program id or None)."""
+    if att.prog_id:
+        mode = att.mode
+        with datapath.prog_fd(att.prog_id) as old_fd:
+            try:
+                datapath.xdp_attach(att.ifindex, prog_fd, mode, replace_fd=old_fd)
+            except NetlinkError as err:
+                raise XknockError(f"replacing the program on {att.ifname} failed: {datapath.netlink_reason(err)}")
+        return mode, att.prog_id
+    tried = ["native", "generic"] if xdp_mode == "auto" else [xdp_mode]
+    reasons = []
+    for mode in tried:
+        try:
+            datapath.xdp_attach(att.ifindex, prog_fd, mode)
+            return mode, None
+        except NetlinkError as err:
+            reasons.append(f"{mode}: {datapath.netlink_reason(err)}")
+    raise XknockError(f"attaching to {att.ifname} failed ({'; '.join(reasons)})")
+
+
+def running_xknock(ifname):
+    """The Attachment of the xknock filter on ifname, or an error saying what runs there."""
+    att = datapath.attachment(ifname)
+    if not att.prog_id:
+        raise XknockError(f"no XDP program on {ifname}: attach one with `xknock attach {ifname}`")
+    if not datapath.is_xknock(att):
+        raise XknockError(f"{ifname} runs XDP program {att.prog_id} '{att.prog_name}', not xknock: not touching it")
+    return att
+
+
+def open_filter(ifname):
+    """The maps of the xknock filter running on ifname."""
+    require_root()
+    return FilterMaps.from_prog(running_xknock(ifname).prog_id)
+
+
+def detach(ifname):
+    """Detach xknock from ifname; remove its pins when no other interface of
+    this namespace still uses its maps. Returns what was detached."""
+    require_root()
+    att = running_xknock(ifname)
+    control = datapath.running_map_ids(att.prog_id).get("control")
+    try:
+        datapath.xdp_detach(att.ifindex, att.mode)
+    except NetlinkError as err:
+        raise XknockError(f"detaching from {ifname} failed: {datapath.netlink_reason(err)}")
+    still_used = any(control == cid for cid, _ in datapath.attached_filters())
+    if not still_used:
+        for directory in _pin_dirs_of(control):
+            datapath.remove_pins(directory)
+    return att
+
+
+def _pin_dirs_of(control_map_id):
+    """Pin directories (in this mount namespace) whose control map is this one."""
+    found = []
+    if not os.path.isdir(datapath.PIN_ROOT):
+        return found
+    candidates = []
+    for entry in os.listdir(datapath.PIN_ROOT):
+        path = os.path.join(datapath.PIN_ROOT, entry)
+        if entry.startswith("netns-") and os.path.isdir(path):
+            candidates += [os.path.join(path, sub) for sub in os.listdir(path)]
+        else:
+            candidates.append(path)
+    for directory in candidates:
+        pin = os.path.join(directory, "control")
+        if not os.path.exists(pin):
+            continue
+        with contextlib.suppress(OSError):
+            fd = bpfsys.obj_get(pin)
+            try:
+                if bpfsys.map_info(fd).id == control_map_id:
+                    found.append(directory)
+            finally:
+                os.close(fd)
+    return found

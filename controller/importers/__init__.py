@@ -1,0 +1,1 @@
+"""Migrations: knockd.conf and fwknop's access.conf to xknock's TOML."""

@@ -1,0 +1,343 @@
+"""Compiling, loading, attaching and finding the XDP program.
+
+BCC compiles bpf/xknock.bpf.c. Its rewriter only turns `map.lookup()` into
+BPF calls in the main file, so our headers are inlined into one text first,
+with #line markers so that compiler errors still name the real file and line.
+
+A running filter is found from its interface: netlink gives the program id,
+the program's info gives its map ids. Pins under /sys/fs/bpf/xknock/ are made
+from those ids whenever they are missing, so a new program re-adopts the maps
+(BCC's pinned tables open an existing pin instead of creating a map).
+"""
+
+import contextlib
+import ctypes
+import errno
+import os
+import stat
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import XknockError
+from . import bpfsys, layout
+
+PROG_NAME = "xdp_knock"
+BPFFS = "/sys/fs/bpf"
+PIN_ROOT = BPFFS + "/xknock"
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_REPLACE = 1 << 4
+MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+ATTACHED_MODES = {1: "native", 2: "generic", 3: "offload"}
+
+_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$')
+
+
+def bpf_source():
+    """The program's C text with our own headers inlined."""
+    base = resources.files("xknock.bpf")
+    seen = set()
+
+    def inline(name):
+        path = base / name
+        lines = [f'#line 1 "bpf/{name}"']
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            match = _INCLUDE.match(line)
+            if not match:
+                lines.append(line)
+                continue
+            header = match.group(1)
+            if header not in seen:
+                seen.add(header)
+                lines.append(inline(header))
+            lines.append(f'#line {number + 1} "bpf/{name}"')
+        return "\n".join(lines)
+
+    return inline("xknock.bpf.c")
+
+
+def ensure_bpffs():
+    """Mount bpffs at /sys/fs/bpf when it is not (ip netns exec gives each
+    process a fresh /sys without it)."""
+    if _is_bpffs(BPFFS):
+        return
+    import subprocess
+
+    os.makedirs(BPFFS, exist_ok=True)
+    # mode=0700: without it bpffs is 1777, and any user could make xknock/
+    # first and plant links in it (issue 13.9).
+    result = subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", BPFFS], capture_output=True, text=True)
+    if result.returncode != 0 or not _is_bpffs(BPFFS):
+        raise XknockError(f"cannot mount bpffs at {BPFFS}: {result.stderr.strip() or 'mount failed'}")
+
+
+def make_private_dirs(directory, root=None):
+    """Make directory and every parent below root (PIN_ROOT by default) as
+    root's alone: each one a real directory (no link), owned by this user,
+    writable by nobody else (fixed to 0700 if it is ours). Anything else
+    raises XknockError: a stranger's directory there could hand us another
+    filter's maps."""
+    root = PIN_ROOT if root is None else root
+    relative = os.path.relpath(directory, os.path.dirname(root))
+    if relative.startswith("..") or not (relative + os.sep).startswith(os.path.basename(root) + os.sep):
+        os.makedirs(directory, mode=0o700, exist_ok=True)   # a test's or benchmark's own place
+        return
+    path = os.path.dirname(root)
+    for part in relative.split(os.sep):
+        path = os.path.join(path, part)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode):
+            raise XknockError(f"{path} is not a directory (a link?): remove it, xknock makes its own")
+        if info.st_uid != os.geteuid():
+            raise XknockError(f"{path} belongs to uid {info.st_uid}: remove it (and what is under it); "
+                              "xknock makes its own")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.chmod(path, 0o700)
+
+
+def _is_bpffs(path):
+    try:
+        with open("/proc/self/mounts") as mounts:
+            return any(line.split()[1] == path and line.split()[2] == "bpf" for line in mounts)
+    except OSError:
+        return False
+
+
+def netns_id():
+    """The inode of this process's network namespace, or None in the initial one."""
+    mine = os.stat("/proc/self/ns/net").st_ino
+    try:
+        initial = os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        initial = None
+    return None if mine == initial else mine
+
+
+def pin_dir(ifnames):
+    """Where the maps of a group of interfaces are pinned. Outside the initial
+    network namespace the namespace's inode is part of the path, so that two
+    namespaces with an `eth0` each never share maps."""
+    group = "+".join(ifnames)
+    ns = netns_id()
+    return f"{PIN_ROOT}/{group}" if ns is None else f"{PIN_ROOT}/netns-{ns}/{group}"
+
+
+@dataclass
+class Attachment:
+    ifname: str
+    ifindex: int
+    prog_id: int        # 0 when nothing is attached
+    mode: str | None    # native, generic, offload
+    prog_name: str | None
+
+
+def interface_index(ifname):
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise XknockError(f"no such interface: {ifname} (see `ip link`)")
+    return found[0]
+
+
+def attachment(ifname):
+    """What XDP program, if any, runs on ifname."""
+    index = interface_index(ifname)
+    with IPRoute() as ipr:
+        link = ipr.link("get", index=index)[0]
+    xdp = link.get_attr("IFLA_XDP")
+    prog_id, mode = 0, None
+    if xdp is not None:
+        prog_id = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
+        attached = xdp.get_attr("IFLA_XDP_ATTACHED")
+        mode = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}.get(attached, attached)
+    name = None
+    if prog_id:
+        with prog_fd(prog_id) as fd:
+            name = bpfsys.prog_info(fd).name.decode(errors="replace")
+    return Attachment(ifname, index, prog_id, mode if prog_id else None, name)
+
+
+@contextlib.contextmanager
+def prog_fd(prog_id):
+    """An fd for a loaded program, closed on leaving."""
+    fd = bpfsys.prog_fd_by_id(prog_id)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def is_xknock(att):
+    return att.prog_id != 0 and att.prog_name == PROG_NAME
+
+
+def running_map_ids(prog_id):
+    """Map name -> map id for the maps a running xknock program uses."""
+    ids = {}
+    with prog_fd(prog_id) as fd:
+        for map_id in bpfsys.prog_map_ids(fd):
+            map_fd = bpfsys.map_fd_by_id(map_id)
+            try:
+                ids[bpfsys.map_info(map_fd).name.decode()] = map_id
+            finally:
+                os.close(map_fd)
+    return ids
+
+
+def repin(prog_id, directory):
+    """Pin the running program's maps where a new program will look for them,
+    replacing pins that point elsewhere."""
+    make_private_dirs(directory)
+    for name, map_id in running_map_ids(prog_id).items():
+        if name not in layout.MAPS:
+            continue
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            fd = bpfsys.obj_get(path)
+            try:
+                if bpfsys.map_info(fd).id == map_id:
+                    continue
+            finally:
+                os.close(fd)
+            os.unlink(path)
+        fd = bpfsys.map_fd_by_id(map_id)
+        try:
+            bpfsys.obj_pin(fd, path)
+        finally:
+            os.close(fd)
+
+
+def remove_pins(directory):
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)
+        os.rmdir(os.path.dirname(directory))   # netns-<ino>/, when now empty
+
+
+@dataclass
+class Loaded:
+    """A compiled and loaded program; keep the BCC object alive while in use."""
+
+    bpf: object
+    fd: int
+    prog_id: int
+
+
+def compile_and_load(directory, cflags=(), test_clock=False):
+    """Compile the program with its maps pinned in directory (existing pins are
+    re-adopted) and load it. Raises XknockError with what to do next."""
+    # bcc here, not at the top: importing it takes a while (it loads libbcc
+    # and LLVM), and only attach compiles; status, grant, knock... never do.
+    try:
+        from bcc import BPF
+    except ImportError as err:
+        raise XknockError(
+            "BCC's Python module is missing: install python3-bpfcc and use a venv made with "
+            "--system-site-packages (scripts/setup does both)"
+        ) from err
+    ensure_bpffs()
+    make_private_dirs(directory)
+    check_pinned_layout(directory)
+    flags = [f'-DXK_PIN_DIR="{directory}"', *cflags]
+    if test_clock:
+        flags.append("-DXK_TEST_CLOCK")
+    try:
+        bpf = BPF(text=bpf_source().encode(), cflags=flags)
+        fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+    except Exception as err:   # BCC raises bare Exception for every failure
+        raise XknockError(_explain_bcc_failure(err, directory)) from err
+    return Loaded(bpf, fn.fd, bpfsys.prog_info(fn.fd).id)
+
+
+def check_pinned_layout(directory):
+    """BCC re-adopts a pinned map by name whatever its layout; a map of another
+    version of xknock would then be misread. Refuse, saying what to do."""
+    for name, (key_type, value_type) in layout.MAPS.items():
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            continue
+        fd = bpfsys.obj_get(path)
+        try:
+            info = bpfsys.map_info(fd)
+        finally:
+            os.close(fd)
+        want = (ctypes.sizeof(key_type), ctypes.sizeof(value_type))
+        if (info.key_size, info.value_size) != want:
+            raise XknockError(
+                f"the filter's map {name} ({directory}) has keys/values of {info.key_size}/{info.value_size} "
+                f"bytes, this version of xknock needs {want[0]}/{want[1]}: it was made by another version. "
+                "Detach it first (`xknock detach IFACE`, which also drops its grants and knocks in progress), "
+                "then attach again")
+
+
+def _explain_bcc_failure(err, directory):
+    text = str(err)
+    if "kernel headers" in text or "Unable to find kernel headers" in text:
+        return ("BCC cannot find kernel headers: install linux-headers-$(uname -r), or run scripts/setup, "
+                "which falls back to the distribution's headers")
+    if "Failed to compile" in text:
+        return f"compiling the XDP program failed: {text} (see the compiler output above)"
+    if "pinned" in text.lower() or "Invalid argument" in text and "map" in text.lower():
+        return (f"the maps pinned in {directory} do not fit this version of xknock: "
+                f"run `xknock detach` (which removes them) and attach again")
+    return f"loading the XDP program failed: {text}"
+
+
+def xdp_attach(ifindex, prog_fd, mode, replace_fd=None):
+    """Attach prog_fd in mode ('native' or 'generic'). With replace_fd the swap
+    is atomic and fails if anything else was attached meanwhile."""
+    flags = MODE_FLAGS[mode]
+    attrs = [("IFLA_XDP_FD", prog_fd)]
+    if replace_fd is not None:
+        flags |= XDP_FLAGS_REPLACE
+        attrs.append(("IFLA_XDP_EXPECTED_FD", replace_fd))
+    else:
+        flags |= XDP_FLAGS_UPDATE_IF_NOEXIST
+    attrs.append(("IFLA_XDP_FLAGS", flags))
+    with IPRoute() as ipr:
+        ipr.link("set", index=ifindex, xdp={"attrs": attrs})
+
+
+def xdp_detach(ifindex, mode):
+    flags = MODE_FLAGS.get(mode, 0)
+    with IPRoute() as ipr:
+        ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})
+
+
+def netlink_reason(err):
+    """A short human reason for a NetlinkError from an XDP attach."""
+    code = err.code if isinstance(err, NetlinkError) else getattr(err, "errno", 0)
+    if code == errno.EOPNOTSUPP:
+        return "the driver does not support this XDP mode"
+    if code == errno.EBUSY or code == errno.EEXIST:
+        return "another XDP program is attached (in this or another mode)"
+    return os.strerror(code) if code else str(err)
+
+
+def attached_filters():
+    """Every interface of this network namespace that runs xknock, grouped by
+    filter: [(control map id, [Attachment, ...])]."""
+    with IPRoute() as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    groups = {}
+    for name in names:
+        with contextlib.suppress(XknockError, NetlinkError, OSError):
+            att = attachment(name)
+            if is_xknock(att):
+                control = running_map_ids(att.prog_id).get("control")
+                groups.setdefault(control, []).append(att)
+    return sorted(groups.items(), key=lambda item: item[1][0].ifname)

@@ -1,0 +1,211 @@
+"""Typed access to the maps of a running filter.
+
+A Map wraps one map fd with the ctypes key and value types of layout.py and
+the sentinel errors of bpfsys (KeyNotFound, KeyExists, MapFull). FilterMaps
+opens all of a program's maps by id, so it needs no pins and no compiler.
+"""
+
+import ctypes
+import ipaddress
+import os
+
+from ..errors import XknockError
+from . import bpfsys, layout
+from .datapath import running_map_ids
+
+
+def to_addr(ip):
+    """An ipaddress address as the maps store it: 16 bytes, IPv4 mapped."""
+    ip = ipaddress.ip_address(ip)
+    if ip.version == 4:
+        ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+    addr = layout.Addr()
+    ctypes.memmove(addr.b, ip.packed, 16)
+    return addr
+
+
+def from_addr(addr):
+    ip = ipaddress.IPv6Address(bytes(addr.b))
+    return ip.ipv4_mapped or ip
+
+
+class Map:
+    def __init__(self, fd, name, key_type, value_type):
+        self.fd = fd
+        self.name = name
+        self.key_type = key_type
+        self.value_type = value_type
+        info = bpfsys.map_info(fd)
+        self.id = info.id
+        self.max_entries = info.max_entries
+        if info.key_size != ctypes.sizeof(key_type) or info.value_size != ctypes.sizeof(value_type):
+            raise XknockError(
+                f"map {name} has key/value sizes {info.key_size}/{info.value_size}, this xknock expects "
+                f"{ctypes.sizeof(key_type)}/{ctypes.sizeof(value_type)}: the running filter is another version; "
+                "run `xknock attach` with this version to replace it"
+            )
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def lookup(self, key):
+        value = self.value_type()
+        return value if bpfsys.map_lookup(self.fd, key, value) else None
+
+    def update(self, key, value, flags=bpfsys.BPF_ANY):
+        bpfsys.map_update(self.fd, key, value, flags)
+
+    def delete(self, key):
+        return bpfsys.map_delete(self.fd, key)
+
+    def keys(self):
+        """Every key; keys deleted while iterating may restart the walk, as
+        BPF hash iteration does, so callers must tolerate repeats."""
+        key = None
+        while True:
+            next_key = self.key_type()
+            if not bpfsys.map_next_key(self.fd, key, next_key):
+                return
+            yield next_key
+            key = next_key
+
+    def items(self):
+        for key in self.keys():
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+
+class PerCpuArray(Map):
+    """A per-CPU array of u64: lookup returns the sum over CPUs."""
+
+    def __init__(self, fd, name):
+        super().__init__(fd, name, ctypes.c_uint32, ctypes.c_uint64)
+        self.cpus = bpfsys.possible_cpus()
+
+    def per_cpu(self, index):
+        values = (ctypes.c_uint64 * self.cpus)()
+        bpfsys.map_lookup(self.fd, ctypes.c_uint32(index), values)
+        return list(values)
+
+    def total(self, index):
+        return sum(self.per_cpu(index))
+
+    def zero(self, index):
+        bpfsys.map_update(self.fd, ctypes.c_uint32(index), (ctypes.c_uint64 * self.cpus)())
+
+
+class PerCpuHash(Map):
+    """A per-CPU hash: lookup returns one value per CPU."""
+
+    def __init__(self, fd, name, key_type, value_type):
+        self.cpus = bpfsys.possible_cpus()
+        self.cpu_value_type = value_type
+        super().__init__(fd, name, key_type, value_type)
+
+    def lookup(self, key):
+        values = (self.cpu_value_type * self.cpus)()
+        return list(values) if bpfsys.map_lookup(self.fd, key, values) else None
+
+    def update(self, key, per_cpu_values, flags=bpfsys.BPF_ANY):
+        values = (self.cpu_value_type * self.cpus)(*per_cpu_values)
+        bpfsys.map_update(self.fd, key, values, flags)
+
+
+class FilterMaps:
+    """All the maps of one running filter, opened by id from its program."""
+
+    def __init__(self, maps):
+        self._maps = maps
+
+    @classmethod
+    def from_prog(cls, prog_id):
+        ids = running_map_ids(prog_id)
+        missing = [name for name in layout.MAPS if name not in ids]
+        if missing:
+            raise XknockError(f"program {prog_id} lacks the maps {', '.join(missing)}: is it xknock's?")
+        return cls.from_fds({name: bpfsys.map_fd_by_id(ids[name]) for name in layout.MAPS})
+
+    @classmethod
+    def from_pins(cls, directory):
+        return cls.from_fds({name: bpfsys.obj_get(os.path.join(directory, name)) for name in layout.MAPS})
+
+    @classmethod
+    def from_fds(cls, fds):
+        maps = {}
+        try:
+            for name, fd in fds.items():
+                if name == "counters":
+                    maps[name] = PerCpuArray(fd, name)
+                elif name == "seqstats":
+                    maps[name] = PerCpuHash(fd, name, *layout.MAPS[name])
+                else:
+                    key_type, value_type = layout.MAPS[name]
+                    maps[name] = Map(fd, name, key_type, value_type)
+        except Exception:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return cls(maps)
+
+    def __getattr__(self, name):
+        try:
+            return self._maps[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __iter__(self):
+        return iter(self._maps.values())
+
+    def close(self):
+        for m in self._maps.values():
+            m.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # The few reads every tool needs.
+
+    def active_bank(self):
+        return self.control.lookup(ctypes.c_uint32(0)).active_bank & 1
+
+    def counters_by_reason(self):
+        return {reason: self.counters.total(reason) for reason in layout.Reason}
+
+    def count_by_controller(self, reason, n):
+        """Add to one of the counters only the controller writes
+        (layout.CONTROLLER_REASONS): the data path never touches them, and callers hold
+        policy.map_lock, so this read-modify-write races with nobody."""
+        assert reason in layout.CONTROLLER_REASONS
+        if n:
+            values = self.counters.per_cpu(reason)
+            values[0] += n
+            bpfsys.map_update(self.counters.fd, ctypes.c_uint32(reason), (ctypes.c_uint64 * self.counters.cpus)(*values))
+
+    def sequence_stats(self, uid):
+        """Knock outcomes of one sequence, summed over CPUs, or None."""
+        per_cpu = self.seqstats.lookup(ctypes.c_uint32(uid))
+        if per_cpu is None:
+            return None
+        total = layout.SeqStats()
+        for value in per_cpu:
+            for field, _ in layout.SeqStats._fields_:
+                setattr(total, field, getattr(total, field) + getattr(value, field))
+        return total
+
+
+def live_sequences(maps):
+    """slot -> layout.Seq for the live bank's sequences."""
+    bank = maps.active_bank()
+    found = {}
+    for i in range(layout.MAX_SEQUENCES):
+        slot = bank * layout.MAX_SEQUENCES + i
+        seq = maps.seqs.lookup(ctypes.c_uint32(slot))
+        if seq is not None and seq.nsteps:
+            found[slot] = seq
+    return found

@@ -1,0 +1,1 @@
+"""Single packet authorization: the verifier, the receiver on the spa_events ring, the replay cache."""

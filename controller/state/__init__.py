@@ -1,0 +1,1 @@
+"""The live state of a running filter: grants, bans, sessions an attach would cut, status."""

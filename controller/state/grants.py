@@ -1,0 +1,173 @@
+"""Grants written, listed, revoked and expired by the controller.
+
+The data path writes grants when a sequence completes and removes dead ones it
+meets; the controller writes the operator's grants, revokes, and sweeps the
+dead grants nobody touched again, so the map does not fill with them.
+"""
+
+import ipaddress
+from dataclasses import dataclass
+
+from ..errors import XknockError
+from ..kernel import bpfsys, firsts, layout
+from ..kernel.clock import monotonic_ns
+from ..kernel.lock import map_lock
+from ..kernel.maps import from_addr, live_sequences, to_addr
+
+
+class GrantsFull(XknockError):
+    """The grants map has no room: nothing was written."""
+
+
+@dataclass
+class GrantView:
+    source: object
+    proto: str
+    port: int
+    window_left_s: float     # new connections accepted this much longer (0: closed)
+    idle_left_s: float       # alive this much longer without traffic
+    sequence: str            # the sequence's name, or "operator"
+
+    @property
+    def alive(self):
+        return self.window_left_s > 0 or self.idle_left_s > 0
+
+
+def guarded_ports(maps):
+    """[(proto name, port)] guarded by the live policy."""
+    bank = maps.active_bank()
+    return sorted(
+        (layout.PROTO_NAMES[key.proto], key.port)
+        for key, val in maps.ports.items()
+        if key.bank == bank and val.flags & layout.PORT_GUARDED
+    )
+
+
+def grant(maps, source, ports, for_ns, idle_ns=None, now=None):
+    """Open ports (default: every guarded port) to source. Returns the ports."""
+    source = ipaddress.ip_address(source)
+    guarded = guarded_ports(maps)
+    if not ports:
+        ports = guarded
+        if not ports:
+            raise XknockError("the live policy guards no port: there is nothing to grant")
+    for proto, port in ports:
+        if (proto, port) not in guarded:
+            raise XknockError(f"{proto}:{port} is not guarded by the live policy: it is open to everyone already")
+    write_grants(maps, source, ports, for_ns, idle_ns if idle_ns is not None else for_ns, now=now)
+    return ports
+
+
+def write_grants(maps, source, ports, for_ns, idle_ns, now=None, seq_uid=0, flags=0):
+    """Open [(proto name, port)] to source: new connections for for_ns, and
+    established traffic while it is never idle for idle_ns. All or nothing:
+    on a full map the ones already written are removed again. Counted as the
+    operator's, or as SPA's when flags say so."""
+    now = monotonic_ns() if now is None else now
+    value = layout.Grant()
+    value.window_end_ns = now + for_ns
+    value.idle_timeout_ns = idle_ns
+    value.last_seen_ns = now
+    value.seq_uid = seq_uid
+    value.flags = flags
+    keys = [layout.GrantKey(src=to_addr(ipaddress.ip_address(source)), proto=layout.PROTO_NUMBERS[proto], port=port)
+            for proto, port in ports]
+    with map_lock(maps):
+        created = []
+        for key in keys:
+            fresh = maps.grants.lookup(key) is None
+            try:
+                maps.grants.update(key, value)
+            except bpfsys.MapFull as err:
+                for done in created:
+                    maps.grants.delete(done)
+                proto = layout.PROTO_NAMES[key.proto]
+                raise GrantsFull(f"the grants map is full ({maps.grants.max_entries} entries): no grant written "
+                                 f"for {proto}:{key.port}") from err
+            if fresh:
+                created.append(key)
+        maps.count_by_controller(layout.Reason.SPA_GRANT_CREATED if flags & layout.GRANT_SPA
+                                 else layout.Reason.GRANT_OPERATOR, len(created))
+
+
+def revoke(maps, source):
+    """End every grant and knock in progress of source. Returns grants removed."""
+    wanted = bytes(to_addr(ipaddress.ip_address(source)).b)
+    removed = 0
+    with map_lock(maps):
+        for raw in [bytes(k) for k in maps.grants.keys()]:
+            key = layout.GrantKey.from_buffer_copy(raw)
+            if bytes(key.src.b) == wanted and maps.grants.delete(key):
+                removed += 1
+        for raw in [bytes(k) for k in maps.progress.keys()]:
+            key = layout.ProgressKey.from_buffer_copy(raw)
+            if bytes(key.src.b) == wanted:
+                maps.progress.delete(key)
+        firsts.forget(maps, source, [seq.uid for seq in live_sequences(maps).values()])
+        maps.count_by_controller(layout.Reason.GRANT_REMOVED, removed)
+    return removed
+
+
+def list_grants(maps, now=None):
+    now = monotonic_ns() if now is None else now
+    names = {seq.uid: seq.name.decode(errors="replace") for seq in live_sequences(maps).values()}
+    views = []
+    for key, val in maps.grants.items():
+        views.append(GrantView(
+            source=from_addr(key.src),
+            proto=layout.PROTO_NAMES.get(key.proto, str(key.proto)),
+            port=key.port,
+            window_left_s=max(0, val.window_end_ns - now) / 1e9,
+            idle_left_s=max(0, val.last_seen_ns + val.idle_timeout_ns - now) / 1e9,
+            sequence=_grant_origin(val, names),
+        ))
+    return sorted(views, key=lambda g: (str(g.source), g.proto, g.port))
+
+
+def _grant_origin(val, names):
+    if val.flags & layout.GRANT_SPA:
+        return "spa"
+    if val.seq_uid == 0:
+        return "operator"
+    return names.get(val.seq_uid, f"uid {val.seq_uid:#x}")
+
+
+def expire_grants(maps, now=None):
+    """Delete grants dead on both clocks. Returns how many."""
+    now = monotonic_ns() if now is None else now
+    removed = 0
+    with map_lock(maps):
+        for raw in [bytes(k) for k in maps.grants.keys()]:
+            key = layout.GrantKey.from_buffer_copy(raw)
+            val = maps.grants.lookup(key)
+            if val is None:
+                continue
+            if now >= val.window_end_ns and now >= val.last_seen_ns + val.idle_timeout_ns:
+                if maps.grants.delete(key):
+                    removed += 1
+        maps.count_by_controller(layout.Reason.GRANT_REMOVED, removed)
+    return removed
+
+
+def knocks_in_progress(maps, limit=50, now=None):
+    """(total, [(source, sequence name, next step, seconds since last step)]) for
+    progress not yet completed or timed out, at most `limit` listed. Sources
+    at their first step are counted but not listed: the first-step filter
+    keeps a hash of the source, not the source."""
+    now_us = (monotonic_ns() if now is None else now) // 1000
+    seqs = {seq.uid: seq for seq in live_sequences(maps).values()}
+    longest_us = max((seq.step_timeout_ns // 1000 for seq in seqs.values() if seq.nsteps > 1), default=0)
+    total, shown = firsts.fresh(maps, longest_us, now_us), []
+    for key in maps.progress.keys():
+        state = maps.progress.lookup(key)
+        seq = seqs.get(key.uid)
+        if state is None or seq is None:
+            continue
+        value = state.value
+        step, ts_us = layout.progress_step(value), layout.progress_ts_us(value)
+        if not 0 < step < seq.nsteps or now_us - ts_us > seq.step_timeout_ns // 1000:
+            continue
+        total += 1
+        if len(shown) < limit:
+            shown.append((from_addr(key.src), seq.name.decode(errors="replace"), step, (now_us - ts_us) / 1e6))
+    return total, shown
