@@ -126,6 +126,7 @@ MUTATIONS = {
     "strict_resets_ban": "strict resets count towards bans",
     "rst_ack_off_by_one": "the RST|ACK answer acknowledges one byte too many",
     "icmp_peer_starts_full": "a new ICMP peer bucket starts full, not full less this error",
+    "icmp_no_host_bucket": "ICMP errors are limited per destination only, not for the host",
 }
 
 
@@ -578,6 +579,8 @@ class Model:
         """Linux's order: the host's credit checked, the peer's token taken,
         then the host's spent."""
         a, now, host = self.answers, self.now_ns, self.icmp_host
+        if "icmp_no_host_bucket" in self.mutations:
+            host = [now, 1 << 62]
         credit = min(host[1] + max(now - host[0], 0), a.icmp_host_burst_ns)
         host[0], host[1] = now, credit
         if credit < a.icmp_host_cost_ns:
