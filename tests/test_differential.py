@@ -618,3 +618,61 @@ open_for = "30s"
     assert kernel_grants(harness) == model_grants(model, uids_of(config))   # the model agrees with the kernel...
     [(window_end, _, _, _)] = kernel_grants(harness).values()
     assert window_end == model.now_ns + 30 * S              # ...the docs do not
+
+
+# -- the answer comparison masks the seeded fields and nothing else ---------------------
+
+def _answer_pair(harness, pkt, answer="closed"):
+    """(kernel answer, model answer) for one packet of a fresh program."""
+    config = program_config({"mode": "enforce", "strict": True, "answer": answer})
+    harness.reset_state()
+    harness.set_clock(START_NS)
+    harness.apply(config)
+    model = Model(config, START_NS, answers=live_answer_settings(harness))
+    verdict, _, got = bpfsys.test_run(harness.fd, frame(pkt))
+    assert verdict == model.run(pkt) == XDP_TX
+    return got, model.answer
+
+
+def _checksummed(data, l3):
+    """data with its IPv4 header checksum made right again."""
+    from model import _csum
+
+    data = bytearray(data)
+    data[l3 + 10:l3 + 12] = b"\0\0"
+    data[l3 + 10:l3 + 12] = (0xFFFF ^ _csum(bytes(data[l3:l3 + 20]))).to_bytes(2, "big")
+    return bytes(data)
+
+
+def _flip(data, at, mask):
+    data = bytearray(data)
+    data[at] ^= mask
+    return bytes(data)
+
+
+def test_answer_comparison_masks_only_the_seeded_fields(harness):
+    """The kernel's own answers pass; changed anywhere but in the IPv6 flow
+    label and the IPv4 ID of an ICMP error (with its header checksum made
+    right again), they fail; a wrong IPv4 header checksum fails on its own."""
+    udp4 = Pkt(SSH_SRC, "udp", 8001, payload=b"x" * 30, tos=0x2B, vlans=(0xE005,))
+    got, want = _answer_pair(harness, udp4)
+    l3 = l3_offset(udp4)
+    assert answer_difference(got, want, udp4) is None
+    assert answer_difference(_flip(got, l3 + 5, 0x5A), want, udp4) == (
+        f"answer to {udp4}: wrong IPv4 header checksum: {_flip(got, l3 + 5, 0x5A).hex()}")
+    assert answer_difference(_checksummed(_flip(got, l3 + 5, 0x5A), l3), want, udp4) is None   # another ID: masked
+    # MACs, the tag, TOS, TTL, addresses (header checksum made right), ICMP type, checksum, the quote
+    for at in (0, 6, 14, l3 + 1, l3 + 8, l3 + 12, l3 + 16, l3 + 20, l3 + 22, l3 + 28, len(got) - 1):
+        changed = _flip(got, at, 0x01)
+        if l3 <= at < l3 + 20:
+            changed = _checksummed(changed, l3)
+        assert answer_difference(changed, want, udp4) is not None, at
+    assert answer_difference(got[:-1], want, udp4) is not None
+
+    syn6 = Pkt("2001:db8:77::7", "tcp", 7000, TCP_SYN, seq=5, payload=b"ab", tos=0xFF)
+    got, want = _answer_pair(harness, syn6)
+    assert answer_difference(got, want, syn6) is None
+    assert answer_difference(_flip(got, 14 + 3, 0xFF), want, syn6) is None   # the flow label: masked
+    for at in (14, 15, 14 + 7, 14 + 8, 14 + 40 + 4, 14 + 40 + 8, 14 + 40 + 13, 14 + 40 + 16):
+        # version and traffic class, hop limit, source, seq, ack, flags, checksum
+        assert answer_difference(_flip(got, at, 0x10), want, syn6) is not None, at
