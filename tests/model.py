@@ -141,6 +141,17 @@ class Pkt(NamedTuple):
     tos: int = 0        # IPv4 TOS or IPv6 traffic class
     vlans: tuple = ()   # 802.1Q TCIs (priority, DEI, id), outer first; the outer of two is 802.1ad
     sport: int = 40000
+    damage: str = ""    # "" or one of DAMAGES: what frame_of spoils in the frame
+
+
+# Ways a frame can be spoilt that change nothing but the answer (Linux
+# answers none of them; the program judges knocks and grants alike).
+DAMAGES = {
+    "l4_checksum": "the TCP / UDP / ICMP checksum off by one",
+    "ip_checksum": "the IPv4 header checksum off by one (IPv6 has none: no change)",
+    "no_udp_checksum": "the UDP (or TCP) checksum 0: no checksum for IPv4 UDP, wrong otherwise",
+    "broadcast": "sent to the Ethernet broadcast address",
+}
 
 
 def frame_of(pkt):
@@ -165,7 +176,25 @@ def frame_of(pkt):
         frame = frame / UDP(sport=pkt.sport, dport=pkt.port)
     if pkt.payload and pkt.proto != "icmp":
         frame = frame / Raw(pkt.payload)
-    return raw(frame)
+    return _damaged(bytearray(raw(frame)), pkt)
+
+
+def _damaged(data, pkt):
+    l3 = 14 + 4 * len(pkt.vlans)
+    l4 = l3 + (40 if ":" in pkt.src else 20)
+    check = l4 + {"tcp": 16, "udp": 6, "icmp": 2}[pkt.proto]
+    if pkt.damage == "l4_checksum":
+        data[check + 1] ^= 1
+    elif pkt.damage == "ip_checksum":
+        if ":" not in pkt.src:
+            data[l3 + 11] ^= 1
+    elif pkt.damage == "no_udp_checksum":
+        data[check:check + 2] = b"\0\0"
+    elif pkt.damage == "broadcast":
+        data[0:6] = b"\xff" * 6
+    elif pkt.damage:
+        raise ValueError(f"unknown damage {pkt.damage!r}")
+    return bytes(data)
 
 
 @dataclasses.dataclass(frozen=True)

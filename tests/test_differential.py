@@ -147,14 +147,15 @@ TCP_FLAGS = st.one_of(
 )
 
 # How a packet looks beyond its port and flags, for the answers: (seq, ack,
-# payload length, TOS / traffic class, VLAN TCIs). Payload lengths around the
+# payload length, TOS / traffic class, VLAN TCIs, damage: model.DAMAGES). Payload lengths around the
 # ICMP quote limits (548 and 1232 bytes from the IP header) and the longest
 # segment the program answers (2048 bytes of L4).
 U32 = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 2**32 - 1, 2**32 - 2]))
 PAYLOAD_LENGTHS = st.one_of(st.integers(0, 40), st.sampled_from(
     [519, 520, 521, 1183, 1184, 1185, 1192, 1193, 2027, 2028, 2029, 2039, 2040, 2041]))
 VLANS = st.sampled_from([(), (), (5,), (0xE005,), (0x3FFF,), (0x2003, 0xF00A)])
-SHAPE = st.one_of(st.none(), st.tuples(U32, U32, PAYLOAD_LENGTHS, st.integers(0, 255), VLANS))
+DAMAGE = st.sampled_from(["", "", "", "", "l4_checksum", "ip_checksum", "no_udp_checksum", "broadcast"])
+SHAPE = st.one_of(st.none(), st.tuples(U32, U32, PAYLOAD_LENGTHS, st.integers(0, 255), VLANS, DAMAGE))
 
 SEQ_INDEX = st.integers(0, len(ENFORCE.sequences) - 1)
 SOURCE_INDEX = st.integers(0, 3)
@@ -414,9 +415,9 @@ def packets(model, src, event):
 def shaped(pkt, shape):
     if shape is None:
         return pkt._replace(payload=b"knock" if pkt.proto == "udp" else b"")
-    seq, ack, length, tos, vlans = shape
+    seq, ack, length, tos, vlans, *damage = shape
     return pkt._replace(seq=seq, ack=ack, payload=bytes(i * 7 & 0xFF for i in range(length)), tos=tos,
-                        vlans=vlans)
+                        vlans=vlans, damage=damage[0] if damage else "")
 
 
 def _next_knock(model, src, index):
