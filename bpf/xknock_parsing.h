@@ -182,7 +182,11 @@ static __always_inline int parse_ipv6hdr(void *data, void *data_end, struct xk_p
 			struct xk_ipv6_frag_hdr *fh = (void *)oh;
 			__u16 off = bpf_ntohs(fh->frag_off);
 			pkt->frag = off >> 3;
-			pkt->first_frag = (off & 1) && !(off >> 3);
+			/* Once a first fragment, always: a second fragment header
+			 * (offset 0, no more) must not hide that the datagram is
+			 * cut, or the answer path would answer a fragment. */
+			if ((off & 1) && !(off >> 3))
+				pkt->first_frag = 1;
 			size = sizeof(*fh);
 		} else if (nexthdr == IPPROTO_AH) {
 			size = (oh->hdrlen + 2) * 4;

@@ -285,7 +285,7 @@ def test_a_short_sequence_warns():
 
 def test_an_icmp_knock_warns_that_ping_stops():
     assert warnings_of(sequence(knock=("udp:1", "icmp", "udp:2"))) == [
-        'sequence "ssh": knock[1] "icmp": every echo request is a knock and is dropped, so this host no longer answers ping'
+        'sequence "ssh": knock[1] "icmp": every echo request to this host is this knock (the host still answers it); a ping from the client between two of its other knocks is taken for a wrong one'
     ]
 
 

@@ -443,8 +443,8 @@ def _parse_knock(report, place, table):
         if step.proto == "icmp":
             report.warn(
                 place,
-                f'knock[{index}] "{text}": every echo request is a knock and is dropped, '
-                "so this host no longer answers ping",
+                f'knock[{index}] "{text}": every echo request to this host is this knock (the host still '
+                "answers it); a ping from the client between two of its other knocks is taken for a wrong one",
             )
             break
     return tuple(step for _, _, step in parsed)
