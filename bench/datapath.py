@@ -7,7 +7,7 @@ Reference points, timed the same way on the same frame in the same rounds:
 - floor: a BCC-loaded XDP program that only returns XDP_DROP;
 - xdp-filter: xdp-tools' stateless filter with the rule "drop dst tcp port 22".
 
-Also the entry point of bench/run: `bench/run [datapath|controlplane|flood|knockd|nft|spa|report|all] [--quick]`.
+Also the entry point of bench/run: `bench/run [datapath|controlplane|flood|knockd|nft|spa|answers|report|all] [--quick]`.
 """
 
 import ctypes
@@ -416,7 +416,7 @@ def run_datapath(quick):
             "allow": allow_rows, "sequences": sequence_rows, "xdp_filter": xf_note, "text": text}
 
 
-COMMANDS = ("datapath", "controlplane", "flood", "knockd", "nft", "spa", "report", "all")
+COMMANDS = ("datapath", "controlplane", "flood", "knockd", "nft", "spa", "answers", "report", "all")
 
 
 def main(argv):
@@ -435,6 +435,10 @@ def main(argv):
         from . import flood
 
         flood.run_flood(quick)
+    if which == "answers":
+        from . import answers
+
+        answers.run_answers(quick)
     if which == "report":
         from . import report
 
