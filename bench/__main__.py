@@ -1,10 +1,10 @@
-"""bench/run's entry: `python -m bench [datapath|controlplane|flood|knockd|nft|spa|report|all] [--quick]`."""
+"""bench/run's entry: `python -m bench [datapath|controlplane|flood|knockd|nft|spa|answers|report|all] [--quick]`."""
 
 import sys
 
-from . import controlplane, datapath, flood, fwknop, knockd, nftingress, report
+from . import answers, controlplane, datapath, flood, fwknop, knockd, nftingress, report
 
-COMMANDS = ("datapath", "controlplane", "flood", "knockd", "nft", "spa", "report", "all")
+COMMANDS = ("datapath", "controlplane", "flood", "knockd", "nft", "spa", "answers", "report", "all")
 
 
 def main(argv):
@@ -19,6 +19,8 @@ def main(argv):
         controlplane.run_controlplane(quick)
     if which == "flood":
         flood.run_flood(quick)
+    if which == "answers":
+        answers.run_answers(quick)
     if which == "report":
         report.run_report(quick)
     for name, bench in (("knockd", knockd), ("nft", nftingress), ("spa", fwknop)):

@@ -7,7 +7,7 @@ Reference points, timed the same way on the same frame in the same rounds:
 - floor: a BCC-loaded XDP program that only returns XDP_DROP;
 - xdp-filter: xdp-tools' stateless filter with the rule "drop dst tcp port 22".
 
-Also the entry point of bench/run: `bench/run [datapath|controlplane|flood|knockd|nft|spa|report|all] [--quick]`.
+Also the entry point of bench/run: `bench/run [datapath|controlplane|flood|knockd|nft|spa|answers|report|all] [--quick]`.
 """
 
 import ctypes

@@ -1,5 +1,5 @@
 """The side-by-side report (`bench/run report [--quick]`): every benchmark in
-one run, then one markdown file with PNG figures under
+one run (bench/answers.py's too), then one markdown file with PNG figures under
 bench/results/report-<date>/ (with data.json, the numbers behind it), and
 bench/results/latest-report.md pointing at the same figures. Versions of xknock and of every peer are in its head; its
 ratios are only ever between numbers measured in this run."""
@@ -14,7 +14,7 @@ import time
 from xknock_dev import traffic
 from xknock_dev.lab import lab
 
-from . import common, controlplane, datapath, fwknop, knockd, nftingress, plots, sidebyside as sb
+from . import answers, common, controlplane, datapath, fwknop, knockd, nftingress, plots, sidebyside as sb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,6 +129,8 @@ def run_report(quick):
     nf_cells = nftingress.summary(nf)
     print("report: fwknop", flush=True)
     fw = fwknop.run(quick)
+    print("report: answers", flush=True)
+    an = answers.run_answers(quick)
 
     directory = os.path.join(common.RESULTS_DIR, f"report-{stamp}")
     os.makedirs(directory, exist_ok=True)
@@ -150,7 +152,7 @@ def run_report(quick):
                + (" — QUICK run, numbers are not meaningful" if quick else ""), "",
                "Every figure is a median over repeated runs or tries; every ratio compares numbers measured in this "
                "run, side by side.", "",
-               "## Headline", "", *headline(dp, kn, nf_cells, nf, fw, gen), "",
+               "## Headline", "", *headline(dp, kn, nf_cells, nf, fw, gen), *answers.headline(an), "",
                "## Traffic generator", "",
                "XDP live frames (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, batches of 64, random IPv4 "
                "sources, correct checksums), one process, out of the lab attacker's veth into a peer that drops: "
@@ -161,13 +163,14 @@ def run_report(quick):
                "## Control plane", "", body(cp_text), "",
                knockd.markdown(kn), *images("knockd"),
                nftingress.markdown(nf), *images("nft"),
-               fwknop.markdown(fw), *images("spa")]
+               fwknop.markdown(fw), *images("spa"),
+               answers.markdown(an, title=False)]
         return "\n".join(out) + "\n"
 
     with open(os.path.join(directory, "data.json"), "w") as f:
         json.dump({"datapath": {k: v for k, v in dp.items() if k != "text"}, "knockd": kn,
                    "nft": {**nf, "rows": {" / ".join(k): v for k, v in nf["rows"].items()}},
-                   "spa": fw, "generator_pps": gen}, f, indent=1, default=str)
+                   "spa": fw, "generator_pps": gen, "answers": answers.json_data(an)}, f, indent=1, default=str)
     report_path = os.path.join(directory, "report.md")
     with open(report_path, "w") as f:
         f.write(text(""))

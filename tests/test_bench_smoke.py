@@ -1,8 +1,8 @@
 """Every benchmark runs once at tiny sizes, so that none of them rots: the
-data path, the control plane and the side-by-side peers (knockd, fwknopd,
-nftables ingress), through `bench/run report --quick`, which also draws the
-report's figures. Timings are never asserted: speed is measured by bench/run,
-not by tests."""
+data path, the control plane, the side-by-side peers (knockd, fwknopd,
+nftables ingress) and the answers (bench/answers.py), through `bench/run
+report --quick`, which also draws the report's figures. Timings are never
+asserted: speed is measured by bench/run, not by tests."""
 
 import glob
 import os
@@ -21,11 +21,15 @@ def test_every_benchmark_runs_quick(tmp_path):
     assert "Traceback" not in result.stderr
     report = (tmp_path / "latest-report.md").read_text()
     for section in ("unguarded pass", "attach", "## xknock and knockd side by side",
-                    "## xknock and nftables (netdev ingress)", "## SPA: fwknopd", "## Traffic generator"):
+                    "## xknock and nftables (netdev ingress)", "## SPA: fwknopd", "## Traffic generator",
+                    "## Answers: xknock's XDP answers beside the kernel's own", "### The timing tell"):
         assert section in report, section
     # Each peer really ran: its rows carry numbers, not only headers.
     assert "| plain sender | 3/3 |" in report
     assert "| fwknopd | none | - |" in report
+    assert "| SYN to a guarded port, IPv4 | " in report and "(TX, TCP RA)" in report
+    assert "| bridge, unthrottled | kernel stack |" in report
+    assert (tmp_path / "latest-answers.md").exists()
     figures = {os.path.basename(p) for p in glob.glob(str(tmp_path / "report-*" / "*.png"))}
     assert {"scaling-sources.png", "scaling-allow.png", "scaling-sequences.png", "knockd-latency.png",
             "knockd-steps.png", "nft-ingress.png", "spa-latency.png"} <= figures
