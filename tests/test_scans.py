@@ -83,9 +83,10 @@ def net(tmp_path_factory):
             xknock(built.server, "detach", built.server_iface)
 
 
-@pytest.fixture
-def attached(net, tmp_path):
-    path = write_config(tmp_path, "scan.toml", CONFIG.format(cache=tmp_path / "replay"))
+def attached_with(net, tmp_path, name, text):
+    """Attach text (0600, it holds secrets), yield the lab, then check that
+    the attacker holds no grant: no scan knocked a port open."""
+    path = write_config(tmp_path, name, text)
     os.chmod(path, 0o600)
     fresh_attach(net, path)
     yield net
@@ -93,6 +94,11 @@ def attached(net, tmp_path):
     attacker = {net.attacker.ipv4, net.attacker.ipv6}
     assert not [g for g in running["grants"] if g["source"] in attacker], \
         f"the scan knocked a port open: {running['grants']}"
+
+
+@pytest.fixture
+def attached(net, tmp_path):
+    yield from attached_with(net, tmp_path, "scan.toml", CONFIG.format(cache=tmp_path / "replay"))
 
 
 def nmap(host, target, *args, timeout=180):
@@ -222,14 +228,7 @@ open_for = "30s"
 
 @pytest.fixture
 def rotating(net, tmp_path):
-    path = write_config(tmp_path, "totp.toml", TOTP_CONFIG)
-    os.chmod(path, 0o600)
-    fresh_attach(net, path)
-    yield net
-    [running] = status_json(net.server)
-    attacker = {net.attacker.ipv4, net.attacker.ipv6}
-    assert not [g for g in running["grants"] if g["source"] in attacker], \
-        f"the scan knocked a port open: {running['grants']}"
+    yield from attached_with(net, tmp_path, "totp.toml", TOTP_CONFIG)
 
 
 def test_time_based_knock_ports_read_as_unused_and_scans_open_nothing(rotating):
