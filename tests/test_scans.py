@@ -188,7 +188,7 @@ def test_random_order_scans_open_nothing(attached):
 def test_the_knock_still_opens_and_is_refused_like_an_unused_port(attached):
     """`xknock knock` sends SYNs that are now answered with resets: it does
     not mind; the guarded port opens for the client."""
-    from xknock.controller.lab import can_connect
+    from xknock_dev.lab import can_connect
 
     net = attached
     assert not can_connect(net.client, net.server.ipv4, GUARDED_TCP, timeout=1.0)
