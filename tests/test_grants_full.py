@@ -168,3 +168,20 @@ def test_an_operator_grant_into_a_full_map_is_refused_cleanly(tiny):
         operator_grant(tiny.maps, FIFTH, [("tcp", 22)], for_ns=int(30e9), now=tiny.now_ns)
     assert grant_values(tiny) == before
     assert tiny.counters()[Reason.GRANT_OPERATOR] == 0
+
+
+def test_a_refused_write_leaves_the_grants_that_already_existed_as_they_were(tiny):
+    """Issue 13 item 16: a write of several ports that fails on a full map must
+    not leave the ports that already had a grant rewritten (a longer window
+    nobody granted)."""
+    from xknock.controller.state.grants import write_grants
+    for src in SOURCES:
+        knock(tiny, src)
+    before = {k: bytes(v) for k, v in tiny.grants().items()}
+    with pytest.raises(XknockError, match="grants map is full"):
+        # tcp:22 of SOURCES[0] exists and comes first; tcp:80 finds no room.
+        write_grants(tiny.maps, SOURCES[0], [("tcp", 22), ("tcp", 80)], for_ns=int(3600e9),
+                     idle_ns=int(3600e9), now=tiny.now_ns)
+    after = {k: bytes(v) for k, v in tiny.grants().items()}
+    assert after == before, "the refused write changed a grant that already existed"
+    assert tiny.counters()[Reason.GRANT_OPERATOR] == 0

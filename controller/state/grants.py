@@ -61,7 +61,8 @@ def grant(maps, source, ports, for_ns, idle_ns=None, now=None):
 def write_grants(maps, source, ports, for_ns, idle_ns, now=None, seq_uid=0, flags=0):
     """Open [(proto name, port)] to source: new connections for for_ns, and
     established traffic while it is never idle for idle_ns. All or nothing:
-    on a full map the ones already written are removed again. Counted as the
+    on a full map no entry changes (the new ones are removed again, the
+    rewritten ones get their old values back). Counted as the
     operator's, or as SPA's when flags say so."""
     now = monotonic_ns() if now is None else now
     value = layout.Grant()
@@ -73,21 +74,40 @@ def write_grants(maps, source, ports, for_ns, idle_ns, now=None, seq_uid=0, flag
     keys = [layout.GrantKey(src=to_addr(ipaddress.ip_address(source)), proto=layout.PROTO_NUMBERS[proto], port=port)
             for proto, port in ports]
     with map_lock(maps):
-        created = []
+        # The new keys first, then the ones that exist: a full map refuses a
+        # new key only, so a refusal comes before any existing grant changed.
+        # Should one change anyway (the data path freed a key in between),
+        # the old values are written back: a refused write leaves every
+        # entry as it was.
+        old = {bytes(key): maps.grants.lookup(key) for key in keys}
+        keys.sort(key=lambda key: old[bytes(key)] is not None)
+        written = []
         for key in keys:
-            fresh = maps.grants.lookup(key) is None
             try:
                 maps.grants.update(key, value)
             except bpfsys.MapFull as err:
-                for done in created:
-                    maps.grants.delete(done)
+                _undo(maps, written, old)
                 proto = layout.PROTO_NAMES[key.proto]
                 raise GrantsFull(f"the grants map is full ({maps.grants.max_entries} entries): no grant written "
                                  f"for {proto}:{key.port}") from err
-            if fresh:
-                created.append(key)
+            written.append(key)
+        created = sum(1 for key in keys if old[bytes(key)] is None)
         maps.count_by_controller(layout.Reason.SPA_GRANT_CREATED if flags & layout.GRANT_SPA
-                                 else layout.Reason.GRANT_OPERATOR, len(created))
+                                 else layout.Reason.GRANT_OPERATOR, created)
+
+
+def _undo(maps, written, old):
+    """Puts back what write_grants changed: deletes the keys it created and
+    writes the old value of those it rewrote."""
+    for key in written:
+        before = old[bytes(key)]
+        if before is None:
+            maps.grants.delete(key)
+        else:
+            try:
+                maps.grants.update(key, before)
+            except bpfsys.MapFull:   # an existing key cannot need room; never seen
+                maps.grants.delete(key)
 
 
 def revoke(maps, source):
