@@ -3,9 +3,7 @@ that a flood out of the attacker's veth reaches the server's xknock."""
 
 import collections
 import ipaddress
-import json
 import struct
-import subprocess
 import time
 
 import pytest
@@ -112,34 +110,32 @@ def _verdicts(maps):
     return {reason: counters[reason] for reason in Reason if reason < VERDICT_REASONS}
 
 
-def _server_port_dropped(net):
-    """Frames the server's bridge port dropped: the server's receive ring was full."""
-    out = subprocess.run(["ip", "-n", net.switch, "-s", "-j", "link", "show", "dev",
-                          traffic.lab_peer(net, net.server)[1]], capture_output=True, text=True, check=True).stdout
-    return json.loads(out)[0]["stats64"]["tx"]["dropped"]
-
-
 @pytest.mark.netns
 @pytest.mark.parametrize("path, ports, reason", [
     ("direct", ["tcp:7000"], Reason.DROP_KNOCK),
     ("bridge", ["tcp:*"], Reason.PASS_UNGUARDED),
 ])
 def test_a_one_second_flood_reaches_the_servers_xknock(net, path, ports, reason, record_property, capsys):
-    before, dropped_before = _verdicts(net.maps), _server_port_dropped(net)
+    before, path_before = _verdicts(net.maps), traffic.path_counters(net)
     with traffic.lab_flood(net, ports, seconds=1.0, path=path) as flood:
         result = flood.wait(30)
-    after, dropped = _verdicts(net.maps), _server_port_dropped(net) - dropped_before
+    way = traffic.counters_delta(path_before, traffic.settled_path_counters(net))
+    after = _verdicts(net.maps)
     grown = {r: after[r] - before[r] for r in after if after[r] != before[r]}
     sent, judged = result["packets"], grown.get(reason, 0)
     record_property("pps", result["pps"])
     with capsys.disabled():
         print(f"\n  flood {path} {','.join(ports)}: {result['pps']:,} pps ({sent:,} frames in {result['seconds']} s);"
-              f" xknock judged {judged:,}, the full receive ring dropped {dropped:,}; other verdicts {grown}")
+              f" on the way {way}; xknock judged {judged:,}; other verdicts {grown}")
     assert sent > 10_000, result
-    # Every frame is judged by the filter or dropped before it, when the
-    # server's receive ring is full (its CPU busy); the lab's chatter adds a few.
-    assert judged >= sent * 0.5, grown
-    assert sent * 0.99 <= judged + dropped <= sent + 100, (sent, judged, dropped)
+    # Every frame is accounted for: it reached the server's XDP program, or a
+    # full ring on the way (a busy CPU) refused or dropped it; the lab's chatter
+    # (a few frames from the other hosts) arrives too.
+    assert sent - 10 <= sum(way.values()) <= sent + 200, (sent, way)
+    # Every frame that arrived was judged, once.
+    assert abs(sum(grown.values()) - way["arrived"]) <= 50, (way, grown)
+    # And the flood is what reached it: most frames, with the expected verdict.
+    assert judged >= sent * 0.5, (sent, way, grown)
     assert sum(grown.values()) - judged < 200, grown
 
 

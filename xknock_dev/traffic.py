@@ -505,6 +505,66 @@ def netns_mac(netns, iface):
     return json.loads(out)[0]["address"]
 
 
+def _ethtool_stats(netns, iface):
+    out = subprocess.run(["ip", "netns", "exec", netns, "ethtool", "-S", iface],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    stats = {}
+    for line in out.splitlines()[1:]:
+        name, _, value = line.strip().partition(":")
+        if value.strip().isdigit():
+            stats[name] = int(value)
+    return stats
+
+
+def _link_dropped(netns, iface):
+    out = subprocess.run(["ip", "-n", netns, "-s", "-j", "link", "show", "dev", iface],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    stats = json.loads(out)[0]["stats64"]
+    return stats["rx"]["dropped"] + stats["tx"]["dropped"]
+
+
+def _queue_sum(stats, suffix):
+    return sum(v for k, v in stats.items() if k.endswith(suffix))
+
+
+def path_counters(lab, attacker=None, target=None):
+    """Where a flood's frames are on the way to the target's XDP program, as
+    counters that only grow: refused by the attacker's peer (its ring full),
+    dropped on either bridge port (a full ring or backlog), and arrived (seen
+    by the target's XDP program). Subtract two of these to account for every
+    frame of a flood."""
+    attacker, target = attacker or lab.attacker, target or lab.server
+    switch, attacker_port = lab_peer(lab, attacker)
+    target_port = lab_peer(lab, target)[1]
+    sender = _ethtool_stats(attacker.name, attacker.iface)
+    forwarder = _ethtool_stats(switch, attacker_port)
+    return {
+        "refused by the switch": _queue_sum(sender, "_xdp_xmit_err"),
+        "dropped by the switch": (_link_dropped(switch, attacker_port) + _link_dropped(switch, target_port)
+                                  + _queue_sum(forwarder, "_xdp_tx_errors")
+                                  + _queue_sum(_ethtool_stats(switch, target_port), "_xdp_xmit_err")),
+        "arrived": _queue_sum(_ethtool_stats(target.name, target.iface), "_xdp_packets"),
+    }
+
+
+def counters_delta(before, after):
+    return {name: after[name] - before[name] for name in after}
+
+
+def settled_path_counters(lab, attacker=None, target=None, timeout=5.0):
+    """path_counters() once the frames still in rings have reached the target
+    (two reads 0.1 s apart agree), so a reading right after a flood counts them."""
+    last = path_counters(lab, attacker, target)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = path_counters(lab, attacker, target)
+        if now == last:
+            break
+        last = now
+    return last
+
+
 class FloodProcess:
     """The generator in a child process inside netns (`ip netns exec`).
 
