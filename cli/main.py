@@ -156,8 +156,12 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
         spa_receiver = SpaReceiver(attached.loaded, attached.maps, config.spa, spa_cache)
     if metrics_server:
         metrics_server.start(attached.maps, list(ifaces), config)
+    from xknock.controller.daemon.links import LinkWatcher
+
+    links = LinkWatcher(list(ifaces), attached.modes, attached.loaded.fd, attached.loaded.prog_id,
+                        on_event=metrics_server.record_interface_event if metrics_server else None)
     Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals,
-               spa=spa_receiver).run()
+               spa=spa_receiver, links=links).run()
 
 
 def _loopback(host):

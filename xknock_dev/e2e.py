@@ -233,8 +233,8 @@ class LineReader:
 class Foreground:
     """`xknock attach` as a foreground controller in the server's namespace."""
 
-    def __init__(self, net, config_path):
-        self.process = net.server.popen([XKNOCK, "attach", net.server_iface, "-c", config_path],
+    def __init__(self, net, config_path, *args):
+        self.process = net.server.popen([XKNOCK, "attach", net.server_iface, "-c", config_path, *args],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE)
         self.log = LineReader(self.process.stderr)

@@ -126,6 +126,7 @@ class Lab:
         self.switch = f"{stem}-{SWITCH}"
         self.bridge = f"br-{self.token}"
         self._namespaces = []  # made so far: what teardown removes
+        self._unplugged_macs = {}  # iface -> its MAC, between unplug() and replug()
 
     server = property(lambda self: self.hosts["srv"])
     client = property(lambda self: self.hosts["cli"])
@@ -164,37 +165,72 @@ class Lab:
 
         with contextlib.closing(NetNS(self.switch)) as sw:
             sw.link("add", ifname=self.bridge, kind="bridge", br_stp_state=0, br_forward_delay=0)
-            bridge = sw.link_lookup(ifname=self.bridge)[0]
             for role, host in self.hosts.items():
-                port = f"{role}1-{self.token}"
-                # Made in the sw namespace with the peer straight in the host's,
-                # so no name ever appears in the caller's namespace.
-                sw.link("add", ifname=port, kind="veth", peer={"ifname": host.iface, "net_ns_fd": host.name})
-                sw.link("set", index=sw.link_lookup(ifname=port)[0], master=bridge, state="up")
+                self._plug(sw, role, host)
+            sw.link("set", index=sw.link_lookup(ifname=self.bridge)[0], state="up")
+        self._pass_on_ports(*self.hosts)
+        for host in self.hosts.values():
+            self._configure(host)
+        self._wait_until_ready()
 
-            sw.link("set", index=bridge, state="up")
+    def _port(self, role):
+        return f"{role}1-{self.token}"
+
+    def _plug(self, sw, role, host, mac=None):
+        """A veth from a bridge port (in the switch) to host's interface."""
+        port = self._port(role)
+        # Made in the sw namespace with the peer straight in the host's,
+        # so no name ever appears in the caller's namespace.
+        peer = {"ifname": host.iface, "net_ns_fd": host.name, **({"address": mac} if mac else {})}
+        sw.link("add", ifname=port, kind="veth", peer=peer)
+        sw.link("set", index=sw.link_lookup(ifname=port)[0], master=sw.link_lookup(ifname=self.bridge)[0],
+                state="up")
+
+    def _pass_on_ports(self, *roles):
         # A native XDP program's XDP_TX on a veth (the answers of answer =
         # "closed") reaches the other end only if that end runs an XDP
         # program too: the switch's ports run one that passes everything, as
         # a NIC would simply transmit.
         subprocess.run(["ip", "netns", "exec", self.switch, HELPER_PYTHON, "-c", _XDP_PASS,
-                        *(f"{role}1-{self.token}" for role in self.hosts)],
+                        *(self._port(role) for role in roles)],
                        check=True, capture_output=True, timeout=60)
 
-        for host in self.hosts.values():
-            with contextlib.closing(NetNS(host.name)) as ns:
-                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-                index = ns.link_lookup(ifname=host.iface)[0]
-                ns.addr("add", index=index, address=host.ipv4, prefixlen=IPV4_PREFIX)
-                if host.ipv6:
-                    ns.addr("add", index=index, address=host.ipv6, prefixlen=IPV6_PREFIX, flags=IFA_F_NODAD)
-                ns.link("set", index=index, state="up")
-            # Full checksums on the wire, as a NIC delivers them: a veth
-            # would send partial ones (offload), which the filter, like the
-            # kernel for frames from a real NIC, takes for corrupt and leaves
-            # unanswered.
-            _ethtool(host.name, host.iface, "tx", "off")
-        self._wait_until_ready()
+    def _configure(self, host):
+        with contextlib.closing(NetNS(host.name)) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            index = ns.link_lookup(ifname=host.iface)[0]
+            ns.addr("add", index=index, address=host.ipv4, prefixlen=IPV4_PREFIX)
+            if host.ipv6:
+                ns.addr("add", index=index, address=host.ipv6, prefixlen=IPV6_PREFIX, flags=IFA_F_NODAD)
+            ns.link("set", index=index, state="up")
+        # Full checksums on the wire, as a NIC delivers them: a veth
+        # would send partial ones (offload), which the filter, like the
+        # kernel for frames from a real NIC, takes for corrupt and leaves
+        # unanswered.
+        _ethtool(host.name, host.iface, "tx", "off")
+
+    def unplug(self, host):
+        """Delete host's interface (its bridge port goes with it), as a
+        recreated veth or a driver reload would."""
+        role = next(r for r, h in self.hosts.items() if h is host)
+        with contextlib.closing(NetNS(host.name)) as ns:
+            self._unplugged_macs[host.iface] = ns.link("get", index=ns.link_lookup(ifname=host.iface)[0])[0] \
+                .get_attr("IFLA_ADDRESS")
+        with contextlib.closing(NetNS(self.switch)) as sw:
+            sw.link("del", index=sw.link_lookup(ifname=self._port(role))[0])
+
+    def replug(self, host):
+        """Make host's interface again as it was (same name, MAC and
+        addresses, as a reloaded NIC comes back; a new interface to the
+        kernel) and wait until it is usable."""
+        role = next(r for r, h in self.hosts.items() if h is host)
+        with contextlib.closing(NetNS(self.switch)) as sw:
+            self._plug(sw, role, host, mac=self._unplugged_macs.pop(host.iface, None))
+        self._pass_on_ports(role)
+        self._configure(host)
+        with contextlib.closing(NetNS(host.name)) as ns:
+            if not wait_for(lambda: _usable(ns, host.iface), READY_TIMEOUT):
+                raise RuntimeError(f"lab: {host.iface} in netns {host.name} not up after {READY_TIMEOUT}s")
 
     def _sysctl(self, namespace, *settings):
         subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-q", "-w", *settings],

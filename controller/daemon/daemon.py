@@ -43,8 +43,9 @@ class Signals:
 
 class Controller:
     def __init__(self, attached, ifnames, config_path, config, events=None, metrics=None, signals=None, hooks=None,
-                 spa=None):
+                 spa=None, links=None):
         self.attached = attached
+        self.links = links     # a links.LinkWatcher: interfaces that go and come back
         self.spa = spa         # a spa.SpaReceiver while the config has [spa], else None
         self.ifnames = ifnames
         self.config_path = config_path
@@ -128,6 +129,8 @@ class Controller:
                     time.sleep(POLL_MS / 1000)
                 if self.spa:
                     self.spa.flush_due()
+                if self.links:
+                    self.links.poll()
                 if self.rotation.active and (self.rotate_now or time.time_ns() >= self.next_rotation_ns):
                     self.rotate()
                 if self.signals.reload:
@@ -151,6 +154,8 @@ class Controller:
             notifier.stopping()
             if self.spa:
                 self.spa.flush()
+            if self.links:
+                self.links.close()
             self.hooks.close()   # lets running hooks end; each is killed at its timeout at the latest
             if self.metrics:
                 self.metrics.close()

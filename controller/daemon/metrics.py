@@ -36,6 +36,7 @@ from ..kernel import bpfsys, datapath, layout
 from ..kernel.batch import NoBatch, OverBudget, batches
 from ..kernel.clock import monotonic_ns
 from ..kernel.maps import live_sequences
+from .links import EVENTS as INTERFACE_EVENTS
 
 log = logging.getLogger("xknock.metrics")
 
@@ -314,6 +315,7 @@ class ControllerInfo:
         self.clock = clock
         self.last_reload_success = None
         self.last_reload_timestamp = None
+        self.interface_events = {}   # (device, event) -> count, from the LinkWatcher
 
     def record_reload(self, success, config=None):
         """The outcome of loading a config (the first one at attach, too)."""
@@ -321,6 +323,10 @@ class ControllerInfo:
         self.last_reload_timestamp = self.clock()
         if success and config is not None:
             self.config_hash = config_hash(config)
+
+    def record_interface_event(self, device, event):
+        key = (device, event)
+        self.interface_events[key] = self.interface_events.get(key, 0) + 1
 
 
 def running_filter(ifname, control_map_id):
@@ -417,6 +423,16 @@ class XknockCollector:
                               "When the controller last tried to load the config, successful or not, in seconds "
                               "since the Unix epoch.",
                               self.info.last_reload_timestamp)
+        events = CounterMetricFamily(
+            "xknock_interface_events",
+            "What happened to the filter's interfaces while the controller ran: vanished (deleted or moved "
+            "away), reattached (came back under the same name and got the filter again), reattach_failed "
+            "(came back unfiltered), renamed, filter_removed (someone took the filter off).",
+            labels=["iface", "device", "event"])
+        for device in self.ifaces:
+            for event in INTERFACE_EVENTS:
+                events.add_metric([self.iface, device, event], self.info.interface_events.get((device, event), 0))
+        yield events
 
     def _kernel(self, maps):
         """Every per-filter family, read now; raises when a read fails."""
@@ -582,6 +598,10 @@ class MetricsServer:
     def record_reload(self, success, config=None):
         if self.info is not None:
             self.info.record_reload(success, config)
+
+    def record_interface_event(self, device, event):
+        if self.info is not None:
+            self.info.record_interface_event(device, event)
 
     def close(self):
         if self.sampler is not None:
