@@ -15,7 +15,7 @@ from xknock.cli.top import top
 from xknock.controller.config import DEFAULT_PATH, load_config, parse_duration, parse_step
 from xknock.controller.daemon import lifecycle
 from xknock.controller.daemon.events import setup_logging
-from xknock.controller.errors import XknockError
+from xknock.controller.errors import LoadError, XknockError
 
 log = logging.getLogger("xknock")
 
@@ -132,10 +132,16 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
     try:
         attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=force,
                                     before_attach=_session_guard(config, keep_sessions, force))
+    except LoadError as err:
+        if metrics_server:
+            metrics_server.close()
+        _fail_closed(list(ifaces), config, err)
+        raise
     except BaseException:
         if metrics_server:
             metrics_server.close()
         raise
+    _remove_failsafe(list(ifaces))
     from xknock.controller.policy.answers import attach_warnings
 
     for warning in attach_warnings(config, attached.modes):
@@ -162,6 +168,51 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
                         on_event=metrics_server.record_interface_event if metrics_server else None)
     Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals,
                spa=spa_receiver, links=links).run()
+
+
+def _fail_closed(ifnames, config, err):
+    """The filter could not be loaded or attached: close the guarded ports of
+    the interfaces left without one (policy/failsafe.py), and say so."""
+    from xknock.controller.kernel import datapath
+    from xknock.controller.policy import failsafe
+
+    def unfiltered(name):
+        try:
+            return not datapath.is_xknock(datapath.attachment(name))
+        except XknockError:   # the interface is gone: nothing to guard
+            return False
+
+    bare = [name for name in ifnames if unfiltered(name)]
+    guarded = ", ".join(str(step) for step in config.guarded if step.proto != "icmp")
+    if not bare or not guarded:
+        return
+    where = ", ".join(bare)
+    if config.mode == "monitor" or not config.fail_closed:
+        reason = "monitor mode" if config.mode == "monitor" else "fail_closed = false"
+        log.error(f"no filter on {where} ({err}); {reason}: the guarded ports {guarded} are OPEN")
+        return
+    try:
+        failsafe.install(bare, config)
+    except XknockError as nft_err:
+        log.error(f"no filter on {where}, and closing the guarded ports with nftables failed too ({nft_err}): "
+                  f"{guarded} are OPEN")
+        return
+    log.error(f"no filter on {where}: the guarded ports {guarded} are closed to new connections (but from the "
+              f"allow-list) by the nftables chain inet {failsafe.TABLE} {failsafe.chain_name(bare)} until a "
+              "filter attaches; knocks open nothing meanwhile")
+
+
+def _remove_failsafe(ifnames):
+    from xknock.controller.policy import failsafe
+
+    try:
+        if failsafe.remove(ifnames):
+            log.info(f"the filter runs: removed the failsafe chain inet {failsafe.TABLE} "
+                     f"{failsafe.chain_name(ifnames)}")
+    except XknockError as err:
+        log.error(f"the filter runs, but removing the failsafe chain inet {failsafe.TABLE} "
+                  f"{failsafe.chain_name(ifnames)} failed ({err}): it still refuses the guarded ports to everyone; "
+                  f"remove it with `nft delete chain inet {failsafe.TABLE} {failsafe.chain_name(ifnames)}`")
 
 
 def _loopback(host):
@@ -216,9 +267,21 @@ def _session_guard(config, keep_sessions, force):
 @fail_cleanly
 def detach(ifaces):
     """Remove the filter from IFACES (and its pins when no interface uses them)."""
+    from xknock.controller.policy import failsafe
+
     for name in ifaces:
+        if failsafe.remove([name]):
+            click.echo(f"removed the failsafe chain of {name}: its guarded ports are open")
+            if not _runs_xknock(name):
+                continue
         att = lifecycle.detach(name)
         click.echo(f"detached program {att.prog_id} ({att.mode}) from {name}; traffic is no longer filtered")
+
+
+def _runs_xknock(name):
+    from xknock.controller.kernel import datapath
+
+    return datapath.is_xknock(datapath.attachment(name))
 
 
 @main.command(epilog="""\b

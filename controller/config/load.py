@@ -92,7 +92,7 @@ def parse_config(text, path=None, *, listening=None):
     report = Report(path)
     check_keys(report, None, document, TOP_LEVEL_KEYS)
 
-    mode, strict, answer = _parse_filter(report, document.get("filter", {}))
+    mode, strict, answer, fail_closed = _parse_filter(report, document.get("filter", {}))
     sequences = _parse_sequences(report, document.get("sequence", []))
     allow = _parse_sources(report, "allow", document.get("allow", {}))
     deny = _parse_sources(report, "deny", document.get("deny", {}))
@@ -130,6 +130,7 @@ def parse_config(text, path=None, *, listening=None):
         mode=mode,
         strict=strict,
         answer=answer,
+        fail_closed=fail_closed,
         sequences=tuple(sequences),
         allow=tuple(network for network, _ in allow),
         deny=tuple(network for network, _ in deny),
@@ -201,15 +202,12 @@ def _toml_error_message(err, text):
 
 
 def _parse_filter(report, table):
-    """(mode, strict, answer) of the [filter] table."""
+    """(mode, strict, answer, fail_closed) of the [filter] table."""
     if not isinstance(table, dict):
         report.error("filter", f"must be a table ([filter]), not {type_name(table)}")
-        return "enforce", True, "closed"
+        return "enforce", True, "closed", True
     check_keys(report, "filter", table, FILTER_KEYS)
-    strict = table.get("strict", True)
-    if not isinstance(strict, bool):
-        report.error("filter", f"strict must be true or false, not {type_name(strict)}")
-        strict = True
+    strict, fail_closed = (_boolean(report, table, key) for key in ("strict", "fail_closed"))
     answer = table.get("answer", "closed")
     if not isinstance(answer, str) or answer not in ANSWERS:
         shown = f'"{answer}"' if isinstance(answer, str) else type_name(answer)
@@ -218,10 +216,18 @@ def _parse_filter(report, table):
     mode = table.get("mode", "enforce")
     if not isinstance(mode, str):
         report.error("filter", f'mode must be a string ("enforce" or "monitor"), not {type_name(mode)}')
-        return "enforce", strict, answer
+        return "enforce", strict, answer, fail_closed
     if mode not in layout.MODES:
         report.error("filter", f'mode "{mode}": must be "enforce" or "monitor"')
-    return mode, strict, answer
+    return mode, strict, answer, fail_closed
+
+
+def _boolean(report, table, key, default=True):
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        report.error("filter", f"{key} must be true or false, not {type_name(value)}")
+        return default
+    return value
 
 
 def _warn_scannable_sequences(report, sequences, strict):

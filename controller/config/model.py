@@ -43,7 +43,7 @@ BAN_SCOPES = {"all": layout.BAN_EVERYWHERE, "knock": layout.BAN_KNOCK_PORTS}
 DEFAULT_BAN_WITHIN_NS = 60 * NS_PER_UNIT["s"]
 DEFAULT_BAN_FOR_NS = 10 * NS_PER_UNIT["m"]
 MAX_BAN_AFTER = 1000
-FILTER_KEYS = ("mode", "strict", "answer")
+FILTER_KEYS = ("mode", "strict", "answer", "fail_closed")
 ANSWERS = ("closed", "drop")
 SEQUENCE_KEYS = ("name", "knock", "step_timeout", "open", "open_for", "idle_timeout", "on_open", "on_close",
                  "totp", "secret", "secret_file", "window", "port_range")
@@ -133,6 +133,9 @@ class Config:
     # "closed": refused packets get the answer of an unused port (a RST, an
     # ICMP port unreachable); "drop": nothing, for hosts whose firewall drops
     answer: str = "closed"
+    # when the filter cannot be loaded or attached, close the guarded ports
+    # with an nftables chain until it can (policy/failsafe.py)
+    fail_closed: bool = True
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ban: Ban | None = None   # None: failed knocks ban nobody

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..errors import XknockError
+from ..errors import LoadError, XknockError
 from ..kernel import bpfsys, datapath
 from ..kernel.maps import FilterMaps
 from ..policy import policy
@@ -126,7 +126,7 @@ def _attach_one(att, prog_fd, xdp_mode):
             try:
                 datapath.xdp_attach(att.ifindex, prog_fd, mode, replace_fd=old_fd)
             except NetlinkError as err:
-                raise XknockError(f"replacing the program on {att.ifname} failed: {datapath.netlink_reason(err)}")
+                raise LoadError(f"replacing the program on {att.ifname} failed: {datapath.netlink_reason(err)}")
         return mode, att.prog_id
     tried = ["native", "generic"] if xdp_mode == "auto" else [xdp_mode]
     reasons = []
@@ -136,7 +136,7 @@ def _attach_one(att, prog_fd, xdp_mode):
             return mode, None
         except NetlinkError as err:
             reasons.append(f"{mode}: {datapath.netlink_reason(err)}")
-    raise XknockError(f"attaching to {att.ifname} failed ({'; '.join(reasons)})")
+    raise LoadError(f"attaching to {att.ifname} failed ({'; '.join(reasons)})")
 
 
 def running_xknock(ifname):

@@ -22,7 +22,7 @@ from importlib import resources
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..errors import XknockError
+from ..errors import LoadError, XknockError
 from . import bpfsys, layout
 
 PROG_NAME = "xdp_knock"
@@ -245,7 +245,7 @@ def compile_and_load(directory, cflags=(), test_clock=False):
     try:
         from bcc import BPF
     except ImportError as err:
-        raise XknockError(
+        raise LoadError(
             "BCC's Python module is missing: install python3-bpfcc and use a venv made with "
             "--system-site-packages (scripts/setup does both)"
         ) from err
@@ -259,7 +259,7 @@ def compile_and_load(directory, cflags=(), test_clock=False):
         bpf = BPF(text=bpf_source().encode(), cflags=flags)
         fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
     except Exception as err:   # BCC raises bare Exception for every failure
-        raise XknockError(_explain_bcc_failure(err, directory)) from err
+        raise LoadError(_explain_bcc_failure(err, directory)) from err
     return Loaded(bpf, fn.fd, bpfsys.prog_info(fn.fd).id)
 
 
@@ -284,9 +284,17 @@ def check_pinned_layout(directory):
                 "then attach again")
 
 
+def _kernel_headers_missing():
+    """Where BCC looks for headers, none is there (it then fails to compile
+    with a chdir error on stderr, not in its exception)."""
+    build = f"/lib/modules/{os.uname().release}/build"
+    return not (os.path.isdir(build) or os.environ.get("BCC_KERNEL_SOURCE")
+                or os.path.exists("/sys/kernel/kheaders.tar.xz"))
+
+
 def _explain_bcc_failure(err, directory):
     text = str(err)
-    if "kernel headers" in text or "Unable to find kernel headers" in text:
+    if "kernel headers" in text or _kernel_headers_missing():
         return ("BCC cannot find kernel headers: install linux-headers-$(uname -r), or run scripts/setup, "
                 "which falls back to the distribution's headers")
     if "Failed to compile" in text:
