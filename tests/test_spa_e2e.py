@@ -14,6 +14,7 @@ import pytest
 from xknock_dev.e2e import Foreground, TcpEchoServer, check, status_json, write_config, xknock
 
 from xknock_dev.lab import HELPER_PYTHON, can_connect, lab, wait_for
+from xknock.controller.kernel.maps import FilterMaps, from_addr
 
 pytestmark = pytest.mark.netns
 
@@ -244,9 +245,18 @@ def test_past_the_total_rate_a_returning_user_still_gets_in(net, tmp_path):
         finally:
             flood.communicate(timeout=30)
         seen = verdicts(net)
-        # (a login that found credit left in the total rate did not need the exemption)
-        assert seen.get("overloaded", 0) > 1000 and 1 <= seen.get("known_passed", 0) <= 3, seen
+        assert seen.get("overloaded", 0) > 1000, seen   # the flood was far past the total rate
         assert seen.get("accepted") == 4
+        # Each login got past the limit as a known source, or found credit left
+        # in its CPU's share (a busy machine leaves gaps in the flood): which,
+        # depends on the flood's timing; the exemption itself is checked
+        # packet by packet in test_spa_datapath. Here: the controller made the
+        # client known, and no stranger.
+        assert seen.get("known_passed", 0) <= 3, seen
+        prog_id = status_json(net.server)[0]["interfaces"][0]["prog_id"]
+        with FilterMaps.from_prog(prog_id) as maps:
+            known = {str(from_addr(key)) for key, _ in maps.spa_known.items()}
+        assert known == {net.client.ipv4}, known
 
 
 def test_an_unusable_replay_cache_attaches_nothing(net, tmp_path):
