@@ -8,7 +8,8 @@ import time
 
 import click
 
-from xknock.cli.common import fail_cleanly
+from xknock.cli.check import check
+from xknock.cli.common import EX_CONFIG, fail_cleanly, load_and_warn
 from xknock.cli.importers import import_
 from xknock.cli.spa import keygen, spa
 from xknock.cli.top import top
@@ -61,13 +62,6 @@ class AddressType(click.ParamType):
 STEP, DURATION, ADDRESS = StepType(), DurationType(), AddressType()
 
 
-def _load(config_path):
-    config = load_config(config_path)
-    for warning in config.warnings:
-        click.echo(f"xknock: warning: {warning}", err=True)
-    return config
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="xknock", prog_name="xknock")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", help="Log lines as key=value or JSON.")
@@ -98,7 +92,7 @@ Examples:
               help="Grant established sessions to guarded ports (their traffic only, no new connections).")
 @click.option("--force", is_flag=True,
               help="Replace another XDP program on the interface, and cut established sessions to guarded ports.")
-@fail_cleanly
+@fail_cleanly(config_status=EX_CONFIG)   # systemd does not restart a unit whose file is bad
 def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, keep_sessions, force):
     """Load the filter, attach it to IFACES and run the controller."""
     from xknock.controller.daemon.daemon import Controller, Signals
@@ -116,7 +110,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
                 "reads them whether each knock step was right (docs/metrics.md). Serve them on 127.0.0.1 or "
                 "[::1] and scrape through a tunnel or proxy, or add --metrics-public behind a firewall")
     lifecycle.require_root()
-    config = _load(config_path)
+    config = load_and_warn(config_path)
     spa_cache = None
     if config.spa is not None and once:
         log.warning("[spa] with --once: SPA packets are verified by the running controller; until one runs "
@@ -282,7 +276,7 @@ def reload(iface, config_path):
     from xknock.controller.policy.policy import apply_policy
 
     lifecycle.require_root()
-    config = _load(config_path)
+    config = load_and_warn(config_path)
     if any(seq.totp for seq in config.sequences):
         log.warning("time-based sequences: written for the current window only; the running controller "
                     "rotates them from the file it loaded, so reload it instead (SIGHUP, or "
@@ -424,6 +418,7 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
     click.echo(f"knocked {host}: {until_open} open after {rounds} round{'s' if rounds > 1 else ''}")
 
 
+main.add_command(check)
 main.add_command(top)
 main.add_command(import_, name="import")
 main.add_command(spa)
