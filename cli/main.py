@@ -10,6 +10,7 @@ import click
 
 from xknock.cli.check import check
 from xknock.cli.common import EX_CONFIG, fail_cleanly, load_and_warn
+from xknock.cli.diff import diff, show_diff
 from xknock.cli.importers import import_
 from xknock.cli.spa import keygen, spa
 from xknock.cli.top import top
@@ -267,16 +268,23 @@ def _render(f):
     return "\n".join(lines)
 
 
-@main.command(epilog="Example:\n\n  xknock reload eth0 -c /etc/xknock/xknock.toml")
+@main.command(epilog="""\b
+Examples:
+  xknock reload eth0 -c /etc/xknock/xknock.toml
+  xknock reload eth0 -c /etc/xknock/xknock.toml --dry-run   # what would change (xknock diff)""")
 @click.argument("iface")
 @click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Show what would change, as `xknock diff`, and change nothing.")
 @fail_cleanly
-def reload(iface, config_path):
+def reload(iface, config_path, dry_run):
     """Validate CONFIG and make it the live policy; grants and knocks survive."""
     from xknock.controller.policy.policy import apply_policy
 
     lifecycle.require_root()
     config = load_and_warn(config_path)
+    if dry_run:
+        show_diff(iface, config_path, config)
+        return
     if any(seq.totp for seq in config.sequences):
         log.warning("time-based sequences: written for the current window only; the running controller "
                     "rotates them from the file it loaded, so reload it instead (SIGHUP, or "
@@ -419,6 +427,7 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
 
 
 main.add_command(check)
+main.add_command(diff)
 main.add_command(top)
 main.add_command(import_, name="import")
 main.add_command(spa)

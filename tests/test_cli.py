@@ -14,7 +14,7 @@ from xknock_dev.e2e import (
 from xknock_dev.lab import lab
 
 COMMANDS = ["attach", "detach", "status", "reload", "grant", "revoke", "unban", "knock", "top", "import", "spa", "keygen",
-            "check"]
+            "check", "diff"]
 EX_CONFIG = 78   # attach's status on a config that does not load: the unit does not restart on it
 
 BAD_CONFIGS = {
