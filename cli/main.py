@@ -83,8 +83,9 @@ Examples:
 @click.option("--xdp-mode", type=click.Choice(lifecycle.XDP_MODES), default="auto", show_default=True,
               help="native needs driver support; auto tries native, then generic.")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
-              help="Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; the conventional "
-                   "port is 9798, e.g. 127.0.0.1:9798, [::1]:9798, or :9798 for every IPv4 address).")
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; e.g. "
+                   "127.0.0.1:9798, [::1]:9798, or :9798 for every IPv4 address: 9798 is the docs' choice, "
+                   "not a registered port).")
 @click.option("--metrics-public", is_flag=True,
               help="Allow --metrics-addr on an address that is not loopback (the counters tell a prober "
                    "whether each knock step was right: put a firewall in front).")
@@ -368,7 +369,7 @@ Examples:
 @fail_cleanly
 def knock(host, steps, sequence_name, config_path, secret_file, protos, window, port_range, delay, repeat,
           until_open, deadline, ipv4, ipv6):
-    """Send a knock sequence to HOST (the client; needs root for ICMP)."""
+    """Send a knock sequence to HOST (the client; ICMP knocks use a raw socket as root, else a ping socket)."""
     import socket
 
     from xknock.controller.client.knockclient import knock_until_open, send_knocks
