@@ -209,3 +209,18 @@ def test_icmp_knocks_are_not_said_to_need_root():
     """They fall back to a ping socket (controller/client/knockclient.py)."""
     text = " ".join(help_of("knock").split())
     assert "needs root for ICMP" not in text and "ping socket" in text
+
+
+def test_the_warnings_configuration_md_lists_are_the_loaders():
+    """Each row's message, cut at its placeholders, is in controller/config's source."""
+    source = "".join(read(p) for p in glob.glob(os.path.join(REPO, "controller", "config", "*.py")))
+    source = re.sub(r"""["']\s*\n\s*f?["']""", "", source)   # strings continued on the next line
+    table = read(os.path.join(REPO, "docs", "configuration.md")).split("## Warnings")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| (`.*?) \| .* \|$", table, re.MULTILINE)
+    assert len(rows) >= 8
+    for row in rows:
+        for message in re.findall(r"`([^`]+)`", row):
+            for piece in re.split(r'\.\.\.|"[^"]*"|\b[ijN]\b|\[[ij]\]', message):
+                piece = piece.strip(" ;,:()")
+                if len(piece.split()) >= 2:
+                    assert piece in source, f"configuration.md warns {message!r}: {piece!r} is not in the loader"
