@@ -29,6 +29,9 @@ def show_diff(iface, config_path, config):
         lines = policy_changes(maps, config)
     for line in lines:
         click.echo(line)
+    if config.spa is not None:
+        click.echo("xknock: note: SPA users and their keys live in the running controller, not in the maps: "
+                   "not compared (SIGHUP, `systemctl reload`, makes the file's the running ones)", err=True)
     if lines:
         click.echo(f"{len(lines)} change(s) on {iface} from {config_path}; nothing was changed")
     else:

@@ -2,10 +2,12 @@
 would change in the live policy, read from the running filter's maps,
 changing nothing. The views are checked pure first, then end to end."""
 
+import os
 import re
+import subprocess
 
 import pytest
-from xknock_dev.e2e import check, config_text, fresh_attach, remove_xdp, status_json, write_config, xknock
+from xknock_dev.e2e import XKNOCK, check, config_text, fresh_attach, remove_xdp, status_json, write_config, xknock
 from xknock_dev.lab import lab
 
 from xknock.controller.config import parse_config
@@ -66,6 +68,38 @@ open = ["tcp:22"]
     assert guarded == ["- guarded tcp:22", "+ guarded tcp:2222"]
 
 
+def spa_section(key_file, port=62201, rate=10):
+    return f"""
+[spa]
+port = {port}
+rate = {rate}
+
+[[spa.user]]
+name = "alice"
+key_file = "{key_file}"
+open = ["tcp:2222"]
+"""
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("keys") / "alice.keys"
+    check(subprocess.run([XKNOCK, "keygen", "--key-file", str(path)], capture_output=True, text=True, timeout=60))
+    return str(path)
+
+
+def test_spa_port_rates_and_guarded_ports_are_compared(key_file):
+    cpus = os.cpu_count()
+    with_spa = view(LIVE + spa_section(key_file))
+    assert changes(view(LIVE), with_spa) == [
+        f"~ spa rates: none -> 10/s per source, {max(1, 20000 // cpus)}/s per CPU",
+        "+ guarded tcp:2222", "+ spa port udp:62201"]
+    assert changes(with_spa, view(LIVE + spa_section(key_file, port=62202, rate=5))) == [
+        f"~ spa rates: 10/s per source, {max(1, 20000 // cpus)}/s per CPU -> 5/s per source, "
+        f"{max(1, 20000 // cpus)}/s per CPU",
+        "- spa port udp:62201", "+ spa port udp:62202"]
+
+
 # --- end to end: the live maps of a filter in the lab ------------------------------
 
 @pytest.fixture(scope="module")
@@ -109,3 +143,11 @@ def test_diff_where_nothing_runs_is_one_line(net):
     result = xknock(net.server, "diff", "lo", "-c", net.next)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert re.fullmatch(r"xknock: .*\blo\b.*\n", result.stderr), result.stderr
+
+
+def test_diff_says_spa_users_are_not_compared(net, key_file, tmp_path):
+    path = write_config(tmp_path, "spa.toml", LIVE + spa_section(key_file))
+    result = check(xknock(net.server, "diff", net.server_iface, "-c", path))
+    assert "+ spa port udp:62201" in result.stdout.splitlines()
+    assert "SPA users and their keys live in the running controller" in result.stderr
+    assert "SPA users" not in check(xknock(net.server, "diff", net.server_iface, "-c", net.live)).stderr
