@@ -244,7 +244,8 @@ def test_knock_repeated_with_a_step_twice_in_a_row(net):
     assert_fails(result, re.escape("knock[1] tcp:7000 is knock[0] again"))
 
 
-@pytest.mark.parametrize("args", [["status"], ["attach", "lo"], ["grant", "lo", "192.0.2.1"], ["detach", "lo"]])
+@pytest.mark.parametrize("args", [["status"], ["attach", "lo"], ["grant", "lo", "192.0.2.1"], ["detach", "lo"],
+                                  ["diff", "lo"], ["reload", "lo", "--dry-run"]])
 def test_not_root_is_one_clear_line(args):
     result = subprocess.run(["runuser", "-u", "nobody", "--", XKNOCK, *args], capture_output=True, text=True,
                             timeout=30)
