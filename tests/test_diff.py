@@ -151,3 +151,8 @@ def test_diff_says_spa_users_are_not_compared(net, key_file, tmp_path):
     assert "+ spa port udp:62201" in result.stdout.splitlines()
     assert "SPA users and their keys live in the running controller" in result.stderr
     assert "SPA users" not in check(xknock(net.server, "diff", net.server_iface, "-c", net.live)).stderr
+
+
+def test_a_ban_is_shown_as_the_file_writes_it():
+    banned = LIVE + '\n[ban]\nafter = 5\nwithin = "10m"\nfor = "1h"\nscope = "knock"\n'
+    assert changes(view(LIVE), view(banned)) == ["~ ban: none -> after 5 within 10m for 1h, scope knock"]

@@ -9,13 +9,13 @@ import ctypes
 import dataclasses
 import ipaddress
 
-from ..config import format_duration
+from ..config import BAN_SCOPES, format_duration
 from ..kernel import layout
 from ..kernel.lock import map_lock
 from ..kernel.maps import live_sequences
 from ..policy.policy import compile_policy
 
-BAN_SCOPE_NAMES = {layout.BAN_EVERYWHERE: "all", layout.BAN_KNOCK_PORTS: "knock"}
+BAN_SCOPE_NAMES = {number: name for name, number in BAN_SCOPES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
