@@ -1,4 +1,4 @@
-"""What every command module of the CLI shares: fail_cleanly."""
+"""What every command module of the CLI shares: fail_cleanly, load_and_warn."""
 
 import functools
 import sys
@@ -6,13 +6,20 @@ import sys
 import click
 from pyroute2.netlink.exceptions import NetlinkError
 
-from xknock.controller.config import ConfigError
+from xknock.controller.config import ConfigError, load_config
 from xknock.controller.errors import XknockError
 from xknock.controller.kernel.bpfsys import BpfError
 
+# sysexits.h: the unit's RestartPreventExitStatus= stops restarting on it, since
+# a bad file stays bad until someone edits it.
+EX_CONFIG = 78
 
-def fail_cleanly(fn):
-    """Every expected failure is one line on stderr and exit status 1."""
+
+def fail_cleanly(fn=None, *, config_status=1):
+    """Every expected failure is one line on stderr (one per config error) and
+    exit status 1, or config_status for a config that does not load."""
+    if fn is None:
+        return functools.partial(fail_cleanly, config_status=config_status)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -21,9 +28,17 @@ def fail_cleanly(fn):
         except ConfigError as err:
             for line in str(err).splitlines():
                 click.echo(f"xknock: {line}", err=True)
-            sys.exit(1)
+            sys.exit(config_status)
         except (XknockError, BpfError, NetlinkError, OSError) as err:
             click.echo(f"xknock: {err}", err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def load_and_warn(config_path):
+    """load_config, with each of its warnings on stderr."""
+    config = load_config(config_path)
+    for warning in config.warnings:
+        click.echo(f"xknock: warning: {warning}", err=True)
+    return config

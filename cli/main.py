@@ -8,7 +8,9 @@ import time
 
 import click
 
-from xknock.cli.common import fail_cleanly
+from xknock.cli.check import check
+from xknock.cli.common import EX_CONFIG, fail_cleanly, load_and_warn
+from xknock.cli.diff import diff, show_diff
 from xknock.cli.importers import import_
 from xknock.cli.spa import keygen, spa
 from xknock.cli.top import top
@@ -61,13 +63,6 @@ class AddressType(click.ParamType):
 STEP, DURATION, ADDRESS = StepType(), DurationType(), AddressType()
 
 
-def _load(config_path):
-    config = load_config(config_path)
-    for warning in config.warnings:
-        click.echo(f"xknock: warning: {warning}", err=True)
-    return config
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="xknock", prog_name="xknock")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", help="Log lines as key=value or JSON.")
@@ -88,8 +83,9 @@ Examples:
 @click.option("--xdp-mode", type=click.Choice(lifecycle.XDP_MODES), default="auto", show_default=True,
               help="native needs driver support; auto tries native, then generic.")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
-              help="Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; the conventional "
-                   "port is 9798, e.g. 127.0.0.1:9798, [::1]:9798, or :9798 for every IPv4 address).")
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; e.g. "
+                   "127.0.0.1:9798, [::1]:9798, or :9798 for every IPv4 address: 9798 is the docs' choice, "
+                   "not a registered port).")
 @click.option("--metrics-public", is_flag=True,
               help="Allow --metrics-addr on an address that is not loopback (the counters tell a prober "
                    "whether each knock step was right: put a firewall in front).")
@@ -98,7 +94,7 @@ Examples:
               help="Grant established sessions to guarded ports (their traffic only, no new connections).")
 @click.option("--force", is_flag=True,
               help="Replace another XDP program on the interface, and cut established sessions to guarded ports.")
-@fail_cleanly
+@fail_cleanly(config_status=EX_CONFIG)   # systemd does not restart a unit whose file is bad
 def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, keep_sessions, force):
     """Load the filter, attach it to IFACES and run the controller."""
     from xknock.controller.daemon.daemon import Controller, Signals
@@ -116,7 +112,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
                 "reads them whether each knock step was right (docs/metrics.md). Serve them on 127.0.0.1 or "
                 "[::1] and scrape through a tunnel or proxy, or add --metrics-public behind a firewall")
     lifecycle.require_root()
-    config = _load(config_path)
+    config = load_and_warn(config_path)
     spa_cache = None
     if config.spa is not None and once:
         log.warning("[spa] with --once: SPA packets are verified by the running controller; until one runs "
@@ -340,16 +336,23 @@ def _render(f):
     return "\n".join(lines)
 
 
-@main.command(epilog="Example:\n\n  xknock reload eth0 -c /etc/xknock/xknock.toml")
+@main.command(epilog="""\b
+Examples:
+  xknock reload eth0 -c /etc/xknock/xknock.toml
+  xknock reload eth0 -c /etc/xknock/xknock.toml --dry-run   # what would change (xknock diff)""")
 @click.argument("iface")
 @click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Show what would change, as `xknock diff`, and change nothing.")
 @fail_cleanly
-def reload(iface, config_path):
+def reload(iface, config_path, dry_run):
     """Validate CONFIG and make it the live policy; grants and knocks survive."""
     from xknock.controller.policy.policy import apply_policy
 
     lifecycle.require_root()
-    config = _load(config_path)
+    config = load_and_warn(config_path)
+    if dry_run:
+        show_diff(iface, config_path, config)
+        return
     if any(seq.totp for seq in config.sequences):
         log.warning("time-based sequences: written for the current window only; the running controller "
                     "rotates them from the file it loaded, so reload it instead (SIGHUP, or "
@@ -433,7 +436,7 @@ Examples:
 @fail_cleanly
 def knock(host, steps, sequence_name, config_path, secret_file, protos, window, port_range, delay, repeat,
           until_open, deadline, ipv4, ipv6):
-    """Send a knock sequence to HOST (the client; needs root for ICMP)."""
+    """Send a knock sequence to HOST (the client; ICMP knocks use a raw socket as root, else a ping socket)."""
     import socket
 
     from xknock.controller.client.knockclient import knock_until_open, send_knocks
@@ -491,6 +494,8 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
     click.echo(f"knocked {host}: {until_open} open after {rounds} round{'s' if rounds > 1 else ''}")
 
 
+main.add_command(check)
+main.add_command(diff)
 main.add_command(top)
 main.add_command(import_, name="import")
 main.add_command(spa)

@@ -13,7 +13,9 @@ from xknock_dev.e2e import (
 )
 from xknock_dev.lab import lab
 
-COMMANDS = ["attach", "detach", "status", "reload", "grant", "revoke", "unban", "knock", "top", "import", "spa", "keygen"]
+COMMANDS = ["attach", "detach", "status", "reload", "grant", "revoke", "unban", "knock", "top", "import", "spa", "keygen",
+            "check", "diff"]
+EX_CONFIG = 78   # attach's status on a config that does not load: the unit does not restart on it
 
 BAD_CONFIGS = {
     "syntax": ('[filter]\nmode = enforce\n', [r"line 2: .*\(column \d+\)"]),
@@ -128,7 +130,7 @@ def test_status_with_nothing_attached_anywhere_is_not_an_error(bare):
 def test_missing_config_file(bare, configs):
     missing = str(configs / "missing.toml")
     assert_fails(xknock(bare.server, "attach", bare.server_iface, "-c", missing, "--once"),
-                 re.escape(missing), "no such file")
+                 re.escape(missing), "no such file", status=EX_CONFIG)
     assert xdp_prog_id(bare.server, bare.server_iface) == 0
 
 
@@ -136,7 +138,8 @@ def test_missing_config_file(bare, configs):
 def test_bad_config_attaches_nothing(bare, configs, case):
     text, patterns = BAD_CONFIGS[case]
     path = write_config(configs, "bad.toml", text)
-    assert_fails(xknock(bare.server, "attach", bare.server_iface, "-c", path, "--once"), re.escape(path), *patterns)
+    assert_fails(xknock(bare.server, "attach", bare.server_iface, "-c", path, "--once"), re.escape(path), *patterns,
+                 status=EX_CONFIG)
     assert xdp_prog_id(bare.server, bare.server_iface) == 0
 
 
@@ -147,7 +150,7 @@ def test_bad_config_leaves_the_running_policy_untouched(attached, configs, comma
     path = write_config(configs, "bad.toml", text)
     before = policy(attached)
     args = [command, attached.server_iface, "-c", path] + (["--once"] if command == "attach" else [])
-    assert_fails(xknock(attached.server, *args), *patterns)
+    assert_fails(xknock(attached.server, *args), *patterns, status=EX_CONFIG if command == "attach" else 1)
     assert policy(attached) == before
 
 
@@ -241,7 +244,8 @@ def test_knock_repeated_with_a_step_twice_in_a_row(net):
     assert_fails(result, re.escape("knock[1] tcp:7000 is knock[0] again"))
 
 
-@pytest.mark.parametrize("args", [["status"], ["attach", "lo"], ["grant", "lo", "192.0.2.1"], ["detach", "lo"]])
+@pytest.mark.parametrize("args", [["status"], ["attach", "lo"], ["grant", "lo", "192.0.2.1"], ["detach", "lo"],
+                                  ["diff", "lo"], ["reload", "lo", "--dry-run"]])
 def test_not_root_is_one_clear_line(args):
     result = subprocess.run(["runuser", "-u", "nobody", "--", XKNOCK, *args], capture_output=True, text=True,
                             timeout=30)

@@ -30,7 +30,8 @@ REPEAT_GAP = 0.01
 
 class KnockError(XknockError):
     """A knock could not be sent: the host does not resolve, or a socket
-    could not be opened (raw sockets for ICMP need root)."""
+    could not be opened (ICMP: neither a raw socket, which needs root, nor
+    a ping socket, which needs a group in net.ipv4.ping_group_range)."""
 
 
 def send_knocks(host: str, steps: list[Step], delay: float = 0.1, family=None, repeat: int = 1) -> None:

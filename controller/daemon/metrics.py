@@ -40,7 +40,7 @@ from .links import EVENTS as INTERFACE_EVENTS
 
 log = logging.getLogger("xknock.metrics")
 
-DEFAULT_PORT = 9798          # the conventional port; metrics are off unless --metrics-addr is given
+DEFAULT_PORT = 9798          # the docs' example port (not registered); metrics are off unless --metrics-addr is given
 SAMPLE_EVERY_S = 30.0
 SAMPLE_BUDGET_S = 5.0        # per map and round: beyond it the map keeps its previous count
 
@@ -510,8 +510,8 @@ class XknockCollector:
                 + counters[layout.Reason.SPA_GRANT_CREATED] - counters[layout.Reason.GRANT_EXPIRED] - counters[layout.Reason.GRANT_REMOVED])
         families.append(self._gauge(
             "xknock_grants_live",
-            "Grants in the map by the kernel's counts: created minus expired minus removed; dead grants not yet "
-            "removed still count.",
+            "Grants in the map by the kernel's counts: created by knocks, by the operator and by SPA, minus "
+            "expired, minus removed; dead grants not yet removed still count.",
             None, ["iface"], [([iface], max(live, 0))]))
 
         filters = GaugeMetricFamily(
