@@ -16,7 +16,7 @@ from xknock.cli.spa import keygen, spa
 from xknock.cli.top import top
 from xknock.controller.config import DEFAULT_PATH, load_config, parse_duration, parse_step
 from xknock.controller.daemon import lifecycle
-from xknock.controller.daemon.events import setup_logging
+from xknock.controller.daemon.events import FORMATS as LOG_FORMATS, setup_logging
 from xknock.controller.errors import LoadError, XknockError
 
 log = logging.getLogger("xknock")
@@ -65,11 +65,13 @@ STEP, DURATION, ADDRESS = StepType(), DurationType(), AddressType()
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="xknock", prog_name="xknock")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", help="Log lines as key=value or JSON.")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
+              help="Log lines for people (text: level, message, key=value), or for tools: logfmt or JSON, "
+                   "with a timestamp and an event name on every line.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(log_format, verbose):
     """Port knocking in XDP: guarded ports stay dark until a source knocks."""
-    setup_logging(json_lines=log_format == "json", verbose=verbose)
+    setup_logging(log_format=log_format, verbose=verbose)
 
 
 @main.command(epilog="""\b
