@@ -158,14 +158,17 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
         from xknock.controller.spa.spa import SpaReceiver
 
         spa_receiver = SpaReceiver(attached.loaded, attached.maps, config.spa, spa_cache)
+    from xknock.controller.daemon.hooks import HookDispatcher
+
+    hooks = HookDispatcher(attached.maps, config, list(ifaces))
     if metrics_server:
-        metrics_server.start(attached.maps, list(ifaces), config)
+        metrics_server.start(attached.maps, list(ifaces), config, hooks=hooks.runner)
     from xknock.controller.daemon.links import LinkWatcher
 
     links = LinkWatcher(list(ifaces), attached.modes, attached.loaded.fd, attached.loaded.prog_id,
                         on_event=metrics_server.record_interface_event if metrics_server else None)
     Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals,
-               spa=spa_receiver, links=links).run()
+               spa=spa_receiver, links=links, hooks=hooks).run()
 
 
 def _fail_closed(ifnames, config, err):

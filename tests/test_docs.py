@@ -152,7 +152,7 @@ def test_metrics_md_lists_every_label_value():
     assert label_values("reason") == reasons
     assert label_values("map") == set(metrics.SAMPLED_MAPS)
     results = (set(metrics.KNOCK_RESULTS) | set(metrics.KNOCK_EVENTS) | set(metrics.SPA_CANDIDATES)
-               | set(metrics.SPA_VERDICTS) | set(metrics.ANSWERS))
+               | set(metrics.SPA_VERDICTS) | set(metrics.ANSWERS) | set(metrics.HOOK_RESULTS))
     assert label_values("result") == results
 
 

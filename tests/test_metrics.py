@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import types
 import urllib.request
 
 import pytest
@@ -23,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from xknock.controller.state import grants
 from xknock.controller.kernel import layout
 from xknock.controller.kernel.batch import NoBatch
-from xknock.controller.daemon import metrics
+from xknock.controller.daemon import hooks, metrics
 from xknock.controller.errors import XknockError
 from xknock.controller.kernel.maps import FilterMaps
 
@@ -327,9 +328,37 @@ def every_family(xk):
     sampler.sample_once()
     info = metrics.ControllerInfo(version="test")
     info.record_reload(True)
+    info.hooks = types.SimpleNamespace(started=1, failed=0, timed_out=0, dropped=0, running=0)
     registry = registry_for(xk, info=info, sampler=sampler,
                             attachment=lambda device, control: (xk.loaded.prog_id, "native"))
     return list(registry.collect())
+
+
+def test_hook_counts_are_exported_from_the_controllers_runner(xk, example_config):
+    """The HookRunner the controller's hooks run in, through a real /metrics."""
+    runner = hooks.HookRunner(timeout_s=0.3, max_running=1)
+    server = metrics.MetricsServer("127.0.0.1", 0)
+    try:
+        server.start(xk.maps, [IFACE], example_config, hooks=runner)
+        assert runner.run("on_open", ["/bin/sleep", "5"], {})       # killed at its timeout
+        assert not runner.run("on_open", ["/bin/true"], {})         # dropped: max_running
+        assert runner.running == 1
+        registry = server.registry
+        assert value(registry, "xknock_hooks_running") == 1
+        assert runner.wait(10)
+        assert runner.run("on_close", ["/bin/false"], {}) and runner.wait(10)   # failed
+        runner.run("on_ban", ["/nonexistent/hook"], {})                           # failed: could not start
+        got = {result: value(registry, "xknock_hooks_total", result=result) for result in metrics.HOOK_RESULTS}
+        assert got == {"started": 2, "failed": 2, "timed_out": 1, "dropped": 1}
+        assert value(registry, "xknock_hooks_running") == 0
+    finally:
+        server.close()
+        runner.close()
+
+
+def test_without_a_hook_runner_there_are_no_hook_metrics(xk):
+    registry = registry_for(xk)
+    assert value(registry, "xknock_hooks_total", result="started") is None
 
 
 def test_metric_names_labels_and_help_follow_the_conventions(xk):

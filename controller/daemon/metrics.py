@@ -70,6 +70,8 @@ ANSWERS = {
     "rate_limited": layout.Reason.ANSWER_RATE_LIMITED,
     "none": layout.Reason.ANSWER_NONE,
 }
+# daemon/hooks.py's HookRunner counters, by the `result` label of xknock_hooks_total.
+HOOK_RESULTS = ("started", "failed", "timed_out", "dropped")
 KNOCK_EVENTS = {
     "repeated": layout.Reason.KNOCK_REPEATED,
     "ignored": layout.Reason.KNOCK_IGNORED,
@@ -316,6 +318,7 @@ class ControllerInfo:
         self.last_reload_success = None
         self.last_reload_timestamp = None
         self.interface_events = {}   # (device, event) -> count, from the LinkWatcher
+        self.hooks = None            # the controller's hooks.HookRunner, once it runs
 
     def record_reload(self, success, config=None):
         """The outcome of loading a config (the first one at attach, too)."""
@@ -433,6 +436,19 @@ class XknockCollector:
             for event in INTERFACE_EVENTS:
                 events.add_metric([self.iface, device, event], self.info.interface_events.get((device, event), 0))
         yield events
+        if self.info.hooks is not None:
+            runner = self.info.hooks
+            hooks = CounterMetricFamily(
+                "xknock_hooks",
+                "Hook commands (on_open, on_close, on_ban) since the controller started, by how they went: "
+                "started, failed (could not start, or ended with a non-zero status or a signal), timed_out "
+                "(killed at the hooks' timeout), dropped (max_running were already running).",
+                labels=["iface", "result"])
+            for result in HOOK_RESULTS:
+                hooks.add_metric([self.iface, result], getattr(runner, result))
+            yield hooks
+            yield self._gauge("xknock_hooks_running", "Hook commands running now.", None, ["iface"],
+                              [([self.iface], runner.running)])
 
     def _kernel(self, maps):
         """Every per-filter family, read now; raises when a read fails."""
@@ -584,9 +600,11 @@ class MetricsServer:
             raise XknockError(f"--metrics-addr {host}:{port}: cannot listen there: {reason}") from None
         self.port = self.httpd.server_port
 
-    def start(self, maps, ifaces, config):
+    def start(self, maps, ifaces, config, hooks=None):
+        """hooks: the controller's hooks.HookRunner, for xknock_hooks_total."""
         self.info = ControllerInfo(config=config)
         self.info.record_reload(True, config)
+        self.info.hooks = hooks
         self.sampler = MapSampler(lambda: maps).start()
         self.registry.register(XknockCollector(lambda: maps, ifaces, self.info, sampler=self.sampler))
         log.info("serving metrics", extra={"fields": {"url": f"http://{self._hostport()}/metrics"}})
