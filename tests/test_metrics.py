@@ -485,7 +485,11 @@ def test_dashboard_is_valid_json_with_its_variables():
         dashboard = json.load(f)
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    assert {"instance", "iface"} <= set(variables)
+    assert {"job", "instance", "iface"} <= set(variables)
+    assert variables["job"]["definition"] == "label_values(xknock_controller_info, job)"
+    assert 'job=~"$job"' in variables["instance"]["definition"] and 'job=~"$job"' in variables["iface"]["definition"]
+    titles = {panel["title"] for panel in dashboard["panels"]}
+    assert {"Bans", "Live bans", "Ban changes", "Controller CPU", "Controller memory", "Hooks"} <= titles
     for panel in dashboard["panels"]:
         if panel["type"] == "row":
             continue
@@ -493,3 +497,5 @@ def test_dashboard_is_valid_json_with_its_variables():
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}"
             assert 'instance=~"$instance"' in target["expr"], f"{panel['title']}: no $instance selector"
+            assert 'job=~"$job", instance=~"$instance"' in target["expr"], f"{panel['title']}: no $job selector"
+            assert 'job="' not in target["expr"], f"{panel['title']}: a job name written in"

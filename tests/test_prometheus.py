@@ -44,7 +44,8 @@ PROMETHEUS_PORT = 9090
 GUARDED, UNGUARDED = 22, 80
 SEQUENCE = ("tcp:7000", "udp:8000", "tcp:9000")
 # Grafana's macros and the dashboard's variables, as "All" selects them.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$instance": ".*", "$iface": ".*"}
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$job": "xknock", "$instance": ".*",
+                     "$iface": ".*"}
 
 # GET requests (path, params) given as JSON on stdin, made from inside the
 # namespace; prints [{"status": ..., "body": ...}] (bodies as JSON when they are).
@@ -234,7 +235,8 @@ def test_dashboard_variables_find_the_instance_and_the_interface(traffic):
         assert match, f"variable {name}: {definition}"
         series = traffic.query(grafana(match.group(1)))
         found[name] = {s["metric"].get(match.group(2)) for s in series}
-    assert found == {"instance": {f"127.0.0.1:{METRICS_PORT}"}, "iface": {traffic.net.server_iface}}
+    assert found == {"job": {"xknock"}, "instance": {f"127.0.0.1:{METRICS_PORT}"},
+                     "iface": {traffic.net.server_iface}}
 
 
 def test_dashboard_values_are_sane_after_the_traffic(traffic):
@@ -272,7 +274,9 @@ def test_every_alert_rule_evaluates_and_none_fires_while_all_is_well(traffic):
     with open(ALERTS) as f:
         assert len(rules) == f.read().count("- alert: ")
     assert {r["name"] for r in rules} >= {"XknockControllerDown", "XknockFilterDetached", "XknockMapNearlyFull",
-                                          "XknockKnockFailureSurge", "XknockReloadFailed"}
+                                          "XknockKnockFailureSurge", "XknockReloadFailed", "XknockControllerFlapping",
+                                          "XknockMonitorModeLeftOn", "XknockBanFailures", "XknockEventsLost",
+                                          "XknockSpaRefusalSurge"}
     with open(os.path.join(REPO, "docs", "runbook.md")) as f:
         runbook = f.read()
     answers = traffic.queries([r["query"] for r in rules])
@@ -286,6 +290,7 @@ def test_every_alert_rule_evaluates_and_none_fires_while_all_is_well(traffic):
         assert rule["labels"].get("severity") in ("critical", "warning"), rule
         assert rule["annotations"].get("summary") and rule["annotations"].get("description"), rule
         assert f"runbook.md#{name.lower()}" in rule["annotations"]["description"], name
+        assert rule["annotations"].get("runbook_url", "").endswith(f"/docs/runbook.md#{name.lower()}"), name
         assert f"\n## {name}\n" in runbook, f"docs/runbook.md has no section for {name}"
         assert rule["duration"] > 0, f"{name} has no `for`"
 
