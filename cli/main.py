@@ -91,21 +91,31 @@ Examples:
 @click.option("--metrics-public", is_flag=True,
               help="Allow --metrics-addr on an address that is not loopback (the counters tell a prober "
                    "whether each knock step was right: put a firewall in front).")
+@click.option("--metrics-web-config", default=None, metavar="FILE",
+              help="TLS and basic auth for --metrics-addr: a web config file in node_exporter's format "
+                   "(tls_server_config, basic_auth_users; docs/metrics.md).")
 @click.option("--once", is_flag=True, help="Attach and exit; the filter keeps enforcing.")
 @click.option("--keep-sessions", is_flag=True,
               help="Grant established sessions to guarded ports (their traffic only, no new connections).")
 @click.option("--force", is_flag=True,
               help="Replace another XDP program on the interface, and cut established sessions to guarded ports.")
 @fail_cleanly(config_status=EX_CONFIG)   # systemd does not restart a unit whose file is bad
-def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, keep_sessions, force):
+def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_web_config, once, keep_sessions,
+           force):
     """Load the filter, attach it to IFACES and run the controller."""
     from xknock.controller.daemon.daemon import Controller, Signals
     from xknock.controller.daemon.events import EventReader
 
     signals = Signals().install()   # before anything is attached: see Signals
-    metrics_server = None
+    metrics_server = web_config = None
+    if metrics_web_config and not metrics_addr:
+        raise click.UsageError("--metrics-web-config secures the metrics endpoint: give --metrics-addr too")
     if metrics_addr:
         from xknock.controller.daemon.metrics import MetricsServer, parse_addr
+        from xknock.controller.daemon.webconfig import load_web_config
+
+        if metrics_web_config:
+            web_config = load_web_config(metrics_web_config)   # a bad file fails before anything changes
 
         host, port = parse_addr(metrics_addr)
         if not metrics_public and not _loopback(host):
@@ -126,7 +136,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
     if metrics_addr and once:
         log.warning("--metrics-addr is ignored with --once: metrics are served by the running controller")
     elif metrics_addr:
-        metrics_server = MetricsServer(host, port)   # binds now: a busy address fails before anything changes
+        metrics_server = MetricsServer(host, port, web_config)   # binds now: a busy address fails before anything changes
     try:
         attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=force,
                                     before_attach=_session_guard(config, keep_sessions, force))

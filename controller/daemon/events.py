@@ -137,6 +137,7 @@ MESSAGE_EVENTS = tuple((re.compile(pattern), name) for pattern, name in (
     (r"hook dispatch failed", "hook_dispatch_failed"),
     # daemon/metrics.py
     (r"serving metrics", "metrics_serving"),
+    (r"metrics request failed", "metrics_request_failed"),
     (r"metrics: reading the filter's maps works again", "scrape_recovered"),
     (r"metrics: reading the filter's maps failed", "scrape_failed"),
     (r"counting map entries took too long", "map_count_slow"),
