@@ -213,7 +213,7 @@ def test_every_log_call_of_the_controller_has_a_name_of_its_own():
 CHILD = """
 import logging
 from xknock.controller.daemon.events import setup_logging
-setup_logging(log_format={fmt!r}, verbose=True)
+setup_logging(log_format={fmt!r}, verbose=True, journal_socket=None)   # not this machine's journald
 log = logging.getLogger("xknock.test")
 log.debug("hook started", extra={{"fields": {{"pid": 1}}}})
 log.info("granted", extra={{"fields": {{"event": "granted", "source": "192.0.2.7"}}}})
@@ -264,3 +264,87 @@ def test_without_the_journal_no_line_has_a_priority(journal_stream):
     assert lines == ["debug hook started pid=1", "info granted source=192.0.2.7", "warning hook dropped",
                      "error reload refused: the running policy is unchanged",
                      "error SPA packet handling failed exception=\"OSError: gone\""]
+
+
+# --- journald's native protocol ------------------------------------------------------
+
+def parse_native(datagram):
+    """{field: value} of one entry of journald's native protocol."""
+    fields, pos = {}, 0
+    while pos < len(datagram):
+        end = datagram.index(b"\n", pos)
+        line = datagram[pos:end]
+        if b"=" in line:
+            name, _, value = line.partition(b"=")
+            pos = end + 1
+        else:   # binary-safe: the name, a newline, a 64-bit little-endian length, the data, a newline
+            name = line
+            size = int.from_bytes(datagram[end + 1:end + 9], "little")
+            value = datagram[end + 9:end + 9 + size]
+            assert datagram[end + 9 + size:end + 10 + size] == b"\n"
+            pos = end + 10 + size
+        fields[name.decode()] = value.decode()
+    return fields
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """setup_logging changes the "xknock" logger: put it back for the tests after these (caplog)."""
+    root = logging.getLogger("xknock")
+    saved = root.handlers[:], root.level, root.propagate
+    yield
+    for handler in root.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    root.handlers[:], root.level, root.propagate = saved
+
+
+@pytest.fixture
+def journald(tmp_path):
+    """A stand-in for journald's socket: (path, receive())."""
+    import socket
+
+    path = str(tmp_path / "journal.socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(5)
+    yield path, lambda: parse_native(sock.recv(65536))
+    sock.close()
+
+
+def test_under_journald_records_go_to_its_socket_with_their_fields(journald):
+    path, receive = journald
+    handler = events.setup_logging(log_format="json", journal=True, journal_socket=path)
+    assert isinstance(handler, events.JournalHandler)
+    log = logging.getLogger("xknock.test")
+    log.info("granted", extra={"fields": {"event": "granted", "source": "192.0.2.7", "sequence": "ssh", "step": 3}})
+    entry = receive()
+    assert json.loads(entry.pop("MESSAGE"))["event"] == "granted"
+    assert entry == {"PRIORITY": "6", "SYSLOG_IDENTIFIER": "xknock", "EVENT": "granted", "LOGGER": "xknock.test",
+                     "SOURCE": "192.0.2.7", "SEQUENCE": "ssh", "STEP": "3"}
+    log.error("reload refused: the running policy is unchanged",
+              extra={"fields": {"errors": "line 1\nline 2", "message": "not the MESSAGE", "_pid": 1}})
+    entry = receive()
+    assert entry["PRIORITY"] == "3" and entry["EVENT"] == "reload_refused"
+    assert entry["ERRORS"] == "line 1\nline 2"                       # the binary-safe form
+    assert json.loads(entry["MESSAGE"])["msg"] == "reload refused: the running policy is unchanged"
+    assert entry["PID"] == "1"                                       # never a trusted _FIELD
+
+
+def test_when_journald_cannot_take_a_record_it_goes_to_stderr(tmp_path, capsys):
+    import socket
+
+    path = str(tmp_path / "gone.socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)   # then closed: sending there is refused
+    handler = events.setup_logging(journal=True, journal_socket=path)
+    assert isinstance(handler, events.JournalHandler)
+    logging.getLogger("xknock.test").warning("hook dropped")
+    assert capsys.readouterr().err == "<4>warning hook dropped\n"
+
+
+def test_journald_is_used_only_when_stderr_is_the_journal(journald):
+    path, _ = journald
+    assert not isinstance(events.setup_logging(journal=False, journal_socket=path), events.JournalHandler)
+    assert not isinstance(events.setup_logging(journal=True, journal_socket=path + ".none"),
+                          events.JournalHandler)

@@ -5,8 +5,10 @@ One event per line, so that journald and log shippers read them whole: text
 for people (`level msg key=value`), logfmt or JSON for tools. Every line has
 an event name: a data-path event's own (`granted`), the one its caller gave
 (`fields["event"]`), or one looked up from its message (MESSAGE_EVENTS). Under
-systemd (JOURNAL_STREAM names stderr) each line starts with its syslog
-priority, `<6>`, as sd-daemon(3) describes, so that `journalctl -p` filters.
+systemd (JOURNAL_STREAM names stderr) records go to journald's socket with
+their fields as journal fields (JournalHandler), or, without that socket, each
+line starts with its syslog priority, `<6>`, as sd-daemon(3) describes, so
+that `journalctl -p` filters.
 Sources appear in logs, never in metric labels.
 """
 
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import traceback
 
@@ -255,12 +258,71 @@ def _quote(value):
     return text
 
 
-def setup_logging(json_lines=False, verbose=False, log_format=None, journal=None):
-    """The controller's logging: one handler on stderr with a LineFormatter.
-    journal: None to find out (JOURNAL_STREAM), or True/False."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(LineFormatter(json_lines, log_format, journal_stream() if journal is None else journal))
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# Journal fields of every entry, which a record's own fields never overwrite.
+_JOURNAL_OWN = {"MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "EVENT", "LOGGER"}
+
+
+def journal_entry(record, message):
+    """One entry in journald's native protocol (systemd.io/JOURNAL_NATIVE_PROTOCOL):
+    MESSAGE (the formatted line), PRIORITY, SYSLOG_IDENTIFIER, EVENT, LOGGER,
+    and each field of the record as an upper-case journal field (SOURCE=,
+    SEQUENCE=, IFACE=...)."""
+    fields = {"MESSAGE": message, "PRIORITY": priority(record.levelno), "SYSLOG_IDENTIFIER": "xknock",
+              "EVENT": event_name(record), "LOGGER": record.name}
+    for key, value in getattr(record, "fields", {}).items():
+        name = re.sub(r"[^A-Z0-9_]", "_", str(key).upper()).lstrip("_")[:64]
+        if name and name not in _JOURNAL_OWN and not name[0].isdigit():
+            fields[name] = value
+    out = bytearray()
+    for name, value in fields.items():
+        data = str(value).encode("utf-8", errors="replace")
+        if b"\n" in data:   # binary-safe form: the name, a newline, the length as 64-bit little endian, the data
+            out += name.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
+        else:
+            out += name.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+class JournalHandler(logging.Handler):
+    """Log records straight to journald, with their fields as journal fields,
+    so that `journalctl -u xknock@eth0 EVENT=granted SOURCE=192.0.2.7` finds
+    them. What cannot be sent (no journald, an entry too large) goes to the
+    fallback handler instead (stderr, with its <N> priority)."""
+
+    def __init__(self, formatter, fallback, path=JOURNAL_SOCKET):
+        super().__init__()
+        self.setFormatter(formatter)
+        self.fallback = fallback
+        self.path = path
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def emit(self, record):
+        try:
+            self.socket.sendto(journal_entry(record, self.format(record)), self.path)
+        except OSError:
+            self.fallback.handle(record)
+        except Exception:
+            self.handleError(record)
+
+    def close(self):
+        self.socket.close()
+        super().close()
+
+
+def setup_logging(json_lines=False, verbose=False, log_format=None, journal=None, journal_socket=JOURNAL_SOCKET):
+    """The controller's logging. On stderr, one line per record (LineFormatter);
+    when stderr is the journal (journal=None: find out from JOURNAL_STREAM)
+    each line has its <N> priority, and when journald's socket is there the
+    records go to it directly, with their fields (JournalHandler)."""
+    journal = journal_stream() if journal is None else journal
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(LineFormatter(json_lines, log_format, journal))
+    handler = stderr
+    if journal and journal_socket and os.path.exists(journal_socket):
+        handler = JournalHandler(LineFormatter(json_lines, log_format), stderr, journal_socket)
     root = logging.getLogger("xknock")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+    return handler
