@@ -6,13 +6,11 @@ client holds a TCP session to the guarded port while the server attaches."""
 import ipaddress
 
 import pytest
-from xknock_dev.e2e import (
-    DROPPED, HeldConnection, TcpEchoServer, config_text, status_json, write_config, xknock,
-)
+from xknock_dev.e2e import DROPPED, HeldConnection, config_text, served_lab, status_json, write_config, xknock
 
 from xknock.controller.state import lockout
 from xknock.controller.config import parse_config
-from xknock_dev.lab import can_connect, lab
+from xknock_dev.lab import can_connect
 
 CLIENT = ipaddress.ip_address("10.77.0.2")
 GUARDED = 22
@@ -47,12 +45,8 @@ def test_sessions_at_risk(allow, sessions, yours, expected):
 
 @pytest.fixture(scope="module")
 def net():
-    with lab("xklock") as built:
-        server = TcpEchoServer(built.server, GUARDED)
-        try:
-            yield built
-        finally:
-            server.stop()
+    with served_lab("xklock", GUARDED) as built:
+        yield built
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import subprocess
 import time
 
 import pytest
-from xknock_dev.e2e import Foreground, TcpEchoServer, check, status_json, write_config, xknock
+from xknock_dev.e2e import Foreground, check, served_lab, status_json, write_config, xknock
 
-from xknock_dev.lab import HELPER_PYTHON, can_connect, lab, wait_for
+from xknock_dev.lab import HELPER_PYTHON, can_connect, wait_for
 from xknock.controller.kernel.maps import FilterMaps, from_addr
 
 pytestmark = pytest.mark.netns
@@ -98,13 +98,8 @@ def verdicts(net):
 def net():
     if not os.access(FWKNOP, os.X_OK):
         pytest.fail("the fwknop client is not installed: scripts/setup installs fwknop-client")
-    with lab("xkspa") as built:
-        echo = TcpEchoServer(built.server, GUARDED)
-        try:
-            yield built
-        finally:
-            echo.stop()
-            xknock(built.server, "detach", built.server_iface)
+    with served_lab("xkspa", GUARDED) as built:
+        yield built
 
 
 @pytest.fixture

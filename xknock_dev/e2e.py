@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from xknock_dev.lab import HELPER_PYTHON, stop_process, wait_for
+from xknock_dev.lab import HELPER_PYTHON, lab, stop_process, wait_for
 
 # The console script next to the Python running the tests (the venv's).
 XKNOCK = os.path.join(os.path.dirname(sys.executable), "xknock")
@@ -287,6 +287,19 @@ class TcpEchoServer:
 
     def stop(self):
         stop_process(self.process)
+
+
+@contextlib.contextmanager
+def served_lab(prefix, *ports, ipv6=True):
+    """A lab whose server runs a TcpEchoServer on ports; on the way out the
+    filter is detached (its pins go with it) and the lab removed."""
+    with lab(prefix, ipv6=ipv6) as built:
+        server = TcpEchoServer(built.server, *ports)
+        try:
+            yield built
+        finally:
+            server.stop()
+            xknock(built.server, "detach", built.server_iface)
 
 
 class HeldConnection:
