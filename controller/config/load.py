@@ -9,10 +9,9 @@ import ipaddress
 import json
 import os
 import re
-import sys
 import tomllib
 
-from ..kernel import layout
+from ..kernel import layout, procnet
 from . import spa_config, totp_config
 from .fields import (
     Report, check_keys, format_duration, parse_duration_key, parse_network, parse_open, parse_steps, step_list,
@@ -30,34 +29,10 @@ from .model import (
 def listening_ports(proc_net="/proc/net"):
     """{("tcp", 22), ("udp", 53), ...}: ports a local socket listens on, other
     than on loopback alone (which XDP on a real interface never sees)."""
-    found = set()
-    for proto, filename, listening_state in PROC_NET_LISTENING:
-        try:
-            with open(f"{proc_net}/{filename}", encoding="ascii") as table:
-                rows = table.read().splitlines()[1:]
-        except OSError:
-            continue  # no IPv6, or no /proc: nothing to warn about
-        for row in rows:
-            fields = row.split()
-            if len(fields) < 4 or fields[3] != listening_state:
-                continue
-            address_hex, _, port_hex = fields[1].partition(":")
-            if _proc_address_is_loopback(address_hex):
-                continue
-            found.add((proto, int(port_hex, 16)))
-    return found
-
-
-def _proc_address_is_loopback(address_hex):
-    # /proc prints each 32-bit word of the address as a native-endian integer.
-    try:
-        words = [int(address_hex[i : i + 8], 16) for i in range(0, len(address_hex), 8)]
-        raw = b"".join(word.to_bytes(4, sys.byteorder) for word in words)
-        address = ipaddress.ip_address(raw)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or bool(mapped and mapped.is_loopback)
+    return {(proto, port)
+            for proto, filename, listening_state in PROC_NET_LISTENING
+            for (address, port), _, state in procnet.sockets(proc_net, filename)
+            if state == listening_state and not address.is_loopback}
 
 
 def load_config(path=DEFAULT_PATH, *, listening=None):
