@@ -75,7 +75,7 @@ def fwknop(host, server, *extra, allow=None, user="alice", key=KEY_B64, hmac=HMA
     argv += ["-a", allow] if allow else ["-s"]
     if save:
         argv += ["-B", save]
-    result = host.run([*argv, *extra], env={"HOME": "/tmp", "PATH": "/usr/bin:/bin"})
+    result = host.run([*argv, *extra], env={"HOME": os.environ["HOME"], "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, f"fwknop failed: {result.stdout}{result.stderr}"
     return result
 
