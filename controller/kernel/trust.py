@@ -1,11 +1,12 @@
 """Who may change a file xknock trusts: the config, key files, secret files and
 hook programs (run as root). One check and one message for all of them, in
 the spirit of sshd's StrictModes: the file and every folder above it (of the
-path as given and of the file a link leads to) must be owned by root or by
-the user running xknock and not writable by group or others, or someone else
-could change, or replace, what xknock reads or runs. A sticky world-writable
-folder such as /tmp is fine when its entry on the path is owned by root (or
-by the user running xknock): others cannot rename or remove that entry."""
+path as given, of each link on the way and of the file they lead to) must be
+owned by root or by the user running xknock and not writable by group or
+others, or someone else could change, or replace, what xknock reads or runs.
+A sticky world-writable folder such as /tmp is fine when its entry on the
+path is owned by root (or by the user running xknock): others cannot rename
+or remove that entry."""
 
 import os
 import pwd
@@ -38,11 +39,21 @@ def problem(path, what, *, secret=False):
         if secret and mode & 0o044:
             return f"{what} {shown}: readable by group or others (mode {mode:04o}) but it holds secrets " \
                    f"(chmod 600 {real})"
-    for folder, entry in _folders(given) + _folders(real):
+    folders = dict.fromkeys(pair for hop in _hops(given) + [real] for pair in _folders(hop))
+    for folder, entry in folders:
         wrong = _folder_problem(folder, entry)
         if wrong:
             return f"{what} {shown}: folder {folder} is {wrong}: they could replace the file"
     return None
+
+
+def _hops(path):
+    """path and each link on the way from it to its file: whoever may replace
+    any of them may change what path names."""
+    hops = [path]
+    while os.path.islink(hops[-1]) and len(hops) < 40:   # 40: the kernel's own limit on links followed
+        hops.append(os.path.abspath(os.path.join(os.path.dirname(hops[-1]), os.readlink(hops[-1]))))
+    return hops
 
 
 def _folders(path):
