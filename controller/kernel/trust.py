@@ -19,6 +19,8 @@ def problem(path, what, *, secret=False):
     the file holds secrets, so group and others must not read it either. A
     missing file is no problem here (its folders still are): the caller
     says whether it must exist."""
+    if "\0" in path:
+        return f"{what} {path!r}: contains a NUL character"   # no file has such a name; os.stat would raise
     given = os.path.abspath(path)
     real = os.path.realpath(given)
     shown = path if real == given else f"{path} (a link to {real})"
@@ -52,7 +54,11 @@ def _hops(path):
     any of them may change what path names."""
     hops = [path]
     while os.path.islink(hops[-1]) and len(hops) < 40:   # 40: the kernel's own limit on links followed
-        hops.append(os.path.abspath(os.path.join(os.path.dirname(hops[-1]), os.readlink(hops[-1]))))
+        try:
+            target = os.readlink(hops[-1])
+        except OSError:
+            break    # gone since: the final file is checked anyway
+        hops.append(os.path.abspath(os.path.join(os.path.dirname(hops[-1]), target)))
     return hops
 
 
