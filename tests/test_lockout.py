@@ -43,7 +43,8 @@ def test_established_sessions_decode_in_the_hosts_byte_order(tmp_path, monkeypat
     local, remote, local6, remote6 = PROC_TCP[byteorder]
     header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
     rest = "00000000:00000000 00:00000000 00000000     0        0 1 1\n"
-    (tmp_path / "tcp").write_text(header + f"   0: {local} {remote} 01 {rest}" + f"   1: {local} 00000000:0000 0A {rest}")
+    (tmp_path / "tcp").write_text(header + f"   0: {local} {remote} 01 {rest}"
+                                  + f"   1: {local} 00000000:0000 0A {rest}")   # a listener: not a session
     (tmp_path / "tcp6").write_text(header + f"   0: {local6} {remote6} 01 {rest}")
     monkeypatch.setattr(sys, "byteorder", byteorder)
     assert lockout.established_sessions(str(tmp_path)) == {

@@ -93,12 +93,12 @@ def the_issue(tmp_path):
 def symlinked_hook(tmp_path, target_folder_mode, target_mode):
     """A root-owned link in a good folder to a hook program elsewhere."""
     elsewhere = folder(tmp_path, "elsewhere", target_folder_mode)
-    link = tmp_path / "hook"
-    link.symlink_to(program(elsewhere / "real", target_mode))
-    return link
+    return link(tmp_path / "hook", program(elsewhere / "real", target_mode))
 
 
-# (description, setup(tmp_path) -> (config text, or None to keep the file setup wrote), expected message)
+# (description, setup(tmp_path), expected message): setup makes the files a
+# config names and returns (config text, its mode[, its folder]), or (None,
+# the config file it wrote itself). {t} in the message is tmp_path.
 REFUSED = [
     ("config of nobody's, 0622, with a hook", lambda t: (None, the_issue(t)),
      "owned by uid 65534 (nobody), not by root: they could change it (chown root "),
@@ -120,8 +120,9 @@ REFUSED = [
     ("hook program, missing, in a sticky folder anyone may write",
      lambda t: (hooked(folder(t, "tmp", 0o1777) / "hook"), 0o600),
      "folder {t}/tmp is writable by group or others (mode 1777) and has no {t}/tmp/hook (anyone may create it)"),
-    ("hook program of nobody's in a sticky folder", lambda t: (hooked(to_nobody(program(folder(t, "tmp", 0o1777) / "hook"))), 0o600),
-     "owned by uid 65534 (nobody)"),
+    ("hook program of nobody's in a sticky folder",
+     lambda t: (hooked(to_nobody(program(folder(t, "tmp", 0o1777) / "hook"))), 0o600),
+     "hook program {t}/tmp/hook: owned by uid 65534 (nobody)"),
     ("hook program: a link to a file anyone may write", lambda t: (hooked(symlinked_hook(t, 0o755, 0o777)), 0o600),
      "hook program {t}/hook (a link to {t}/elsewhere/real): writable by group or others (mode 0777)"),
     ("hook program: a link into a folder anyone may write", lambda t: (hooked(symlinked_hook(t, 0o777, 0o755)), 0o600),
@@ -137,7 +138,8 @@ REFUSED = [
      "key file {t}/alice.keys: owned by uid 65534 (nobody)"),
     ("key file readable by its group", lambda t: (spa_config(chmodded(key_file(t / "alice.keys"), 0o640)), 0o600),
      "key file {t}/alice.keys: readable by group or others (mode 0640) but it holds secrets"),
-    ("key file in a folder anyone may write", lambda t: (spa_config(key_file(folder(t, "keys", 0o777) / "a.keys")), 0o600),
+    ("key file in a folder anyone may write",
+     lambda t: (spa_config(key_file(folder(t, "keys", 0o777) / "a.keys")), 0o600),
      "key file {t}/keys/a.keys: folder {t}/keys is writable by group or others (mode 0777)"),
     ("secret file of nobody's", lambda t: (totp_config(to_nobody(secret(t / "ssh.secret"))), 0o600),
      "secret_file {t}/ssh.secret: owned by uid 65534 (nobody)"),
@@ -149,6 +151,7 @@ REFUSED = [
      lambda t: (config_text(), 0o600, to_nobody(folder(folder(t, "tmp", 0o1777), "nobodys", 0o755))),
      "folder {t}/tmp is writable by group or others (mode 1777) and its {t}/tmp/nobodys is owned by uid 65534"),
 ]
+
 
 def write_case(tmp_path, setup):
     """The config file a case describes: (text, mode[, folder]) or (None, path)."""
