@@ -2,6 +2,7 @@
 plus the step and duration parsers it is built from."""
 
 import ipaddress
+import sys
 
 import pytest
 from hypothesis import given
@@ -542,6 +543,16 @@ def test_listening_ports_reads_proc_net(tmp_path):
     )
     # no udp6 file: a kernel without IPv6
     assert config.listening_ports(str(tmp_path)) == {("tcp", 22), ("tcp", 8080), ("udp", 53)}
+
+
+def test_listening_ports_on_a_big_endian_host(tmp_path, monkeypatch):
+    (tmp_path / "tcp").write_text(
+        PROC_HEADER
+        + proc_row("7F000001:0277", "00000000:0000", "0A")  # 127.0.0.1:631 as a big-endian host prints it
+        + proc_row("0A4D0001:0016", "00000000:0000", "0A")  # 10.77.0.1:22
+    )
+    monkeypatch.setattr(sys, "byteorder", "big")
+    assert config.listening_ports(str(tmp_path)) == {("tcp", 22)}
 
 
 def test_listening_ports_without_proc(tmp_path):

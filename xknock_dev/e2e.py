@@ -55,8 +55,11 @@ sources = {strings(deny)}
 
 
 def write_config(directory, name, text):
+    """The config file, mode 0600 whatever the umask: xknock refuses a config
+    others could change, or read when it holds keys (controller/kernel/trust.py)."""
     path = os.path.join(str(directory), name)
-    with open(path, "w") as f:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        os.fchmod(f.fileno(), 0o600)
         f.write(text)
     return path
 

@@ -1,7 +1,8 @@
 """Loads and validates the TOML configuration. Pure: it reads the config file
-(and /proc/net and the hook commands' files, for warnings) and touches nothing
-else. Every mistake in a file is found in one pass and named by its place, so a
-bad config is fixed in one edit, never in a loop of edit, reload, next error."""
+(and /proc/net and the hook commands' files, for warnings; and who may change
+the files it trusts, kernel/trust.py) and touches nothing else. Every mistake
+in a file is found in one pass and named by its place, so a bad config is
+fixed in one edit, never in a loop of edit, reload, next error."""
 
 import dataclasses
 import hashlib
@@ -9,10 +10,9 @@ import ipaddress
 import json
 import os
 import re
-import sys
 import tomllib
 
-from ..kernel import layout
+from ..kernel import layout, procnet, trust
 from . import spa_config, totp_config
 from .fields import (
     Report, check_keys, format_duration, parse_duration_key, parse_network, parse_open, parse_steps, step_list,
@@ -30,34 +30,10 @@ from .model import (
 def listening_ports(proc_net="/proc/net"):
     """{("tcp", 22), ("udp", 53), ...}: ports a local socket listens on, other
     than on loopback alone (which XDP on a real interface never sees)."""
-    found = set()
-    for proto, filename, listening_state in PROC_NET_LISTENING:
-        try:
-            with open(f"{proc_net}/{filename}", encoding="ascii") as table:
-                rows = table.read().splitlines()[1:]
-        except OSError:
-            continue  # no IPv6, or no /proc: nothing to warn about
-        for row in rows:
-            fields = row.split()
-            if len(fields) < 4 or fields[3] != listening_state:
-                continue
-            address_hex, _, port_hex = fields[1].partition(":")
-            if _proc_address_is_loopback(address_hex):
-                continue
-            found.add((proto, int(port_hex, 16)))
-    return found
-
-
-def _proc_address_is_loopback(address_hex):
-    # /proc prints each 32-bit word of the address as a native-endian integer.
-    try:
-        words = [int(address_hex[i : i + 8], 16) for i in range(0, len(address_hex), 8)]
-        raw = b"".join(word.to_bytes(4, sys.byteorder) for word in words)
-        address = ipaddress.ip_address(raw)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or bool(mapped and mapped.is_loopback)
+    return {(proto, port)
+            for proto, filename, listening_state in PROC_NET_LISTENING
+            for (address, port), _, state in procnet.sockets(proc_net, filename)
+            if state == listening_state and not address.is_loopback}
 
 
 def load_config(path=DEFAULT_PATH, *, listening=None):
@@ -77,19 +53,21 @@ def load_config(path=DEFAULT_PATH, *, listening=None):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError([f"{path}: not UTF-8 text (byte {err.start})"]) from None
-    return parse_config(text, path, listening=listening)
+    return parse_config(text, path, listening=listening, from_file=True)
 
 
-def parse_config(text, path=None, *, listening=None):
+def parse_config(text, path=None, *, listening=None, from_file=False):
     """TOML text -> Config. listening: the set listening_ports() returns, or
-    None to read it from /proc."""
+    None to read it from /proc. from_file: text is the file at path, which
+    then must be root's (kernel/trust.py; root's alone when it holds secrets)."""
     prefix = f"{path}: " if path else ""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError([prefix + _toml_error_message(err, text)]) from None
+        untrusted = trust.problem(path, "config") if from_file else None
+        raise ConfigError(([untrusted] if untrusted else []) + [prefix + _toml_error_message(err, text)]) from None
 
-    report = Report(path)
+    report = Report()
     check_keys(report, None, document, TOP_LEVEL_KEYS)
 
     mode, strict, answer, fail_closed = _parse_filter(report, document.get("filter", {}))
@@ -101,11 +79,12 @@ def parse_config(text, path=None, *, listening=None):
     hooks = _parse_hooks(report, document.get("hooks", {}))
     spa = None
     if "spa" in document:
-        spa = spa_config.parse_spa(report, document["spa"], path)
+        spa = spa_config.parse_spa(report, document["spa"])
         if spa is not None:
             spa_config.check_spa_ports(report, spa, sequences)
     if any(sequence.totp for sequence in sequences):
         _check_totp_ranges(report, sequences, spa)
+    untrusted = trust.problem(path, "config", secret=report.secrets_inline) if from_file else None
 
     if not report.errors:
         if not sequences and spa is None:
@@ -124,8 +103,10 @@ def parse_config(text, path=None, *, listening=None):
                 _warn_totp_ranges(report, sequences, listening, None)
 
     warnings = [prefix + warning for warning in report.warnings]
-    if report.errors:
-        raise ConfigError([prefix + error for error in report.errors], warnings)
+    # Who may change the file first: it is about the whole file (and names it).
+    errors = ([untrusted] if untrusted else []) + [prefix + error for error in report.errors]
+    if errors:
+        raise ConfigError(errors, warnings)
     return Config(
         mode=mode,
         strict=strict,
@@ -330,6 +311,10 @@ def _parse_hook(report, place, table, key):
         report.error(place, f'{key}[0] "{command}": must be an absolute path (hooks run with a minimal PATH), '
                             f"e.g. /usr/local/bin/{os.path.basename(command) or 'notify'}")
         return ()
+    untrusted = trust.problem(command, "hook program")   # it runs as root
+    if untrusted:
+        report.error(place, f"{key}[0]: {untrusted}")
+        return ()
     if not os.path.exists(command):
         report.warn(place, f'{key}[0] "{command}": no such file (yet); the hook fails until it is there')
     elif not os.path.isfile(command):
@@ -403,7 +388,7 @@ def _parse_sequence(report, place, name, table):
     totp = None
     if table.get("totp", False) is True:
         knock = ()
-        totp = totp_config.parse_totp(report, place, table, report.path, layout.MAX_STEPS)
+        totp = totp_config.parse_totp(report, place, table, layout.MAX_STEPS)
     else:
         if "totp" in table and table["totp"] is not False:
             report.error(place, f"totp must be true or false, not {type_name(table['totp'])}")
