@@ -242,7 +242,7 @@ class Foreground:
                                         stderr=subprocess.PIPE)
         self.log = LineReader(self.process.stderr)
 
-    def wait_attached(self, timeout=20.0):
+    def wait_attached(self, timeout=60.0):
         line = self.log.wait_for(lambda l: " attached on " in l, timeout)
         assert line, f"the controller did not log 'attached':\n{self.log.read_all(0.5)}"
         return line
@@ -257,7 +257,7 @@ class Foreground:
             return False
         return all(caught & (1 << (signum - 1)) for signum in signums)
 
-    def wait_ready(self, timeout=20.0):
+    def wait_ready(self, timeout=60.0):
         """Attached, and in its loop: SIGHUP reloads and SIGTERM stops it."""
         self.wait_attached(timeout)
         assert wait_for(lambda: self.handles(signal.SIGHUP, signal.SIGTERM), timeout=5), \
