@@ -211,10 +211,17 @@ def _session_guard(config, keep_sessions, force):
 @click.argument("ifaces", nargs=-1, required=True)
 @fail_cleanly
 def detach(ifaces):
-    """Remove the filter from IFACES (and its pins when no interface uses them)."""
+    """Remove the filter from IFACES (and its pins when no interface uses them).
+
+    On an interface with no program, remove the pins a filter of it left behind."""
     for name in ifaces:
-        att = lifecycle.detach(name)
-        click.echo(f"detached program {att.prog_id} ({att.mode}) from {name}; traffic is no longer filtered")
+        done = lifecycle.detach(name)
+        if done.attachment:
+            att = done.attachment
+            click.echo(f"detached program {att.prog_id} ({att.mode}) from {name}; traffic is no longer filtered")
+        for directory, names in done.leftover_pins.items():
+            click.echo(f"no program on {name}: removed the {len(names)} pins it left in {directory} "
+                       f"({', '.join(names)})")
 
 
 @main.command(epilog="""\b

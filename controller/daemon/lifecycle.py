@@ -68,12 +68,14 @@ def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cf
 
     directory = datapath.pin_dir(sorted(ifnames))
     datapath.ensure_bpffs()
-    if adopted_from:
-        datapath.repin(adopted_from, directory)
-    loaded = datapath.compile_and_load(directory, cflags=cflags)
-    maps = FilterMaps.from_prog(loaded.prog_id)
-    modes, replaced, done = {}, {}, []
+    pinned_before = datapath.pinned_names(directory)
+    maps, done = None, []
     try:
+        if adopted_from:
+            datapath.repin(adopted_from, directory)
+        loaded = datapath.compile_and_load(directory, cflags=cflags)
+        maps = FilterMaps.from_prog(loaded.prog_id)
+        modes, replaced = {}, {}
         policy.apply_policy(maps, config)
         if before_attach:
             before_attach(maps)
@@ -83,8 +85,12 @@ def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cf
             if replaced_id:
                 replaced[name] = replaced_id
     except BaseException:
-        _roll_back(done, current, loaded.fd)
-        maps.close()
+        if done:
+            _roll_back(done, current, loaded.fd)
+        if maps:
+            maps.close()
+        # A refused attach leaves no pin of its own behind (firsts alone is 16 MiB).
+        datapath.remove_pins(directory, keep=pinned_before)
         raise
     return Attached(loaded, maps, directory, modes, replaced)
 
@@ -155,21 +161,67 @@ def open_filter(ifname):
     return FilterMaps.from_prog(running_xknock(ifname).prog_id)
 
 
+@dataclass
+class Detached:
+    """The outcome of detach(): the program detached (None when there was
+    none) and the leftover pin directories removed, {directory: [names]}."""
+
+    attachment: datapath.Attachment | None
+    leftover_pins: dict
+
+
 def detach(ifname):
     """Detach xknock from ifname; remove its pins when no other interface of
-    this namespace still uses its maps. Returns what was detached."""
+    this namespace still uses its maps. With no program on ifname, remove the
+    pins a filter of ifname left behind (a refused or killed attach, a
+    program removed with `ip link`), which nothing else can remove."""
     require_root()
-    att = running_xknock(ifname)
+    att = datapath.attachment(ifname)
+    if not att.prog_id:
+        removed = remove_leftover_pins(ifname)
+        if not removed:
+            raise XknockError(f"no XDP program on {ifname} and no pins left by one: nothing to detach")
+        return Detached(None, removed)
+    _detach_program(running_xknock(ifname))
+    return Detached(att, {})
+
+
+def remove_leftover_pins(ifname):
+    """Remove the pin directories of ifname's groups (eth0, eth0+eth1...) in
+    this namespace whose maps no attached filter uses: {directory: [names]}."""
+    used = {control for control, _ in datapath.attached_filters()}
+    removed = {}
+    for directory in datapath.pin_dirs_of_interface(ifname):
+        if _pinned_control_id(directory) in used:
+            continue
+        names = datapath.remove_pins(directory)
+        if names:
+            removed[directory] = names
+    return removed
+
+
+def _pinned_control_id(directory):
+    """The id of the control map pinned in directory, or None."""
+    with contextlib.suppress(OSError):
+        fd = bpfsys.obj_get(os.path.join(directory, "control"))
+        try:
+            return bpfsys.map_info(fd).id
+        finally:
+            os.close(fd)
+    return None
+
+
+def _detach_program(att):
+    """Detach att's program; remove its pins unless another interface uses its maps."""
     control = datapath.running_map_ids(att.prog_id).get("control")
     try:
         datapath.xdp_detach(att.ifindex, att.mode)
     except NetlinkError as err:
-        raise XknockError(f"detaching from {ifname} failed: {datapath.netlink_reason(err)}")
+        raise XknockError(f"detaching from {att.ifname} failed: {datapath.netlink_reason(err)}")
     still_used = any(control == cid for cid, _ in datapath.attached_filters())
     if not still_used:
         for directory in _pin_dirs_of(control):
             datapath.remove_pins(directory)
-    return att
 
 
 def _pin_dirs_of(control_map_id):
@@ -184,15 +236,4 @@ def _pin_dirs_of(control_map_id):
             candidates += [os.path.join(path, sub) for sub in os.listdir(path)]
         else:
             candidates.append(path)
-    for directory in candidates:
-        pin = os.path.join(directory, "control")
-        if not os.path.exists(pin):
-            continue
-        with contextlib.suppress(OSError):
-            fd = bpfsys.obj_get(pin)
-            try:
-                if bpfsys.map_info(fd).id == control_map_id:
-                    found.append(directory)
-            finally:
-                os.close(fd)
-    return found
+    return [directory for directory in candidates if _pinned_control_id(directory) == control_map_id]

@@ -132,6 +132,16 @@ def pin_dir(ifnames):
     return f"{PIN_ROOT}/{group}" if ns is None else f"{PIN_ROOT}/netns-{ns}/{group}"
 
 
+def pin_dirs_of_interface(ifname):
+    """The pin directories in this network namespace of every group that
+    holds ifname (eth0, eth0+eth1, ...), whether anything uses them or not."""
+    parent = os.path.dirname(pin_dir([ifname]))
+    if not os.path.isdir(parent):
+        return []
+    return [os.path.join(parent, entry) for entry in sorted(os.listdir(parent))
+            if ifname in entry.split("+") and os.path.isdir(os.path.join(parent, entry))]
+
+
 @dataclass
 class Attachment:
     ifname: str
@@ -217,15 +227,24 @@ def repin(prog_id, directory):
             os.close(fd)
 
 
-def remove_pins(directory):
-    if not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
+def pinned_names(directory):
+    """The names pinned in directory (an empty set when there is none)."""
+    return set(os.listdir(directory)) if os.path.isdir(directory) else set()
+
+
+def remove_pins(directory, keep=()):
+    """Remove the pins in directory but those named in keep, then the
+    directory (and netns-<ino>/) when nothing is left in it. Returns the
+    names removed."""
+    removed = []
+    for name in sorted(pinned_names(directory) - set(keep)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))
+            removed.append(name)
     with contextlib.suppress(OSError):
         os.rmdir(directory)
         os.rmdir(os.path.dirname(directory))   # netns-<ino>/, when now empty
+    return removed
 
 
 @dataclass
