@@ -11,7 +11,6 @@ from those ids whenever they are missing, so a new program re-adopts the maps
 """
 
 import contextlib
-import ctypes
 import errno
 import os
 import stat
@@ -23,7 +22,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import XknockError
-from . import bpfsys, layout
+from . import bpfsys, layout, stamp
 
 PROG_NAME = "xdp_knock"
 BPFFS = "/sys/fs/bpf"
@@ -279,28 +278,36 @@ def compile_and_load(directory, cflags=(), test_clock=False):
         fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
     except Exception as err:   # BCC raises bare Exception for every failure
         raise XknockError(_explain_bcc_failure(err, directory)) from err
+    fds = {name: bpf[name.encode()].map_fd for name in layout.MAPS}
+    built = stamp.of_maps(fds)
+    if stamp.read(fds["control"]) != built:
+        stamp.write(fds["control"], built)
     return Loaded(bpf, fn.fd, bpfsys.prog_info(fn.fd).id)
 
 
 def check_pinned_layout(directory):
-    """BCC re-adopts a pinned map by name whatever its layout; a map of another
-    version of xknock would then be misread. Refuse, saying what to do."""
-    for name, (key_type, value_type) in layout.MAPS.items():
-        path = os.path.join(directory, name)
-        if not os.path.exists(path):
-            continue
-        fd = bpfsys.obj_get(path)
-        try:
-            info = bpfsys.map_info(fd)
-        finally:
-            os.close(fd)
-        want = (ctypes.sizeof(key_type), ctypes.sizeof(value_type))
-        if (info.key_size, info.value_size) != want:
-            raise XknockError(
-                f"the filter's map {name} ({directory}) has keys/values of {info.key_size}/{info.value_size} "
-                f"bytes, this version of xknock needs {want[0]}/{want[1]}: it was made by another version. "
-                "Detach it first (`xknock detach IFACE`, which also drops its grants and knocks in progress), "
-                "then attach again")
+    """BCC re-adopts a pinned map by name whatever its layout; maps of another
+    layout would then be misread. Refuse, saying what to do."""
+    fds = stamp.open_pins(directory)
+    try:
+        if not fds or stamp.of_filter(fds) == layout.fingerprint():
+            return
+    finally:
+        stamp.close_all(fds)
+    raise XknockError(
+        f"the maps pinned in {directory} have another layout than this version of xknock's: another "
+        "version made them. If a filter runs with them, `xknock attach` carries its state over; if none "
+        "does, `xknock detach IFACE` removes them")
+
+
+def running_layout(prog_id):
+    """The layout stamp of a running program's maps (stamp.of_filter)."""
+    fds = {name: bpfsys.map_fd_by_id(map_id) for name, map_id in running_map_ids(prog_id).items()
+           if name in layout.MAPS}
+    try:
+        return stamp.of_filter(fds)
+    finally:
+        stamp.close_all(fds)
 
 
 def _explain_bcc_failure(err, directory):
