@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import XknockError
-from ..kernel import bpfsys, datapath
+from ..kernel import bpfsys, datapath, layout
 from ..kernel.maps import FilterMaps
 from ..policy import policy
+from ..state import carry
 
 log = logging.getLogger("xknock")
 
@@ -68,31 +69,85 @@ def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cf
 
     directory = datapath.pin_dir(sorted(ifnames))
     datapath.ensure_bpffs()
-    pinned_before = datapath.pinned_names(directory)
-    maps, done = None, []
+    steps = _Steps(ifnames, current, config, xdp_mode, before_attach, cflags)
+    if adopted_from and datapath.running_layout(adopted_from) != layout.fingerprint():
+        return _upgrade(steps, adopted_from, directory)
+    return steps.run(directory, adopt=adopted_from)
+
+
+@dataclass
+class _Steps:
+    """Load, write the policy, check, swap: what every attach does, with
+    every pin it made removed and every interface put back when one fails."""
+
+    ifnames: list
+    current: dict
+    config: object
+    xdp_mode: str
+    before_attach: object
+    cflags: tuple
+
+    def run(self, directory, adopt=None, carry_in=None):
+        """adopt: the program id whose maps the new program re-adopts (same
+        layout); carry_in(maps): fills the new maps before anything is checked
+        or attached (an upgrade)."""
+        pinned_before = datapath.pinned_names(directory)
+        maps, done = None, []
+        try:
+            if adopt:
+                datapath.repin(adopt, directory)
+            loaded = datapath.compile_and_load(directory, cflags=self.cflags)
+            maps = FilterMaps.from_prog(loaded.prog_id)
+            modes, replaced = {}, {}
+            policy.apply_policy(maps, self.config)
+            if carry_in:
+                carry_in(maps)
+            if self.before_attach:
+                self.before_attach(maps)
+            for name in self.ifnames:
+                modes[name], replaced_id = _attach_one(self.current[name], loaded.fd, self.xdp_mode)
+                done.append(name)
+                if replaced_id:
+                    replaced[name] = replaced_id
+        except BaseException:
+            if done:
+                _roll_back(done, self.current, loaded.fd)
+            if maps:
+                maps.close()
+            # A refused attach leaves no pin of its own behind (firsts alone is 16 MiB).
+            datapath.remove_pins(directory, keep=pinned_before)
+            raise
+        return Attached(loaded, maps, directory, modes, replaced)
+
+
+def _upgrade(steps, old_prog_id, directory):
+    """Replace a filter whose maps have another layout: the new program gets
+    maps of its own (pinned aside until the swap), the old filter's state is
+    carried into them (state/carry.py), then the program is swapped
+    atomically. Until the swap the old filter runs untouched, and any failure
+    leaves it so; after it, what the old program wrote meanwhile is carried
+    too, its counts added, and the new maps take the old pins' place."""
+    staging = os.path.join(directory, datapath.STAGING)
+    datapath.remove_pins(staging)   # a killed upgrade's
+    with carry.OldFilter(old_prog_id) as old:
+        carried = {}
+        attached = steps.run(staging, carry_in=lambda maps: carried.update(old.carry_keyed(maps)))
+        try:
+            late = old.carry_keyed(attached.maps, only_missing=True)
+            old.add_counts(attached.maps)
+        except (XknockError, OSError) as err:
+            late = {}
+            log.warning(f"after the upgrade's swap, carrying what the old program wrote meanwhile failed: {err}")
+    log.info("carried the old filter's state into maps of the new layout: " +
+             ", ".join(f"{name} {carried[name] + late.get(name, 0)}" for name in carry.KEYED) +
+             "; knocks in progress start again")
     try:
-        if adopted_from:
-            datapath.repin(adopted_from, directory)
-        loaded = datapath.compile_and_load(directory, cflags=cflags)
-        maps = FilterMaps.from_prog(loaded.prog_id)
-        modes, replaced = {}, {}
-        policy.apply_policy(maps, config)
-        if before_attach:
-            before_attach(maps)
-        for name in ifnames:
-            modes[name], replaced_id = _attach_one(current[name], loaded.fd, xdp_mode)
-            done.append(name)
-            if replaced_id:
-                replaced[name] = replaced_id
-    except BaseException:
-        if done:
-            _roll_back(done, current, loaded.fd)
-        if maps:
-            maps.close()
-        # A refused attach leaves no pin of its own behind (firsts alone is 16 MiB).
-        datapath.remove_pins(directory, keep=pinned_before)
-        raise
-    return Attached(loaded, maps, directory, modes, replaced)
+        datapath.move_pins(staging, directory)
+        attached.pin_dir = directory
+    except (XknockError, OSError) as err:
+        attached.pin_dir = staging
+        log.warning(f"the new maps stay pinned in {staging}: moving them to {directory} failed: {err}")
+    return attached
 
 
 def _roll_back(done, current, new_fd):

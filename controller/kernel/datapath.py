@@ -226,16 +226,25 @@ def repin(prog_id, directory):
             os.close(fd)
 
 
+# An upgrade pins the new program's maps here, inside the pin directory,
+# until the swap (bpffs refuses names with dots).
+STAGING = "upgrade"
+
+
 def pinned_names(directory):
-    """The names pinned in directory (an empty set when there is none)."""
-    return set(os.listdir(directory)) if os.path.isdir(directory) else set()
+    """The names pinned in directory, not its subdirectories (an empty set
+    when there is none)."""
+    if not os.path.isdir(directory):
+        return set()
+    return {name for name in os.listdir(directory) if not os.path.isdir(os.path.join(directory, name))}
 
 
 def remove_pins(directory, keep=()):
-    """Remove the pins in directory but those named in keep, then the
-    directory (and netns-<ino>/) when nothing is left in it. Returns the
-    names removed."""
-    removed = []
+    """Remove the pins in directory but those named in keep, and an upgrade's
+    staging pins under it, then the directory (and netns-<ino>/) when nothing
+    is left in it. Returns the names removed."""
+    removed = [f"{STAGING}/{name}" for name in remove_pins(os.path.join(directory, STAGING))] \
+        if STAGING not in keep and os.path.isdir(os.path.join(directory, STAGING)) else []
     for name in sorted(pinned_names(directory) - set(keep)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))
@@ -244,6 +253,26 @@ def remove_pins(directory, keep=()):
         os.rmdir(directory)
         os.rmdir(os.path.dirname(directory))   # netns-<ino>/, when now empty
     return removed
+
+
+def move_pins(source, directory):
+    """Pin the maps pinned in source in directory instead, replacing what is
+    pinned there under the same names, and remove source. A move cut short
+    leaves pins of both in directory: the next attach's repin() puts right
+    those that point elsewhere."""
+    make_private_dirs(directory)
+    names = pinned_names(source)
+    for name in sorted(names):
+        fd = bpfsys.obj_get(os.path.join(source, name))
+        try:
+            target = os.path.join(directory, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+            bpfsys.obj_pin(fd, target)
+        finally:
+            os.close(fd)
+    remove_pins(source)
+    remove_pins(directory, keep=names)   # maps the new version no longer has
 
 
 @dataclass
