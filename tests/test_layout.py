@@ -17,6 +17,7 @@ from bcc import BPF
 
 from xknock.controller.errors import XknockError
 from xknock.controller.kernel import btf, datapath, layout, stamp
+from xknock.controller.kernel.maps import FilterMaps
 from xknock_dev.testrun import OTHER_LAYOUT, Harness
 
 
@@ -128,6 +129,8 @@ def test_pinned_maps_of_the_same_sizes_in_another_order_are_refused_not_misread(
         with pytest.raises(XknockError, match="another layout"):
             datapath.compile_and_load(other.pin_dir)
         assert "control" in os.listdir(other.pin_dir)   # refused before touching anything
+        with pytest.raises(XknockError, match="is another version of xknock: its maps have another layout"):
+            FilterMaps.from_prog(other.loaded.prog_id)   # what status, grant, revoke... open
 
 
 def test_spa_records_match_the_c_structs(harness):

@@ -37,7 +37,7 @@ class Harness:
         self.pin_dir = pin_dir or f"{datapath.PIN_ROOT}/test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.loaded = datapath.compile_and_load(self.pin_dir, cflags=cflags, test_clock=test_clock)
-            self.maps = FilterMaps.from_prog(self.loaded.prog_id)
+            self.maps = FilterMaps.from_prog(self.loaded.prog_id, self.loaded.layout)
         except BaseException:
             datapath.remove_pins(self.pin_dir)   # a failed start leaves nothing behind
             raise

@@ -97,7 +97,7 @@ class _Steps:
             if adopt:
                 datapath.repin(adopt, directory)
             loaded = datapath.compile_and_load(directory, cflags=self.cflags)
-            maps = FilterMaps.from_prog(loaded.prog_id)
+            maps = FilterMaps.from_prog(loaded.prog_id, loaded.layout)
             modes, replaced = {}, {}
             policy.apply_policy(maps, self.config)
             if carry_in:

@@ -282,6 +282,7 @@ class Loaded:
     bpf: object
     fd: int
     prog_id: int
+    layout: int         # the layout stamp of its maps
 
 
 def compile_and_load(directory, cflags=(), test_clock=False):
@@ -311,7 +312,7 @@ def compile_and_load(directory, cflags=(), test_clock=False):
     built = stamp.of_maps(fds)
     if stamp.read(fds["control"]) != built:
         stamp.write(fds["control"], built)
-    return Loaded(bpf, fn.fd, bpfsys.prog_info(fn.fd).id)
+    return Loaded(bpf, fn.fd, bpfsys.prog_info(fn.fd).id, built)
 
 
 def check_pinned_layout(directory):
