@@ -23,10 +23,11 @@ What is not:
 """
 
 import ctypes
+import functools
 import os
 
 from ..errors import XknockError
-from ..kernel import bpfsys, btf, datapath, layout
+from ..kernel import batch, bpfsys, btf, datapath, layout
 from ..kernel.lock import control_lock
 
 KEYED = ("grants", "bans", "failures", "spa_known")
@@ -46,7 +47,19 @@ class OldMap:
         self.stride = (self.value_size + 7) & ~7 if name in PER_CPU else self.value_size
 
     def items(self):
-        """(key bytes, [value bytes per CPU]) of every entry."""
+        """(key bytes, [value bytes per CPU]) of every entry, in batches where
+        the map type has them."""
+        element = self.stride * self.cpus
+        try:
+            for n, keys, values in batch.batches(self.fd, self.key_size, element):
+                all_keys, all_values = keys.raw, values.raw   # .raw copies the whole buffer: once per batch
+                for i in range(n):
+                    raw = all_values[i * element:(i + 1) * element]
+                    yield all_keys[i * self.key_size:(i + 1) * self.key_size], \
+                        [raw[c * self.stride:c * self.stride + self.value_size] for c in range(self.cpus)]
+            return
+        except batch.NoBatch:
+            pass
         key_type = ctypes.c_uint8 * self.key_size
         key = None
         while True:
@@ -64,14 +77,18 @@ class OldMap:
 def convert(old_leaves, raw, new_type):
     """A new_type made from raw (bytes laid out as old_leaves) field by field:
     a leaf of the same name and size is copied, any other starts at zero."""
+    out = bytearray(ctypes.sizeof(new_type))
+    for new_offset, old_offset, size in _plan(old_leaves, new_type):
+        out[new_offset:new_offset + size] = raw[old_offset:old_offset + size]
+    return new_type.from_buffer(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(old_leaves, new_type):
+    """[(new offset, old offset, size)] of the leaves both layouts have, by name."""
     old = {name: (offset, size) for name, offset, size in old_leaves}
-    value = new_type()
-    buffer = (ctypes.c_uint8 * ctypes.sizeof(new_type)).from_buffer(value)
-    for name, offset, size in layout.shape(new_type):
-        if old.get(name, (None, None))[1] == size:
-            start = old[name][0]
-            buffer[offset:offset + size] = raw[start:start + size]
-    return value
+    return tuple((offset, old[name][0], size) for name, offset, size in layout.shape(new_type)
+                 if name in old and old[name][1] == size)
 
 
 class OldFilter:
@@ -121,7 +138,11 @@ class OldFilter:
             copied[name] = 0
             if old is None:
                 continue
+            present = {key for key, _ in OldMap(name, new.fd).items()} if only_missing else set()
+            same_keys = old.key_leaves == layout.shape(new.key_type)
             for raw_key, (raw_value,) in old.items():
+                if same_keys and raw_key in present:
+                    continue
                 key = convert(old.key_leaves, raw_key, new.key_type)
                 value = convert(old.value_leaves, raw_value, new.value_type)
                 try:
