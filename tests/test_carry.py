@@ -90,3 +90,18 @@ def test_knocks_in_progress_are_not_carried(old, xk):
         filt.add_counts(xk.maps)
     assert not list(xk.maps.progress.keys())    # it starts again
     assert xk.run(step(LATE, SSH[2])) == XDP_DROP and xk.run(tcp(LATE, 22)) == XDP_DROP
+
+
+def test_the_old_filter_s_writers_wait_while_its_state_is_carried(old):
+    from xknock.controller.errors import XknockError
+    from xknock.controller.kernel.lock import map_lock
+
+    with carry.OldFilter(old.loaded.prog_id) as filt:
+        with map_lock(old.maps, timeout=0.05):
+            pass                                 # not locked while the new program compiles
+        filt.lock()
+        with pytest.raises(XknockError, match="another xknock has held"):
+            with map_lock(old.maps, timeout=0.05):
+                pass
+    with map_lock(old.maps, timeout=0.05):
+        pass                                     # and free again after

@@ -131,12 +131,19 @@ def _upgrade(steps, old_prog_id, directory):
     datapath.remove_pins(staging)   # a killed upgrade's
     with carry.OldFilter(old_prog_id) as old:
         carried = {}
-        attached = steps.run(staging, carry_in=lambda maps: carried.update(old.carry_keyed(maps)))
+
+        def carry_in(maps):
+            # Locked from the first copy to the last (not while compiling): a
+            # revoke meanwhile would be lost, a grant would wait.
+            old.lock()
+            carried.update(old.carry_keyed(maps))
+
+        attached = steps.run(staging, carry_in=carry_in)
+        late = {}   # the swap is done: from here on a failure is a warning, never a rollback
         try:
             late = old.carry_keyed(attached.maps, only_missing=True)
             old.add_counts(attached.maps)
         except (XknockError, OSError) as err:
-            late = {}
             log.warning(f"after the upgrade's swap, carrying what the old program wrote meanwhile failed: {err}")
     log.info("carried the old filter's state into maps of the new layout: " +
              ", ".join(f"{name} {carried[name] + late.get(name, 0)}" for name in carry.KEYED) +

@@ -92,11 +92,12 @@ def _plan(old_leaves, new_type):
 
 
 class OldFilter:
-    """The running filter's maps, opened by id, and its writers' lock held
-    (no reload, grant or revoke changes them while they are carried over)."""
+    """The running filter's maps, opened by id. lock() takes its writers'
+    lock until the end of the with block: no reload, grant or revoke (an
+    old controller's) changes them while they are carried over."""
 
     def __init__(self, prog_id):
-        self.maps, self._lock = {}, None
+        self.maps, self._lock, self._held = {}, None, False
         try:
             for name, map_id in datapath.running_map_ids(prog_id).items():
                 if name in (*KEYED, *COUNTS, "control"):
@@ -112,16 +113,20 @@ class OldFilter:
             self._lock = control_lock(bpfsys.map_info(self.maps["control"].fd).id)
 
     def __enter__(self):
-        if self._lock:
-            self._lock.__enter__()
         return self
 
     def __exit__(self, *exc):
         try:
-            if self._lock:
+            if self._held:
                 self._lock.__exit__(*exc)
         finally:
             self.close()
+
+    def lock(self):
+        """Hold the old filter's writers' lock from now on (taken once)."""
+        if self._lock and not self._held:
+            self._lock.__enter__()
+            self._held = True
 
     def close(self):
         for old in self.maps.values():
