@@ -44,6 +44,19 @@ def test_the_loaded_program_is_stamped_with_this_version_s_fingerprint(harness):
     assert stamp.of_maps({m.name: m.fd for m in harness.maps}) == layout.fingerprint()
 
 
+def test_maps_of_a_version_before_stamps_are_known_by_their_btf(harness):
+    control = harness.maps.control
+    value = control.lookup(ctypes.c_uint32(0))
+    value.layout = 0                      # as a version before stamps left it
+    control.update(ctypes.c_uint32(0), value)
+    try:
+        assert stamp.read(control.fd) == 0
+        assert datapath.running_layout(harness.loaded.prog_id) == layout.fingerprint()
+    finally:
+        value.layout = layout.fingerprint()
+        control.update(ctypes.c_uint32(0), value)
+
+
 def test_the_fingerprint_tells_a_reorder_a_rename_a_missing_map_and_a_renumbered_reason():
     shapes, ours = layout.map_shapes(), layout.fingerprint()
     key, value = shapes["grants"]

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from xknock.controller.kernel import datapath
+from xknock.controller.kernel import bpfsys, datapath
 from xknock.controller.errors import XknockError
 
 NOBODY = 65534
@@ -128,9 +128,16 @@ def test_detach_removes_the_pins_of_an_interface_with_no_program(server_ns):
     remove_xdp(net.server, net.server_iface)          # the program goes, its pins stay
     directory = datapath.pin_dir([net.server_iface])
     assert "firsts" in os.listdir(directory)
+    os.mkdir(os.path.join(directory, datapath.STAGING))   # and what an upgrade killed before its swap left
+    fd = bpfsys.obj_get(os.path.join(directory, "grants"))
+    try:
+        bpfsys.obj_pin(fd, os.path.join(directory, datapath.STAGING, "grants"))
+    finally:
+        os.close(fd)
     result = CliRunner().invoke(main, ["detach", net.server_iface])
     assert result.exit_code == 0, result.output
-    assert f"no program on {net.server_iface}: removed the" in result.output and directory in result.output
+    assert f"no program on {net.server_iface}: removed the 16 pins" in result.output and directory in result.output
+    assert "upgrade/grants" in result.output
     assert not os.path.exists(directory)
     again = CliRunner().invoke(main, ["detach", net.server_iface])
     assert again.exit_code == 1 and "nothing to detach" in again.output
