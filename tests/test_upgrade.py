@@ -95,7 +95,6 @@ def test_an_upgrade_across_a_layout_change_keeps_every_grant_and_passes_no_attac
         before, started = exchanges.ok, time.monotonic()
         out = check(xknock(net.server, "attach", net.server_iface, "-c", config_path, "--once"))
         during, took = exchanges.ok - before, time.monotonic() - started
-        time.sleep(0.3)   # traffic on the new program before the counts are taken
     finally:
         ok, failures = exchanges.stop()
         attempts, breaches = attacker.finish()
