@@ -262,22 +262,36 @@ def _session_guard(config, keep_sessions, force):
 @click.argument("ifaces", nargs=-1, required=True)
 @fail_cleanly
 def detach(ifaces):
-    """Remove the filter from IFACES (and its pins when no interface uses them)."""
+    """Remove the filter from IFACES (and its pins when no interface uses them).
+
+    On an interface with no program, remove the pins a filter of it left
+    behind, and the failsafe chain a failed attach left (its guarded ports open)."""
     from xknock.controller.policy import failsafe
 
     for name in ifaces:
         if failsafe.remove([name]):
             click.echo(f"removed the failsafe chain of {name}: its guarded ports are open")
-            if not _runs_xknock(name):
+            if not _runs_xknock(name) and not _has_leftover_pins(name):
                 continue
-        att = lifecycle.detach(name)
-        click.echo(f"detached program {att.prog_id} ({att.mode}) from {name}; traffic is no longer filtered")
+        done = lifecycle.detach(name)
+        if done.attachment:
+            att = done.attachment
+            click.echo(f"detached program {att.prog_id} ({att.mode}) from {name}; traffic is no longer filtered")
+        for directory, names in done.leftover_pins.items():
+            click.echo(f"no program on {name}: removed the {len(names)} pins it left in {directory} "
+                       f"({', '.join(names)})")
 
 
 def _runs_xknock(name):
     from xknock.controller.kernel import datapath
 
     return datapath.is_xknock(datapath.attachment(name))
+
+
+def _has_leftover_pins(name):
+    from xknock.controller.kernel import datapath
+
+    return bool(datapath.pin_dirs_of_interface(name))
 
 
 @main.command(epilog="""\b

@@ -295,6 +295,33 @@ def _usable(ns, iface):
     return True
 
 
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def in_netns(name):
+    """This thread in the network namespace name, then back. From the main
+    thread, /proc/self/net and /proc/self/ns/net follow it too; the mount
+    namespace stays the caller's, so pins made meanwhile outlive the block
+    (under `ip netns exec` they go with the process's own bpffs)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+        try:
+            yield
+        finally:
+            if libc.setns(own, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(own)
+        os.close(target)
+
+
 def remove_stale_labs(prefix="xk"):
     """Remove namespaces left by labs of this prefix whose process is gone."""
     pattern = re.compile(rf"{re.escape(prefix)}-(\d+)-[0-9a-f]{{6}}-(?:{'|'.join((*ROLES, SWITCH))})")

@@ -1,9 +1,11 @@
 """The data path's map layout, mirrored from bpf/xknock_consts.h and
-bpf/xknock_structs.h. tests/test_layout.py checks every size, offset and
-number against what BCC compiles from the C headers."""
+bpf/xknock_structs.h. tests/test_layout.py checks every name, size, offset
+and number against what BCC compiles from the C headers, and fingerprint()
+sums them up: a running filter stamped with another one has other maps."""
 
 import ctypes
 import enum
+import hashlib
 
 # Limits: the C defaults (each overridable at build time with -DNAME=VALUE).
 MAX_SEQUENCES = 64
@@ -212,9 +214,11 @@ class LpmKey(ctypes.Structure):
 
 
 class Control(ctypes.Structure):
+    # active_bank and layout stay the first 8 bytes in every version: the
+    # stamp must be readable in a filter of any layout.
     _fields_ = [
         ("active_bank", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("layout", ctypes.c_uint32),      # the fingerprint() of the program's maps, stamped at load
         ("test_now_ns", ctypes.c_uint64),
     ]
 
@@ -334,3 +338,31 @@ MAPS = {
     "spa_known": (Addr, ctypes.c_uint64),
     "recent": (ctypes.c_uint32, Recent),
 }
+
+
+def shape(ctype, prefix="", base=0):
+    """A type's layout as leaves (dotted name, offset, size): structs opened,
+    arrays of structs index by index ("seqs[1].slot"), scalars and arrays of
+    scalars whole. kernel/btf.py reads the same shape from a map's BTF."""
+    if hasattr(ctype, "_fields_"):
+        return tuple(leaf for name, ftype, *_ in ctype._fields_
+                     for leaf in shape(ftype, f"{prefix}{name}.", base + getattr(ctype, name).offset))
+    if issubclass(ctype, ctypes.Array) and hasattr(ctype._type_, "_fields_"):
+        step = ctypes.sizeof(ctype._type_)
+        return tuple(leaf for i in range(ctype._length_)
+                     for leaf in shape(ctype._type_, f"{prefix[:-1]}[{i}].", base + i * step))
+    return ((prefix[:-1], base, ctypes.sizeof(ctype)),)
+
+
+def map_shapes():
+    """name -> (key shape, value shape) of every map of this version."""
+    return {name: (shape(key), shape(value)) for name, (key, value) in MAPS.items()}
+
+
+def fingerprint(shapes=None):
+    """32 bits (never 0) of a hash of every map's field names, offsets and
+    sizes and of the reason numbering: this version's when shapes is None,
+    else that of shapes (name -> (key, value) or None for a missing map)."""
+    shapes = map_shapes() if shapes is None else shapes
+    text = repr((sorted(shapes.items()), sorted((r.name, r.value) for r in Reason)))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") or 1
