@@ -137,8 +137,9 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
             metrics_server.close()
         raise
     from xknock.controller.policy.answers import attach_warnings
+    from xknock.controller.policy.ipsec import ipsec_warnings
 
-    for warning in attach_warnings(config, attached.modes):
+    for warning in [*attach_warnings(config, attached.modes), *ipsec_warnings(config)]:
         log.warning(warning)
     for name in ifaces:
         how = "replaced program %d" % attached.replaced[name] if name in attached.replaced else "attached"

@@ -23,7 +23,7 @@ from .model import (
     DEFAULT_IDLE_TIMEOUT_NS, DEFAULT_OPEN_FOR_NS, DEFAULT_PATH, DEFAULT_STEP_TIMEOUT_NS, FILTER_KEYS, HOOK_EXAMPLE,
     HOOKS_KEYS, LIST_KEYS, MAX_BAN_AFTER, MAX_HOOK_MAX_RUNNING, MAX_HOOK_TIMEOUT_NS, MAX_LIST_SOURCES,
     MAX_STEP_TIMEOUT_NS, NAME_MAX_BYTES, NAME_PATTERN, PROC_NET_LISTENING, SEQUENCE_KEYS, SHORT_SEQUENCE_STEPS,
-    TOP_LEVEL_KEYS, ANSWERS, Ban, Config, ConfigError, Hooks, Sequence,
+    TOP_LEVEL_KEYS, ANSWERS, PASS_OR_DROP, Ban, Config, ConfigError, Hooks, Sequence,
 )
 
 
@@ -92,7 +92,7 @@ def parse_config(text, path=None, *, listening=None):
     report = Report(path)
     check_keys(report, None, document, TOP_LEVEL_KEYS)
 
-    mode, strict, answer = _parse_filter(report, document.get("filter", {}))
+    mode, strict, answer, ipsec, other_transports = _parse_filter(report, document.get("filter", {}))
     sequences = _parse_sequences(report, document.get("sequence", []))
     allow = _parse_sources(report, "allow", document.get("allow", {}))
     deny = _parse_sources(report, "deny", document.get("deny", {}))
@@ -130,6 +130,8 @@ def parse_config(text, path=None, *, listening=None):
         mode=mode,
         strict=strict,
         answer=answer,
+        ipsec=ipsec,
+        other_transports=other_transports,
         sequences=tuple(sequences),
         allow=tuple(network for network, _ in allow),
         deny=tuple(network for network, _ in deny),
@@ -172,6 +174,10 @@ def config_hash(config):
         normalized["strict"] = False
     if config.answer != "closed":
         normalized["answer"] = config.answer
+    if config.ipsec != "drop":
+        normalized["ipsec"] = config.ipsec
+    if config.other_transports != "drop":
+        normalized["other_transports"] = config.other_transports
     if config.spa is not None:   # keys never enter the hash, not even hashed: a weak key could be guessed
         spa = config.spa
         normalized["spa"] = {
@@ -201,27 +207,38 @@ def _toml_error_message(err, text):
 
 
 def _parse_filter(report, table):
-    """(mode, strict, answer) of the [filter] table."""
+    """(mode, strict, answer, ipsec, other_transports) of the [filter] table."""
     if not isinstance(table, dict):
         report.error("filter", f"must be a table ([filter]), not {type_name(table)}")
-        return "enforce", True, "closed"
+        return "enforce", True, "closed", "drop", "drop"
     check_keys(report, "filter", table, FILTER_KEYS)
     strict = table.get("strict", True)
     if not isinstance(strict, bool):
         report.error("filter", f"strict must be true or false, not {type_name(strict)}")
         strict = True
-    answer = table.get("answer", "closed")
-    if not isinstance(answer, str) or answer not in ANSWERS:
-        shown = f'"{answer}"' if isinstance(answer, str) else type_name(answer)
-        report.error("filter", f'answer {shown}: must be "closed" (answer like an unused port) or "drop"')
-        answer = "closed"
+    answer = _choice(report, table, "answer", ANSWERS, "closed",
+                     '"closed" (answer like an unused port) or "drop"')
+    ipsec = _choice(report, table, "ipsec", PASS_OR_DROP, "drop",
+                    '"drop" (ESP, AH, udp:4500 refused unless allow-listed) or "pass"')
+    other_transports = _choice(report, table, "other_transports", PASS_OR_DROP, "drop",
+                               '"drop" (SCTP, DCCP, UDP-Lite refused unless allow-listed) or "pass"')
     mode = table.get("mode", "enforce")
     if not isinstance(mode, str):
         report.error("filter", f'mode must be a string ("enforce" or "monitor"), not {type_name(mode)}')
-        return "enforce", strict, answer
+        return "enforce", strict, answer, ipsec, other_transports
     if mode not in layout.MODES:
         report.error("filter", f'mode "{mode}": must be "enforce" or "monitor"')
-    return mode, strict, answer
+    return mode, strict, answer, ipsec, other_transports
+
+
+def _choice(report, table, key, choices, default, expected):
+    """One string of a fixed set from [filter]; the default after an error."""
+    value = table.get(key, default)
+    if not isinstance(value, str) or value not in choices:
+        shown = f'"{value}"' if isinstance(value, str) else type_name(value)
+        report.error("filter", f"{key} {shown}: must be {expected}")
+        return default
+    return value
 
 
 def _warn_scannable_sequences(report, sequences, strict):

@@ -43,8 +43,11 @@ BAN_SCOPES = {"all": layout.BAN_EVERYWHERE, "knock": layout.BAN_KNOCK_PORTS}
 DEFAULT_BAN_WITHIN_NS = 60 * NS_PER_UNIT["s"]
 DEFAULT_BAN_FOR_NS = 10 * NS_PER_UNIT["m"]
 MAX_BAN_AFTER = 1000
-FILTER_KEYS = ("mode", "strict", "answer")
+FILTER_KEYS = ("mode", "strict", "answer", "ipsec", "other_transports")
 ANSWERS = ("closed", "drop")
+# What becomes of packets XDP cannot judge (docs/datapath.md, "IPsec and other
+# transports"): "drop" (refused unless allow-listed) or "pass".
+PASS_OR_DROP = ("drop", "pass")
 SEQUENCE_KEYS = ("name", "knock", "step_timeout", "open", "open_for", "idle_timeout", "on_open", "on_close",
                  "totp", "secret", "secret_file", "window", "port_range")
 HOOKS_KEYS = ("timeout", "max_running")
@@ -133,6 +136,13 @@ class Config:
     # "closed": refused packets get the answer of an unused port (a RST, an
     # ICMP port unreachable); "drop": nothing, for hosts whose firewall drops
     answer: str = "closed"
+    # ESP, AH and NAT-T (udp:4500): the kernel decrypts them after XDP, so
+    # "drop" refuses them unless the source is allow-listed; "pass" lets ESP
+    # and NAT-T through and judges what AH carries
+    ipsec: str = "drop"
+    # SCTP, DCCP, UDP-Lite: ports no grant opens; "drop" refuses them unless
+    # the source is allow-listed
+    other_transports: str = "drop"
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ban: Ban | None = None   # None: failed knocks ban nobody
