@@ -128,3 +128,34 @@ def test_the_watch_warns_once_sweeps_ended_bans_and_the_next_failure_bans(tiny):
     for src in ("198.51.100.51", "198.51.100.52", "198.51.100.53"):
         fail(tiny, src)
     assert watch.check(now=tiny.now_ns).startswith("the bans map is full")
+
+
+def test_the_running_controller_logs_a_full_bans_map_once(tiny, monkeypatch, caplog):
+    """The real Controller loop: its check every BAN_CHECK_EVERY_S (shortened
+    here) logs the first refusals, not the ones after them."""
+    import threading
+    import types
+
+    from xknock.controller.daemon import daemon
+    from xknock_dev.lab import wait_for
+
+    monkeypatch.setattr(daemon, "BAN_CHECK_EVERY_S", 0.01)
+    monkeypatch.setattr(bans, "monotonic_ns", lambda: tiny.now_ns)   # its sweep on the test clock
+    signals = daemon.Signals()   # not installed: the test sets its flags
+    controller = daemon.Controller(types.SimpleNamespace(maps=tiny.maps), ["veth-test"], None,
+                                   parse_config(CONFIG, listening=set()), signals=signals)
+    for src in SPOOFED:
+        fail(tiny, src)
+    loop = threading.Thread(target=controller.run)
+    loop.start()
+    try:
+        fail(tiny, FIFTH)
+        assert wait_for(lambda: controller.full_bans.failed == 1)
+        fail(tiny, FIFTH)
+        assert wait_for(lambda: controller.full_bans.failed == 2)
+    finally:
+        signals.stop = True
+        loop.join(10)
+    assert not loop.is_alive()
+    full = [r for r in caplog.records if r.getMessage().startswith("the bans map is full")]
+    assert len(full) == 1 and full[0].levelname == "WARNING", [r.getMessage() for r in caplog.records]
