@@ -153,6 +153,11 @@ class Config:
     path: str | None = dataclasses.field(default=None, compare=False)
     warnings: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
+    def guards_ports(self):
+        """Does this policy guard anything (a sequence or SPA)? Only then are
+        the packets XDP cannot judge refused ([filter] ipsec, other_transports)."""
+        return bool(self.sequences) or self.spa is not None
+
     def openers(self):
         """(steps opened, idle timeout) of every sequence and SPA user."""
         yield from ((seq.open, seq.idle_timeout_ns) for seq in self.sequences)

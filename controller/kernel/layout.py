@@ -48,7 +48,6 @@ SET_STRICT = 1 << 3
 SET_ANSWER = 1 << 4
 SET_DROP_IPSEC = 1 << 5        # [filter] ipsec = "drop"
 SET_DROP_TRANSPORTS = 1 << 6   # [filter] other_transports = "drop"
-NATT_PORT = 4500               # udp:4500, ESP in UDP (NAT traversal)
 FLOWLABEL_AUTO = 1 << 0
 FLOWLABEL_STATELESS = 1 << 1
 BAN_EVERYWHERE = 0

@@ -28,7 +28,7 @@ def ipsec_warnings(config, states=None):
     """What an operator running IPsec on this host must know. states: the
     number of xfrm states (default: read from the host)."""
     states = host_xfrm_states() if states is None else states
-    if not states or not (config.sequences or config.spa is not None):
+    if not states or not config.guards_ports():
         return []
     if config.ipsec == "drop":
         return [f"this host has {states} IPsec state(s) (ip xfrm state) while [filter] ipsec = \"drop\": "
