@@ -2,15 +2,16 @@
 item 6). UDP-Lite is the one this kernel has (no SCTP, DCCP or ESP modules):
 a UDP-Lite echo server on the server answers until xknock is attached with the
 default [filter] other_transports = "drop"; then only allow-listed sources
-reach it, and other_transports = "pass" lets everyone through again. The
-datapath tests (test_datapath_transports.py) cover SCTP, DCCP and IPsec with
-crafted frames.
+reach it, and other_transports = "pass" lets everyone through again. NAT-T's
+udp:4500, refused by the default ipsec = "drop", still reads as an unused
+port (the host answers it). The datapath tests (test_datapath_transports.py)
+cover SCTP, DCCP and IPsec with crafted frames.
 """
 
 import pytest
 
 from xknock_dev.e2e import ACCEPTED, DROPPED, addr_of, config_text, fresh_attach, status_json, write_config, xknock
-from xknock_dev.lab import UDPLITE, lab, udp_echo, udp_roundtrip
+from xknock_dev.lab import UDPLITE, lab, udp_echo, udp_outcome, udp_roundtrip
 
 pytestmark = pytest.mark.netns
 
@@ -71,3 +72,12 @@ def test_other_transports_pass_lets_everyone_through(net, tmp_path, family):
     fresh_attach(net, config(tmp_path, other_transports="pass"))
     assert reaches(net.attacker, server, GUARDED_UDP)
     assert reaches(net.attacker, server, OTHER)
+
+
+def test_refused_nat_t_reads_as_an_unused_port(net, tmp_path, family):
+    server = addr_of(net.server, family)
+    fresh_attach(net, config(tmp_path))
+    assert udp_outcome(net.attacker, server, 4500, timeout=ACCEPTED) == "refused"
+    assert udp_outcome(net.attacker, server, 4501, timeout=ACCEPTED) == "refused"
+    counters = status_json(net.server)[0]["counters"]
+    assert counters["drop_ipsec"] == 1 and counters["answer_by_host"] == 1

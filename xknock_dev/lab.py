@@ -357,6 +357,25 @@ except OSError:
     sys.exit(1)
 """
 
+# One datagram on a connected socket: "answered", "refused" (an ICMP port
+# unreachable came back) or "timed out".
+_UDP_OUTCOME = """
+import socket, sys
+addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_DGRAM)[0]
+s = socket.socket(family, kind, proto)
+s.settimeout(timeout)
+s.connect(sockaddr)
+try:
+    s.send(b"xknock-lab")
+    s.recv(64)
+    print("answered")
+except ConnectionRefusedError:
+    print("refused")
+except (TimeoutError, socket.timeout):
+    print("timed out")
+"""
+
 # One ICMP(v6) echo over a raw socket, exit 0 on its reply.
 _PING = """
 import os, select, socket, struct, sys, time
@@ -430,6 +449,13 @@ def connect_outcome(host_from, addr, port, timeout=1.0):
     """"open", "refused" (a RST came back) or "timed out", from host_from's namespace."""
     result = host_from.run([HELPER_PYTHON, "-c", _CONNECT_OUTCOME, addr, str(port), str(timeout)],
                            timeout=timeout + 10)
+    return result.stdout.strip()
+
+
+def udp_outcome(host_from, addr, port, timeout=1.0):
+    """"answered", "refused" (ICMP port unreachable) or "timed out" for one
+    UDP datagram from host_from's namespace to (addr, port)."""
+    result = host_from.run([HELPER_PYTHON, "-c", _UDP_OUTCOME, addr, str(port), str(timeout)], timeout=timeout + 10)
     return result.stdout.strip()
 
 
