@@ -106,7 +106,7 @@ def test_limits_and_flags_mirror_the_c_defines():
     for name in ("MAX_SEQUENCES", "MAX_STEPS", "MAX_OPEN", "MAX_SEQS_PER_PORT", "PORT_ENTRIES",
                  "PROGRESS_ENTRIES", "GRANT_ENTRIES", "LIST_ENTRIES", "PROTO_ICMP", "PROTO_TCP", "PROTO_UDP",
                  "PORT_GUARDED", "PORT_KNOCK", "LPM_IPV4", "FAILURE_ENTRIES", "BAN_ENTRIES", "SET_BANS",
-                 "SET_STRICT", "SET_ANSWER", "ICMP_PEER_ENTRIES", "BAN_EVERYWHERE", "BAN_KNOCK_PORTS", "MODE_ENFORCE", "MODE_MONITOR", "SET_HAS_ALLOW", "SET_HAS_DENY"):
+                 "SET_STRICT", "SET_ANSWER", "SET_DROP_IPSEC", "SET_DROP_TRANSPORTS", "ICMP_PEER_ENTRIES", "BAN_EVERYWHERE", "BAN_KNOCK_PORTS", "MODE_ENFORCE", "MODE_MONITOR", "SET_HAS_ALLOW", "SET_HAS_DENY"):
         assert defines[name] == getattr(layout, name), name
     for event in layout.Event:
         assert defines["EV_" + event.name] == event.value

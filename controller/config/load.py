@@ -23,7 +23,7 @@ from .model import (
     DEFAULT_IDLE_TIMEOUT_NS, DEFAULT_OPEN_FOR_NS, DEFAULT_PATH, DEFAULT_STEP_TIMEOUT_NS, FILTER_KEYS, HOOK_EXAMPLE,
     HOOKS_KEYS, LIST_KEYS, MAX_BAN_AFTER, MAX_HOOK_MAX_RUNNING, MAX_HOOK_TIMEOUT_NS, MAX_LIST_SOURCES,
     MAX_STEP_TIMEOUT_NS, NAME_MAX_BYTES, NAME_PATTERN, PROC_NET_LISTENING, SEQUENCE_KEYS, SHORT_SEQUENCE_STEPS,
-    TOP_LEVEL_KEYS, ANSWERS, Ban, Config, ConfigError, Hooks, Sequence,
+    TOP_LEVEL_KEYS, ANSWERS, PASS_OR_DROP, Ban, Config, ConfigError, Hooks, Sequence,
 )
 
 
@@ -70,7 +70,7 @@ def parse_config(text, path=None, *, listening=None, from_file=False):
     report = Report()
     check_keys(report, None, document, TOP_LEVEL_KEYS)
 
-    mode, strict, answer, fail_closed = _parse_filter(report, document.get("filter", {}))
+    settings = _parse_filter(report, document.get("filter", {}))
     sequences = _parse_sequences(report, document.get("sequence", []))
     allow = _parse_sources(report, "allow", document.get("allow", {}))
     deny = _parse_sources(report, "deny", document.get("deny", {}))
@@ -89,7 +89,7 @@ def parse_config(text, path=None, *, listening=None, from_file=False):
     if not report.errors:
         if not sequences and spa is None:
             report.warn(None, "no sequences: nothing is guarded")
-        _warn_scannable_sequences(report, sequences, strict)
+        _warn_scannable_sequences(report, sequences, settings["strict"])
         # /proc is read only when a knock port could collide with a listener.
         if any(step.proto != "icmp" for sequence in sequences for step in sequence.knock):
             if listening is None:
@@ -108,10 +108,7 @@ def parse_config(text, path=None, *, listening=None, from_file=False):
     if errors:
         raise ConfigError(errors, warnings)
     return Config(
-        mode=mode,
-        strict=strict,
-        answer=answer,
-        fail_closed=fail_closed,
+        **settings,
         sequences=tuple(sequences),
         allow=tuple(network for network, _ in allow),
         deny=tuple(network for network, _ in deny),
@@ -154,6 +151,10 @@ def config_hash(config):
         normalized["strict"] = False
     if config.answer != "closed":
         normalized["answer"] = config.answer
+    if config.ipsec != "drop":
+        normalized["ipsec"] = config.ipsec
+    if config.other_transports != "drop":
+        normalized["other_transports"] = config.other_transports
     if config.spa is not None:   # keys never enter the hash, not even hashed: a weak key could be guessed
         spa = config.spa
         normalized["spa"] = {
@@ -183,30 +184,46 @@ def _toml_error_message(err, text):
 
 
 def _parse_filter(report, table):
-    """(mode, strict, answer, fail_closed) of the [filter] table."""
+    """The [filter] table: Config's mode, strict, answer, fail_closed, ipsec
+    and other_transports (defaults after an error)."""
+    settings = {"mode": "enforce", "strict": True, "answer": "closed", "fail_closed": True,
+                "ipsec": "drop", "other_transports": "drop"}
     if not isinstance(table, dict):
         report.error("filter", f"must be a table ([filter]), not {type_name(table)}")
-        return "enforce", True, "closed", True
+        return settings
     check_keys(report, "filter", table, FILTER_KEYS)
-    strict, fail_closed = (_boolean(report, table, key) for key in ("strict", "fail_closed"))
-    answer = table.get("answer", "closed")
-    if not isinstance(answer, str) or answer not in ANSWERS:
-        shown = f'"{answer}"' if isinstance(answer, str) else type_name(answer)
-        report.error("filter", f'answer {shown}: must be "closed" (answer like an unused port) or "drop"')
-        answer = "closed"
+    settings["strict"] = _boolean(report, table, "strict")
+    settings["fail_closed"] = _boolean(report, table, "fail_closed")
+    settings["answer"] = _choice(report, table, "answer", ANSWERS, "closed",
+                                 '"closed" (answer like an unused port) or "drop"')
+    settings["ipsec"] = _choice(report, table, "ipsec", PASS_OR_DROP, "drop",
+                                '"drop" (ESP, AH, udp:4500 refused unless allow-listed) or "pass"')
+    settings["other_transports"] = _choice(report, table, "other_transports", PASS_OR_DROP, "drop",
+                                           '"drop" (SCTP, DCCP, UDP-Lite refused unless allow-listed) or "pass"')
     mode = table.get("mode", "enforce")
     if not isinstance(mode, str):
         report.error("filter", f'mode must be a string ("enforce" or "monitor"), not {type_name(mode)}')
-        return "enforce", strict, answer, fail_closed
-    if mode not in layout.MODES:
+    elif mode not in layout.MODES:
         report.error("filter", f'mode "{mode}": must be "enforce" or "monitor"')
-    return mode, strict, answer, fail_closed
+    else:
+        settings["mode"] = mode
+    return settings
 
 
 def _boolean(report, table, key, default=True):
     value = table.get(key, default)
     if not isinstance(value, bool):
         report.error("filter", f"{key} must be true or false, not {type_name(value)}")
+        return default
+    return value
+
+
+def _choice(report, table, key, choices, default, expected):
+    """One string of a fixed set from [filter]; the default after an error."""
+    value = table.get(key, default)
+    if not isinstance(value, str) or value not in choices:
+        shown = f'"{value}"' if isinstance(value, str) else type_name(value)
+        report.error("filter", f"{key} {shown}: must be {expected}")
         return default
     return value
 

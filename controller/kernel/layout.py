@@ -48,6 +48,8 @@ LPM_IPV4 = 0x80   # in LpmKey.bank: IPv4 entries, kept apart from IPv6 ones
 SET_BANS = 1 << 2
 SET_STRICT = 1 << 3
 SET_ANSWER = 1 << 4
+SET_DROP_IPSEC = 1 << 5        # [filter] ipsec = "drop"
+SET_DROP_TRANSPORTS = 1 << 6   # [filter] other_transports = "drop"
 FLOWLABEL_AUTO = 1 << 0
 FLOWLABEL_STATELESS = 1 << 1
 BAN_EVERYWHERE = 0
@@ -84,6 +86,8 @@ class Reason(enum.IntEnum):
     DROP_BANNED = 11
     DROP_SPA = 12
     PASS_ECHO = 13   # an ICMP echo knock, recorded; the host answers the ping
+    DROP_IPSEC = 14       # ESP, AH, NAT-T with [filter] ipsec = "drop", not allow-listed
+    DROP_TRANSPORT = 15   # SCTP, DCCP, UDP-Lite with [filter] other_transports = "drop", not allow-listed
     KNOCK_ADVANCED = 16
     KNOCK_COMPLETED = 17
     KNOCK_RESET = 18
@@ -132,7 +136,7 @@ class Reason(enum.IntEnum):
 CONTROLLER_REASONS = frozenset({Reason.GRANT_REMOVED, Reason.GRANT_OPERATOR, Reason.BAN_REMOVED} |
                                {r for r in Reason if Reason.SPA_ACCEPTED <= r <= Reason.SPA_GRANT_CREATED})
 
-VERDICT_REASONS = 14  # reasons below this are verdicts: one per packet
+VERDICT_REASONS = 16  # reasons below this are verdicts: one per packet
 
 
 def is_verdict(reason):
@@ -140,7 +144,7 @@ def is_verdict(reason):
 
 
 def is_drop(reason):
-    return Reason.DROP_DENYLIST <= reason <= Reason.DROP_SPA
+    return Reason.DROP_DENYLIST <= reason <= Reason.DROP_SPA or reason in (Reason.DROP_IPSEC, Reason.DROP_TRANSPORT)
 
 
 class Addr(ctypes.Structure):
