@@ -151,8 +151,9 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_
         raise
     _remove_failsafe(list(ifaces))
     from xknock.controller.policy.answers import attach_warnings
+    from xknock.controller.policy.ipsec import ipsec_warnings
 
-    for warning in attach_warnings(config, attached.modes):
+    for warning in [*attach_warnings(config, attached.modes), *ipsec_warnings(config)]:
         log.warning(warning)
     for name in ifaces:
         how = "replaced program %d" % attached.replaced[name] if name in attached.replaced else "attached"
@@ -277,22 +278,36 @@ def _session_guard(config, keep_sessions, force):
 @click.argument("ifaces", nargs=-1, required=True)
 @fail_cleanly
 def detach(ifaces):
-    """Remove the filter from IFACES (and its pins when no interface uses them)."""
+    """Remove the filter from IFACES (and its pins when no interface uses them).
+
+    On an interface with no program, remove the pins a filter of it left
+    behind, and the failsafe chain a failed attach left (its guarded ports open)."""
     from xknock.controller.policy import failsafe
 
     for name in ifaces:
         if failsafe.remove([name]):
             click.echo(f"removed the failsafe chain of {name}: its guarded ports are open")
-            if not _runs_xknock(name):
+            if not _runs_xknock(name) and not _has_leftover_pins(name):
                 continue
-        att = lifecycle.detach(name)
-        click.echo(f"detached program {att.prog_id} ({att.mode}) from {name}; traffic is no longer filtered")
+        done = lifecycle.detach(name)
+        if done.attachment:
+            att = done.attachment
+            click.echo(f"detached program {att.prog_id} ({att.mode}) from {name}; traffic is no longer filtered")
+        for directory, names in done.leftover_pins.items():
+            click.echo(f"no program on {name}: removed the {len(names)} pins it left in {directory} "
+                       f"({', '.join(names)})")
 
 
 def _runs_xknock(name):
     from xknock.controller.kernel import datapath
 
     return datapath.is_xknock(datapath.attachment(name))
+
+
+def _has_leftover_pins(name):
+    from xknock.controller.kernel import datapath
+
+    return bool(datapath.pin_dirs_of_interface(name))
 
 
 @main.command(epilog="""\b

@@ -112,10 +112,11 @@ def test_an_unknown_format_is_refused():
     ("replaced program 17 on eth0", {}, "attached"),
     ("attached on eth0", {}, "attached"),
     ("eth0 is back, with the filter", {}, "back"),
+    ("the bans map is full (4096 entries): 3 ban(s) could not be written", None, "bans_full"),
     ("sequence ssh: knock port tcp:7000 has a listening service", None, "warning"),   # a config warning
 ])
 def test_every_line_has_an_event(msg, fields, expected):
-    rec = record(msg, fields, logging.WARNING if expected == "warning" else logging.INFO)
+    rec = record(msg, fields, logging.WARNING if expected in ("warning", "bans_full") else logging.INFO)
     assert event_name(rec) == expected
     assert json.loads(LineFormatter(log_format="json").format(rec))["event"] == expected
     assert parse_logfmt(LineFormatter(log_format="logfmt").format(rec))["event"] == expected
@@ -188,16 +189,22 @@ def _log_calls():
                     given = [kw for kw in node.keywords if kw.arg == "extra"]
                     if given and "'event'" in ast.unparse(given[0].value):
                         continue   # the caller names it
-                    message = args[0]
-                    if isinstance(message, ast.Constant):
-                        text = message.value
-                    elif isinstance(message, ast.JoinedStr):
-                        text = "".join(part.value if isinstance(part, ast.Constant)
-                                       else samples.get(ast.unparse(part.value), "eth0") for part in message.values)
-                    else:
-                        continue   # a variable: config warnings, named by their level
-                    found.append((os.path.relpath(path, REPO), node.lineno, text))
+                    if isinstance(args[0], ast.Name):
+                        continue   # a variable: config warnings, named by their level (or MESSAGE_EVENTS)
+                    found.append((os.path.relpath(path, REPO), node.lineno, _sample(args[0], samples)))
     return found
+
+
+def _sample(node, samples):
+    """A message as the code could make it: literals kept, values filled in."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(part.value if isinstance(part, ast.Constant) else _sample(part.value, samples)
+                       for part in node.values)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _sample(node.left, samples) + _sample(node.right, samples)
+    return samples.get(ast.unparse(node), "eth0")
 
 
 def test_every_log_call_of_the_controller_has_a_name_of_its_own():

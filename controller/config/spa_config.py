@@ -10,7 +10,6 @@ by root alone, or the config is refused.
 import dataclasses
 import ipaddress
 import os
-import stat
 
 from ..wire import spa_keys, spa_message
 from .fields import check_keys, parse_duration_key, parse_network, parse_open, type_name
@@ -73,16 +72,7 @@ class Spa:
         return tuple(dict.fromkeys(step for user in self.users for step in user.open))
 
 
-def secret_readable_by_others(path):
-    """True when group or others may read path (a secret must be root's alone)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return bool(mode & (stat.S_IRGRP | stat.S_IROTH))
-
-
-def parse_spa(report, table, config_path=None):
+def parse_spa(report, table):
     """Spa, or None when the table is wrong (reported)."""
     if not isinstance(table, dict):
         report.error("spa", f"must be a table ([spa]), not {type_name(table)}")
@@ -98,7 +88,7 @@ def parse_spa(report, table, config_path=None):
     replay_cache = table.get("replay_cache", DEFAULT_REPLAY_CACHE)
     if not isinstance(replay_cache, str) or not os.path.isabs(replay_cache):
         report.error("spa", f"replay_cache {replay_cache!r}: must be an absolute path")
-    users = _parse_users(report, table.get("user"), config_path)
+    users = _parse_users(report, table.get("user"))
     if len(report.errors) > errors_before:
         return None
     return Spa(port=port, max_age_ns=max_age_ns, rate=rate, total_rate=total_rate, replay_cache=replay_cache,
@@ -140,7 +130,7 @@ def _flag(report, place, table, key):
     return value
 
 
-def _parse_users(report, tables, config_path):
+def _parse_users(report, tables):
     if tables is None:
         report.error("spa", 'no [[spa.user]]: add one stanza per key pair (name, key_file or key + hmac_key, open)')
         return []
@@ -165,16 +155,16 @@ def _parse_users(report, tables, config_path):
         else:
             first_index_of_name[name] = index
             place = f'spa.user "{name}"'
-        user = _parse_user(report, place, name, table, config_path)
+        user = _parse_user(report, place, name, table)
         if user is not None:
             users.append(user)
     return users
 
 
-def _parse_user(report, place, name, table, config_path):
+def _parse_user(report, place, name, table):
     errors_before = len(report.errors)
     check_keys(report, place, table, USER_KEYS)
-    key, hmac_key = _parse_keys(report, place, table, config_path)
+    key, hmac_key = _parse_keys(report, place, table)
     digest = table.get("hmac_digest", "sha256")
     if digest not in HMAC_DIGESTS:
         report.error(place, f"hmac_digest {digest!r}: one of {', '.join(HMAC_DIGESTS)}")
@@ -200,7 +190,7 @@ def _parse_user(report, place, name, table, config_path):
                    grant_requested_address=grant_requested)
 
 
-def _parse_keys(report, place, table, config_path):
+def _parse_keys(report, place, table):
     """(key, hmac_key) as bytes, from key_file or inline base64."""
     inline = "key" in table or "hmac_key" in table
     if "key_file" in table and inline:
@@ -227,9 +217,7 @@ def _parse_keys(report, place, table, config_path):
             if not isinstance(table[name], str):
                 report.error(place, f"{name} must be a base64 string, not {type_name(table[name])}")
                 return b"", b""
-        if config_path and secret_readable_by_others(config_path):
-            report.error(place, f"keys inline, but {config_path} is readable by group or others: "
-                                f"chmod 600 {config_path}, or move the keys to a key_file")
+        report.secrets_inline = True   # the config file must then be root's alone (load_config checks)
         keys = spa_keys.check_pair(spa_keys.Keys(spa_keys.decode_key(table["key"], "key"),
                                                  spa_keys.decode_hmac_key(table["hmac_key"], "hmac_key")))
         return keys.key, keys.hmac_key
