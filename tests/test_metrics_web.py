@@ -143,6 +143,24 @@ def test_a_bad_web_config_is_refused_with_its_reason(certs, text, message):
     assert any(message in error for error in caught.value.errors), caught.value.errors
 
 
+def test_files_others_could_change_or_read_are_refused(tmp_path):
+    certs = make_certs(tmp_path)
+    os.chmod(certs / "server.key", 0o640)
+    path = web_config(certs, TLS)
+    with pytest.raises(ConfigError) as caught:
+        load_web_config(path)
+    assert caught.value.errors == [f"tls_server_config key_file {certs}/server.key: readable by group or others "
+                                   f"(mode 0640) but it holds secrets (chmod 600 {certs}/server.key)"]
+    os.chmod(certs / "server.key", 0o600)
+    os.chmod(path, 0o666)
+    with pytest.raises(ConfigError, match="metrics web config .*writable by group or others"):
+        load_web_config(path)
+    os.chmod(path, 0o644)
+    os.chmod(certs / "ca.crt", 0o666)
+    with pytest.raises(ConfigError, match="client_ca_file .*writable by group or others"):
+        load_web_config(web_config(certs, TLS + "  client_ca_file: ca.crt\n"))
+
+
 def test_every_problem_is_named_at_once(certs):
     with pytest.raises(ConfigError) as caught:
         load_web_config(web_config(certs, "tls_server_config:\n  key_file: server.key\nusers: {}\n"))

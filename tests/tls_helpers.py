@@ -1,5 +1,6 @@
 """Certificates for the tests of TLS: a CA and what it signs, made by openssl."""
 
+import os
 import subprocess
 
 
@@ -20,4 +21,6 @@ def make_certs(directory):
             extra = ["-extfile", f"{name}.ext"]
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
                 "-out", f"{name}.crt", "-days", "2", *extra, cwd=directory)
+    for key in directory.glob("*.key"):
+        os.chmod(key, 0o600)   # xknock refuses a TLS key others can read (kernel/trust.py)
     return directory

@@ -14,7 +14,9 @@ exporter toolkit's web.yml (docs/metrics.md) that a scrape needs:
 
 Everything is checked when the file is read, before anything is attached:
 an unknown key, a missing file, a certificate that does not match its key,
-a password that is not a bcrypt hash. The file is read once; a change needs
+a password that is not a bcrypt hash, and who may change the files
+(kernel/trust.py: root's, not group- or other-writable; the TLS key not
+readable by others either). The file is read once; a change needs
 a restart of the controller.
 
 Needs python3-yaml, and python3-bcrypt for basic_auth_users (scripts/setup).
@@ -30,6 +32,7 @@ import ssl
 import threading
 
 from ..config import ConfigError
+from ..kernel import trust
 
 CLIENT_AUTH = {
     "NoClientCert": ssl.CERT_NONE,
@@ -57,6 +60,9 @@ class WebConfig:
 def load_web_config(path):
     """A WebConfig from node_exporter's web.yml format; ConfigError naming every problem."""
     where = f"--metrics-web-config {path}"
+    untrusted = trust.problem(path, "metrics web config")   # it says who may read the metrics
+    if untrusted:
+        raise ConfigError([untrusted])
     try:
         import yaml
     except ImportError:
@@ -101,6 +107,10 @@ def _tls(section, base, where, errors):
         files[key] = os.path.join(base, str(value))
         if not os.path.isfile(files[key]):
             errors.append(f"{where}: {key} {files[key]}: no such file")
+            continue
+        untrusted = trust.problem(files[key], f"tls_server_config {key}", secret=key == "key_file")
+        if untrusted:
+            errors.append(untrusted)
     auth = section.get("client_auth_type", "RequireAndVerifyClientCert" if "client_ca_file" in files
                        else "NoClientCert")
     if auth not in CLIENT_AUTH:
