@@ -5,6 +5,7 @@ import click
 from xknock.cli.common import fail_cleanly
 from xknock.controller.client.spa_client import DEFAULT_PORT, parse_access, send_spa
 from xknock.controller.wire import spa_message
+from xknock.controller.wire import spa_pubkey_keys as pubkey_keys
 from xknock.controller.wire.spa_keys import (
     HMAC_KEY_BYTES, format_keygen, generate, keys_from_base64, load_key_file, write_key_file,
 )
@@ -78,19 +79,39 @@ Examples:
   xknock keygen                                  # print, as `fwknop --key-gen` does
   xknock keygen --key-file /etc/xknock/alice.keys
   xknock keygen --hmac-digest sha512 --key-file alice.keys
+  xknock keygen --public --key-file ~/.xknock/alice.key          # a user's key pair (+ .pub)
+  xknock keygen --public --server --key-file /etc/xknock/spa-server.key
 
 \b
-Give the same keys to the client (fwknop's ~/.fwknoprc: KEY_BASE64 and
+--public makes a key pair of the public-key SPA (docs/spa.md): the private
+key stays where it was made (mode 0600); give FILE.pub's key to the server
+([[spa.user]] public_keys), or, for --server, to the users. Without --public:
+give the same keys to the client (fwknop's ~/.fwknoprc: KEY_BASE64 and
 HMAC_KEY_BASE64 with USE_HMAC Y, or xknock spa --key-file) and the server
 ([[spa.user]] key_file).""")
 @click.option("--key-file", type=click.Path(dir_okay=False), default=None,
               help="Write the keys here, mode 0600, instead of printing them.")
 @click.option("--hmac-digest", type=click.Choice(sorted(HMAC_KEY_BYTES)), default="sha256", show_default=True,
               help="Size the HMAC key for this digest, as fwknop does.")
+@click.option("--public", is_flag=True,
+              help="Make a key pair of the public-key SPA instead: KEY_FILE (private, 0600) and KEY_FILE.pub.")
+@click.option("--server", is_flag=True, help="With --public: the server's key pair (X25519), not a user's.")
 @click.option("--force", is_flag=True, help="Overwrite KEY_FILE if it exists.")
 @fail_cleanly
-def keygen(key_file, hmac_digest, force):
-    """Make a random encryption key and HMAC key in `fwknop --key-gen` format."""
+def keygen(key_file, hmac_digest, public, server, force):
+    """Make a random encryption key and HMAC key in `fwknop --key-gen` format,
+    or with --public a key pair."""
+    if server and not public:
+        raise click.UsageError("--server goes with --public")
+    if public:
+        if key_file is None:
+            raise click.UsageError("--public needs --key-file FILE (a private key is never printed)")
+        kind = pubkey_keys.SERVER if server else pubkey_keys.USER
+        private = pubkey_keys.write_pair(key_file, kind, force=force)
+        click.echo(f"wrote the {kind} private key to {key_file} (mode 0600) and its public key to {key_file}.pub:",
+                   err=True)
+        click.echo(pubkey_keys.format_public(kind, private), nl=False)
+        return
     keys = generate(hmac_digest)
     if key_file is None:
         click.echo(format_keygen(keys), nl=False)
