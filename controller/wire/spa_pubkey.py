@@ -77,6 +77,10 @@ class SpaPubkeyError(Exception):
     """A packet or acknowledgement that is not well formed; str() says why, in one line."""
 
 
+class NotAuthentic(SpaPubkeyError):
+    """It does not decrypt with the server's key: forged, tampered, or for another key."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Message:
     timestamp: int
@@ -145,7 +149,7 @@ def open_packet(server_private, enc, tag, ciphertext):
     try:
         plaintext, exporter = hpke.open_(server_private, enc, INFO, MAGIC + tag, ciphertext)
     except hpke.OpenError as err:
-        raise SpaPubkeyError(str(err)) from None
+        raise NotAuthentic(str(err)) from None
     return parse(plaintext), exporter
 
 
