@@ -226,3 +226,13 @@ def test_public_keys_need_a_server_key_and_one_key_is_one_user(server_key, tmp_p
     with pytest.raises(ConfigError, match="holds a user key"):
         parse_config(f'[spa]\nserver_key = "{user_file}"\n[[spa.user]]\nname = "a"\nopen = ["tcp:22"]\n'
                      f'public_keys = ["{k}"]\n', listening=set())
+
+
+def test_the_verifier_benchmark_runs_both_protocols():
+    """bench/spa_verify.py measures; here it only has to run every case (no timing asserted)."""
+    from bench import spa_verify
+
+    rates = spa_verify.verifications(seconds=0.05, authentic=3)
+    assert set(rates) == {("fwknop", "junk"), ("fwknop", "authentic"), ("public-key", "junk"),
+                          ("public-key", "forged tag"), ("public-key", "authentic")}
+    assert all(rate > 0 for rate in rates.values())

@@ -13,8 +13,9 @@ Imports only the standard library and `cryptography`, like everything the
 standalone client needs.
 """
 
-import hmac
+import functools
 import hashlib
+import hmac
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -80,11 +81,17 @@ def _exchange(private, public_raw):
     return dh
 
 
-def _key_schedule(shared_secret, info):
-    """(key, base_nonce, exporter_secret) for base mode (RFC 9180 5.1)."""
+@functools.lru_cache(maxsize=8)
+def _context(info):
+    """key_schedule_context of base mode: a constant per info (kept: two hashes fewer per packet)."""
     psk_id_hash = _labeled_extract(HPKE_SUITE_ID, b"", b"psk_id_hash", b"")
     info_hash = _labeled_extract(HPKE_SUITE_ID, b"", b"info_hash", info)
-    context = bytes([MODE_BASE]) + psk_id_hash + info_hash
+    return bytes([MODE_BASE]) + psk_id_hash + info_hash
+
+
+def _key_schedule(shared_secret, info):
+    """(key, base_nonce, exporter_secret) for base mode (RFC 9180 5.1)."""
+    context = _context(bytes(info))
     secret = _labeled_extract(HPKE_SUITE_ID, shared_secret, b"secret", b"")
     key = _labeled_expand(HPKE_SUITE_ID, secret, b"key", context, N_KEY)
     base_nonce = _labeled_expand(HPKE_SUITE_ID, secret, b"base_nonce", context, N_NONCE)
