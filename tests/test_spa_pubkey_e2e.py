@@ -178,3 +178,19 @@ def test_a_captured_packet_replayed_after_a_restart_opens_nothing(net, setup):
         net.attacker.run([sys.executable, "-c", SEND_FILE, str(saved), net.server.ipv4, str(SPA_PORT)])
         assert wait_for(lambda: verdicts(net).get("replayed") == 1, timeout=5), verdicts(net)
         assert shut(net.attacker, net.server.ipv4)
+
+
+def test_the_standalone_client_on_the_system_python_opens_the_port(net, setup):
+    from xknock_dev.lab import HELPER_PYTHON
+    from xknock_dev.standalone import CLIENT
+
+    path, tmp = setup
+    with Foreground(net, path) as controller:
+        controller.wait_ready()
+        result = net.client.run([HELPER_PYTHON, "-I", CLIENT, net.server.ipv4, "-A", f"tcp/{GUARDED}",
+                                 "--identity", str(tmp / "alice.key"), "--server-key", str(tmp / "server.key.pub"),
+                                 "-a", net.client.ipv4, "-a", net.client.ipv6], env={"PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0, result.stdout + result.stderr + controller.log.read_all(0.5)
+        assert f"for {net.client.ipv4} and {net.client.ipv6}" in result.stdout
+        assert can_connect(net.client, net.server.ipv6, GUARDED)    # knocked over IPv4, connected over IPv6
+        assert shut(net.attacker, net.server.ipv4)
