@@ -11,6 +11,7 @@ import click
 from xknock.cli.common import fail_cleanly
 from xknock.cli.importers import import_
 from xknock.cli.spa import keygen, spa
+from xknock.cli.ssh_proxy import ssh_proxy
 from xknock.cli.top import top
 from xknock.controller.config import DEFAULT_PATH, load_config, parse_duration, parse_step
 from xknock.controller.daemon import lifecycle
@@ -432,6 +433,7 @@ main.add_command(top)
 main.add_command(import_, name="import")
 main.add_command(spa)
 main.add_command(keygen)
+main.add_command(ssh_proxy)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from xknock.controller.wire import spa_pubkey, spa_pubkey_keys as keys
 
 pytestmark = pytest.mark.netns
 
-GUARDED, OTHER, SPA_PORT = 22, 2222, 62201
+GUARDED, OTHER, SSH, SPA_PORT = 22, 2222, 2022, 62201
 ALICE_KEY, EVE_KEY = keys.generate(keys.USER), keys.generate(keys.USER)
 
 CONFIG = """
@@ -32,7 +32,7 @@ server_key = "{server_key}"
 [[spa.user]]
 name = "alice"
 public_keys = ["{alice}"]
-open = ["tcp:{guarded}"]
+open = ["tcp:{guarded}", "tcp:{ssh}"]
 open_for = "30s"
 
 [[spa.user]]
@@ -108,7 +108,7 @@ def setup(net, tmp_path):
     b64 = lambda key: base64.b64encode(keys.raw_public(key)).decode()
     path = write_config(tmp_path, "spa.toml", CONFIG.format(port=SPA_PORT, cache=tmp_path / "state" / "replay",
                                                            server_key=server_key, alice=b64(ALICE_KEY),
-                                                           eve=b64(EVE_KEY), guarded=GUARDED, other=OTHER))
+                                                           eve=b64(EVE_KEY), guarded=GUARDED, other=OTHER, ssh=SSH))
     os.chmod(path, 0o600)
     return path, tmp_path
 
@@ -194,3 +194,59 @@ def test_the_standalone_client_on_the_system_python_opens_the_port(net, setup):
         assert f"for {net.client.ipv4} and {net.client.ipv6}" in result.stdout
         assert can_connect(net.client, net.server.ipv6, GUARDED)    # knocked over IPv4, connected over IPv6
         assert shut(net.attacker, net.server.ipv4)
+
+
+SSHD_CONFIG = """Port {port}
+ListenAddress 0.0.0.0
+ListenAddress ::
+HostKey {dir}/host_key
+PidFile {dir}/sshd.pid
+AuthorizedKeysFile {dir}/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PermitRootLogin prohibit-password
+StrictModes no
+"""
+
+
+def test_ssh_through_ssh_proxy_to_a_real_sshd(net, setup):
+    """A real ssh client with `xknock ssh-proxy` as its ProxyCommand, a real sshd behind the filter."""
+    import subprocess
+
+    from xknock_dev.e2e import XKNOCK, LineReader
+    from xknock_dev.lab import stop_process
+
+    path, tmp = setup
+    sshd_dir = tmp / "sshd"
+    sshd_dir.mkdir()
+    for name in ("host_key", "id"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(sshd_dir / name)], check=True)
+    (sshd_dir / "authorized_keys").write_text((sshd_dir / "id.pub").read_text())
+    (sshd_dir / "sshd_config").write_text(SSHD_CONFIG.format(port=SSH, dir=sshd_dir))
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # sshd's privilege-separation directory
+    sshd = net.server.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(sshd_dir / "sshd_config")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert LineReader(sshd.stderr).wait_for(lambda line: "Server listening on" in line, 10), "sshd did not start"
+        with Foreground(net, path) as controller:
+            controller.wait_ready()
+            assert shut(net.client, net.server.ipv4, SSH)
+            proxy = (f"{XKNOCK} ssh-proxy %h %p --identity {tmp / 'alice.key'} "
+                     f"--server-key {tmp / 'server.key.pub'}")
+            result = net.client.run(["ssh", "-F", "/dev/null", "-i", str(sshd_dir / "id"), "-p", str(SSH),
+                                     "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                                     "-o", "UserKnownHostsFile=/dev/null", "-o", f"ProxyCommand={proxy}",
+                                     f"root@{net.server.ipv4}", "echo", "hello-through-xknock"], timeout=60)
+            assert result.returncode == 0, result.stdout + result.stderr + controller.log.read_all(0.5)
+            assert result.stdout.strip() == "hello-through-xknock"
+            assert shut(net.attacker, net.server.ipv4, SSH)
+            wrong = net.client.run(["ssh", "-F", "/dev/null", "-i", str(sshd_dir / "id"), "-p", str(SSH),
+                                    "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                                    "-o", "UserKnownHostsFile=/dev/null",
+                                    "-o", f"ProxyCommand={XKNOCK} ssh-proxy %h 2222 --identity {tmp / 'alice.key'} "
+                                          f"--server-key {tmp / 'server.key.pub'}",
+                                    f"root@{net.server.ipv4}", "true"], timeout=60)
+            assert wrong.returncode != 0 and "refused: not allowed: tcp:2222" in wrong.stderr, wrong.stderr
+    finally:
+        stop_process(sshd)

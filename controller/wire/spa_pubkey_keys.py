@@ -101,7 +101,7 @@ def load_private(path, kind):
             data = handle.read(4096)
     except FileNotFoundError:
         raise SpaKeyError(f"{path}: no such key file (make one with `xknock keygen --public"
-                          f"{' --server' if kind == SERVER else ''} {path}`)") from None
+                          f"{' --server' if kind == SERVER else ''} --key-file {path}`)") from None
     except OSError as err:
         raise SpaKeyError(f"{path}: cannot read: {err.strerror}") from None
     name = PRIVATE_NAMES[kind]
