@@ -236,3 +236,59 @@ def test_the_verifier_benchmark_runs_both_protocols():
     assert set(rates) == {("fwknop", "junk"), ("fwknop", "authentic"), ("public-key", "junk"),
                           ("public-key", "forged tag"), ("public-key", "authentic")}
     assert all(rate > 0 for rate in rates.values())
+
+
+def test_a_reload_that_removes_a_key_refuses_it_and_the_hash_tells_configs_apart(tmp_path, server_key):
+    from xknock.controller.config.load import config_hash
+
+    with ReplayCache(str(tmp_path / "replay")) as cache:
+        verifier = SpaVerifier(config(server_key), cache, wall_clock=lambda: NOW)
+        assert verifier.verify(packet(server_key)[0], ALICE4).outcome == R.SPA_ACCEPTED
+        verifier.spa = config(server_key, f'["{b64(keys.raw_public(NEXT_KEY))}"]')   # what set_spa does
+        assert verifier.verify(packet(server_key)[0], ALICE4).outcome == R.SPA_UNKNOWN_USER
+        assert verifier.verify(packet(server_key, user=NEXT_KEY)[0], ALICE4).outcome == R.SPA_ACCEPTED
+
+    def full(alice_keys=None):
+        path, _ = server_key
+        alice_keys = alice_keys or f'["{b64(keys.raw_public(ALICE_KEY))}"]'
+        return parse_config(f'[spa]\nserver_key = "{path}"\n[[spa.user]]\nname = "alice"\nopen = ["tcp:22"]\n'
+                            f'public_keys = {alice_keys}\n', listening=set())
+
+    assert config_hash(full()) == config_hash(full())
+    assert config_hash(full()) != config_hash(full(f'["{b64(keys.raw_public(NEXT_KEY))}"]'))
+
+
+def test_the_client_sends_a_fresh_packet_when_no_answer_comes(server_key):
+    """A server stand-in on loopback that lets the first packet go unanswered:
+    the client's second packet is a new one (a resent one would be a replay)
+    and its answer is read."""
+    import socket
+    import threading
+
+    from xknock.controller.client.spa_pubkey_client import knock
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(30)
+    seen = []
+
+    def serve():
+        for _ in range(2):
+            datagram, (address, _) = server.recvfrom(2048)
+            seen.append(datagram)
+        enc, tag, ciphertext = wire.split(datagram)
+        message, exporter = wire.open_packet(server_key[1], enc, tag, ciphertext)
+        ack = wire.Ack(granted=True, until=NOW, ports=message.ports, ipv4=message.ipv4, detail="granted")
+        server.sendto(wire.seal_ack(exporter, ack), (address, message.ack_port))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        result = knock("127.0.0.1", [("tcp", 22)], ALICE_KEY, keys.raw_public(server_key[1]),
+                       port=server.getsockname()[1], tries=10, wait_s=0.5)
+    finally:
+        thread.join(30)
+        server.close()
+    assert result.tries >= 2 and result.ack.granted   # more if the stand-in was slow to answer and result.ack.ports == (("tcp", 22),)
+    assert len(seen) == 2 and seen[0] != seen[1] and seen[0][:6] == seen[1][:6] == wire.MAGIC
+    assert str(result.ipv4) == "127.0.0.1"
