@@ -250,3 +250,32 @@ def test_ssh_through_ssh_proxy_to_a_real_sshd(net, setup):
             assert wrong.returncode != 0 and "refused: not allowed: tcp:2222" in wrong.stderr, wrong.stderr
     finally:
         stop_process(sshd)
+
+
+# From the client's namespace: the message names an ack port nobody listens on,
+# as when a NAT rewrote the source port; the answer must still come back to
+# the port the packet really came from.
+NAT_LIKE = r"""
+import ipaddress, select, socket, sys
+from xknock.controller.wire import spa_pubkey, spa_pubkey_keys as keys
+server, port, server_public, identity = sys.argv[1], int(sys.argv[2]), keys.read_public(sys.argv[3]), sys.argv[4]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", 0))
+packet, secret = spa_pubkey.seal_packet(server_public, keys.load_private(identity, keys.USER), [("tcp", 22)],
+                                        ipv4=ipaddress.ip_address(sys.argv[5]), acknowledge=True,
+                                        ack_port=sock.getsockname()[1] ^ 1)
+sock.sendto(packet, (server, port))
+if not select.select([sock], [], [], 10)[0]:
+    print("nothing"); sys.exit()
+ack = spa_pubkey.open_ack(secret, sock.recv(2048))
+print("granted" if ack.granted else "refused")
+"""
+
+
+def test_the_answer_goes_to_the_port_the_packet_came_from(net, setup):
+    path, tmp = setup
+    with Foreground(net, path) as controller:
+        controller.wait_ready()
+        heard = net.client.run([sys.executable, "-c", NAT_LIKE, net.server.ipv4, str(SPA_PORT),
+                                str(tmp / "server.key.pub"), str(tmp / "alice.key"), net.client.ipv4])
+        assert heard.stdout.strip() == "granted", heard.stdout + heard.stderr + controller.log.read_all(0.5)

@@ -180,7 +180,7 @@ class SpaReceiver:
             # string_at, not a slice: slicing a ctypes array makes a list of ints (10x slower).
             length = min(event.len, layout.SPA_MAX_PAYLOAD, size - PAYLOAD_OFFSET)   # records are cut to size
             payload = ctypes.string_at(data + PAYLOAD_OFFSET, length)
-            self.handle(payload, from_addr(event.src), arrived_ns=event.ts_ns)
+            self.handle(payload, from_addr(event.src), arrived_ns=event.ts_ns, source_port=event.sport)
         except Exception:   # one bad packet must never stop the receiver
             log.exception("SPA packet handling failed")
         return 0
@@ -193,7 +193,7 @@ class SpaReceiver:
         except OSError as err:   # an LRU never fills; anything else must not stop the receiver
             log.warning("could not remember a SPA source", extra={"fields": {"error": str(err)}})
 
-    def handle(self, payload, source, arrived_ns=None):
+    def handle(self, payload, source, arrived_ns=None, source_port=0):
         """arrived_ns: when the data path saw the packet (CLOCK_MONOTONIC), for
         the log's latency_ms: arrival to grants written."""
         if self.verifier.spa is None:
@@ -203,7 +203,7 @@ class SpaReceiver:
             verdict = self._grant(verdict)
             self.remember(source)
         if verdict.reply is not None:
-            self.acknowledger.send(verdict, self.verifier.spa.port)
+            self.acknowledger.send(verdict, self.verifier.spa.port, source_port)
         self.pending[verdict.outcome] = self.pending.get(verdict.outcome, 0) + 1
         if time.monotonic() >= self.next_flush:
             self.flush()

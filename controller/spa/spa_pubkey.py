@@ -138,13 +138,15 @@ class Acknowledger:
             self._sockets[family] = sock
         return sock
 
-    def send(self, verdict, spa_port):
+    def send(self, verdict, spa_port, source_port=0):
+        """To the packet's source address and port (as the kernel saw them: past a
+        NAT, the translated ones), or the message's ack port if the port is unknown."""
         reply = verdict.reply
         address = ipaddress.ip_address(reply.address)
         datagram = wire.seal_ack(reply.exporter, ack_for(verdict, self.wall_clock()))
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
         try:
-            self._socket(family, spa_port).sendto(datagram, (str(address), reply.port))
+            self._socket(family, spa_port).sendto(datagram, (str(address), source_port or reply.port))
         except OSError as err:
             log.warning("could not send a SPA acknowledgement",
                         extra={"fields": {"to": str(address), "error": err.strerror or str(err)}})
