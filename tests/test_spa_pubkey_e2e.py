@@ -259,23 +259,27 @@ NAT_LIKE = r"""
 import ipaddress, select, socket, sys
 from xknock.controller.wire import spa_pubkey, spa_pubkey_keys as keys
 server, port, server_public, identity = sys.argv[1], int(sys.argv[2]), keys.read_public(sys.argv[3]), sys.argv[4]
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.bind(("0.0.0.0", 0))
+me = ipaddress.ip_address(sys.argv[5])
+sock = socket.socket(socket.AF_INET if me.version == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0" if me.version == 4 else "::", 0))
 packet, secret = spa_pubkey.seal_packet(server_public, keys.load_private(identity, keys.USER), [("tcp", 22)],
-                                        ipv4=ipaddress.ip_address(sys.argv[5]), acknowledge=True,
+                                        **{"ipv%d" % me.version: me}, acknowledge=True,
                                         ack_port=sock.getsockname()[1] ^ 1)
 sock.sendto(packet, (server, port))
 if not select.select([sock], [], [], 10)[0]:
     print("nothing"); sys.exit()
-ack = spa_pubkey.open_ack(secret, sock.recv(2048))
-print("granted" if ack.granted else "refused")
+data, sender = sock.recvfrom(2048)
+ack = spa_pubkey.open_ack(secret, data)
+print("granted" if ack.granted else "refused", "from port", sender[1])
 """
 
 
-def test_the_answer_goes_to_the_port_the_packet_came_from(net, setup):
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_the_answer_goes_to_the_port_the_packet_came_from_and_comes_from_the_spa_port(net, setup, family):
     path, tmp = setup
     with Foreground(net, path) as controller:
         controller.wait_ready()
-        heard = net.client.run([sys.executable, "-c", NAT_LIKE, net.server.ipv4, str(SPA_PORT),
-                                str(tmp / "server.key.pub"), str(tmp / "alice.key"), net.client.ipv4])
-        assert heard.stdout.strip() == "granted", heard.stdout + heard.stderr + controller.log.read_all(0.5)
+        heard = net.client.run([sys.executable, "-c", NAT_LIKE, getattr(net.server, family), str(SPA_PORT),
+                                str(tmp / "server.key.pub"), str(tmp / "alice.key"), getattr(net.client, family)])
+        assert heard.stdout.strip() == f"granted from port {SPA_PORT}", \
+            heard.stdout + heard.stderr + controller.log.read_all(0.5)

@@ -292,3 +292,24 @@ def test_the_client_sends_a_fresh_packet_when_no_answer_comes(server_key):
     assert result.tries >= 2 and result.ack.granted   # more if the stand-in was slow to answer and result.ack.ports == (("tcp", 22),)
     assert len(seen) == 2 and seen[0] != seen[1] and seen[0][:6] == seen[1][:6] == wire.MAGIC
     assert str(result.ipv4) == "127.0.0.1"
+
+
+def test_a_user_moving_from_a_shared_key_knocks_with_either_meanwhile(tmp_path, server_key):
+    """docs/spa.md's migration: public_keys added to the fwknop stanza; both work until the keys go."""
+    text = f"""[spa]
+server_key = "{server_key[0]}"
+[[spa.user]]
+name = "alice"
+key = "{b64(KEY)}"
+hmac_key = "{b64(HMAC_KEY)}"
+public_keys = ["{b64(keys.raw_public(ALICE_KEY))}"]
+open = ["tcp:22"]
+"""
+    fwknop = spa_message.encode(key=KEY, hmac_key=HMAC_KEY, access_address=ALICE4, ports=[("tcp", 22)],
+                                username="alice", timestamp=NOW)
+    with ReplayCache(str(tmp_path / "replay")) as cache:
+        verifier = SpaVerifier(parse_config(text, listening=set()).spa, cache, wall_clock=lambda: NOW)
+        assert verifier.verify(fwknop, ALICE4).outcome == R.SPA_ACCEPTED
+        assert verifier.verify(fwknop, ALICE4).outcome == R.SPA_REPLAYED
+        accepted = verifier.verify(packet(server_key)[0], ALICE4)
+        assert (accepted.outcome, accepted.user) == (R.SPA_ACCEPTED, "alice")

@@ -131,6 +131,8 @@ class Acknowledger:
         if sock is None:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.setblocking(False)   # the receiver must never wait on a send
+            if family == socket.AF_INET6:   # beside the IPv4 socket on the same port
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
             except OSError:   # the port is taken: any port will do, the ack is authenticated
