@@ -54,3 +54,31 @@ def test_keygen_public_writes_a_pair_and_prints_only_the_public_key(tmp_path):
     assert again.exit_code != 0 and "exists" in again.output and "Traceback" not in again.output
     printed = CliRunner().invoke(main, ["keygen", "--public"])
     assert printed.exit_code != 0 and "needs --key-file" in printed.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["spa", "h", "-A", "tcp/22", "--identity", "{key}"], "needs --identity FILE and --server-key KEY"),
+    (["spa", "h", "-A", "tcp/22", "--identity", "{key}", "--server-key", "{pub}", "--key-file", "k"],
+     "leave out fwknop's"),
+    (["spa", "127.0.0.1", "-A", "tcp/22", "--identity", "{key}", "--server-key", "{pub}", "-a", "192.0.2.1",
+      "-a", "192.0.2.2"], "one address per family"),
+    (["spa", "127.0.0.1", "-A", "tcp/22", "--identity", "{key}", "--server-key", "nonsense"], "not a public key"),
+    (["spa", "127.0.0.1", "-A", "tcp/22", "--identity", "{key}", "--server-key", "{pub}", "-a", "nope"],
+     "not an IP address"),
+    (["spa", "127.0.0.1", "-A", "tcp/22", "--key-base64", "a", "--hmac-key-base64", "b", "-a", "192.0.2.1",
+      "-a", "192.0.2.2"], "give -a once"),
+    (["spa", "127.0.0.1", "-A", "tcp/22", "--identity", "{pub}", "--server-key", "{pub}"], "no XKNOCK_SPA_USER_KEY"),
+    (["ssh-proxy", "127.0.0.1", "22", "--identity", "{missing}", "--server-key", "{pub}"], "no such key file"),
+])
+def test_client_refusals_are_one_line(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from xknock.cli.main import main
+
+    path = str(tmp_path / "me.key")
+    keys.write_pair(path, keys.USER)
+    os.chmod(path + ".pub", 0o600)   # so that using it as --identity fails on its content, not its mode
+    filled = [a.format(key=path, pub=path + ".pub", missing=str(tmp_path / "none")) for a in args]
+    result = CliRunner().invoke(main, filled)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output
