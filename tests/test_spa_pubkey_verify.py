@@ -313,3 +313,9 @@ open = ["tcp:22"]
         assert verifier.verify(fwknop, ALICE4).outcome == R.SPA_REPLAYED
         accepted = verifier.verify(packet(server_key)[0], ALICE4)
         assert (accepted.outcome, accepted.user) == (R.SPA_ACCEPTED, "alice")
+
+
+def test_the_other_familys_address_is_granted_only_inside_the_users_sources(verifier, server_key):
+    verdict = verifier.verify(packet(server_key, ipv6="2001:dead::7")[0], ALICE4)   # sources: 2001:db8::/32
+    assert verdict.outcome == R.SPA_ACCEPTED and verdict.also == ()
+    assert ack_for(verdict, NOW).ipv6 is None

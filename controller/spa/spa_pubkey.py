@@ -101,6 +101,8 @@ class PubkeyVerifier:
         denied = [f"{proto}:{port}" for proto, port in message.ports if (proto, port) not in allowed]
         if denied:
             return Verdict(Reason.SPA_PORT_DENIED, f"not allowed: {', '.join(denied)}", user.name)
+        if other is not None and not user.source_allowed(other):
+            other = None   # the other family's address only where the user's sources admit it (the ack says so)
         open_for_ns = user.open_for_ns
         if message.open_for_s:
             open_for_ns = min(message.open_for_s * 1_000_000_000, user.max_open_for_ns)
