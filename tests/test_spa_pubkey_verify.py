@@ -319,3 +319,22 @@ def test_the_other_familys_address_is_granted_only_inside_the_users_sources(veri
     verdict = verifier.verify(packet(server_key, ipv6="2001:dead::7")[0], ALICE4)   # sources: 2001:db8::/32
     assert verdict.outcome == R.SPA_ACCEPTED and verdict.also == ()
     assert ack_for(verdict, NOW).ipv6 is None
+
+
+def test_fuzz_the_whole_verifier_gives_a_verdict_never_an_exception(tmp_path, server_key):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    good, _ = packet(server_key)
+    with ReplayCache(str(tmp_path / "replay")) as cache:
+        verifier = SpaVerifier(config(server_key), cache, wall_clock=lambda: NOW)
+
+        @settings(max_examples=300, deadline=None)
+        @given(st.one_of(st.binary(max_size=400).map(lambda b: wire.MAGIC + b),
+                         st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255))
+                         .map(lambda c: good[:c[0]] + bytes([c[1]]) + good[c[0] + 1:])))
+        def check(payload):
+            verdict = verifier.verify(payload, ALICE4)
+            assert verdict.outcome in (R.SPA_MALFORMED, R.SPA_BAD_HMAC, R.SPA_ACCEPTED, R.SPA_REPLAYED)
+
+        check()
