@@ -177,7 +177,8 @@ struct xk_spa_event {
 	__u16 port;              /* the UDP port it was sent to */
 	__u16 len;               /* bytes of payload used */
 	__u8 ipv4;
-	__u8 pad[3];
+	__u8 pad;
+	__u16 sport;             /* the UDP source port, host order: where an answer goes */
 	__u8 payload[XK_SPA_MAX_PAYLOAD];
 	__u8 pad2[4];
 };

@@ -13,6 +13,7 @@ from xknock.cli.common import EX_CONFIG, fail_cleanly, load_and_warn
 from xknock.cli.diff import diff, show_diff
 from xknock.cli.importers import import_
 from xknock.cli.spa import keygen, spa
+from xknock.cli.ssh_proxy import ssh_proxy
 from xknock.cli.top import top
 from xknock.controller.config import DEFAULT_PATH, load_config, parse_duration, parse_step
 from xknock.controller.daemon import lifecycle
@@ -530,6 +531,7 @@ main.add_command(top)
 main.add_command(import_, name="import")
 main.add_command(spa)
 main.add_command(keygen)
+main.add_command(ssh_proxy)
 
 
 if __name__ == "__main__":

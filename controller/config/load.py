@@ -165,8 +165,12 @@ def config_hash(config):
                   "idle_timeout_ns": u.idle_timeout_ns, "username": u.username,
                   "require_source_address": u.require_source_address,
                   "grant_requested_address": u.grant_requested_address}
+                 # Public keys are no secret, and who may knock is what they decide.
+                 | ({"public_keys": sorted([k.raw.hex(), k.expires] for k in u.public_keys)} if u.public_keys else {})
                  for u in spa.users), key=lambda u: u["name"]),
         }
+        if spa.server_public:
+            normalized["spa"]["server_public"] = spa.server_public.hex()
     encoded = json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
 

@@ -152,6 +152,7 @@ MESSAGE_EVENTS = tuple((re.compile(pattern), name) for pattern, name in (
     # spa/spa.py
     (r"SPA packet handling failed", "spa_failed"),
     (r"could not remember a SPA source", "spa_remember_failed"),
+    (r"could not send a SPA acknowledgement", "spa_ack_failed"),
 ))
 _IDENTIFIER = re.compile(r"[a-z][a-z0-9_]*")
 

@@ -304,7 +304,8 @@ class SpaEvent(ctypes.Structure):
         ("port", ctypes.c_uint16),
         ("len", ctypes.c_uint16),
         ("ipv4", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
+        ("pad", ctypes.c_uint8),
+        ("sport", ctypes.c_uint16),   # the UDP source port: where a public-key SPA answer goes
         ("payload", ctypes.c_uint8 * SPA_MAX_PAYLOAD),
         ("pad2", ctypes.c_uint8 * 4),
     ]
