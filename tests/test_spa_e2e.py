@@ -284,3 +284,45 @@ def test_spa_comes_and_goes_with_a_reload(net, tmp_path):
         assert not status_json(net.server)[0]["spa_ports"]
         assert can_connect(net.attacker, server, GUARDED, timeout=1.0)   # port 22 is no longer guarded
         assert controller.process.poll() is None   # and the controller runs on
+        # [spa] back, with the same replay cache: its file and lock were let go (issue 13.11)
+        write_config(tmp_path, "spa.toml", with_spa)
+        controller.send_signal(signal.SIGHUP)
+        line = controller.log.wait_for(lambda line: "reloaded" in line or "reload failed" in line, 10)
+        assert line and "reloaded" in line, controller.log.read_all(0.5)
+        check(xknock(net.server, "revoke", net.server_iface, net.client.ipv4))   # the first SPA's grant
+        assert shut(net.client, server)
+        fwknop(net.client, server, allow=net.client.ipv4)
+        assert opens(net.client, server), controller.log.read_all(0.5)
+
+
+def test_a_reload_that_fails_leaves_spa_as_it_was(net, tmp_path):
+    # The new [spa] has other keys and opens more ports than the ports map
+    # holds beside the live policy: apply_policy refuses it, and the running
+    # keys must still be the ones SPA checks (issue 13.12).
+    xknock(net.server, "detach", net.server_iface)
+    server = net.server.ipv4
+    running = CONFIG.format(port=SPA_PORT, cache=tmp_path / "replay", key=KEY_B64, hmac=HMAC_B64, guarded=GUARDED)
+    other_key, other_hmac = base64.b64encode(os.urandom(32)).decode(), base64.b64encode(os.urandom(64)).decode()
+    too_big = CONFIG.format(port=SPA_PORT, cache=tmp_path / "moved-replay", key=other_key, hmac=other_hmac,
+                            guarded=GUARDED)
+    for user in range(512):   # 8 ports each: 4,096 ports, the whole map
+        ports = ", ".join(f'"tcp:{30000 + 8 * user + i}"' for i in range(8))
+        too_big += (f'\n[[spa.user]]\nname = "u{user}"\nkey = "{other_key}"\nhmac_key = "{other_hmac}"\n'
+                    f"open = [{ports}]\n")
+    path = write_config(tmp_path, "spa.toml", running)
+    os.chmod(path, 0o600)
+    with Foreground(net, path) as controller:
+        controller.wait_ready()
+        write_config(tmp_path, "spa.toml", too_big)
+        controller.send_signal(signal.SIGHUP)
+        line = controller.log.wait_for(lambda line: "reloaded" in line or "reload failed" in line, 30)
+        assert line and "reload failed" in line and "does not fit" in line, controller.log.read_all(0.5)
+        fwknop(net.client, server, allow=net.client.ipv4)   # the running keys
+        assert opens(net.client, server), (verdicts(net), controller.log.read_all(0.5))
+        assert verdicts(net).get("accepted") == 1
+        # the cache the refused [spa] named was let go: a config using it loads
+        moved = running.replace(str(tmp_path / "replay"), str(tmp_path / "moved-replay"))
+        write_config(tmp_path, "spa.toml", moved)
+        controller.send_signal(signal.SIGHUP)
+        line = controller.log.wait_for(lambda line: "reloaded" in line or "reload failed" in line, 10)
+        assert line and "reloaded" in line, controller.log.read_all(0.5)
