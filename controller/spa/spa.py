@@ -161,14 +161,15 @@ class SpaVerifier:
         return None, f"the message asks for {asked}, the packet came from {source}"
 
 
-def open_replay_cache(spa):
+def open_replay_cache(spa, consequence="nothing was attached"):
     """The digest cache of [spa], loaded and pruned; XknockError when it cannot
-    be trusted (then no SPA packet is accepted: better shut than replayable)."""
+    be trusted (then no SPA packet is accepted: better shut than replayable),
+    saying `consequence`."""
     try:
         cache = spa_replay.ReplayCache(spa.replay_cache)
         cache.prune(time.time(), spa.max_age_ns / 1e9)
     except (spa_replay.ReplayCacheError, OSError) as err:
-        raise XknockError(f"SPA replay cache {spa.replay_cache}: {err}; nothing was attached "
+        raise XknockError(f"SPA replay cache {spa.replay_cache}: {err}; {consequence} "
                           "(move the file away to start with an empty cache)") from err
     return cache
 
@@ -236,7 +237,7 @@ class SpaReceiver:
         current = self.verifier.replay
         if current is not None and current.path == os.path.abspath(spa.replay_cache):
             return current
-        return open_replay_cache(spa)
+        return open_replay_cache(spa, consequence="the reload changed nothing")
 
     def abandon(self, replay_cache):
         """A prepared cache whose reload failed."""
