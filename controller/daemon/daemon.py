@@ -61,7 +61,6 @@ class Controller:
         self.rotation = totp.Rotation(config)
         self.next_rotation_ns = self.rotation.next_change_ns() if self.rotation.active else None
         self.rotate_now = False
-        self.ticks = 0   # rounds of the loop: each pinged the watchdog
 
     def reload(self):
         """Validate the file, then switch policy; a bad file changes nothing."""
@@ -140,7 +139,6 @@ class Controller:
         try:
             while not self.signals.stop:
                 notifier.watchdog()
-                self.ticks += 1
                 if self.events:
                     self.events.poll(POLL_MS)   # a bounded number of events, then the rest of the loop
                 else:

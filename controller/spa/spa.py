@@ -5,8 +5,9 @@ to us on their own ring buffer. SpaVerifier judges one payload in fwknop's
 order, each check before any work the next one needs: prefix-tacking, replay,
 the sender's stanzas, HMAC (constant time, before any decryption), decryption
 and the inner digest, age, user, the address rule, the ports. SpaReceiver feeds
-it from the ring buffer, writes the grants of the accepted and counts every
-outcome in the filter's counters, so status, metrics and top see them.
+it from the ring buffer on a thread of its own, writes the grants of the
+accepted and counts every outcome in the filter's counters, so status, metrics
+and top see them.
 
 Nothing is ever sent back, and no log line carries a key or a payload.
 """
@@ -191,7 +192,6 @@ class SpaReceiver:
         self.verifier = SpaVerifier(spa, replay_cache)
         self.pending = {}          # Reason -> count not yet in the counters map
         self.next_flush = time.monotonic() + FLUSH_EVERY_S
-        self.polls = 0             # rounds of the receiver's loop: it is alive and not stuck
         self._lock = threading.Lock()   # the verifier's [spa] and cache: judged here, switched by reloads
         self._stop = threading.Event()
         self._thread = None
@@ -215,7 +215,6 @@ class SpaReceiver:
             except Exception:   # the receiver must outlive any one failure (a cache that cannot compact...)
                 log.exception("SPA receiver round failed")
                 self._stop.wait(POLL_MS / 1000)
-            self.polls += 1
 
     def stop(self):
         """Ends the thread, counts what it judged, and lets go of the cache."""
