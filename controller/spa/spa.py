@@ -18,6 +18,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -54,6 +55,11 @@ FLUSH_EVERY_S = 1.0
 SWEEP_EVERY_S = 10.0   # replay cache pruning
 POLL_MS = 100          # the receiver's thread looks up at least this often (its stop, flush, sweep)
 RING_BUDGET = 256      # candidates judged per poll, then the same
+# The verifier holds the interpreter's lock through whole HMACs, and the main
+# loop's thread waits up to one switch interval for it after every system
+# call (a policy rewrite makes hundreds): 0.5 ms instead of Python's 5 keeps a
+# rotation or a reload under a flood to a fraction of a second.
+SWITCH_INTERVAL_S = 0.0005
 PAYLOAD_OFFSET = layout.SpaEvent.payload.offset
 
 
@@ -199,6 +205,7 @@ class SpaReceiver:
 
     def start(self):
         if self._thread is None:
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
             self._thread = threading.Thread(target=self._serve, name="xknock-spa", daemon=True)
             self._thread.start()
         return self
