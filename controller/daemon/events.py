@@ -24,8 +24,13 @@ import traceback
 
 from ..kernel import layout
 from ..kernel.maps import from_addr, live_sequences
+from ..kernel.ring import Ring
 
 log = logging.getLogger("xknock.events")
+
+# Events handled per poll at most: then the controller's loop has its turn
+# (watchdog, rotation, sweeps), however fast events arrive.
+POLL_BUDGET = 512
 
 EVENT_NAMES = {
     layout.Event.GRANTED: "granted",
@@ -58,7 +63,7 @@ def describe(record, sequence_names):
 
 
 class EventReader:
-    """Polls the BCC ring buffer of a loaded program and logs each event."""
+    """Polls the events ring buffer of a loaded program and logs each event."""
 
     def __init__(self, loaded, maps, on_event=None, hooks=None):
         self.maps = maps
@@ -66,17 +71,20 @@ class EventReader:
         self.hooks = hooks   # a hooks.HookDispatcher, or None
         self.observers = []  # callables given each layout.EventRecord (the daemon's time-based rotation)
         self.refresh_names()
-        loaded.bpf["events"].open_ring_buffer(self._callback)
-        self._bpf = loaded.bpf
+        self._ring = Ring(loaded.bpf[b"events"].map_fd, self._on_record, POLL_BUDGET)
 
     def refresh_names(self):
         """Sequence names by uid, read back from the live policy (after a reload too)."""
         self.names = {seq.uid: seq.name.decode(errors="replace") for seq in live_sequences(self.maps).values()}
 
     def poll(self, timeout_ms):
-        self._bpf.ring_buffer_poll(timeout_ms)
+        """Waits up to timeout_ms; handles at most POLL_BUDGET events."""
+        return self._ring.poll(timeout_ms)
 
-    def _callback(self, ctx, data, size):
+    def close(self):
+        self._ring.close()
+
+    def _on_record(self, data, size):
         record = ctypes.cast(data, ctypes.POINTER(layout.EventRecord)).contents
         if record.seq_uid not in self.names:
             self.refresh_names()   # a reload by another process (`xknock reload`)
@@ -92,7 +100,6 @@ class EventReader:
             except Exception:   # a hook must never stop the events
                 log.exception("hook dispatch failed", extra={"fields": {**fields, "event": "hook_dispatch_failed",
                                                                         "after": fields["event"]}})
-        return 0
 
 
 FORMATS = ("text", "logfmt", "json")
