@@ -157,7 +157,7 @@ def test_a_failed_hook_dispatch_is_not_mistaken_for_its_event():
 
         rec = layout.EventRecord()
         rec.type = layout.Event.GRANTED
-        reader._callback(None, ctypes.addressof(rec), ctypes.sizeof(rec))
+        reader._on_record(ctypes.addressof(rec), ctypes.sizeof(rec))
     finally:
         events.log.removeHandler(handler)
         events.log.setLevel(level)

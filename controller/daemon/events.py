@@ -131,6 +131,8 @@ MESSAGE_EVENTS = tuple((re.compile(pattern), name) for pattern, name in (
     (r"reload refused", "reload_refused"),
     (r"reload failed", "reload_failed"),
     (r"rotating time-based sequences failed", "rotation_failed"),
+    (r"recording a spent time-based window failed", "spent_window_failed"),
+    (r"handling a ring buffer record failed", "ring_record_failed"),   # kernel/ring.py
     (r"expired grants removed", "grants_swept"),
     (r"hook sweep failed", "hook_sweep_failed"),
     (r"controller stopped", "controller_stopped"),
@@ -158,6 +160,7 @@ MESSAGE_EVENTS = tuple((re.compile(pattern), name) for pattern, name in (
     (r"map sample failed", "map_sample_failed"),
     # spa/spa.py
     (r"SPA packet handling failed", "spa_failed"),
+    (r"SPA receiver round failed", "spa_round_failed"),
     (r"could not remember a SPA source", "spa_remember_failed"),
     (r"could not send a SPA acknowledgement", "spa_ack_failed"),
 ))
