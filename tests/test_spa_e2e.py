@@ -326,7 +326,7 @@ def test_a_reload_that_fails_leaves_spa_as_it_was(net, tmp_path):
         assert line and "reload failed" in line and "does not fit" in line, controller.log.read_all(0.5)
         fwknop(net.client, server, allow=net.client.ipv4)   # the running keys
         assert opens(net.client, server), (verdicts(net), controller.log.read_all(0.5))
-        assert verdicts(net).get("accepted") == 1
+        assert wait_for(lambda: verdicts(net).get("accepted") == 1, timeout=3), verdicts(net)   # flushed once a second
         # the cache the refused [spa] named was let go: a config using it loads
         moved = running.replace(str(tmp_path / "replay"), str(tmp_path / "moved-replay"))
         write_config(tmp_path, "spa.toml", moved)

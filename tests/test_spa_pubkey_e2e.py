@@ -127,7 +127,7 @@ def test_a_knock_over_ipv6_opens_ipv4_too_and_the_client_reads_the_answer(net, s
         assert can_connect(net.client, net.server.ipv4, GUARDED)     # knocked over IPv6, connected over IPv4
         assert can_connect(net.client, net.server.ipv6, GUARDED)
         assert shut(net.attacker, net.server.ipv4) and shut(net.attacker, net.server.ipv6)
-        assert verdicts(net).get("accepted") == 1
+        assert wait_for(lambda: verdicts(net).get("accepted") == 1, timeout=3), verdicts(net)   # flushed once a second
 
 
 def test_the_refused_hear_why_and_the_unauthenticated_hear_nothing(net, setup):
@@ -141,8 +141,8 @@ def test_the_refused_hear_why_and_the_unauthenticated_hear_nothing(net, setup):
         heard = net.attacker.run([sys.executable, "-c", FORGED_THEN_REFUSED, net.server.ipv4, str(SPA_PORT),
                                   str(tmp / "server.key.pub"), str(tmp / "eve.key")])
         assert heard.stdout.strip() == "refused refused not allowed: tcp:22", heard.stdout + heard.stderr
-        counted = verdicts(net)
-        assert counted.get("unknown_user") == 1 and counted.get("port_denied") == 2, counted
+        assert wait_for(lambda: verdicts(net).get("unknown_user") == 1 and verdicts(net).get("port_denied") == 2,
+                        timeout=3), verdicts(net)   # flushed once a second
         assert shut(net.attacker, net.server.ipv4)
 
 
