@@ -5,6 +5,7 @@ import logging
 import click
 
 from xknock.cli.common import EX_CONFIG, fail_cleanly, load_and_warn
+from xknock.cli.params import CONFIG_FILE, IFACE
 from xknock.controller.config import DEFAULT_PATH
 from xknock.controller.daemon import lifecycle
 from xknock.controller.errors import LoadError, XknockError
@@ -18,8 +19,8 @@ Examples:
   xknock attach eth0 -c lab.toml --once    # attach, write the policy, exit
   xknock attach eth0 eth1                  # one set of maps: a knock on one opens both
   xknock attach eth0 --metrics-addr 127.0.0.1:9798   # and Prometheus metrics at /metrics""")
-@click.argument("ifaces", nargs=-1, required=True)
-@click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True, help="The TOML config.")
+@click.argument("ifaces", nargs=-1, required=True, type=IFACE)
+@click.option("-c", "--config", "config_path", type=CONFIG_FILE, default=DEFAULT_PATH, show_default=True, help="The TOML config.")
 @click.option("--xdp-mode", type=click.Choice(lifecycle.XDP_MODES), default="auto", show_default=True,
               help="native needs driver support; auto tries native, then generic.")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
@@ -32,11 +33,15 @@ Examples:
 @click.option("--once", is_flag=True, help="Attach and exit; the filter keeps enforcing.")
 @click.option("--keep-sessions", is_flag=True,
               help="Grant established sessions to guarded ports (their traffic only, no new connections).")
-@click.option("--force", is_flag=True,
-              help="Replace another XDP program on the interface, and cut established sessions to guarded ports.")
+@click.option("--replace", is_flag=True, help="Replace another XDP program on the interface.")
+@click.option("--cut-sessions", is_flag=True,
+              help="Cut established sessions to guarded ports (instead of refusing to attach).")
+@click.option("--force", is_flag=True, help="Deprecated: --replace and --cut-sessions together.")
 @fail_cleanly(config_status=EX_CONFIG)   # systemd does not restart a unit whose file is bad
-def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, keep_sessions, force):
+def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, keep_sessions, replace, cut_sessions,
+           force):
     """Load the filter, attach it to IFACES and run the controller."""
+    replace, cut_sessions = _deprecated_force(force, replace, cut_sessions, keep_sessions)
     from xknock.controller.daemon.daemon import Controller, Signals
     from xknock.controller.daemon.events import EventReader
 
@@ -66,8 +71,8 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
     elif metrics_addr:
         metrics_server = MetricsServer(host, port)   # binds now: a busy address fails before anything changes
     try:
-        attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=force,
-                                    before_attach=_session_guard(config, keep_sessions, force))
+        attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=replace,
+                                    before_attach=_session_guard(config, keep_sessions, cut_sessions))
     except LoadError as err:
         if metrics_server:
             metrics_server.close()
@@ -168,7 +173,19 @@ def _loopback(host):
     return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
-def _session_guard(config, keep_sessions, force):
+def _deprecated_force(force, replace, cut_sessions, keep_sessions):
+    """--force, as it was: --replace and --cut-sessions both, with a warning.
+    (replace, cut_sessions)."""
+    if keep_sessions and cut_sessions:
+        raise click.UsageError("--keep-sessions grants established sessions, --cut-sessions cuts them: give one")
+    if not force:
+        return replace, cut_sessions
+    log.warning("--force is deprecated: it means --replace (another XDP program) and --cut-sessions "
+                "(established sessions to guarded ports); say which")
+    return True, True
+
+
+def _session_guard(config, keep_sessions, cut_sessions):
     """Refuse to cut established sessions to guarded ports (the operator's own
     SSH session first of all), or grant them with --keep-sessions."""
     from xknock.controller.kernel import clock
@@ -179,9 +196,9 @@ def _session_guard(config, keep_sessions, force):
     def check(maps):
         now = clock.monotonic_ns()
         left = lockout.without_grants(maps, at_risk, now)
-        if not left or force:
+        if not left or cut_sessions:
             for session in left:
-                log.warning(f"cutting established session {session} (--force)")
+                log.warning(f"cutting established session {session} (--cut-sessions)")
             return
         if keep_sessions:
             for session in left:
@@ -193,6 +210,6 @@ def _session_guard(config, keep_sessions, force):
         raise XknockError(
             f"attaching would cut {len(left)} established session(s) to guarded ports: {listed}. "
             "Put the source on the [allow] list, or pass --keep-sessions to grant these sessions "
-            "(established traffic only), or --force to cut them; nothing was attached")
+            "(established traffic only), or --cut-sessions to cut them; nothing was attached")
 
     return check

@@ -173,22 +173,25 @@ def test_a_failed_attach_leaves_every_interface_as_it_was(bare, good_config, cas
 
 # --- another XDP program ---------------------------------------------------------
 
-def test_another_xdp_program_is_replaced_only_with_force(bare, good_config):
+@pytest.mark.parametrize("flag", ["--replace", "--force"])
+def test_another_xdp_program_is_replaced_only_with_replace(bare, good_config, flag):
+    """--force is the deprecated spelling of --replace --cut-sessions."""
     server, iface = bare.server, bare.server_iface
     attach_foreign_xdp(server, iface)
     foreign = xdp_prog_id(server, iface)
     assert foreign
 
-    refused = xknock(server, "attach", iface, "-c", good_config, "--once")
-    assert_fails(refused, "another XDP program", f"program {foreign} 'other_prog'", "--force")
+    refused = xknock(server, "attach", iface, "-c", good_config, "--once", "--cut-sessions")
+    assert_fails(refused, "another XDP program", f"program {foreign} 'other_prog'", "--replace")
     assert xdp_prog_id(server, iface) == foreign
     # Nor do the other commands touch it.
     assert_fails(xknock(server, "detach", iface), f"{foreign} 'other_prog'", "not xknock")
     assert_fails(xknock(server, "status", iface), "not xknock")
     assert xdp_prog_id(server, iface) == foreign
 
-    forced = check(xknock(server, "attach", iface, "-c", good_config, "--once", "--force"))
+    forced = check(xknock(server, "attach", iface, "-c", good_config, "--once", flag))
     assert f"replaced program {foreign}" in forced.stderr
+    assert ("--force is deprecated" in forced.stderr) == (flag == "--force")
     [running] = status_json(server)
     assert running["interfaces"][0]["prog_id"] == xdp_prog_id(server, iface) != foreign
     check(xknock(server, "detach", iface))
