@@ -3,12 +3,12 @@
 import click
 
 from xknock.cli.common import fail_cleanly
-from xknock.cli.params import ADDRESS
+from xknock.cli.params import ADDRESS, IFACE
 from xknock.controller.daemon import lifecycle
 
 
 @click.command(epilog="Example:\n\n  xknock unban eth0 192.0.2.7")
-@click.argument("iface")
+@click.argument("iface", type=IFACE)
 @click.argument("addr", type=ADDRESS)
 @fail_cleanly
 def unban(iface, addr):

@@ -9,6 +9,7 @@ import sys
 import click
 
 from xknock.cli.common import EX_CONFIG, fail_cleanly
+from xknock.cli.params import CONFIG_FILE
 from xknock.controller.config import DEFAULT_PATH, ConfigError, load_config
 
 
@@ -16,7 +17,7 @@ from xknock.controller.config import DEFAULT_PATH, ConfigError, load_config
 Examples:
   xknock check                             # /etc/xknock/xknock.toml
   xknock check -c lab.toml && sudo systemctl reload xknock@eth0""")
-@click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True, help="The TOML config.")
+@click.option("-c", "--config", "config_path", type=CONFIG_FILE, default=DEFAULT_PATH, show_default=True, help="The TOML config.")
 @fail_cleanly
 def check(config_path):
     """Check CONFIG as attach and reload would: every error and warning, nothing applied.

@@ -3,11 +3,12 @@
 import click
 
 from xknock.cli.common import fail_cleanly
+from xknock.cli.params import IFACE
 from xknock.controller.daemon import lifecycle
 
 
 @click.command(epilog="Example:\n\n  xknock detach eth0")
-@click.argument("ifaces", nargs=-1, required=True)
+@click.argument("ifaces", nargs=-1, required=True, type=IFACE)
 @fail_cleanly
 def detach(ifaces):
     """Remove the filter from IFACES (and its pins when no interface uses them)."""

@@ -4,6 +4,7 @@ in the live policy of a running filter, changing nothing."""
 import click
 
 from xknock.cli.common import fail_cleanly, load_and_warn
+from xknock.cli.params import CONFIG_FILE, IFACE
 from xknock.controller.config import DEFAULT_PATH
 from xknock.controller.daemon import lifecycle
 
@@ -12,8 +13,8 @@ from xknock.controller.daemon import lifecycle
 Examples:
   xknock diff eth0 -c /etc/xknock/xknock.toml
   xknock reload eth0 -c /etc/xknock/xknock.toml --dry-run   # the same""")
-@click.argument("iface")
-@click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True, help="The TOML config.")
+@click.argument("iface", type=IFACE)
+@click.option("-c", "--config", "config_path", type=CONFIG_FILE, default=DEFAULT_PATH, show_default=True, help="The TOML config.")
 @fail_cleanly
 def diff(iface, config_path):
     """What reloading CONFIG would change in the live policy on IFACE: + added, - removed, ~ changed."""

@@ -3,7 +3,7 @@
 import click
 
 from xknock.cli.common import fail_cleanly
-from xknock.cli.params import ADDRESS, DURATION, STEP
+from xknock.cli.params import ADDRESS, DURATION, IFACE, PORT
 from xknock.controller.daemon import lifecycle
 
 
@@ -11,9 +11,10 @@ from xknock.controller.daemon import lifecycle
 Examples:
   xknock grant eth0 192.0.2.7                    # every guarded port, 30s
   xknock grant eth0 2001:db8::7 --port tcp:22 --for 10m""")
-@click.argument("iface")
+@click.argument("iface", type=IFACE)
 @click.argument("addr", type=ADDRESS)
-@click.option("--port", "ports", type=STEP, multiple=True, help="A guarded port (repeatable); default: all.")
+@click.option("--port", "ports", type=PORT, multiple=True,
+              help="A guarded port, tcp:22 or tcp/22 (repeatable); default: all.")
 @click.option("--for", "for_ns", type=DURATION, default="30s", show_default=True, help="Window for new connections.")
 @click.option("--idle", "idle_ns", type=DURATION, default=None, help="Idle timeout (default: the --for value).")
 @fail_cleanly
@@ -27,7 +28,7 @@ def grant(iface, addr, ports, for_ns, idle_ns):
 
 
 @click.command(epilog="Example:\n\n  xknock revoke eth0 192.0.2.7")
-@click.argument("iface")
+@click.argument("iface", type=IFACE)
 @click.argument("addr", type=ADDRESS)
 @fail_cleanly
 def revoke(iface, addr):

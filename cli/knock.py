@@ -6,8 +6,8 @@ import time
 import click
 
 from xknock.cli.common import fail_cleanly
-from xknock.cli.params import STEP
-from xknock.controller.config import DEFAULT_PATH, load_config
+from xknock.cli.params import CONFIG_FILE, DURATION, PORT, SECONDS_OR_DURATION, SEQUENCE, STEP
+from xknock.controller.config import DEFAULT_PATH, format_duration, load_config
 from xknock.controller.errors import XknockError
 
 
@@ -19,32 +19,35 @@ Examples:
   xknock knock 10.0.0.1 --sequence ssh --secret-file ~/.xknock/ssh.totp --protos tcp,udp,tcp   # time-based""")
 @click.argument("host")
 @click.argument("steps", nargs=-1, type=STEP)
-@click.option("--sequence", "sequence_name", help="Knock this sequence of the config instead of STEPS.")
-@click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True)
-@click.option("--secret-file", default=None, metavar="FILE",
+@click.option("--sequence", "sequence_name", type=SEQUENCE, help="Knock this sequence of the config instead of STEPS.")
+@click.option("-c", "--config", "config_path", type=CONFIG_FILE, default=DEFAULT_PATH, show_default=True)
+@click.option("--secret-file", type=click.Path(dir_okay=False), default=None,
               help="A time-based sequence without a config: its secret (base32, chmod 600); with --protos, "
                    "and --window and --port-range if the server's differ from the defaults.")
 @click.option("--protos", default=None, metavar="P,P,...", help="With --secret-file: the knocks' protocols.")
-@click.option("--window", default=None, metavar="DURATION", help="With --secret-file (default 60s).")
+@click.option("--window", "window_ns", type=DURATION, default=None, help="With --secret-file (default 60s).")
 @click.option("--port-range", default=None, metavar="LOW-HIGH", help="With --secret-file (default 10000-29999).")
-@click.option("--delay", type=float, default=0.1, show_default=True, help="Seconds between knocks.")
+@click.option("--delay", "delay_ns", type=SECONDS_OR_DURATION, default="100ms", show_default=True,
+              help="Time between knocks (200ms; a bare number is seconds).")
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="Send every knock this many times (xknock ignores the copies); 3 where packets get lost, "
                    "e.g. under a flood.")
-@click.option("--until-open", "until_open", type=STEP, default=None, metavar="tcp:PORT",
+@click.option("--until-open", "until_open", type=PORT, default=None,
               help="Knock again until this guarded port accepts a connection (lossy networks).")
-@click.option("--deadline", type=float, default=30.0, show_default=True,
-              help="With --until-open: give up after this many seconds.")
+@click.option("--deadline", "deadline_ns", type=SECONDS_OR_DURATION, default="30s", show_default=True,
+              help="With --until-open: give up after this long (a bare number is seconds).")
 @click.option("-4", "ipv4", is_flag=True, help="IPv4 only.")
 @click.option("-6", "ipv6", is_flag=True, help="IPv6 only.")
 @fail_cleanly
-def knock(host, steps, sequence_name, config_path, secret_file, protos, window, port_range, delay, repeat,
-          until_open, deadline, ipv4, ipv6):
+def knock(host, steps, sequence_name, config_path, secret_file, protos, window_ns, port_range, delay_ns, repeat,
+          until_open, deadline_ns, ipv4, ipv6):
     """Send a knock sequence to HOST (the client; ICMP knocks use a raw socket as root, else a ping socket)."""
     import socket
 
     from xknock.controller.client.knockclient import knock_until_open, send_knocks
 
+    window = format_duration(window_ns) if window_ns is not None else None
+    delay, deadline = delay_ns / 1e9, deadline_ns / 1e9
     steps_now = None   # a time-based sequence: its knocks change with the window
     if sequence_name:
         if steps:
@@ -76,8 +79,6 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window, 
         raise click.UsageError("--secret-file, --protos, --window and --port-range go with --sequence NAME")
     if not steps:
         raise click.UsageError("give the knock STEPS (e.g. tcp:7000 udp:8000) or --sequence NAME")
-    if delay < 0:
-        raise click.BadParameter("must be >= 0", param_hint="--delay")
     if repeat < 1:
         raise click.BadParameter("must be >= 1", param_hint="--repeat")
     family = socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None

@@ -6,6 +6,7 @@ import click
 
 from xknock.cli.common import fail_cleanly, load_and_warn
 from xknock.cli.diff import show_diff
+from xknock.cli.params import CONFIG_FILE, IFACE
 from xknock.controller.config import DEFAULT_PATH
 from xknock.controller.daemon import lifecycle
 
@@ -16,8 +17,8 @@ log = logging.getLogger("xknock")
 Examples:
   xknock reload eth0 -c /etc/xknock/xknock.toml
   xknock reload eth0 -c /etc/xknock/xknock.toml --dry-run   # what would change (xknock diff)""")
-@click.argument("iface")
-@click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True)
+@click.argument("iface", type=IFACE)
+@click.option("-c", "--config", "config_path", type=CONFIG_FILE, default=DEFAULT_PATH, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Show what would change, as `xknock diff`, and change nothing.")
 @fail_cleanly
 def reload(iface, config_path, dry_run):

@@ -5,6 +5,7 @@ import json
 import click
 
 from xknock.cli.common import fail_cleanly
+from xknock.cli.params import IFACE
 from xknock.controller.daemon import lifecycle
 
 
@@ -12,7 +13,7 @@ from xknock.controller.daemon import lifecycle
 Examples:
   xknock status
   xknock status eth0 --json""")
-@click.argument("iface", required=False)
+@click.argument("iface", required=False, type=IFACE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @fail_cleanly
 def status(iface, as_json):
