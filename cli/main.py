@@ -4,11 +4,11 @@ in cli/, arguments in, one library call, a table or JSON out."""
 import click
 
 from xknock.cli.attach import attach
-from xknock.cli.bans import unban
+from xknock.cli.bans import ban, bans, unban
 from xknock.cli.check import check
 from xknock.cli.detach import detach
 from xknock.cli.diff import diff
-from xknock.cli.grants import grant, revoke
+from xknock.cli.grants import grant, grants, revoke
 from xknock.cli.importers import import_
 from xknock.cli.knock import knock
 from xknock.cli.reload import reload
@@ -33,7 +33,8 @@ def main(log_format, verbose):
     setup_logging(json_lines=log_format == "json", verbose=verbose)
 
 
-for command in (attach, detach, status, reload, grant, revoke, unban, knock, check, diff, top, spa, keygen):
+for command in (attach, detach, status, reload, grant, revoke, grants, ban, unban, bans, knock, check, diff, top, spa,
+                keygen):
     main.add_command(command)
 main.add_command(import_, name="import")
 

@@ -53,13 +53,21 @@ def _render(f):
         if v:
             lines.append(f"  {k:<18} {v}")
     lines.append(f"grants: {len(f['grants'])}")
-    for g in f["grants"]:
-        lines.append(f"  {g['source']:<40} {g['port']:<10} {g['sequence']:<12} "
-                     f"window {g['window_left_s']:g}s idle {g['idle_left_s']:g}s")
+    lines += [render_grant(g) for g in f["grants"]]
     lines.append(f"bans: {len(f['bans'])}")
-    for b in f["bans"]:
-        lines.append(f"  {b['source']:<40} {b['left_s']:g}s left")
+    lines += [render_ban(b) for b in f["bans"]]
     lines.append(f"knocks in progress: {f['knocks_in_progress']} (sources at their first step are counted, not listed)")
     for k in f["knocks"]:
         lines.append(f"  {k['source']:<40} {k['sequence']:<12} next step {k['next_step']} ({k['since_s']:g}s ago)")
     return "\n".join(lines)
+
+
+def render_grant(g):
+    """One grant of live_grants() as a line of status and `xknock grants`."""
+    return (f"  {g['source']:<40} {g['port']:<10} {g['sequence']:<12} "
+            f"window {g['window_left_s']:g}s idle {g['idle_left_s']:g}s")
+
+
+def render_ban(b):
+    """One ban of live_bans() as a line of status and `xknock bans`."""
+    return f"  {b['source']:<40} {b['left_s']:g}s left"

@@ -13,7 +13,8 @@ from xknock_dev.e2e import (
 )
 from xknock_dev.lab import lab
 
-COMMANDS = ["attach", "detach", "status", "reload", "grant", "revoke", "unban", "knock", "top", "import", "spa", "keygen",
+COMMANDS = ["attach", "detach", "status", "reload", "grant", "revoke", "grants", "ban", "unban", "bans", "knock", "top",
+            "import", "spa", "keygen",
             "check", "diff"]
 EX_CONFIG = 78   # attach's status on a config that does not load: the unit does not restart on it
 
@@ -110,6 +111,9 @@ def test_attach_to_a_missing_interface(net, good_config):
     ["status", "{iface}"],
     ["grant", "{iface}", "10.77.0.2"],
     ["revoke", "{iface}", "10.77.0.2"],
+    ["grants", "{iface}"],
+    ["ban", "{iface}", "10.77.0.2"],
+    ["bans", "{iface}", "--json"],
     ["reload", "{iface}", "-c", "{config}"],
     ["detach", "{iface}"],
 ], ids=lambda args: args[0])
@@ -248,6 +252,7 @@ def test_knock_repeated_with_a_step_twice_in_a_row(net):
 
 
 @pytest.mark.parametrize("args", [["status"], ["attach", "lo"], ["grant", "lo", "192.0.2.1"], ["detach", "lo"],
+                                  ["grants", "lo"], ["bans", "lo"], ["ban", "lo", "192.0.2.1"],
                                   ["diff", "lo"], ["reload", "lo", "--dry-run"]])
 def test_not_root_is_one_clear_line(args):
     result = subprocess.run(["runuser", "-u", "nobody", "--", XKNOCK, *args], capture_output=True, text=True,
