@@ -29,7 +29,7 @@ Examples:
 What cannot be carried over (one-time sequences, tcpflags other than syn,
 targets, commands that are not a known firewall idiom, ...) is listed on
 stderr, one line each, and as comments at the top of the TOML.""")
-@click.argument("path", default=DEFAULT_PATH, required=False, type=click.Path(allow_dash=True))
+@click.argument("path", default=DEFAULT_PATH, required=False, type=click.Path(allow_dash=True, readable=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the TOML here (mode 0600: knock sequences are secrets) instead of stdout.")
 @click.option("--mode", type=click.Choice(["enforce", "monitor"]), default="enforce", show_default=True,
@@ -116,12 +116,12 @@ Examples:
 What cannot be carried over (GnuPG, command execution, NAT, ACCESS_EXPIRE,
 stanzas without an HMAC key, %include, ...) is listed on stderr, one line
 each, and as comments at the top of the TOML.""")
-@click.argument("path", default=FWKNOP_DEFAULT_PATH, required=False, type=click.Path(allow_dash=True))
+@click.argument("path", default=FWKNOP_DEFAULT_PATH, required=False, type=click.Path(allow_dash=True, readable=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the TOML here (mode 0600) instead of stdout.")
 @click.option("--mode", type=click.Choice(["enforce", "monitor"]), default="enforce", show_default=True,
               help="The [filter] mode of the new config; monitor for a dry run first.")
-@click.option("--fwknopd-conf", type=click.Path(dir_okay=False), default=None,
+@click.option("--fwknopd-conf", type=click.Path(readable=False), default=None,
               help=f"Take the [spa] port (PCAP_FILTER, UDPSERV_PORT) and max_age (MAX_SPA_PACKET_AGE) from "
                    f"fwknopd's config, e.g. {DEFAULT_FWKNOPD_CONF}; without it, fwknop's defaults.")
 @click.option("--keys-dir", type=click.Path(file_okay=False), default=None,

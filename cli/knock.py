@@ -5,7 +5,7 @@ import time
 
 import click
 
-from xknock.cli.common import fail_cleanly
+from xknock.cli.common import echo_result, fail_cleanly, json_option
 from xknock.cli.params import CONFIG_FILE, DURATION, PORT, SECONDS_OR_DURATION, SEQUENCE, STEP
 from xknock.controller.config import DEFAULT_PATH, format_duration, load_config
 from xknock.controller.errors import XknockError
@@ -21,7 +21,7 @@ Examples:
 @click.argument("steps", nargs=-1, type=STEP)
 @click.option("--sequence", "sequence_name", type=SEQUENCE, help="Knock this sequence of the config instead of STEPS.")
 @click.option("-c", "--config", "config_path", type=CONFIG_FILE, default=DEFAULT_PATH, show_default=True)
-@click.option("--secret-file", type=click.Path(dir_okay=False), default=None,
+@click.option("--secret-file", type=click.Path(readable=False), default=None,
               help="A time-based sequence without a config: its secret (base32, chmod 600); with --protos, "
                    "and --window and --port-range if the server's differ from the defaults.")
 @click.option("--protos", default=None, metavar="P,P,...", help="With --secret-file: the knocks' protocols.")
@@ -38,9 +38,10 @@ Examples:
               help="With --until-open: give up after this long (a bare number is seconds).")
 @click.option("-4", "ipv4", is_flag=True, help="IPv4 only.")
 @click.option("-6", "ipv6", is_flag=True, help="IPv6 only.")
+@json_option
 @fail_cleanly
 def knock(host, steps, sequence_name, config_path, secret_file, protos, window_ns, port_range, delay_ns, repeat,
-          until_open, deadline_ns, ipv4, ipv6):
+          until_open, deadline_ns, ipv4, ipv6, as_json):
     """Send a knock sequence to HOST (the client; ICMP knocks use a raw socket as root, else a ping socket)."""
     import socket
 
@@ -84,7 +85,8 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window_n
     family = socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None
     if until_open is None:
         send_knocks(host, list(steps), delay=delay, family=family, repeat=repeat)
-        click.echo(f"knocked {host}: {' '.join(str(s) for s in steps)}")
+        echo_result(as_json, {"host": host, "knocked": [str(s) for s in steps]},
+                    f"knocked {host}: {' '.join(str(s) for s in steps)}")
         return
     if deadline <= 0:
         raise click.BadParameter("must be > 0", param_hint="--deadline")
@@ -96,4 +98,6 @@ def knock(host, steps, sequence_name, config_path, secret_file, protos, window_n
         repeat=repeat,
         on_attempt=lambda n, knocked, outcome: outcome != "open" and click.echo(
             f"round {n}: {' '.join(map(str, knocked))}; {until_open} {outcome}, knocking again", err=True))
-    click.echo(f"knocked {host}: {until_open} open after {rounds} round{'s' if rounds > 1 else ''}")
+    echo_result(as_json, {"host": host, "knocked": [str(s) for s in (steps_now() if steps_now else fixed)],
+                          "open": str(until_open), "rounds": rounds},
+                f"knocked {host}: {until_open} open after {rounds} round{'s' if rounds > 1 else ''}")

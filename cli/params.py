@@ -111,4 +111,4 @@ class SequenceNameType(click.ParamType):
 STEP, PORT, ADDRESS, IFACE, SEQUENCE = StepType(), StepType(ports_only=True), AddressType(), InterfaceType(), \
     SequenceNameType()
 DURATION, SECONDS_OR_DURATION = DurationType(), DurationType(seconds_ok=True)
-CONFIG_FILE = click.Path(dir_okay=False)   # completes file names; the loader says what is wrong with one
+CONFIG_FILE = click.Path(readable=False)   # completes file names; the loader says what is wrong with one

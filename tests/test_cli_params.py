@@ -3,6 +3,7 @@
 them, and the shell completion of interfaces, sequence names and files. No
 root, no interface: the types alone, and the program run for completion."""
 
+import json
 import os
 import subprocess
 
@@ -62,6 +63,12 @@ def test_knock_takes_the_slash_and_a_duration_delay():
     result = run("knock", "127.0.0.1", "tcp/7000", "udp/8000", "--delay", "10ms")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "knocked 127.0.0.1: tcp:7000 udp:8000"
+
+
+def test_knock_answers_in_json():
+    result = run("knock", "127.0.0.1", "tcp:7000", "--delay", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"host": "127.0.0.1", "knocked": ["tcp:7000"]}
 
 
 @pytest.mark.parametrize("option, value", [("--delay", "-1"), ("--delay", "1x"), ("--deadline", "soon")])
