@@ -25,8 +25,6 @@ round) is subtracted: the filter's own ns per packet, with the skb that nft
 needs counted against nft.
 """
 
-import contextlib
-import ctypes
 import ipaddress
 import os
 import socket
@@ -37,14 +35,13 @@ from xknock.controller.config import parse_config
 from xknock.controller.kernel import bpfsys, datapath
 from xknock.controller.kernel.maps import FilterMaps
 from xknock.controller.policy import policy
-from xknock_dev.lab import lab
+from xknock_dev.lab import in_netns, lab
 
 from . import common, sidebyside as sb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from xknock_dev.e2e import config_text, fresh_attach, status_json, write_config
 
-CLONE_NEWNET = 0x40000000
 FLOODS = {
     "guarded port": ["tcp:22"],             # every frame dropped by the filter
     "unguarded ports": ["tcp:*", "udp:*"],  # every frame passed on to the stack
@@ -61,25 +58,6 @@ class Settings:
         self.fixed_rate = 100_000 if quick else 300_000
         self.allow_entries = 10 if quick else 10_000
         self.floods = ["guarded port"] if quick else list(FLOODS)
-
-
-@contextlib.contextmanager
-def in_netns(name):
-    """This thread in the network namespace name, then back."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/self/ns/net", os.O_RDONLY)
-    target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {name}")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(own)
-        os.close(target)
 
 
 def allow_prefixes(count):

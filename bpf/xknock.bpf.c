@@ -34,7 +34,8 @@ static __always_inline int source_invalid6(struct xk_addr *src)
 
 static __always_inline int is_drop(__u32 reason)
 {
-	return reason >= XK_DROP_DENYLIST && reason <= XK_DROP_SPA;
+	return (reason >= XK_DROP_DENYLIST && reason <= XK_DROP_SPA) || reason == XK_DROP_IPSEC ||
+	       reason == XK_DROP_TRANSPORT;
 }
 
 static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set_out)
@@ -86,6 +87,12 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 		return XK_DROP_BANNED;
 	if (parsed == XK_PARSED_FRAGMENT)
 		return XK_PASS_FRAGMENT;
+	/* ESP, AH and SCTP, DCCP, UDP-Lite: what the kernel decrypts or delivers
+	 * there is out of XDP's sight or out of any grant's reach. Dropped
+	 * silently (no answer is made for them). */
+	__u32 unseen = unseen_verdict(pkt, set, bank);
+	if (unseen)
+		return unseen;
 	if (parsed == XK_PARSED_OTHER_L4)
 		return XK_PASS_OTHER_L4;
 
@@ -99,8 +106,19 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 	if ((set->flags & XK_SET_STRICT) && opens_connection(pkt) &&
 	    !(port && (port->flags & (XK_PORT_GUARDED | XK_PORT_KNOCK)) == XK_PORT_KNOCK))
 		touch_if_knocking(pkt, now / 1000, set);
-	if (!port)
+	if (!port) {
+		/* NAT-T: ESP in UDP, decrypted after XDP. Refused as an unused
+		 * port would be: the host answers it when nothing listens. */
+		if (pkt->proto == XK_PROTO_UDP && pkt->dport == XK_NATT_PORT) {
+			pkt->unseen |= XK_UNSEEN_IPSEC;
+			__u32 natt = unseen_verdict(pkt, set, bank);
+			if (natt == XK_DROP_IPSEC)
+				pkt->answerable = XK_ANSWERED_BY_HOST;
+			if (natt)
+				return natt;
+		}
 		return XK_PASS_UNGUARDED;
+	}
 	/* From here on a refusal is answered as an unused port would be. */
 	pkt->answerable = (port->flags & XK_PORT_GUARDED) ? XK_ANSWERED_HERE : XK_ANSWERED_BY_HOST;
 	if (banned)

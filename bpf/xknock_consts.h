@@ -119,6 +119,22 @@
 #define XK_SET_BANS      (1U << 2)   /* failed knocks lead to bans */
 #define XK_SET_STRICT    (1U << 3)   /* a new connection to another port resets the source's knocks */
 #define XK_SET_ANSWER    (1U << 4)   /* refused packets get the answer of an unused port */
+#define XK_SET_DROP_IPSEC      (1U << 5)   /* [filter] ipsec = "drop": ESP, AH, NAT-T refused */
+#define XK_SET_DROP_TRANSPORTS (1U << 6)   /* [filter] other_transports = "drop": SCTP, DCCP, UDP-Lite refused */
+
+/* Transports whose ports the kernel delivers to sockets that xknock cannot
+ * open (grants are TCP and UDP). */
+#define XK_PROTO_DCCP 33
+#define XK_PROTO_SCTP 132
+#define XK_PROTO_UDPLITE 136
+/* IPsec: what follows ESP is encrypted; NAT-T carries ESP in UDP to this port. */
+#define XK_PROTO_ESP 50
+#define XK_PROTO_AH 51
+#define XK_NATT_PORT 4500
+
+/* xk_packet.unseen bits: what hides a packet's real destination from XDP */
+#define XK_UNSEEN_IPSEC 1            /* ESP, AH (IPv4 or an IPv6 extension header), NAT-T */
+#define XK_UNSEEN_TRANSPORT 2        /* SCTP, DCCP, UDP-Lite */
 
 /* xk_packet.answerable: how a refused packet is answered (answer = "closed") */
 #define XK_ANSWERED_HERE 1           /* guarded ports (a service listens): the answer is made here */
@@ -146,7 +162,7 @@
 enum xk_reason {
 	XK_PASS_NOT_IP = 0,        /* ARP, LLDP and other non-IP frames */
 	XK_PASS_UNGUARDED = 1,     /* IP to a port that is neither guarded nor a knock */
-	XK_PASS_OTHER_L4 = 2,      /* IP protocols without ports (GRE, ESP, SCTP...) */
+	XK_PASS_OTHER_L4 = 2,      /* IP protocols without ports for us (GRE, IP-in-IP...); ESP, SCTP... when passed */
 	XK_PASS_FRAGMENT = 3,      /* later fragments: their first fragment was judged */
 	XK_PASS_ALLOWLIST = 4,     /* guarded port, source on the allow-list */
 	XK_PASS_GRANT = 5,         /* guarded port, live grant */
@@ -158,7 +174,9 @@ enum xk_reason {
 	XK_DROP_BANNED = 11,       /* source banned after too many failed knocks */
 	XK_DROP_SPA = 12,          /* every packet to the SPA port (answered like an unused port) */
 	XK_PASS_ECHO = 13,         /* an ICMP echo knock: recorded, then the host answers the ping */
-	XK_VERDICT_REASONS = 14,
+	XK_DROP_IPSEC = 14,        /* ESP, AH, NAT-T (udp:4500) with ipsec = "drop", source not allow-listed */
+	XK_DROP_TRANSPORT = 15,    /* SCTP, DCCP, UDP-Lite with other_transports = "drop", not allow-listed */
+	XK_VERDICT_REASONS = 16,
 	XK_KNOCK_ADVANCED = 16,    /* a right step, sequence not finished yet */
 	XK_KNOCK_COMPLETED = 17,
 	XK_KNOCK_RESET = 18,       /* a wrong step ended progress */

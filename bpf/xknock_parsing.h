@@ -30,14 +30,15 @@ struct xk_packet {
 	__u16 l4_off;     /* where the TCP, UDP or ICMP header starts */
 	__u8 answerable;  /* refused on a guarded, knock or SPA port: answer = "closed" applies */
 	__u8 took;        /* a knock some sequence took (advanced, completed or repeated) */
-	__u8 pad3[2];
+	__u8 unseen;      /* XK_UNSEEN_*: IPsec or a transport whose destination xknock cannot open */
+	__u8 pad3;
 };
 
 /* How far parsing got. */
 enum xk_parse {
 	XK_PARSED_L4 = 0,       /* TCP, UDP or ICMP echo request: proto and dport are set */
 	XK_PARSED_NOT_IP,
-	XK_PARSED_OTHER_L4,     /* IP with a protocol that has no ports for us */
+	XK_PARSED_OTHER_L4,     /* IP with a protocol that has no ports for us (pkt->unseen says if it hides one) */
 	XK_PARSED_FRAGMENT,     /* a later fragment: no L4 header */
 	XK_PARSED_BAD_FRAGMENT, /* tiny first fragment, or a later one overlapping the L4 header */
 	XK_PARSED_MALFORMED,
@@ -148,6 +149,23 @@ static __always_inline int parse_iphdr(void *data, void *data_end, struct xk_pac
 	return protocol;
 }
 
+/* IPv4's AH (RFC 4302): walked like IPv6's, so that both families judge what
+ * it carries alike. Returns the protocol after it, or -1. */
+static __always_inline int parse_ipv4_ah(void *data, void *data_end, struct xk_packet *pkt)
+{
+	struct xk_ipv6_opt_hdr *ah = cursor(data, data_end, pkt, sizeof(*ah));
+	if (!ah)
+		return -1;
+	__u32 size = (ah->hdrlen + 2) * 4;
+	if (size > pkt->l4_room)
+		return -1;
+	pkt->unseen |= XK_UNSEEN_IPSEC;
+	pkt->l4_room -= size;
+	int protocol = ah->nexthdr;
+	advance(pkt, size);
+	return protocol == IPPROTO_AH ? -1 : protocol;   /* AH in AH: no stack sends it */
+}
+
 static __always_inline int ipv6_is_ext_hdr(__u8 nexthdr)
 {
 	return nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
@@ -190,6 +208,7 @@ static __always_inline int parse_ipv6hdr(void *data, void *data_end, struct xk_p
 			size = sizeof(*fh);
 		} else if (nexthdr == IPPROTO_AH) {
 			size = (oh->hdrlen + 2) * 4;
+			pkt->unseen |= XK_UNSEEN_IPSEC;
 		} else {
 			size = (oh->hdrlen + 1) * 8;
 		}
@@ -249,6 +268,8 @@ static __always_inline enum xk_parse parse_packet(void *data, void *data_end, st
 		return XK_PARSED_MALFORMED;
 	if (eth_type == ETH_P_IP) {
 		proto = parse_iphdr(data, data_end, pkt);
+		if (proto == IPPROTO_AH && !pkt->frag)
+			proto = parse_ipv4_ah(data, data_end, pkt);
 	} else if (eth_type == ETH_P_IPV6) {
 		proto = parse_ipv6hdr(data, data_end, pkt);
 		if (proto == IPPROTO_ICMP)
@@ -266,8 +287,15 @@ static __always_inline enum xk_parse parse_packet(void *data, void *data_end, st
 			return XK_PARSED_BAD_FRAGMENT;
 		return XK_PARSED_FRAGMENT;
 	}
-	if (!has_ports)
+	if (!has_ports) {
+		/* What the kernel decrypts (ESP) or delivers to sockets xknock
+		 * cannot open (SCTP, DCCP, UDP-Lite): the policy decides. */
+		if (proto == IPPROTO_ESP)
+			pkt->unseen |= XK_UNSEEN_IPSEC;
+		else if (proto == XK_PROTO_SCTP || proto == XK_PROTO_DCCP || proto == XK_PROTO_UDPLITE)
+			pkt->unseen |= XK_UNSEEN_TRANSPORT;
 		return XK_PARSED_OTHER_L4;
+	}
 
 	int l4 = parse_l4(data, data_end, proto, pkt);
 	if (l4 < 0)

@@ -68,6 +68,24 @@ static __always_inline void record_failure(struct xk_packet *pkt, struct xk_sett
 	}
 }
 
+/* IPsec and the transports xknock cannot open, when the live settings refuse
+ * them: refused unless the source is on the allow-list. Returns the verdict,
+ * or 0 to judge the packet as usual. */
+static __always_inline __u32 unseen_verdict(struct xk_packet *pkt, struct xk_settings *set, __u32 bank)
+{
+	__u8 unseen = pkt->unseen;
+	__u32 reason = 0;
+	if ((unseen & XK_UNSEEN_IPSEC) && (set->flags & XK_SET_DROP_IPSEC))
+		reason = XK_DROP_IPSEC;
+	else if ((unseen & XK_UNSEEN_TRANSPORT) && (set->flags & XK_SET_DROP_TRANSPORTS))
+		reason = XK_DROP_TRANSPORT;
+	if (!reason)
+		return 0;
+	if ((set->flags & XK_SET_HAS_ALLOW) && source_listed(0, bank, pkt))
+		return XK_PASS_ALLOWLIST;
+	return reason;
+}
+
 /* A TCP SYN opens a connection and needs the grant's window; everything else
  * (established TCP, UDP) is kept alive by the idle clock too. */
 static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_settings *set, __u32 bank,

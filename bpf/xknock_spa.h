@@ -110,6 +110,11 @@ static __always_inline __u32 handle_spa(struct xdp_md *ctx, struct xk_packet *pk
 		count(XK_SPA_NOT_CANDIDATE);
 		return XK_DROP_SPA;
 	}
+	/* The source port, for the public-key SPA's answer (past NAT, the one
+	 * the client's packet really came from). parse_l4 saw the UDP header. */
+	__u16 sport = 0;
+	bpf_xdp_load_bytes(ctx, off - sizeof(struct udphdr), &sport, sizeof(sport));
+	ev->sport = bpf_ntohs(sport);
 	ev->ts_ns = now;
 	ev->src = pkt->src;
 	ev->port = pkt->dport;

@@ -62,8 +62,15 @@ struct xk_grant_key {
 };
 
 struct xk_grant {
+#ifndef XK_TEST_OTHER_LAYOUT
 	__u64 window_end_ns;     /* new connections until then */
 	__u64 idle_timeout_ns;   /* established traffic keeps it alive this long */
+#else
+	/* tests only: another version's grants, the same size with two fields
+	 * swapped, which a size check cannot tell apart (tests/test_upgrade.py) */
+	__u64 idle_timeout_ns;
+	__u64 window_end_ns;
+#endif
 	__u64 last_seen_ns;      /* refreshed coarsely by passing traffic */
 	__u32 seq_uid;           /* 0 for a grant written by the operator */
 	__u32 flags;
@@ -77,10 +84,11 @@ struct xk_lpm_key {
 	__u8 pad[3];
 };
 
-/* control[0]: which bank is live. Flipping it switches the whole policy at once. */
+/* control[0]: which bank is live. Flipping it switches the whole policy at once.
+ * active_bank and layout stay the first 8 bytes in every version. */
 struct xk_control {
 	__u32 active_bank;
-	__u32 pad;
+	__u32 layout;            /* the controller's stamp of these maps' layout; never read here */
 	__u64 test_now_ns;       /* the clock, in builds with XK_TEST_CLOCK only */
 };
 
@@ -169,7 +177,8 @@ struct xk_spa_event {
 	__u16 port;              /* the UDP port it was sent to */
 	__u16 len;               /* bytes of payload used */
 	__u8 ipv4;
-	__u8 pad[3];
+	__u8 pad;
+	__u16 sport;             /* the UDP source port, host order: where an answer goes */
 	__u8 payload[XK_SPA_MAX_PAYLOAD];
 	__u8 pad2[4];
 };

@@ -84,8 +84,9 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
         raise
     _remove_failsafe(list(ifaces))
     from xknock.controller.policy.answers import attach_warnings
+    from xknock.controller.policy.ipsec import ipsec_warnings
 
-    for warning in attach_warnings(config, attached.modes):
+    for warning in [*attach_warnings(config, attached.modes), *ipsec_warnings(config)]:
         log.warning(warning)
     for name in ifaces:
         how = "replaced program %d" % attached.replaced[name] if name in attached.replaced else "attached"

@@ -13,6 +13,7 @@ from xknock.cli.importers import import_
 from xknock.cli.knock import knock
 from xknock.cli.reload import reload
 from xknock.cli.spa import keygen, spa
+from xknock.cli.ssh_proxy import ssh_proxy
 from xknock.cli.status import status
 from xknock.cli.top import top
 from xknock.controller.daemon.events import setup_logging
@@ -34,7 +35,7 @@ def main(log_format, verbose):
 
 
 for command in (attach, detach, status, reload, grant, revoke, grants, ban, unban, bans, knock, check, diff, top, spa,
-                keygen):
+                keygen, ssh_proxy):
     main.add_command(command)
 main.add_command(import_, name="import")
 

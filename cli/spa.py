@@ -1,10 +1,14 @@
-"""`xknock spa` (send one fwknop-compatible SPA packet) and `xknock keygen`."""
+"""`xknock spa` (send one SPA packet: fwknop's format, or with --identity
+the public-key one) and `xknock keygen`."""
+
+import time
 
 import click
 
 from xknock.cli.common import fail_cleanly
 from xknock.controller.client.spa_client import DEFAULT_PORT, parse_access, send_spa
 from xknock.controller.wire import spa_message
+from xknock.controller.wire import spa_pubkey_keys as pubkey_keys
 from xknock.controller.wire.spa_keys import (
     HMAC_KEY_BYTES, format_keygen, generate, keys_from_base64, load_key_file, write_key_file,
 )
@@ -26,10 +30,15 @@ Examples:
   xknock spa 192.0.2.1 -A tcp/22 -A udp/53 --key-file k --user alice -a 198.51.100.7
   xknock spa gw.example -A tcp/22 --key-file k --source-from-packet   # behind NAT
   xknock spa 2001:db8::1 -A tcp/22 --key-file k                       # IPv6: the source is granted
+  xknock spa gw.example -A tcp/22 --identity ~/.xknock/alice.key --server-key gw.pub   # public-key SPA
 
 \b
-The packet is what `fwknop -A tcp/22 -a ADDR --use-hmac -D HOST` sends:
-fwknopd accepts it as well as xknock. Nothing answers; try the port.""")
+With --key-file or --key-base64 the packet is what `fwknop -A tcp/22 -a ADDR
+--use-hmac -D HOST` sends: fwknopd accepts it as well as xknock. Nothing
+answers; try the port. With --identity it is xknock's public-key packet
+(docs/spa.md): it opens both address families, and the server's sealed
+answer says whether it was granted (exit status 0) or refused and why (1);
+no answer after --tries packets: exit status 2.""")
 @click.argument("host")
 @click.option("-A", "--access", "ports", type=AccessType(), multiple=True, required=True,
               help="A port to open, tcp/22 or udp/53 (repeatable).")
@@ -40,9 +49,9 @@ fwknopd accepts it as well as xknock. Nothing answers; try the port.""")
 @click.option("--digest", "hmac_digest", type=click.Choice(spa_message.HMAC_DIGESTS), default="sha256",
               show_default=True, help="The HMAC digest (the server's HMAC_DIGEST_TYPE / hmac_digest).")
 @click.option("--user", default=None, help="The user name in the message (default: your login name).")
-@click.option("-a", "--allow-ip", "access_address", default=None, metavar="IPV4",
-              help="The address to grant (default: the local address of the route to HOST). "
-                   "IPv4 only: fwknop's message cannot hold IPv6.")
+@click.option("-a", "--allow-ip", "access_addresses", multiple=True, metavar="ADDRESS",
+              help="The address to grant (default: the local address of the route to HOST). fwknop's "
+                   "message holds one IPv4 address; the public-key one an IPv4 and an IPv6 (repeat -a).")
 @click.option("--source-from-packet", is_flag=True,
               help="Ask for the packet's source address to be granted (message address 0.0.0.0, fwknop -s): "
                    "for clients behind NAT, and always used to an IPv6 HOST. A server with "
@@ -51,10 +60,24 @@ fwknopd accepts it as well as xknock. Nothing answers; try the port.""")
               metavar="SECONDS", help="Ask for this long an opening (the server caps it at its max_open_for).")
 @click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
               help="The server's SPA port.")
+@click.option("--identity", type=click.Path(dir_okay=False), default=None,
+              help="Public-key SPA: your private key (xknock keygen --public), mode 0600.")
+@click.option("--server-key", default=None, metavar="KEY|FILE.pub",
+              help="Public-key SPA: the server's public key, base64 or its .pub file.")
+@click.option("--no-wait", is_flag=True, help="Public-key SPA: ask for no answer, send one packet and exit.")
+@click.option("--tries", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Public-key SPA: packets to send, one a second, until the server answers.")
 @fail_cleanly
-def spa(host, ports, key_file, key_base64, hmac_key_base64, hmac_digest, user, access_address,
-        source_from_packet, client_timeout, port):
+def spa(host, ports, key_file, key_base64, hmac_key_base64, hmac_digest, user, access_addresses,
+        source_from_packet, client_timeout, port, identity, server_key, no_wait, tries):
     """Send one SPA packet asking HOST to open ports to this client."""
+    if identity or server_key:
+        return _spa_pubkey(host, ports, identity, server_key, access_addresses, client_timeout, port, no_wait,
+                           tries, fwknop_options=key_file or key_base64 or hmac_key_base64 or source_from_packet
+                           or user)
+    if len(access_addresses) > 1:
+        raise click.UsageError("fwknop's message holds one address: give -a once")
+    access_address = access_addresses[0] if access_addresses else None
     if access_address and source_from_packet:
         raise click.UsageError("give -a IPV4 or --source-from-packet, not both")
     inline = key_base64 is not None or hmac_key_base64 is not None
@@ -73,24 +96,76 @@ def spa(host, ports, key_file, key_base64, hmac_key_base64, hmac_digest, user, a
     click.echo(f"sent SPA to {sent.server} port {sent.port} ({sent.size} bytes): open {opened} for {whom}")
 
 
+def _spa_pubkey(host, ports, identity, server_key, addresses, client_timeout, port, no_wait, tries,
+                fwknop_options):
+    from xknock.controller.client import spa_pubkey_client
+
+    if not identity or not server_key:
+        raise click.UsageError("the public-key SPA needs --identity FILE and --server-key KEY")
+    if fwknop_options:
+        raise click.UsageError("--identity is the public-key SPA: leave out fwknop's --key-file, --key-base64, "
+                               "--hmac-key-base64, --user and --source-from-packet")
+    result = spa_pubkey_client.knock(host, list(ports), pubkey_keys.load_private(identity, pubkey_keys.USER),
+                                     pubkey_keys.read_public(server_key, "--server-key"), port=port,
+                                     addresses=addresses, open_for_s=client_timeout or 0, acknowledge=not no_wait,
+                                     tries=tries)
+    opened = " ".join(f"{proto}/{number}" for proto, number in ports)
+    whom = " and ".join(str(a) for a in (result.ipv4, result.ipv6) if a) or "the packet's source"
+    if no_wait:
+        click.echo(f"sent public-key SPA to {result.server} port {result.port}: open {opened} for {whom}")
+        return
+    ack = result.ack
+    if ack is None:
+        click.echo(f"xknock: no answer from {result.server} port {result.port} after {result.tries} packets "
+                   "(wrong --server-key, a firewall on the way, or the server is down)", err=True)
+        raise SystemExit(2)
+    if not ack.granted:
+        click.echo(f"xknock: {result.server} refused: {ack.detail}", err=True)
+        raise SystemExit(1)
+    granted = " and ".join(str(a) for a in (ack.ipv4, ack.ipv6) if a)
+    ports_text = " ".join(f"{proto}/{number}" for proto, number in ack.ports)
+    click.echo(f"granted by {result.server}: {ports_text} for {granted} until "
+               f"{time.strftime('%H:%M:%S', time.localtime(ack.until))}")
+
+
 @click.command(epilog="""\b
 Examples:
   xknock keygen                                  # print, as `fwknop --key-gen` does
   xknock keygen --key-file /etc/xknock/alice.keys
   xknock keygen --hmac-digest sha512 --key-file alice.keys
+  xknock keygen --public --key-file ~/.xknock/alice.key          # a user's key pair (+ .pub)
+  xknock keygen --public --server --key-file /etc/xknock/spa-server.key
 
 \b
-Give the same keys to the client (fwknop's ~/.fwknoprc: KEY_BASE64 and
+--public makes a key pair of the public-key SPA (docs/spa.md): the private
+key stays where it was made (mode 0600); give FILE.pub's key to the server
+([[spa.user]] public_keys), or, for --server, to the users. Without --public:
+give the same keys to the client (fwknop's ~/.fwknoprc: KEY_BASE64 and
 HMAC_KEY_BASE64 with USE_HMAC Y, or xknock spa --key-file) and the server
 ([[spa.user]] key_file).""")
 @click.option("--key-file", type=click.Path(dir_okay=False), default=None,
               help="Write the keys here, mode 0600, instead of printing them.")
 @click.option("--hmac-digest", type=click.Choice(sorted(HMAC_KEY_BYTES)), default="sha256", show_default=True,
               help="Size the HMAC key for this digest, as fwknop does.")
+@click.option("--public", is_flag=True,
+              help="Make a key pair of the public-key SPA instead: KEY_FILE (private, 0600) and KEY_FILE.pub.")
+@click.option("--server", is_flag=True, help="With --public: the server's key pair (X25519), not a user's.")
 @click.option("--force", is_flag=True, help="Overwrite KEY_FILE if it exists.")
 @fail_cleanly
-def keygen(key_file, hmac_digest, force):
-    """Make a random encryption key and HMAC key in `fwknop --key-gen` format."""
+def keygen(key_file, hmac_digest, public, server, force):
+    """Make a random encryption key and HMAC key in `fwknop --key-gen` format,
+    or with --public a key pair."""
+    if server and not public:
+        raise click.UsageError("--server goes with --public")
+    if public:
+        if key_file is None:
+            raise click.UsageError("--public needs --key-file FILE (a private key is never printed)")
+        kind = pubkey_keys.SERVER if server else pubkey_keys.USER
+        private = pubkey_keys.write_pair(key_file, kind, force=force)
+        click.echo(f"wrote the {kind} private key to {key_file} (mode 0600) and its public key to {key_file}.pub:",
+                   err=True)
+        click.echo(pubkey_keys.format_public(kind, private), nl=False)
+        return
     keys = generate(hmac_digest)
     if key_file is None:
         click.echo(format_keygen(keys), nl=False)

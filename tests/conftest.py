@@ -20,6 +20,25 @@ def pytest_configure(config):
         raise pytest.UsageError("xknock's tests load XDP programs and build namespaces: run them as root")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory):
+    """HOME in a temporary folder for the session's fixtures (module-scoped
+    ones start before any test's): no test writes the real home directory."""
+    with pytest.MonkeyPatch.context() as patch:
+        home = tmp_path_factory.mktemp("home")
+        patch.setenv("HOME", str(home))
+        yield home
+
+
+@pytest.fixture(autouse=True)
+def home(session_home, tmp_path_factory, monkeypatch):
+    """A fresh, empty HOME for every test and the subprocesses it starts
+    (`fwknop --key-gen` writes ~/.fwknoprc on its first run, for one)."""
+    fresh = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(fresh))
+    return fresh
+
+
 @pytest.fixture(scope="session")
 def harness():
     """The real program, built with the test clock, loaded once per session."""

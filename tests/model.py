@@ -58,7 +58,10 @@ the source is banned for `for` (BAN_ISSUED, failures forgotten), unless it is
 allow-listed (BAN_SPARED). A banned source is dropped (DROP_BANNED) on every
 port (scope "all", checked right after the deny-list) or on knock and guarded
 ports only (scope "knock", after strict mode's touch); a ban found over is
-removed (BAN_EXPIRED).
+removed (BAN_EXPIRED). The bans map holds ban_entries sources (ended bans
+too, until their source comes back or a sweep); nothing evicts one: a ban that
+finds it full is refused (BAN_FAILED) and the failures are kept, so the
+source's next failure within the window tries again.
 
 Guarded ports. A source on the allow-list passes. Otherwise the grant decides:
 a SYN without ACK needs now < window_end; anything else passes while
@@ -126,6 +129,7 @@ MUTATIONS = {
     "strict_synack_opens": "in strict mode, a SYN+ACK counts as a new connection",
     "strict_untaken_knock_quiet": "in strict mode, a knock no sequence takes does not intervene",
     "strict_resets_ban": "strict resets count towards bans",
+    "bans_unbounded": "the bans map never fills: no ban is refused",
     "rst_ack_off_by_one": "the RST|ACK answer acknowledges one byte too many",
     "icmp_peer_starts_full": "a new ICMP peer bucket starts full, not full less this error",
     "icmp_no_host_bucket": "ICMP errors are limited per destination only, not for the host",
@@ -270,7 +274,7 @@ def recent_place(src, slots):
 
 
 class Model:
-    def __init__(self, config, now_ns, mutations=(), answers=None, recent_slots=1 << 12):
+    def __init__(self, config, now_ns, mutations=(), answers=None, recent_slots=1 << 12, ban_entries=None):
         unknown = set(mutations) - set(MUTATIONS)
         if unknown:
             raise ValueError(f"unknown mutations {sorted(unknown)}; known: {sorted(MUTATIONS)}")
@@ -308,6 +312,7 @@ class Model:
         self.grants = {}     # (source key, proto, port) -> Grant
         self.failures = {}   # source key -> [window_start_ns, count]
         self.bans = {}       # source key -> until_ns
+        self.ban_entries = ban_entries   # the bans map's capacity; None: unbounded
         self.icmp_host = [0, 0]   # [last_ns, credit_ns]: the array starts zeroed
         self.icmp_peers = {}      # source key -> [last_ns, credit_ns]
         self.counters = collections.Counter()
@@ -467,10 +472,15 @@ class Model:
         if _listed(self.allow, src):
             self.counters[Reason.BAN_SPARED] += 1
             return
-        if src not in self.bans:
-            self.bans[src] = self.now_ns + ban.for_ns
-            self.counters[Reason.BAN_ISSUED] += 1
-            del self.failures[src]
+        if src in self.bans:
+            return
+        if (self.ban_entries is not None and len(self.bans) >= self.ban_entries
+                and "bans_unbounded" not in self.mutations):
+            self.counters[Reason.BAN_FAILED] += 1   # full: nobody is evicted, the failures stay
+            return
+        self.bans[src] = self.now_ns + ban.for_ns
+        self.counters[Reason.BAN_ISSUED] += 1
+        del self.failures[src]
 
     # -- guarded ports ------------------------------------------------------------
 

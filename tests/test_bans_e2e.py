@@ -5,9 +5,9 @@ lists with `xknock bans`."""
 import json
 
 import pytest
-from xknock_dev.e2e import DROPPED, TcpEchoServer, check, config_text, knock, status_json, write_config, xknock
+from xknock_dev.e2e import DROPPED, check, config_text, knock, served_lab, status_json, write_config, xknock
 
-from xknock_dev.lab import can_connect, lab
+from xknock_dev.lab import can_connect
 
 BAN = """
 [ban]
@@ -20,12 +20,8 @@ scope = "all"
 
 @pytest.fixture(scope="module")
 def net():
-    with lab("xkban") as built:
-        server = TcpEchoServer(built.server, 22, 80)
-        try:
-            yield built
-        finally:
-            server.stop()
+    with served_lab("xkban", 22, 80) as built:
+        yield built
 
 
 def test_guessing_knocks_gets_banned_and_unban_lifts_it(net, tmp_path):

@@ -2,6 +2,7 @@
 plus the step and duration parsers it is built from."""
 
 import ipaddress
+import sys
 
 import pytest
 from hypothesis import given
@@ -111,8 +112,13 @@ CASES = [
     ("[hooks] max_running as a string", '[hooks]\nmax_running = "8"\n', "hooks: max_running '8': must be a whole number from 1 to 256"),
     ("hooks is not a table", 'hooks = ["/bin/true"]\n', "hooks: must be a table ([hooks]), not an array"),
     # [filter]
-    ("an unknown key in [filter]", '[filter]\nmod = "monitor"\n', 'filter: unknown key "mod"; known: mode, strict, answer, fail_closed (did you mean "mode"?)'),
+    ("an unknown key in [filter]", '[filter]\nmod = "monitor"\n', 'filter: unknown key "mod"; known: mode, strict, answer, fail_closed, ipsec, other_transports (did you mean "mode"?)'),
     ("strict is not a boolean", '[filter]\nstrict = "yes"\n', "filter: strict must be true or false, not a string"),
+    ("an unknown ipsec choice", '[filter]\nipsec = "allow"\n',
+     'filter: ipsec "allow": must be "drop" (ESP, AH, udp:4500 refused unless allow-listed) or "pass"'),
+    ("other_transports is not a string", "[filter]\nother_transports = false\n",
+     'filter: other_transports a boolean: must be "drop" (SCTP, DCCP, UDP-Lite refused unless allow-listed) or "pass"'),
+    ("ipsec and other_transports pass", '[filter]\nipsec = "pass"\nother_transports = "pass"\n', None),
     ("an unknown mode", '[filter]\nmode = "block"\n', 'filter: mode "block": must be "enforce" or "monitor"'),
     ("mode is not a string", "[filter]\nmode = 1\n", 'filter: mode must be a string ("enforce" or "monitor"), not an integer'),
     ("filter is not a table", 'filter = "enforce"\n', "filter: must be a table ([filter]), not a string"),
@@ -232,7 +238,7 @@ def test_every_error_of_a_file_is_reported_at_once():
     with pytest.raises(ConfigError) as caught:
         config.parse_config(text, "/etc/xknock/xknock.toml", listening=set())
     assert caught.value.errors == [
-        '/etc/xknock/xknock.toml: filter: unknown key "mod"; known: mode, strict, answer, fail_closed (did you mean "mode"?)',
+        '/etc/xknock/xknock.toml: filter: unknown key "mod"; known: mode, strict, answer, fail_closed, ipsec, other_transports (did you mean "mode"?)',
         '/etc/xknock/xknock.toml: sequence "ssh": knock[2] "tcp:70000": port out of range 1-65535',
         '/etc/xknock/xknock.toml: sequence "ssh": step_timeout "5x": not a duration (use e.g. 500ms, 5s, 2m, 1h)',
         '/etc/xknock/xknock.toml: allow: sources[0] "10.0.0.300": not an IP address or CIDR',
@@ -542,6 +548,16 @@ def test_listening_ports_reads_proc_net(tmp_path):
     )
     # no udp6 file: a kernel without IPv6
     assert config.listening_ports(str(tmp_path)) == {("tcp", 22), ("tcp", 8080), ("udp", 53)}
+
+
+def test_listening_ports_on_a_big_endian_host(tmp_path, monkeypatch):
+    (tmp_path / "tcp").write_text(
+        PROC_HEADER
+        + proc_row("7F000001:0277", "00000000:0000", "0A")  # 127.0.0.1:631 as a big-endian host prints it
+        + proc_row("0A4D0001:0016", "00000000:0000", "0A")  # 10.77.0.1:22
+    )
+    monkeypatch.setattr(sys, "byteorder", "big")
+    assert config.listening_ports(str(tmp_path)) == {("tcp", 22)}
 
 
 def test_listening_ports_without_proc(tmp_path):

@@ -311,7 +311,7 @@ def check_program(harness, program, mutations=(), seen=None):
     harness.set_clock(START_NS)
     harness.apply(config)
     model = Model(config, START_NS, mutations=mutations, answers=live_answer_settings(harness),
-                  recent_slots=harness.maps.recent.max_entries)
+                  recent_slots=harness.maps.recent.max_entries, ban_entries=harness.maps.bans.max_entries)
     watched = set(program["sources"])
     trace = []
 
@@ -530,6 +530,67 @@ def test_generator_finds_a_wrong_model(harness, mutation):
                           suppress_health_check=list(HealthCheck)),
     )
     print(f"{mutation}: {len(found['events'])} events")
+
+
+# -- a full bans map ------------------------------------------------------------------
+
+SMALL_BANS = 2
+
+
+@pytest.fixture(scope="module")
+def small_bans():
+    """The program with room for two bans: programs of three or four failing
+    sources fill it."""
+    from xknock_dev.testrun import Harness
+
+    with Harness(cflags=[f"-DXK_BAN_ENTRIES={SMALL_BANS}"]) as h:
+        assert h.maps.bans.max_entries == SMALL_BANS
+        yield h
+
+
+def _fail_twice(i):
+    """Two failed ssh sequences from source i (a first step, then its last): one ban."""
+    return [("next", i, 0), ("knock", i, ("tcp", 9000), TCP_SYN, None)] * BAN_AFTER
+
+
+FILL_BANS = _fixed(*_fail_twice(0), *_fail_twice(1), *_fail_twice(2), ("advance", BAN_FOR_NS // 2),
+                   *_fail_twice(2), ("guarded", 2, ("tcp", 22), TCP_SYN, None), ("advance", BAN_FOR_NS // 2),
+                   *_fail_twice(2), ("unguarded", 0, ("tcp", 80), TCP_SYN, None), *_fail_twice(2),
+                   sources=STRANGERS[:3], ban="all")
+
+
+def test_a_full_bans_map_agrees_and_a_model_without_capacity_does_not(small_bans):
+    seen = set()
+    assert check_program(small_bans, FILL_BANS, seen=seen) is None
+    assert Reason.BAN_FAILED in seen and Reason.BAN_EXPIRED in seen
+    difference = check_program(small_bans, FILL_BANS, mutations={"bans_unbounded"})
+    assert difference is not None, "the kernel agreed with a model whose bans map never fills"
+    print(f"bans_unbounded: {difference.splitlines()[0]}")
+
+
+# Programs that ban three or four strangers among their other events, so that
+# the two-entry map fills, ends bans and refuses some.
+BAN_HEAVY = st.fixed_dictionaries({
+    "mode": st.sampled_from(["enforce"] * 4 + ["monitor"]),
+    "strict": st.booleans(),
+    "answer": st.sampled_from(["closed", "drop"]),
+    "ban": st.sampled_from(["all", "knock"]),
+    "sources": st.lists(st.sampled_from(STRANGERS), min_size=3, max_size=4, unique=True),
+    # each item: an ordinary event, or (two times in three) two failures of source i
+    "events": st.lists(st.tuples(EVENTS, st.integers(0, 3), st.integers(0, 2)), min_size=6, max_size=30).map(
+        lambda items: [e for event, i, fail in items for e in (_fail_twice(i) if fail else [event])]),
+})
+
+
+@settings(max_examples=60, deadline=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(program=BAN_HEAVY)
+def test_kernel_agrees_with_model_on_a_small_bans_map(small_bans, program):
+    seen = set()
+    difference = check_program(small_bans, program, seen=seen)
+    for reason in seen:
+        event(reason.name)
+    assert difference is None, difference
 
 
 def test_colliding_sources_share_a_slot_in_the_kernel(harness):

@@ -15,10 +15,10 @@ import time
 import pytest
 
 from xknock_dev.e2e import (
-    ACCEPTED, DROPPED, SEQUENCE, XKNOCK, Foreground, HeldConnection, LineReader, TcpEchoServer, addr_of, check,
-    config_text, fresh_attach, full_pipe, knock, plain_knock, status_json, write_config, writing_to_stderr, xknock,
+    ACCEPTED, DROPPED, Foreground, HeldConnection, LineReader, SEQUENCE, XKNOCK, addr_of, check, config_text,
+    fresh_attach, full_pipe, knock, plain_knock, served_lab, status_json, write_config, writing_to_stderr, xknock,
 )
-from xknock_dev.lab import can_connect, lab, stop_process, wait_for
+from xknock_dev.lab import can_connect, stop_process, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -28,13 +28,8 @@ FAMILIES = ["ipv4", "ipv6"]
 
 @pytest.fixture(scope="module")
 def net():
-    with lab("xke2e") as built:
-        server = TcpEchoServer(built.server, GUARDED, UNGUARDED)
-        try:
-            yield built
-        finally:
-            server.stop()
-            xknock(built.server, "detach", built.server_iface)
+    with served_lab("xke2e", GUARDED, UNGUARDED) as built:
+        yield built
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import tempfile
 
 import pytest
 
-from xknock_dev.e2e import SEQUENCE, XKNOCK, TcpEchoServer, check, config_text, knock, write_config, xknock
-from xknock_dev.lab import connect_outcome, lab
+from xknock_dev.e2e import SEQUENCE, XKNOCK, check, config_text, knock, served_lab, write_config, xknock
+from xknock_dev.lab import connect_outcome
 from xknock.controller.config import load_config
 from xknock.controller.policy import failsafe
 
@@ -29,13 +29,8 @@ def _config(tmp_path, **filter_keys):
 
 @pytest.fixture(scope="module")
 def net():
-    with lab("xkfailsafe", ipv6=False) as built:
-        server = TcpEchoServer(built.server, GUARDED, UNGUARDED)
-        try:
-            yield built
-        finally:
-            server.stop()
-            xknock(built.server, "detach", built.server_iface)
+    with served_lab("xkfailsafe", GUARDED, UNGUARDED, ipv6=False) as built:
+        yield built
 
 
 @pytest.fixture

@@ -26,14 +26,14 @@ import time
 import pytest
 
 from xknock_dev.e2e import (
-    ACCEPTED, DROPPED, XKNOCK, Foreground, HeldConnection, TcpEchoServer, check, fresh_attach, knock, status_json,
+    ACCEPTED, DROPPED, Foreground, HeldConnection, XKNOCK, check, fresh_attach, knock, served_lab, status_json,
     xdp_prog_id, xknock,
 )
 from fault_helpers import (
     Attacker, Exchanges, Policy, Seq, allow_sources, census, parallel, wait_until, which_policy, write_atomically,
 )
 from xknock.controller.policy import policy as xk_policy
-from xknock_dev.lab import can_connect, lab, wait_for
+from xknock_dev.lab import can_connect, wait_for
 from xknock.controller.kernel.maps import FilterMaps
 
 pytestmark = pytest.mark.netns
@@ -64,13 +64,8 @@ RELOAD_DELAY_S = (0.0, 0.6)      # a `xknock reload` process lives ~0.25-0.5 s
 
 @pytest.fixture(scope="module")
 def net():
-    with lab("xkfault") as built:
-        server = TcpEchoServer(built.server, GUARDED, UNGUARDED)
-        try:
-            yield built
-        finally:
-            server.stop()
-            xknock(built.server, "detach", built.server_iface)
+    with served_lab("xkfault", GUARDED, UNGUARDED) as built:
+        yield built
 
 
 def connects(host, addr, port=GUARDED):

@@ -1,6 +1,8 @@
 """The namespace lab itself: every host reaches the server over both
 families, and nothing of a lab is left once its context is gone."""
 
+import os
+import pwd
 import subprocess
 
 import pytest
@@ -77,3 +79,12 @@ def test_labs_side_by_side_do_not_clash():
         assert first.server_iface != second.server_iface
         assert can_ping(first.client, first.server.ipv4)
         assert can_ping(second.client, second.server.ipv6)
+
+
+def test_commands_see_the_tests_home_not_roots(home):
+    # conftest gives every test a fresh HOME; what runs in the lab inherits it.
+    real_home = pwd.getpwuid(os.geteuid()).pw_dir
+    assert os.path.realpath(home) != os.path.realpath(real_home)
+    assert subprocess.run(["sh", "-c", 'echo "$HOME"'], capture_output=True, text=True).stdout.strip() == str(home)
+    with lab(ipv6=False) as net:
+        assert net.client.run(["sh", "-c", 'echo "$HOME"']).stdout.strip() == str(home)

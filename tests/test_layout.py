@@ -5,37 +5,71 @@ from the compiled C declarations; the enum and #defines are read from the
 headers themselves."""
 
 import ctypes
+import enum
+import os
 import re
+import uuid
 from importlib import resources
+from unittest import mock
 
 import pytest
+from bcc import BPF
 
-from xknock.controller.kernel import layout
-
-
-def _fields(ctype, prefix=""):
-    """[(dotted name, offset, size)] of every leaf field, recursively."""
-    out = []
-    if not hasattr(ctype, "_fields_"):
-        return [(prefix or "value", 0, ctypes.sizeof(ctype))]
-    for field in ctype._fields_:
-        name, ftype = field[0], field[1]
-        offset = getattr(ctype, name).offset
-        if hasattr(ftype, "_fields_"):
-            out += [(f"{prefix}{name}.{n}", offset + o, s) for n, o, s in _fields(ftype)]
-        else:
-            out.append((f"{prefix}{name}", offset, ctypes.sizeof(ftype)))
-    return out
+from xknock.controller.errors import XknockError
+from xknock.controller.kernel import btf, datapath, layout, stamp
+from xknock.controller.kernel.maps import FilterMaps
+from xknock_dev.testrun import OTHER_LAYOUT, Harness
 
 
 @pytest.mark.parametrize("map_name", sorted(layout.MAPS))
 def test_map_types_match_the_compiled_c(harness, map_name):
+    # Names too: a same-size reorder of two fields must not pass.
     table = harness.loaded.bpf[map_name.encode()]
     key_type, value_type = layout.MAPS[map_name]
     leaf = getattr(table, "sLeaf", table.Leaf)   # per-CPU tables: one CPU's value
     for ours, theirs in ((key_type, table.Key), (value_type, leaf)):
         assert ctypes.sizeof(ours) == ctypes.sizeof(theirs), map_name
-        assert [(o, s) for _, o, s in _fields(ours)] == [(o, s) for _, o, s in _fields(theirs)], map_name
+        assert layout.shape(ours) == layout.shape(theirs), map_name
+
+
+@pytest.mark.parametrize("map_name", sorted(layout.MAPS))
+def test_map_types_match_the_kernel_s_btf_of_the_map(harness, map_name):
+    fd = getattr(harness.maps, map_name).fd
+    key_type, value_type = layout.MAPS[map_name]
+    assert btf.map_layout(fd) == (layout.shape(key_type), layout.shape(value_type))
+
+
+def test_the_loaded_program_is_stamped_with_this_version_s_fingerprint(harness):
+    assert harness.maps.control.lookup(ctypes.c_uint32(0)).layout == layout.fingerprint()
+    assert stamp.of_maps({m.name: m.fd for m in harness.maps}) == layout.fingerprint()
+
+
+def test_maps_of_a_version_before_stamps_are_known_by_their_btf(harness):
+    control = harness.maps.control
+    value = control.lookup(ctypes.c_uint32(0))
+    value.layout = 0                      # as a version before stamps left it
+    control.update(ctypes.c_uint32(0), value)
+    try:
+        assert stamp.read(control.fd) == 0
+        assert datapath.running_layout(harness.loaded.prog_id) == layout.fingerprint()
+    finally:
+        value.layout = layout.fingerprint()
+        control.update(ctypes.c_uint32(0), value)
+
+
+def test_the_fingerprint_tells_a_reorder_a_rename_a_missing_map_and_a_renumbered_reason():
+    shapes, ours = layout.map_shapes(), layout.fingerprint()
+    key, value = shapes["grants"]
+    (first, a, size), (second, b, _) = value[:2]
+    reordered = ((second, a, size), (first, b, size), *value[2:])   # same size, same offsets
+    renamed = (("window_ends_ns", a, size), *value[1:])
+    for changed in (reordered, renamed):
+        assert layout.fingerprint({**shapes, "grants": (key, changed)}) != ours
+    assert layout.fingerprint({**shapes, "bans": None}) != ours
+    numbers = {r.name: r.value for r in layout.Reason}
+    numbers["DROP_BANNED"], numbers["DROP_SPA"] = numbers["DROP_SPA"], numbers["DROP_BANNED"]
+    with mock.patch.object(layout, "Reason", enum.IntEnum("Reason", numbers)):
+        assert layout.fingerprint() != ours
 
 
 def test_event_record_matches_the_c_struct(harness):
@@ -72,7 +106,7 @@ def test_limits_and_flags_mirror_the_c_defines():
     for name in ("MAX_SEQUENCES", "MAX_STEPS", "MAX_OPEN", "MAX_SEQS_PER_PORT", "PORT_ENTRIES",
                  "PROGRESS_ENTRIES", "GRANT_ENTRIES", "LIST_ENTRIES", "PROTO_ICMP", "PROTO_TCP", "PROTO_UDP",
                  "PORT_GUARDED", "PORT_KNOCK", "LPM_IPV4", "FAILURE_ENTRIES", "BAN_ENTRIES", "SET_BANS",
-                 "SET_STRICT", "SET_ANSWER", "ICMP_PEER_ENTRIES", "BAN_EVERYWHERE", "BAN_KNOCK_PORTS", "MODE_ENFORCE", "MODE_MONITOR", "SET_HAS_ALLOW", "SET_HAS_DENY"):
+                 "SET_STRICT", "SET_ANSWER", "SET_DROP_IPSEC", "SET_DROP_TRANSPORTS", "ICMP_PEER_ENTRIES", "BAN_EVERYWHERE", "BAN_KNOCK_PORTS", "MODE_ENFORCE", "MODE_MONITOR", "SET_HAS_ALLOW", "SET_HAS_DENY"):
         assert defines[name] == getattr(layout, name), name
     for event in layout.Event:
         assert defines["EV_" + event.name] == event.value
@@ -85,32 +119,36 @@ def test_map_capacities_match_the_loaded_program(harness):
     assert harness.maps.seqs.max_entries == 2 * layout.MAX_SEQUENCES
 
 
-def test_pinned_maps_of_another_layout_are_refused_not_misread():
-    import os
-    import uuid
-
-    from bcc import BPF
-
-    from xknock.controller.kernel import datapath
-    from xknock.controller.errors import XknockError
-
+def test_pinned_maps_of_another_size_are_refused_not_misread():
     directory = f"{datapath.PIN_ROOT}/test-layout-{uuid.uuid4().hex[:8]}"
     os.makedirs(directory)
     try:
         # an older `settings`: 8-byte values where this version needs more
         old = BPF(text=f'BPF_TABLE_PINNED("array", u32, u64, settings, 2, "{directory}/settings");'
                        "int f(void *c) {{ return 0; }}".encode())
-        with pytest.raises(XknockError, match=r"map settings .* has keys/values of 4/8 bytes.*Detach it first"):
+        with pytest.raises(XknockError, match=r"maps pinned in .* have another layout .* another version made them"):
             datapath.compile_and_load(directory)
         old.cleanup()
     finally:
         datapath.remove_pins(directory)
 
 
+def test_pinned_maps_of_the_same_sizes_in_another_order_are_refused_not_misread():
+    # The other layout's grants swap two fields of the same size: every map
+    # has this version's sizes, and only the names tell them apart.
+    with Harness(cflags=[OTHER_LAYOUT]) as other:
+        assert other.maps.grants.value_type is layout.Grant   # sizes agree: Map accepted it
+        assert stamp.read(other.maps.control.fd) != layout.fingerprint()
+        with pytest.raises(XknockError, match="another layout"):
+            datapath.compile_and_load(other.pin_dir)
+        assert "control" in os.listdir(other.pin_dir)   # refused before touching anything
+        with pytest.raises(XknockError, match="is another version of xknock: its maps have another layout"):
+            FilterMaps.from_prog(other.loaded.prog_id)   # what status, grant, revoke... open
+
+
 def test_spa_records_match_the_c_structs(harness):
     table = harness.loaded.bpf[b"spa_rate"]
-    assert ctypes.sizeof(layout.Bucket) == ctypes.sizeof(table.Leaf)
-    assert [(o, s) for _, o, s in _fields(layout.Bucket)] == [(o, s) for _, o, s in _fields(table.Leaf)]
+    assert layout.shape(layout.Bucket) == layout.shape(table.Leaf)
     source = (resources.files("xknock.bpf") / "xknock_structs.h").read_text()
     body = re.search(r"struct xk_spa_event \{(.*?)\};", source, re.S).group(1)
     c_fields = re.findall(r"^\s*(?:struct \w+|__u\d+)\s+(\w+)", body, re.M)

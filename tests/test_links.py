@@ -9,10 +9,8 @@ import time
 
 import pytest
 
-from xknock_dev.e2e import (
-    Foreground, TcpEchoServer, check, config_text, status_json, write_config, xdp_prog_id, xknock,
-)
-from xknock_dev.lab import can_connect, lab, wait_for
+from xknock_dev.e2e import Foreground, check, config_text, served_lab, status_json, write_config, xdp_prog_id, xknock
+from xknock_dev.lab import can_connect, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -24,12 +22,8 @@ CONFIG = config_text().replace('mode = "enforce"', 'mode = "enforce"\nanswer = "
 
 @pytest.fixture(scope="module")
 def net():
-    with lab("xklinks", ipv6=False) as built:
-        server = TcpEchoServer(built.server, GUARDED)
-        try:
-            yield built
-        finally:
-            server.stop()
+    with served_lab("xklinks", GUARDED, ipv6=False) as built:
+        yield built
 
 
 @pytest.fixture

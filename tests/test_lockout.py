@@ -4,26 +4,49 @@ Unit tests of the /proc parsing and the at-risk rule, then end to end: a
 client holds a TCP session to the guarded port while the server attaches."""
 
 import ipaddress
+import sys
 
 import pytest
-from xknock_dev.e2e import (
-    DROPPED, HeldConnection, TcpEchoServer, config_text, status_json, write_config, xknock,
-)
+from xknock_dev.e2e import DROPPED, HeldConnection, config_text, served_lab, status_json, write_config, xknock
 
+from xknock.controller.kernel import procnet
 from xknock.controller.state import lockout
 from xknock.controller.config import parse_config
-from xknock_dev.lab import can_connect, lab
+from xknock_dev.lab import can_connect
 
 CLIENT = ipaddress.ip_address("10.77.0.2")
 GUARDED = 22
 
 
 def test_proc_net_addresses_parse_in_host_order():
-    assert lockout._parse_proc_address("0100007F:0016") == (ipaddress.ip_address("127.0.0.1"), 22)
+    assert procnet.decode_address("0100007F:0016") == (ipaddress.ip_address("127.0.0.1"), 22)
     v6 = "0000000000000000FFFF00000200A8C0:1F90"   # ::ffff:192.168.0.2 as /proc/net/tcp6 prints it
-    assert lockout._parse_proc_address(v6) == (ipaddress.ip_address("192.168.0.2"), 8080)
-    assert lockout._parse_proc_address("B80D0120000000000000000001000000:0050") == (
+    assert procnet.decode_address(v6) == (ipaddress.ip_address("192.168.0.2"), 8080)
+    assert procnet.decode_address("B80D0120000000000000000001000000:0050") == (
         ipaddress.ip_address("2001:db8::1"), 80)
+
+
+# 10.77.0.1:22 <- 10.77.0.2:54321 established, and ::1 <- 2001:db8::2, as a
+# host of each byte order prints them: every 32-bit word a native integer.
+PROC_TCP = {
+    "little": ("01004D0A:0016", "02004D0A:D431", "00000000000000000000000001000000:0016",
+               "B80D0120000000000000000002000000:D431"),
+    "big": ("0A4D0001:0016", "0A4D0002:D431", "00000000000000000000000000000001:0016",
+            "20010DB8000000000000000000000002:D431"),
+}
+
+
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+def test_established_sessions_decode_in_the_hosts_byte_order(tmp_path, monkeypatch, byteorder):
+    local, remote, local6, remote6 = PROC_TCP[byteorder]
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    rest = "00000000:00000000 00:00000000 00000000     0        0 1 1\n"
+    (tmp_path / "tcp").write_text(header + f"   0: {local} {remote} 01 {rest}"
+                                  + f"   1: {local} 00000000:0000 0A {rest}")   # a listener: not a session
+    (tmp_path / "tcp6").write_text(header + f"   0: {local6} {remote6} 01 {rest}")
+    monkeypatch.setattr(sys, "byteorder", byteorder)
+    assert lockout.established_sessions(str(tmp_path)) == {
+        (ipaddress.ip_address("10.77.0.2"), 22), (ipaddress.ip_address("2001:db8::2"), 22)}
 
 
 def test_ssh_connection_names_your_session():
@@ -47,12 +70,8 @@ def test_sessions_at_risk(allow, sessions, yours, expected):
 
 @pytest.fixture(scope="module")
 def net():
-    with lab("xklock") as built:
-        server = TcpEchoServer(built.server, GUARDED)
-        try:
-            yield built
-        finally:
-            server.stop()
+    with served_lab("xklock", GUARDED) as built:
+        yield built
 
 
 @pytest.fixture

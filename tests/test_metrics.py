@@ -272,6 +272,23 @@ def test_counting_past_its_budget_keeps_the_previous_count(xk, monkeypatch):
     assert sampler.latest().entries["progress"] == 0
 
 
+@pytest.mark.parametrize("slow", ["progress", "firsts"])
+def test_knocks_in_progress_stay_put_while_a_map_is_over_its_budget(xk, monkeypatch, slow):
+    knock(xk, "198.51.100.41", ["tcp:7000"])         # a first step, held in `firsts`
+    knock(xk, "198.51.100.44", SSH[:2])              # ssh at step 2, in `progress`
+    sampler = metrics.MapSampler(lambda: xk.maps, now_ns=lambda: xk.now_ns)
+    sampler.sample_once()
+    before = sampler.latest().knocks_in_progress
+    assert before == 3                               # .41's and .44's first steps (ssh, web) + .44 at step 2
+
+    count = metrics.count_entries
+    monkeypatch.setattr(metrics, "count_entries",
+                        lambda m, *args, **kwargs: None if m is getattr(xk.maps, slow) else count(m, *args, **kwargs))
+    for _ in range(3):                               # the first steps must not pile up round after round
+        sampler.sample_once()
+        assert sampler.latest().knocks_in_progress == before
+
+
 # --- what a scrape costs ------------------------------------------------------------
 
 class NoWalk:

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from xknock.controller.kernel import datapath
+from xknock.controller.kernel import bpfsys, datapath
 from xknock.controller.errors import XknockError
 
 NOBODY = 65534
@@ -47,3 +47,114 @@ def test_an_open_directory_of_ours_is_closed(root):
     os.chmod(root, 0o777)
     datapath.make_private_dirs(str(root / "eth0"), root=str(root))
     assert stat.S_IMODE(os.lstat(root).st_mode) == 0o700
+
+
+# --- pins a filter leaves behind (issue 13.13), in a lab namespace entered by
+# this process, so that the pins are made in this mount namespace's bpffs and
+# outlive each step (under `ip netns exec` each command has a bpffs of its own).
+
+@pytest.fixture(scope="module")
+def net():
+    from xknock_dev.lab import lab
+
+    with lab("xkpins") as built:
+        yield built
+
+
+@pytest.fixture
+def server_ns(net):
+    """This process in the server's namespace, with no filter and no pins
+    there before and after."""
+    from xknock_dev.e2e import remove_xdp
+    from xknock_dev.lab import in_netns
+
+    with in_netns(net.server.name):
+        try:
+            yield net
+        finally:
+            remove_xdp(net.server, net.server_iface)
+            for directory in datapath.pin_dirs_of_interface(net.server_iface):
+                datapath.remove_pins(directory)
+
+
+def _config():
+    from xknock.controller.config import parse_config
+    from xknock_dev.e2e import config_text
+
+    return parse_config(config_text(), listening=set())
+
+
+def test_an_attach_refused_for_a_session_it_would_cut_leaves_no_pins(server_ns):
+    from xknock.cli.attach import _session_guard   # the CLI's own lockout check
+    from xknock_dev.e2e import HeldConnection, TcpEchoServer
+    from xknock.controller.daemon import lifecycle
+
+    net = server_ns
+    server = TcpEchoServer(net.server, 22)
+    held = HeldConnection(net.client, net.server.ipv4, 22)
+    try:
+        config = _config()
+        with pytest.raises(XknockError, match="would cut 1 established session"):
+            lifecycle.attach([net.server_iface], config, before_attach=_session_guard(config, False, False))
+        assert datapath.attachment(net.server_iface).prog_id == 0
+        assert not os.path.exists(datapath.pin_dir([net.server_iface])), \
+            f"left behind: {sorted(os.listdir(datapath.pin_dir([net.server_iface])))}"
+    finally:
+        held.close()
+        server.stop()
+
+
+def test_an_attach_whose_policy_write_fails_leaves_no_pins(server_ns):
+    from xknock.controller.daemon import lifecycle
+
+    def full_map(maps):
+        raise XknockError("the grants map is full")   # as apply_policy or a grant raises on a full map
+
+    net = server_ns
+    with pytest.raises(XknockError, match="full"):
+        lifecycle.attach([net.server_iface], _config(), before_attach=full_map)
+    assert not os.path.exists(datapath.pin_dir([net.server_iface]))
+
+
+def test_detach_removes_the_pins_of_an_interface_with_no_program(server_ns):
+    from click.testing import CliRunner
+
+    from xknock.cli.main import main
+    from xknock_dev.e2e import remove_xdp
+    from xknock.controller.daemon import lifecycle
+
+    net = server_ns
+    lifecycle.attach([net.server_iface], _config()).maps.close()
+    remove_xdp(net.server, net.server_iface)          # the program goes, its pins stay
+    directory = datapath.pin_dir([net.server_iface])
+    assert "firsts" in os.listdir(directory)
+    os.mkdir(os.path.join(directory, datapath.STAGING))   # and what an upgrade killed before its swap left
+    fd = bpfsys.obj_get(os.path.join(directory, "grants"))
+    try:
+        bpfsys.obj_pin(fd, os.path.join(directory, datapath.STAGING, "grants"))
+    finally:
+        os.close(fd)
+    result = CliRunner().invoke(main, ["detach", net.server_iface])
+    assert result.exit_code == 0, result.output
+    assert f"no program on {net.server_iface}: removed the 16 pins" in result.output and directory in result.output
+    assert "upgrade/grants" in result.output
+    assert not os.path.exists(directory)
+    again = CliRunner().invoke(main, ["detach", net.server_iface])
+    assert again.exit_code == 1 and "nothing to detach" in again.output
+
+
+def test_detach_leaves_the_pins_of_a_filter_still_attached_elsewhere(server_ns):
+    from xknock_dev.e2e import remove_xdp
+    from xknock.controller.daemon import lifecycle
+
+    net = server_ns
+    lifecycle.attach([net.server_iface, "lo"], _config(), xdp_mode="generic").maps.close()
+    try:
+        remove_xdp(net.server, net.server_iface)      # lo still runs the filter of both
+        directory = datapath.pin_dir(sorted([net.server_iface, "lo"]))
+        with pytest.raises(XknockError, match="nothing to detach"):
+            lifecycle.detach(net.server_iface)
+        assert "control" in os.listdir(directory)
+    finally:
+        remove_xdp(net.server, "lo")
+        datapath.remove_pins(datapath.pin_dir(sorted([net.server_iface, "lo"])))

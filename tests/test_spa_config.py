@@ -80,7 +80,7 @@ def test_inline_keys_need_a_file_only_root_reads(tmp_path):
     path.chmod(0o644)
     from xknock.controller.config import load_config
 
-    with pytest.raises(ConfigError, match=r"readable by group or others: chmod 600"):
+    with pytest.raises(ConfigError, match=r"readable by group or others \(mode 0644\) but it holds secrets \(chmod 600 "):
         load_config(str(path), listening=set())
     path.chmod(0o600)
     assert load_config(str(path), listening=set()).spa.users[0].name == "alice"

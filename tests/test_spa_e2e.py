@@ -11,9 +11,9 @@ import subprocess
 import time
 
 import pytest
-from xknock_dev.e2e import Foreground, TcpEchoServer, check, status_json, write_config, xknock
+from xknock_dev.e2e import Foreground, check, served_lab, status_json, write_config, xknock
 
-from xknock_dev.lab import HELPER_PYTHON, can_connect, lab, wait_for
+from xknock_dev.lab import HELPER_PYTHON, can_connect, wait_for
 from xknock.controller.kernel.maps import FilterMaps, from_addr
 
 pytestmark = pytest.mark.netns
@@ -76,7 +76,7 @@ def fwknop(host, server, *extra, allow=None, user="alice", key=KEY_B64, hmac=HMA
     argv += ["-a", allow] if allow else ["-s"]
     if save:
         argv += ["-B", save]
-    result = host.run([*argv, *extra], env={"HOME": "/tmp", "PATH": "/usr/bin:/bin"})
+    result = host.run([*argv, *extra], env={"HOME": os.environ["HOME"], "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, f"fwknop failed: {result.stdout}{result.stderr}"
     return result
 
@@ -98,13 +98,8 @@ def verdicts(net):
 def net():
     if not os.access(FWKNOP, os.X_OK):
         pytest.fail("the fwknop client is not installed: scripts/setup installs fwknop-client")
-    with lab("xkspa") as built:
-        echo = TcpEchoServer(built.server, GUARDED)
-        try:
-            yield built
-        finally:
-            echo.stop()
-            xknock(built.server, "detach", built.server_iface)
+    with served_lab("xkspa", GUARDED) as built:
+        yield built
 
 
 @pytest.fixture
@@ -129,7 +124,8 @@ def test_fwknop_opens_the_port_for_the_sender_only(net, setup):
         elapsed = time.monotonic() - started
         assert elapsed < 3.0
         assert shut(net.attacker, server)
-        assert verdicts(net).get("accepted") == 1
+        # The grant is written at once, the verdict counters about once a second.
+        assert wait_for(lambda: verdicts(net).get("accepted") == 1, timeout=3), verdicts(net)
         assert "spa_accepted" in controller.log.read_all(0.5)
 
 

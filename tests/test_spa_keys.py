@@ -30,7 +30,8 @@ def test_format_matches_fwknop_key_gen():
     text = format_keygen(generate())
     assert KEYGEN_LINE.fullmatch(text)
     if have_fwknop():
-        theirs = subprocess.run(["fwknop", "--key-gen"], capture_output=True, text=True, check=True).stdout
+        theirs = subprocess.run(["fwknop", "--key-gen", "--no-rc-file"], capture_output=True, text=True,
+                                check=True).stdout
         assert KEYGEN_LINE.fullmatch(theirs)
         assert [len(line) for line in theirs.splitlines()] == [len(line) for line in text.splitlines()]
 
@@ -53,7 +54,7 @@ def test_load_fwknop_written_file_and_access_conf_style(tmp_path):
     if have_fwknop():
         import subprocess
 
-        subprocess.run(["fwknop", "--key-gen", "-K", str(path)], capture_output=True, check=True)
+        subprocess.run(["fwknop", "--key-gen", "--no-rc-file", "-K", str(path)], capture_output=True, check=True)
         os.chmod(path, 0o600)
         keys = load_key_file(str(path))
         assert len(keys.key) == 32 and len(keys.hmac_key) == 64

@@ -3,11 +3,9 @@ then connects to an unguarded port of the server, then knocks the rest,
 opens nothing when [filter] strict = true, and the guarded port when not."""
 
 import pytest
-from xknock_dev.e2e import (
-    DROPPED, TcpEchoServer, config_text, fresh_attach, knock, status_json, write_config, xknock,
-)
+from xknock_dev.e2e import DROPPED, config_text, fresh_attach, knock, served_lab, status_json, write_config
 
-from xknock_dev.lab import can_connect, lab
+from xknock_dev.lab import can_connect
 
 pytestmark = pytest.mark.netns
 
@@ -16,13 +14,8 @@ GUARDED, UNGUARDED = 22, 80
 
 @pytest.fixture(scope="module")
 def net():
-    with lab("xkstrict") as built:
-        server = TcpEchoServer(built.server, GUARDED, UNGUARDED)
-        try:
-            yield built
-        finally:
-            xknock(built.server, "detach", built.server_iface)   # its pins go with it
-            server.stop()
+    with served_lab("xkstrict", GUARDED, UNGUARDED) as built:
+        yield built
 
 
 def strict_config(tmp_path, strict):

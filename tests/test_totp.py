@@ -108,7 +108,7 @@ def test_secret_files_must_be_root_only(tmp_path):
     secret_file.chmod(0o644)
     text = (f'[[sequence]]\nname = "a"\ntotp = true\nsecret_file = "{secret_file}"\nknock = ["tcp", "udp"]\n'
             'open = ["tcp:22"]\n')
-    with pytest.raises(ConfigError, match="readable by group or others: chmod 600"):
+    with pytest.raises(ConfigError, match=r"readable by group or others \(mode 0644\) but it holds secrets \(chmod 600 "):
         parse_config(text, listening=set())
     secret_file.chmod(0o600)
     assert parse_config(text, listening=set()).sequences[0].totp.secret == b"s" * 20

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from xknock_dev.lab import HELPER_PYTHON, stop_process, wait_for
+from xknock_dev.lab import HELPER_PYTHON, lab, stop_process, wait_for
 
 # The console script next to the Python running the tests (the venv's).
 XKNOCK = os.path.join(os.path.dirname(sys.executable), "xknock")
@@ -55,8 +55,11 @@ sources = {strings(deny)}
 
 
 def write_config(directory, name, text):
+    """The config file, mode 0600 whatever the umask: xknock refuses a config
+    others could change, or read when it holds keys (controller/kernel/trust.py)."""
     path = os.path.join(str(directory), name)
-    with open(path, "w") as f:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        os.fchmod(f.fileno(), 0o600)
         f.write(text)
     return path
 
@@ -239,7 +242,7 @@ class Foreground:
                                         stderr=subprocess.PIPE)
         self.log = LineReader(self.process.stderr)
 
-    def wait_attached(self, timeout=20.0):
+    def wait_attached(self, timeout=60.0):
         line = self.log.wait_for(lambda l: " attached on " in l, timeout)
         assert line, f"the controller did not log 'attached':\n{self.log.read_all(0.5)}"
         return line
@@ -254,7 +257,7 @@ class Foreground:
             return False
         return all(caught & (1 << (signum - 1)) for signum in signums)
 
-    def wait_ready(self, timeout=20.0):
+    def wait_ready(self, timeout=60.0):
         """Attached, and in its loop: SIGHUP reloads and SIGTERM stops it."""
         self.wait_attached(timeout)
         assert wait_for(lambda: self.handles(signal.SIGHUP, signal.SIGTERM), timeout=5), \
@@ -287,6 +290,19 @@ class TcpEchoServer:
 
     def stop(self):
         stop_process(self.process)
+
+
+@contextlib.contextmanager
+def served_lab(prefix, *ports, ipv6=True):
+    """A lab whose server runs a TcpEchoServer on ports; on the way out the
+    filter is detached (its pins go with it) and the lab removed."""
+    with lab(prefix, ipv6=ipv6) as built:
+        server = TcpEchoServer(built.server, *ports)
+        try:
+            yield built
+        finally:
+            server.stop()
+            xknock(built.server, "detach", built.server_iface)
 
 
 class HeldConnection:

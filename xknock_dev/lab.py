@@ -29,6 +29,7 @@ from pyroute2 import NetNS, netns
 
 # The small helper programs run inside namespaces by the system Python: it
 # needs nothing from the venv.
+UDP, UDPLITE = 17, 136   # IP protocols of udp_echo and udp_roundtrip
 HELPER_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 ROLES = ("srv", "cli", "atk")
@@ -295,6 +296,33 @@ def _usable(ns, iface):
     return True
 
 
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def in_netns(name):
+    """This thread in the network namespace name, then back. From the main
+    thread, /proc/self/net and /proc/self/ns/net follow it too; the mount
+    namespace stays the caller's, so pins made meanwhile outlive the block
+    (under `ip netns exec` they go with the process's own bpffs)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+        try:
+            yield
+        finally:
+            if libc.setns(own, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(own)
+        os.close(target)
+
+
 def remove_stale_labs(prefix="xk"):
     """Remove namespaces left by labs of this prefix whose process is gone."""
     pattern = re.compile(rf"{re.escape(prefix)}-(\d+)-[0-9a-f]{{6}}-(?:{'|'.join((*ROLES, SWITCH))})")
@@ -327,14 +355,14 @@ def lab(prefix="xk", ipv6=True):
 # Dual-stack where the namespace has IPv6, IPv4 only where it has not.
 _BIND = """
 import socket, sys
-def bind(kind, port):
+def bind(kind, port, proto=0):
     try:
-        s = socket.socket(socket.AF_INET6, kind)
+        s = socket.socket(socket.AF_INET6, kind, proto)
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("::", port))
     except OSError:
-        s = socket.socket(socket.AF_INET, kind)
+        s = socket.socket(socket.AF_INET, kind, proto)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("0.0.0.0", port))
     return s
@@ -349,8 +377,9 @@ while True:
     conn.close()
 """
 
+# argv: port [IP protocol: 17 UDP, the default, or 136 UDP-Lite]
 _UDP_ECHO = _BIND + """
-s = bind(socket.SOCK_DGRAM, int(sys.argv[1]))
+s = bind(socket.SOCK_DGRAM, int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0)
 print("ready", flush=True)
 while True:
     data, peer = s.recvfrom(65535)
@@ -380,8 +409,8 @@ except OSError as e:
 
 _UDP_ROUNDTRIP = """
 import socket, sys
-addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_DGRAM)[0]
+addr, port, proto, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+family, kind, _, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_DGRAM)[0]
 s = socket.socket(family, kind, proto)
 s.settimeout(timeout)
 try:
@@ -389,6 +418,25 @@ try:
     sys.exit(0 if s.recv(64) == b"xknock-lab" else 1)
 except OSError:
     sys.exit(1)
+"""
+
+# One datagram on a connected socket: "answered", "refused" (an ICMP port
+# unreachable came back) or "timed out".
+_UDP_OUTCOME = """
+import socket, sys
+addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_DGRAM)[0]
+s = socket.socket(family, kind, proto)
+s.settimeout(timeout)
+s.connect(sockaddr)
+try:
+    s.send(b"xknock-lab")
+    s.recv(64)
+    print("answered")
+except ConnectionRefusedError:
+    print("refused")
+except (TimeoutError, socket.timeout):
+    print("timed out")
 """
 
 # One ICMP(v6) echo over a raw socket, exit 0 on its reply.
@@ -418,8 +466,8 @@ sys.exit(1)
 
 
 @contextlib.contextmanager
-def _server(host, script, port, timeout=5.0):
-    process = host.popen([HELPER_PYTHON, "-c", script, port],
+def _server(host, script, port, *args, timeout=5.0):
+    process = host.popen([HELPER_PYTHON, "-c", script, port, *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if _read_line(process.stdout, timeout) != "ready\n":
@@ -444,10 +492,10 @@ def tcp_listen(host, port):
     return _server(host, _TCP_LISTEN, port)
 
 
-def udp_echo(host, port):
-    """Context manager: a UDP server on port in host's namespace that sends
-    every datagram back; bound on entry."""
-    return _server(host, _UDP_ECHO, port)
+def udp_echo(host, port, proto=UDP):
+    """Context manager: a UDP (or UDP-Lite, proto=UDPLITE) server on port in
+    host's namespace that sends every datagram back; bound on entry."""
+    return _server(host, _UDP_ECHO, port, str(proto))
 
 
 def _probe(host, script, *args, timeout):
@@ -467,9 +515,17 @@ def connect_outcome(host_from, addr, port, timeout=1.0):
     return result.stdout.strip()
 
 
-def udp_roundtrip(host_from, addr, port, timeout=1.0):
-    """Does a datagram from host_from to (addr, port) come back (udp_echo)?"""
-    return _probe(host_from, _UDP_ROUNDTRIP, addr, port, timeout=timeout)
+def udp_outcome(host_from, addr, port, timeout=1.0):
+    """"answered", "refused" (ICMP port unreachable) or "timed out" for one
+    UDP datagram from host_from's namespace to (addr, port)."""
+    result = host_from.run([HELPER_PYTHON, "-c", _UDP_OUTCOME, addr, str(port), str(timeout)], timeout=timeout + 10)
+    return result.stdout.strip()
+
+
+def udp_roundtrip(host_from, addr, port, timeout=1.0, proto=UDP):
+    """Does a datagram (UDP, or UDP-Lite with proto=UDPLITE) from host_from to
+    (addr, port) come back (udp_echo)?"""
+    return _probe(host_from, _UDP_ROUNDTRIP, addr, port, proto, timeout=timeout)
 
 
 def can_ping(host_from, addr, timeout=1.0):

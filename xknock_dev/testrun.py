@@ -18,6 +18,10 @@ XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICT_NAMES = {XDP_ABORTED: "ABORTED", XDP_DROP: "DROP", XDP_PASS: "PASS", XDP_TX: "TX", XDP_REDIRECT: "REDIRECT"}
 
 
+# A build whose maps have another layout (bpf/xknock_structs.h): grants with
+# two fields of the same size swapped, as another version of xknock might.
+OTHER_LAYOUT = "-DXK_TEST_OTHER_LAYOUT"
+
 # The first-step filter and strict mode's slots are cleared between test
 # cases; small ones clear fast.
 TEST_FIRST_SLOTS = 1 << 16
@@ -33,7 +37,7 @@ class Harness:
         self.pin_dir = pin_dir or f"{datapath.PIN_ROOT}/test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.loaded = datapath.compile_and_load(self.pin_dir, cflags=cflags, test_clock=test_clock)
-            self.maps = FilterMaps.from_prog(self.loaded.prog_id)
+            self.maps = FilterMaps.from_prog(self.loaded.prog_id, self.loaded.layout)
         except BaseException:
             datapath.remove_pins(self.pin_dir)   # a failed start leaves nothing behind
             raise

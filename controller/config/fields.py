@@ -78,10 +78,10 @@ def format_duration(ns):
 class Report:
     """Collects errors and warnings, each led by the place it concerns."""
 
-    def __init__(self, path=None):
-        self.path = path   # the config file, for checks of who may read the secrets in it
+    def __init__(self):
         self.errors = []
         self.warnings = []
+        self.secrets_inline = False   # keys or a secret in the file itself: then only root may read it
 
     def error(self, place, message):
         self.errors.append(f"{place}: {message}" if place else message)

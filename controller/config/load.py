@@ -1,7 +1,8 @@
 """Loads and validates the TOML configuration. Pure: it reads the config file
-(and /proc/net and the hook commands' files, for warnings) and touches nothing
-else. Every mistake in a file is found in one pass and named by its place, so a
-bad config is fixed in one edit, never in a loop of edit, reload, next error."""
+(and /proc/net and the hook commands' files, for warnings; and who may change
+the files it trusts, kernel/trust.py) and touches nothing else. Every mistake
+in a file is found in one pass and named by its place, so a bad config is
+fixed in one edit, never in a loop of edit, reload, next error."""
 
 import dataclasses
 import hashlib
@@ -9,10 +10,9 @@ import ipaddress
 import json
 import os
 import re
-import sys
 import tomllib
 
-from ..kernel import layout
+from ..kernel import layout, procnet, trust
 from . import spa_config, totp_config
 from .fields import (
     Report, check_keys, format_duration, parse_duration_key, parse_network, parse_open, parse_steps, step_list,
@@ -23,41 +23,17 @@ from .model import (
     DEFAULT_IDLE_TIMEOUT_NS, DEFAULT_OPEN_FOR_NS, DEFAULT_PATH, DEFAULT_STEP_TIMEOUT_NS, FILTER_KEYS, HOOK_EXAMPLE,
     HOOKS_KEYS, LIST_KEYS, MAX_BAN_AFTER, MAX_HOOK_MAX_RUNNING, MAX_HOOK_TIMEOUT_NS, MAX_LIST_SOURCES,
     MAX_STEP_TIMEOUT_NS, NAME_MAX_BYTES, NAME_PATTERN, PROC_NET_LISTENING, SEQUENCE_KEYS, SHORT_SEQUENCE_STEPS,
-    TOP_LEVEL_KEYS, ANSWERS, Ban, Config, ConfigError, Hooks, Sequence,
+    TOP_LEVEL_KEYS, ANSWERS, PASS_OR_DROP, Ban, Config, ConfigError, Hooks, Sequence,
 )
 
 
 def listening_ports(proc_net="/proc/net"):
     """{("tcp", 22), ("udp", 53), ...}: ports a local socket listens on, other
     than on loopback alone (which XDP on a real interface never sees)."""
-    found = set()
-    for proto, filename, listening_state in PROC_NET_LISTENING:
-        try:
-            with open(f"{proc_net}/{filename}", encoding="ascii") as table:
-                rows = table.read().splitlines()[1:]
-        except OSError:
-            continue  # no IPv6, or no /proc: nothing to warn about
-        for row in rows:
-            fields = row.split()
-            if len(fields) < 4 or fields[3] != listening_state:
-                continue
-            address_hex, _, port_hex = fields[1].partition(":")
-            if _proc_address_is_loopback(address_hex):
-                continue
-            found.add((proto, int(port_hex, 16)))
-    return found
-
-
-def _proc_address_is_loopback(address_hex):
-    # /proc prints each 32-bit word of the address as a native-endian integer.
-    try:
-        words = [int(address_hex[i : i + 8], 16) for i in range(0, len(address_hex), 8)]
-        raw = b"".join(word.to_bytes(4, sys.byteorder) for word in words)
-        address = ipaddress.ip_address(raw)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or bool(mapped and mapped.is_loopback)
+    return {(proto, port)
+            for proto, filename, listening_state in PROC_NET_LISTENING
+            for (address, port), _, state in procnet.sockets(proc_net, filename)
+            if state == listening_state and not address.is_loopback}
 
 
 def load_config(path=DEFAULT_PATH, *, listening=None):
@@ -77,22 +53,24 @@ def load_config(path=DEFAULT_PATH, *, listening=None):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError([f"{path}: not UTF-8 text (byte {err.start})"]) from None
-    return parse_config(text, path, listening=listening)
+    return parse_config(text, path, listening=listening, from_file=True)
 
 
-def parse_config(text, path=None, *, listening=None):
+def parse_config(text, path=None, *, listening=None, from_file=False):
     """TOML text -> Config. listening: the set listening_ports() returns, or
-    None to read it from /proc."""
+    None to read it from /proc. from_file: text is the file at path, which
+    then must be root's (kernel/trust.py; root's alone when it holds secrets)."""
     prefix = f"{path}: " if path else ""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError([prefix + _toml_error_message(err, text)]) from None
+        untrusted = trust.problem(path, "config") if from_file else None
+        raise ConfigError(([untrusted] if untrusted else []) + [prefix + _toml_error_message(err, text)]) from None
 
-    report = Report(path)
+    report = Report()
     check_keys(report, None, document, TOP_LEVEL_KEYS)
 
-    mode, strict, answer, fail_closed = _parse_filter(report, document.get("filter", {}))
+    settings = _parse_filter(report, document.get("filter", {}))
     sequences = _parse_sequences(report, document.get("sequence", []))
     allow = _parse_sources(report, "allow", document.get("allow", {}))
     deny = _parse_sources(report, "deny", document.get("deny", {}))
@@ -101,16 +79,17 @@ def parse_config(text, path=None, *, listening=None):
     hooks = _parse_hooks(report, document.get("hooks", {}))
     spa = None
     if "spa" in document:
-        spa = spa_config.parse_spa(report, document["spa"], path)
+        spa = spa_config.parse_spa(report, document["spa"])
         if spa is not None:
             spa_config.check_spa_ports(report, spa, sequences)
     if any(sequence.totp for sequence in sequences):
         _check_totp_ranges(report, sequences, spa)
+    untrusted = trust.problem(path, "config", secret=report.secrets_inline) if from_file else None
 
     if not report.errors:
         if not sequences and spa is None:
             report.warn(None, "no sequences: nothing is guarded")
-        _warn_scannable_sequences(report, sequences, strict)
+        _warn_scannable_sequences(report, sequences, settings["strict"])
         # /proc is read only when a knock port could collide with a listener.
         if any(step.proto != "icmp" for sequence in sequences for step in sequence.knock):
             if listening is None:
@@ -124,13 +103,12 @@ def parse_config(text, path=None, *, listening=None):
                 _warn_totp_ranges(report, sequences, listening, None)
 
     warnings = [prefix + warning for warning in report.warnings]
-    if report.errors:
-        raise ConfigError([prefix + error for error in report.errors], warnings)
+    # Who may change the file first: it is about the whole file (and names it).
+    errors = ([untrusted] if untrusted else []) + [prefix + error for error in report.errors]
+    if errors:
+        raise ConfigError(errors, warnings)
     return Config(
-        mode=mode,
-        strict=strict,
-        answer=answer,
-        fail_closed=fail_closed,
+        **settings,
         sequences=tuple(sequences),
         allow=tuple(network for network, _ in allow),
         deny=tuple(network for network, _ in deny),
@@ -173,6 +151,10 @@ def config_hash(config):
         normalized["strict"] = False
     if config.answer != "closed":
         normalized["answer"] = config.answer
+    if config.ipsec != "drop":
+        normalized["ipsec"] = config.ipsec
+    if config.other_transports != "drop":
+        normalized["other_transports"] = config.other_transports
     if config.spa is not None:   # keys never enter the hash, not even hashed: a weak key could be guessed
         spa = config.spa
         normalized["spa"] = {
@@ -183,8 +165,12 @@ def config_hash(config):
                   "idle_timeout_ns": u.idle_timeout_ns, "username": u.username,
                   "require_source_address": u.require_source_address,
                   "grant_requested_address": u.grant_requested_address}
+                 # Public keys are no secret, and who may knock is what they decide.
+                 | ({"public_keys": sorted([k.raw.hex(), k.expires] for k in u.public_keys)} if u.public_keys else {})
                  for u in spa.users), key=lambda u: u["name"]),
         }
+        if spa.server_public:
+            normalized["spa"]["server_public"] = spa.server_public.hex()
     encoded = json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
 
@@ -202,30 +188,46 @@ def _toml_error_message(err, text):
 
 
 def _parse_filter(report, table):
-    """(mode, strict, answer, fail_closed) of the [filter] table."""
+    """The [filter] table: Config's mode, strict, answer, fail_closed, ipsec
+    and other_transports (defaults after an error)."""
+    settings = {"mode": "enforce", "strict": True, "answer": "closed", "fail_closed": True,
+                "ipsec": "drop", "other_transports": "drop"}
     if not isinstance(table, dict):
         report.error("filter", f"must be a table ([filter]), not {type_name(table)}")
-        return "enforce", True, "closed", True
+        return settings
     check_keys(report, "filter", table, FILTER_KEYS)
-    strict, fail_closed = (_boolean(report, table, key) for key in ("strict", "fail_closed"))
-    answer = table.get("answer", "closed")
-    if not isinstance(answer, str) or answer not in ANSWERS:
-        shown = f'"{answer}"' if isinstance(answer, str) else type_name(answer)
-        report.error("filter", f'answer {shown}: must be "closed" (answer like an unused port) or "drop"')
-        answer = "closed"
+    settings["strict"] = _boolean(report, table, "strict")
+    settings["fail_closed"] = _boolean(report, table, "fail_closed")
+    settings["answer"] = _choice(report, table, "answer", ANSWERS, "closed",
+                                 '"closed" (answer like an unused port) or "drop"')
+    settings["ipsec"] = _choice(report, table, "ipsec", PASS_OR_DROP, "drop",
+                                '"drop" (ESP, AH, udp:4500 refused unless allow-listed) or "pass"')
+    settings["other_transports"] = _choice(report, table, "other_transports", PASS_OR_DROP, "drop",
+                                           '"drop" (SCTP, DCCP, UDP-Lite refused unless allow-listed) or "pass"')
     mode = table.get("mode", "enforce")
     if not isinstance(mode, str):
         report.error("filter", f'mode must be a string ("enforce" or "monitor"), not {type_name(mode)}')
-        return "enforce", strict, answer, fail_closed
-    if mode not in layout.MODES:
+    elif mode not in layout.MODES:
         report.error("filter", f'mode "{mode}": must be "enforce" or "monitor"')
-    return mode, strict, answer, fail_closed
+    else:
+        settings["mode"] = mode
+    return settings
 
 
 def _boolean(report, table, key, default=True):
     value = table.get(key, default)
     if not isinstance(value, bool):
         report.error("filter", f"{key} must be true or false, not {type_name(value)}")
+        return default
+    return value
+
+
+def _choice(report, table, key, choices, default, expected):
+    """One string of a fixed set from [filter]; the default after an error."""
+    value = table.get(key, default)
+    if not isinstance(value, str) or value not in choices:
+        shown = f'"{value}"' if isinstance(value, str) else type_name(value)
+        report.error("filter", f"{key} {shown}: must be {expected}")
         return default
     return value
 
@@ -330,6 +332,10 @@ def _parse_hook(report, place, table, key):
         report.error(place, f'{key}[0] "{command}": must be an absolute path (hooks run with a minimal PATH), '
                             f"e.g. /usr/local/bin/{os.path.basename(command) or 'notify'}")
         return ()
+    untrusted = trust.problem(command, "hook program")   # it runs as root
+    if untrusted:
+        report.error(place, f"{key}[0]: {untrusted}")
+        return ()
     if not os.path.exists(command):
         report.warn(place, f'{key}[0] "{command}": no such file (yet); the hook fails until it is there')
     elif not os.path.isfile(command):
@@ -403,7 +409,7 @@ def _parse_sequence(report, place, name, table):
     totp = None
     if table.get("totp", False) is True:
         knock = ()
-        totp = totp_config.parse_totp(report, place, table, report.path, layout.MAX_STEPS)
+        totp = totp_config.parse_totp(report, place, table, layout.MAX_STEPS)
     else:
         if "totp" in table and table["totp"] is not False:
             report.error(place, f"totp must be true or false, not {type_name(table['totp'])}")

@@ -43,8 +43,11 @@ BAN_SCOPES = {"all": layout.BAN_EVERYWHERE, "knock": layout.BAN_KNOCK_PORTS}
 DEFAULT_BAN_WITHIN_NS = 60 * NS_PER_UNIT["s"]
 DEFAULT_BAN_FOR_NS = 10 * NS_PER_UNIT["m"]
 MAX_BAN_AFTER = 1000
-FILTER_KEYS = ("mode", "strict", "answer", "fail_closed")
+FILTER_KEYS = ("mode", "strict", "answer", "fail_closed", "ipsec", "other_transports")
 ANSWERS = ("closed", "drop")
+# What becomes of packets XDP cannot judge (docs/datapath.md, "IPsec and other
+# transports"): "drop" (refused unless allow-listed) or "pass".
+PASS_OR_DROP = ("drop", "pass")
 SEQUENCE_KEYS = ("name", "knock", "step_timeout", "open", "open_for", "idle_timeout", "on_open", "on_close",
                  "totp", "secret", "secret_file", "window", "port_range")
 HOOKS_KEYS = ("timeout", "max_running")
@@ -136,6 +139,13 @@ class Config:
     # when the filter cannot be loaded or attached, close the guarded ports
     # with an nftables chain until it can (policy/failsafe.py)
     fail_closed: bool = True
+    # ESP, AH and NAT-T (udp:4500): the kernel decrypts them after XDP, so
+    # "drop" refuses them unless the source is allow-listed; "pass" lets ESP
+    # and NAT-T through and judges what AH carries
+    ipsec: str = "drop"
+    # SCTP, DCCP, UDP-Lite: ports no grant opens; "drop" refuses them unless
+    # the source is allow-listed
+    other_transports: str = "drop"
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ban: Ban | None = None   # None: failed knocks ban nobody
@@ -145,6 +155,11 @@ class Config:
     # so two configs that filter alike compare equal.
     path: str | None = dataclasses.field(default=None, compare=False)
     warnings: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+
+    def guards_ports(self):
+        """Does this policy guard anything (a sequence or SPA)? Only then are
+        the packets XDP cannot judge refused ([filter] ipsec, other_transports)."""
+        return bool(self.sequences) or self.spa is not None
 
     def openers(self):
         """(steps opened, idle timeout) of every sequence and SPA user."""

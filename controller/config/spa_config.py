@@ -8,17 +8,19 @@ by root alone, or the config is refused.
 """
 
 import dataclasses
+import datetime
 import ipaddress
 import os
-import stat
 
 from ..wire import spa_keys, spa_message
+from ..wire import spa_pubkey_keys as pubkey_keys
 from .fields import check_keys, parse_duration_key, parse_network, parse_open, type_name
 from .model import NAME_PATTERN, NS_PER_UNIT, Step
 
-SPA_KEYS = ("port", "max_age", "rate", "total_rate", "replay_cache", "user")
-USER_KEYS = ("name", "key", "hmac_key", "key_file", "hmac_digest", "sources", "open", "open_for", "max_open_for",
-             "idle_timeout", "username", "require_source_address", "grant_requested_address")
+SPA_KEYS = ("port", "max_age", "rate", "total_rate", "replay_cache", "server_key", "user")
+USER_KEYS = ("name", "key", "hmac_key", "key_file", "hmac_digest", "public_keys", "sources", "open", "open_for",
+             "max_open_for", "idle_timeout", "username", "require_source_address", "grant_requested_address")
+MAX_PUBLIC_KEYS = 2                       # the key in use and the next one, for rotation
 
 DEFAULT_PORT = 62201                      # fwknop's
 DEFAULT_MAX_AGE_NS = 120 * NS_PER_UNIT["s"]   # fwknop's MAX_SPA_PACKET_AGE
@@ -35,9 +37,19 @@ ANY_SOURCE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
 @dataclasses.dataclass(frozen=True)
+class PublicKey:
+    """A user's Ed25519 public key (raw) for the public-key SPA, valid until expires."""
+    raw: bytes
+    expires: float | None = None          # Unix seconds; None: never
+
+    def expired(self, now):
+        return self.expires is not None and now >= self.expires
+
+
+@dataclasses.dataclass(frozen=True)
 class SpaUser:
     name: str
-    key: bytes = dataclasses.field(repr=False)
+    key: bytes = dataclasses.field(repr=False)        # fwknop's keys; b"" for a public-key-only user
     hmac_key: bytes = dataclasses.field(repr=False)
     hmac_digest: str = "sha256"
     sources: tuple = ANY_SOURCE
@@ -48,6 +60,11 @@ class SpaUser:
     username: str | None = None            # fwknop's REQUIRE_USERNAME
     require_source_address: bool = False   # fwknop's REQUIRE_SOURCE_ADDRESS
     grant_requested_address: bool = False  # NAT: grant the address in the message
+    public_keys: tuple = ()                # PublicKey, at most two
+
+    @property
+    def speaks_fwknop(self):
+        return bool(self.hmac_key)
 
     def source_allowed(self, address):
         address = ipaddress.ip_address(address)
@@ -62,6 +79,9 @@ class Spa:
     total_rate: int = DEFAULT_TOTAL_RATE
     replay_cache: str = DEFAULT_REPLAY_CACHE
     users: tuple = ()
+    server_key: str | None = None          # the public-key SPA's X25519 key file
+    server_private: object = dataclasses.field(default=None, repr=False, compare=False)
+    server_public: bytes = b""
 
     @property
     def port_step(self):
@@ -73,16 +93,7 @@ class Spa:
         return tuple(dict.fromkeys(step for user in self.users for step in user.open))
 
 
-def secret_readable_by_others(path):
-    """True when group or others may read path (a secret must be root's alone)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return bool(mode & (stat.S_IRGRP | stat.S_IROTH))
-
-
-def parse_spa(report, table, config_path=None):
+def parse_spa(report, table):
     """Spa, or None when the table is wrong (reported)."""
     if not isinstance(table, dict):
         report.error("spa", f"must be a table ([spa]), not {type_name(table)}")
@@ -98,11 +109,32 @@ def parse_spa(report, table, config_path=None):
     replay_cache = table.get("replay_cache", DEFAULT_REPLAY_CACHE)
     if not isinstance(replay_cache, str) or not os.path.isabs(replay_cache):
         report.error("spa", f"replay_cache {replay_cache!r}: must be an absolute path")
-    users = _parse_users(report, table.get("user"), config_path)
+    users = _parse_users(report, table.get("user"))
+    server_key, server_private = _parse_server_key(report, table, users)
     if len(report.errors) > errors_before:
         return None
     return Spa(port=port, max_age_ns=max_age_ns, rate=rate, total_rate=total_rate, replay_cache=replay_cache,
-               users=tuple(users))
+               users=tuple(users), server_key=server_key, server_private=server_private,
+               server_public=pubkey_keys.raw_public(server_private) if server_private else b"")
+
+
+def _parse_server_key(report, table, users):
+    """(path, X25519 private key) of [spa] server_key, or (None, None)."""
+    path = table.get("server_key")
+    needed = [user.name for user in users if user.public_keys]
+    if path is None:
+        if needed:
+            report.error("spa", f'public_keys given (user {", ".join(needed)}) but no server_key '
+                                '(make one with `xknock keygen --public --server --key-file FILE`)')
+        return None, None
+    if not isinstance(path, str) or not os.path.isabs(path):
+        report.error("spa", f"server_key {path!r}: must be an absolute path")
+        return None, None
+    try:
+        return path, pubkey_keys.load_private(path, pubkey_keys.SERVER)
+    except spa_keys.SpaKeyError as err:
+        report.error("spa", f"server_key: {err}")
+        return None, None
 
 
 def check_spa_ports(report, spa, sequences):
@@ -140,7 +172,7 @@ def _flag(report, place, table, key):
     return value
 
 
-def _parse_users(report, tables, config_path):
+def _parse_users(report, tables):
     if tables is None:
         report.error("spa", 'no [[spa.user]]: add one stanza per key pair (name, key_file or key + hmac_key, open)')
         return []
@@ -153,6 +185,7 @@ def _parse_users(report, tables, config_path):
     if len(tables) > MAX_USERS:
         report.error("spa", f"{len(tables)} users; at most {MAX_USERS}")
     users, first_index_of_name = [], {}
+    owner_of_key = {}
     for index, table in enumerate(tables):
         place = f"spa.user[{index}]"
         name = table.get("name")
@@ -165,16 +198,22 @@ def _parse_users(report, tables, config_path):
         else:
             first_index_of_name[name] = index
             place = f'spa.user "{name}"'
-        user = _parse_user(report, place, name, table, config_path)
+        user = _parse_user(report, place, name, table)
         if user is not None:
+            for key in user.public_keys:
+                if key.raw in owner_of_key:
+                    report.error(place, f'a public key is also user "{owner_of_key[key.raw]}"\'s: one key, one user')
+                owner_of_key.setdefault(key.raw, user.name)
             users.append(user)
     return users
 
 
-def _parse_user(report, place, name, table, config_path):
+def _parse_user(report, place, name, table):
     errors_before = len(report.errors)
     check_keys(report, place, table, USER_KEYS)
-    key, hmac_key = _parse_keys(report, place, table, config_path)
+    public_keys = _parse_public_keys(report, place, table.get("public_keys"))
+    fwknop_keys = any(name in table for name in ("key", "hmac_key", "key_file"))
+    key, hmac_key = _parse_keys(report, place, table) if fwknop_keys or "public_keys" not in table else (b"", b"")
     digest = table.get("hmac_digest", "sha256")
     if digest not in HMAC_DIGESTS:
         report.error(place, f"hmac_digest {digest!r}: one of {', '.join(HMAC_DIGESTS)}")
@@ -197,10 +236,59 @@ def _parse_user(report, place, name, table, config_path):
     return SpaUser(name=name, key=key, hmac_key=hmac_key, hmac_digest=digest, sources=sources, open=opened,
                    open_for_ns=open_for_ns, max_open_for_ns=max_open_for_ns, idle_timeout_ns=idle_timeout_ns,
                    username=username, require_source_address=require_source,
-                   grant_requested_address=grant_requested)
+                   grant_requested_address=grant_requested, public_keys=public_keys)
 
 
-def _parse_keys(report, place, table, config_path):
+def _parse_public_keys(report, place, items):
+    """public_keys = ["BASE64", { key = "BASE64", expires = 2027-01-01T00:00:00Z }]: at most two."""
+    if items is None:
+        return ()
+    if not isinstance(items, list) or not items or len(items) > MAX_PUBLIC_KEYS:
+        report.error(place, f"public_keys must be an array of 1 to {MAX_PUBLIC_KEYS} keys (the one in use and "
+                            "the next): base64 strings or { key = ..., expires = ... }")
+        return ()
+    keys = []
+    for index, item in enumerate(items):
+        where = f"public_keys[{index}]"
+        text, expires = item, None
+        if isinstance(item, dict):
+            unknown = set(item) - {"key", "expires"}
+            if unknown or "key" not in item:
+                report.error(place, f"{where}: a table has key and optionally expires, not {sorted(unknown)}")
+                continue
+            text, expires = item["key"], _expiry(report, place, where, item.get("expires"))
+        if not isinstance(text, str):
+            report.error(place, f"{where}: must be a base64 string, not {type_name(text)}")
+            continue
+        try:
+            keys.append(PublicKey(pubkey_keys.decode_public(text, where), expires))
+        except spa_keys.SpaKeyError as err:
+            report.error(place, str(err))
+    if len({key.raw for key in keys}) < len(keys):
+        report.error(place, "public_keys lists one key twice")
+    return tuple(keys)
+
+
+def _expiry(report, place, where, value):
+    """Unix seconds of a TOML date or date-time (UTC when it has no offset)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            value = None
+    if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        value = datetime.datetime.combine(value, datetime.time())
+    if not isinstance(value, datetime.datetime):
+        report.error(place, f"{where}: expires must be a date or date-time such as 2027-01-01T00:00:00Z")
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.timezone.utc)
+    return value.timestamp()
+
+
+def _parse_keys(report, place, table):
     """(key, hmac_key) as bytes, from key_file or inline base64."""
     inline = "key" in table or "hmac_key" in table
     if "key_file" in table and inline:
@@ -215,7 +303,8 @@ def _parse_keys(report, place, table, config_path):
             keys = spa_keys.check_pair(spa_keys.load_key_file(path), path)
             return keys.key, keys.hmac_key
         if not inline:
-            report.error(place, "no keys: give key_file (fwknop --key-gen format) or key and hmac_key (base64)")
+            report.error(place, "no keys: give key_file (fwknop --key-gen format), key and hmac_key (base64), "
+                                "or public_keys (xknock keygen --public)")
             return b"", b""
         if "hmac_key" not in table:
             report.error(place, "no hmac_key: HMAC is required (fwknop's legacy mode without HMAC is not supported)")
@@ -227,9 +316,7 @@ def _parse_keys(report, place, table, config_path):
             if not isinstance(table[name], str):
                 report.error(place, f"{name} must be a base64 string, not {type_name(table[name])}")
                 return b"", b""
-        if config_path and secret_readable_by_others(config_path):
-            report.error(place, f"keys inline, but {config_path} is readable by group or others: "
-                                f"chmod 600 {config_path}, or move the keys to a key_file")
+        report.secrets_inline = True   # the config file must then be root's alone (load_config checks)
         keys = spa_keys.check_pair(spa_keys.Keys(spa_keys.decode_key(table["key"], "key"),
                                                  spa_keys.decode_hmac_key(table["hmac_key"], "hmac_key")))
         return keys.key, keys.hmac_key

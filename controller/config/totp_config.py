@@ -7,10 +7,9 @@ import binascii
 import os
 import re
 
-from ..kernel import layout
+from ..kernel import layout, trust
 from .fields import Report, parse_duration_key, type_name
 from .model import NS_PER_UNIT, ConfigError, Sequence, Totp
-from .spa_config import secret_readable_by_others
 
 TOTP_KEYS = ("totp", "secret", "secret_file", "window", "port_range")
 DEFAULT_WINDOW_NS = 60 * NS_PER_UNIT["s"]
@@ -23,11 +22,11 @@ SECRET_HINT = "e.g. `head -c 20 /dev/urandom | base32`"
 PROTOS = ("tcp", "udp")
 
 
-def parse_totp(report, place, table, config_path, max_steps):
+def parse_totp(report, place, table, max_steps):
     """(Totp, None) or (None, None) when something is wrong (reported)."""
     errors_before = len(report.errors)
     protos = _parse_protos(report, place, table, max_steps)
-    secret = _parse_secret(report, place, table, config_path)
+    secret = _parse_secret(report, place, table)
     window_ns = parse_duration_key(report, place, table, "window", DEFAULT_WINDOW_NS)
     if not MIN_WINDOW_NS <= window_ns <= MAX_WINDOW_NS:
         report.error(place, "window must be from 10s to 24h (long enough to knock in, short enough to expire)")
@@ -54,7 +53,7 @@ def _parse_protos(report, place, table, max_steps):
     return tuple(protos)
 
 
-def _parse_secret(report, place, table, config_path):
+def _parse_secret(report, place, table):
     if ("secret" in table) == ("secret_file" in table):
         report.error(place, f"with totp = true, give secret (base32) or secret_file, one of them ({SECRET_HINT})")
         return b""
@@ -63,18 +62,18 @@ def _parse_secret(report, place, table, config_path):
         if not isinstance(path, str) or not os.path.isabs(path):
             report.error(place, f"secret_file {path!r}: must be an absolute path")
             return b""
+        untrusted = trust.problem(path, "secret_file", secret=True)   # before reading a byte of it
+        if untrusted:
+            report.error(place, untrusted)
+            return b""
         try:
             with open(path) as secret_file:
                 text = secret_file.read()
         except OSError as err:
             report.error(place, f"secret_file {path}: {err.strerror}")
             return b""
-        if secret_readable_by_others(path):
-            report.error(place, f"secret_file {path} is readable by group or others: chmod 600 {path}")
         return _decode(report, place, text, f"secret_file {path}")
-    if config_path and secret_readable_by_others(config_path):
-        report.error(place, f"secret inline, but {config_path} is readable by group or others: chmod 600 "
-                            f"{config_path}, or use secret_file")
+    report.secrets_inline = True   # the config file must then be root's alone (load_config checks)
     value = table["secret"]
     if not isinstance(value, str):
         report.error(place, f"secret must be a base32 string, not {type_name(value)}")
@@ -129,7 +128,7 @@ def client_sequence(name, secret_file, protos, window=None, port_range=None):
     if port_range is not None:
         table["port_range"] = port_range
     report = Report()
-    totp = parse_totp(report, f'sequence "{name}"', table, None, layout.MAX_STEPS)
+    totp = parse_totp(report, f'sequence "{name}"', table, layout.MAX_STEPS)
     if report.errors:
         raise ConfigError(report.errors)
     return Sequence(name, (), 0, (), 0, 0, totp=totp)

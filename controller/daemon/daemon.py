@@ -1,5 +1,6 @@
-"""The controller's loop: events to the log, SIGHUP reloads, grant sweeping,
-hooks (daemon/hooks.py) run for grants opened and closed and for bans.
+"""The controller's loop: events to the log, SIGHUP reloads, grant and ban
+sweeping, a full bans map logged once, hooks (daemon/hooks.py) run for grants
+opened and closed and for bans.
 
 The controller is never on the packet path. When it stops (SIGINT, SIGTERM,
 or killed) the filter stays attached and enforcing; a later `xknock attach`
@@ -22,6 +23,7 @@ from .sdnotify import Notifier
 log = logging.getLogger("xknock")
 
 SWEEP_EVERY_S = 10.0
+BAN_CHECK_EVERY_S = 1.0   # how soon a full bans map is logged (bans.FullBansWatch)
 POLL_MS = 200
 
 
@@ -62,6 +64,7 @@ class Controller:
         self.rotation = totp.Rotation(config)
         self.next_rotation_ns = self.rotation.next_change_ns() if self.rotation.active else None
         self.rotate_now = False
+        self.full_bans = bans.FullBansWatch(attached.maps)
 
     def reload(self):
         """Validate the file, then switch policy; a bad file changes nothing."""
@@ -120,6 +123,7 @@ class Controller:
         notifier = notifier or Notifier()
         notifier.ready(f"enforcing on {','.join(self.ifnames)}")
         next_sweep = time.monotonic() + SWEEP_EVERY_S
+        next_ban_check = time.monotonic() + BAN_CHECK_EVERY_S
         try:
             while not self.signals.stop:
                 notifier.watchdog()
@@ -138,6 +142,11 @@ class Controller:
                     ok = self.reload()
                     if self.metrics:
                         self.metrics.record_reload(ok, self.config)
+                if time.monotonic() >= next_ban_check:
+                    next_ban_check = time.monotonic() + BAN_CHECK_EVERY_S
+                    warning = self.full_bans.check()
+                    if warning:
+                        log.warning(warning)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SWEEP_EVERY_S
                     swept = grants.expire_grants(self.attached.maps)

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import LoadError, XknockError
-from ..kernel import bpfsys, datapath
+from ..kernel import bpfsys, datapath, layout
 from ..kernel.maps import FilterMaps
 from ..policy import policy
+from ..state import carry
 
 log = logging.getLogger("xknock")
 
@@ -68,25 +69,92 @@ def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cf
 
     directory = datapath.pin_dir(sorted(ifnames))
     datapath.ensure_bpffs()
-    if adopted_from:
-        datapath.repin(adopted_from, directory)
-    loaded = datapath.compile_and_load(directory, cflags=cflags)
-    maps = FilterMaps.from_prog(loaded.prog_id)
-    modes, replaced, done = {}, {}, []
+    steps = _Steps(ifnames, current, config, xdp_mode, before_attach, cflags)
+    if adopted_from and datapath.running_layout(adopted_from) != layout.fingerprint():
+        return _upgrade(steps, adopted_from, directory)
+    return steps.run(directory, adopt=adopted_from)
+
+
+@dataclass
+class _Steps:
+    """Load, write the policy, check, swap: what every attach does, with
+    every pin it made removed and every interface put back when one fails."""
+
+    ifnames: list
+    current: dict
+    config: object
+    xdp_mode: str
+    before_attach: object
+    cflags: tuple
+
+    def run(self, directory, adopt=None, carry_in=None):
+        """adopt: the program id whose maps the new program re-adopts (same
+        layout); carry_in(maps): fills the new maps before anything is checked
+        or attached (an upgrade)."""
+        pinned_before = datapath.pinned_names(directory)
+        maps, done = None, []
+        try:
+            if adopt:
+                datapath.repin(adopt, directory)
+            loaded = datapath.compile_and_load(directory, cflags=self.cflags)
+            maps = FilterMaps.from_prog(loaded.prog_id, loaded.layout)
+            modes, replaced = {}, {}
+            policy.apply_policy(maps, self.config)
+            if carry_in:
+                carry_in(maps)
+            if self.before_attach:
+                self.before_attach(maps)
+            for name in self.ifnames:
+                modes[name], replaced_id = _attach_one(self.current[name], loaded.fd, self.xdp_mode)
+                done.append(name)
+                if replaced_id:
+                    replaced[name] = replaced_id
+        except BaseException:
+            if done:
+                _roll_back(done, self.current, loaded.fd)
+            if maps:
+                maps.close()
+            # A refused attach leaves no pin of its own behind (firsts alone is 16 MiB).
+            datapath.remove_pins(directory, keep=pinned_before)
+            raise
+        return Attached(loaded, maps, directory, modes, replaced)
+
+
+def _upgrade(steps, old_prog_id, directory):
+    """Replace a filter whose maps have another layout: the new program gets
+    maps of its own (pinned aside until the swap), the old filter's state is
+    carried into them (state/carry.py), then the program is swapped
+    atomically. Until the swap the old filter runs untouched, and any failure
+    leaves it so; after it, what the old program wrote meanwhile is carried
+    too, its counts added, and the new maps take the old pins' place."""
+    staging = os.path.join(directory, datapath.STAGING)
+    datapath.remove_pins(staging)   # a killed upgrade's
+    with carry.OldFilter(old_prog_id) as old:
+        carried = {}
+
+        def carry_in(maps):
+            # Locked from the first copy to the last (not while compiling): a
+            # revoke meanwhile would be lost, a grant would wait.
+            old.lock()
+            carried.update(old.carry_keyed(maps))
+
+        attached = steps.run(staging, carry_in=carry_in)
+        late = {}   # the swap is done: from here on a failure is a warning, never a rollback
+        try:
+            late = old.carry_keyed(attached.maps, only_missing=True)
+            old.add_counts(attached.maps)
+        except (XknockError, OSError) as err:
+            log.warning(f"after the upgrade's swap, carrying what the old program wrote meanwhile failed: {err}")
+    log.info("carried the old filter's state into maps of the new layout: " +
+             ", ".join(f"{name} {carried[name] + late.get(name, 0)}" for name in carry.KEYED) +
+             "; knocks in progress start again")
     try:
-        policy.apply_policy(maps, config)
-        if before_attach:
-            before_attach(maps)
-        for name in ifnames:
-            modes[name], replaced_id = _attach_one(current[name], loaded.fd, xdp_mode)
-            done.append(name)
-            if replaced_id:
-                replaced[name] = replaced_id
-    except BaseException:
-        _roll_back(done, current, loaded.fd)
-        maps.close()
-        raise
-    return Attached(loaded, maps, directory, modes, replaced)
+        datapath.move_pins(staging, directory)
+        attached.pin_dir = directory
+    except (XknockError, OSError) as err:
+        attached.pin_dir = staging
+        log.warning(f"the new maps stay pinned in {staging}: moving them to {directory} failed: {err}")
+    return attached
 
 
 def _roll_back(done, current, new_fd):
@@ -155,21 +223,67 @@ def open_filter(ifname):
     return FilterMaps.from_prog(running_xknock(ifname).prog_id)
 
 
+@dataclass
+class Detached:
+    """The outcome of detach(): the program detached (None when there was
+    none) and the leftover pin directories removed, {directory: [names]}."""
+
+    attachment: datapath.Attachment | None
+    leftover_pins: dict
+
+
 def detach(ifname):
     """Detach xknock from ifname; remove its pins when no other interface of
-    this namespace still uses its maps. Returns what was detached."""
+    this namespace still uses its maps. With no program on ifname, remove the
+    pins a filter of ifname left behind (a refused or killed attach, a
+    program removed with `ip link`), which nothing else can remove."""
     require_root()
-    att = running_xknock(ifname)
+    att = datapath.attachment(ifname)
+    if not att.prog_id:
+        removed = remove_leftover_pins(ifname)
+        if not removed:
+            raise XknockError(f"no XDP program on {ifname} and no pins left by one: nothing to detach")
+        return Detached(None, removed)
+    _detach_program(running_xknock(ifname))
+    return Detached(att, {})
+
+
+def remove_leftover_pins(ifname):
+    """Remove the pin directories of ifname's groups (eth0, eth0+eth1...) in
+    this namespace whose maps no attached filter uses: {directory: [names]}."""
+    used = {control for control, _ in datapath.attached_filters()}
+    removed = {}
+    for directory in datapath.pin_dirs_of_interface(ifname):
+        if _pinned_control_id(directory) in used:
+            continue
+        names = datapath.remove_pins(directory)
+        if names:
+            removed[directory] = names
+    return removed
+
+
+def _pinned_control_id(directory):
+    """The id of the control map pinned in directory, or None."""
+    with contextlib.suppress(OSError):
+        fd = bpfsys.obj_get(os.path.join(directory, "control"))
+        try:
+            return bpfsys.map_info(fd).id
+        finally:
+            os.close(fd)
+    return None
+
+
+def _detach_program(att):
+    """Detach att's program; remove its pins unless another interface uses its maps."""
     control = datapath.running_map_ids(att.prog_id).get("control")
     try:
         datapath.xdp_detach(att.ifindex, att.mode)
     except NetlinkError as err:
-        raise XknockError(f"detaching from {ifname} failed: {datapath.netlink_reason(err)}")
+        raise XknockError(f"detaching from {att.ifname} failed: {datapath.netlink_reason(err)}")
     still_used = any(control == cid for cid, _ in datapath.attached_filters())
     if not still_used:
         for directory in _pin_dirs_of(control):
             datapath.remove_pins(directory)
-    return att
 
 
 def _pin_dirs_of(control_map_id):
@@ -184,15 +298,4 @@ def _pin_dirs_of(control_map_id):
             candidates += [os.path.join(path, sub) for sub in os.listdir(path)]
         else:
             candidates.append(path)
-    for directory in candidates:
-        pin = os.path.join(directory, "control")
-        if not os.path.exists(pin):
-            continue
-        with contextlib.suppress(OSError):
-            fd = bpfsys.obj_get(pin)
-            try:
-                if bpfsys.map_info(fd).id == control_map_id:
-                    found.append(directory)
-            finally:
-                os.close(fd)
-    return found
+    return [directory for directory in candidates if _pinned_control_id(directory) == control_map_id]

@@ -217,14 +217,16 @@ class MapSampler:
         maps = self.maps_provider()
         if maps is None:
             return
+        # Knocks in progress of this round alone, per map; a map over its
+        # budget leaves its part None and the previous round's total stands.
+        in_progress = {"progress": None, "firsts": None}
         for name in SAMPLED_MAPS:
             m = getattr(maps, name)
             started = time.monotonic()
-            in_progress = None
             if name == "progress":
-                counted, in_progress = self._count_progress(maps, m)
+                counted, in_progress[name] = self._count_progress(maps, m)
             elif name == "firsts":
-                counted, in_progress = self._count_firsts(maps, m)
+                counted, in_progress[name] = self._count_firsts(maps, m)
             else:
                 counted = count_entries(m, self.budget_s)
             if counted is None:
@@ -234,10 +236,10 @@ class MapSampler:
             with self._lock:
                 self._sample.entries[name] = counted
                 self._sample.taken_at[name] = started
-                if name == "progress":
-                    self._sample.knocks_in_progress = in_progress
-                elif name == "firsts" and in_progress is not None and self._sample.knocks_in_progress is not None:
-                    self._sample.knocks_in_progress += in_progress
+        if None in in_progress.values():
+            return     # no batch lookup, or over budget: the previous total (or none) stands
+        with self._lock:
+            self._sample.knocks_in_progress = in_progress["progress"] + in_progress["firsts"]
 
     def _count_progress(self, maps, m):
         """(entries, knocks in progress): progress neither completed nor timed out."""

@@ -11,7 +11,6 @@ from those ids whenever they are missing, so a new program re-adopts the maps
 """
 
 import contextlib
-import ctypes
 import errno
 import os
 import stat
@@ -23,7 +22,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import LoadError, XknockError
-from . import bpfsys, layout
+from . import bpfsys, layout, stamp
 
 PROG_NAME = "xdp_knock"
 BPFFS = "/sys/fs/bpf"
@@ -132,6 +131,16 @@ def pin_dir(ifnames):
     return f"{PIN_ROOT}/{group}" if ns is None else f"{PIN_ROOT}/netns-{ns}/{group}"
 
 
+def pin_dirs_of_interface(ifname):
+    """The pin directories in this network namespace of every group that
+    holds ifname (eth0, eth0+eth1, ...), whether anything uses them or not."""
+    parent = os.path.dirname(pin_dir([ifname]))
+    if not os.path.isdir(parent):
+        return []
+    return [os.path.join(parent, entry) for entry in sorted(os.listdir(parent))
+            if ifname in entry.split("+") and os.path.isdir(os.path.join(parent, entry))]
+
+
 @dataclass
 class Attachment:
     ifname: str
@@ -217,15 +226,53 @@ def repin(prog_id, directory):
             os.close(fd)
 
 
-def remove_pins(directory):
+# An upgrade pins the new program's maps here, inside the pin directory,
+# until the swap (bpffs refuses names with dots).
+STAGING = "upgrade"
+
+
+def pinned_names(directory):
+    """The names pinned in directory, not its subdirectories (an empty set
+    when there is none)."""
     if not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
+        return set()
+    return {name for name in os.listdir(directory) if not os.path.isdir(os.path.join(directory, name))}
+
+
+def remove_pins(directory, keep=()):
+    """Remove the pins in directory but those named in keep, and an upgrade's
+    staging pins under it, then the directory (and netns-<ino>/) when nothing
+    is left in it. Returns the names removed."""
+    removed = [f"{STAGING}/{name}" for name in remove_pins(os.path.join(directory, STAGING))] \
+        if STAGING not in keep and os.path.isdir(os.path.join(directory, STAGING)) else []
+    for name in sorted(pinned_names(directory) - set(keep)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))
+            removed.append(name)
     with contextlib.suppress(OSError):
         os.rmdir(directory)
         os.rmdir(os.path.dirname(directory))   # netns-<ino>/, when now empty
+    return removed
+
+
+def move_pins(source, directory):
+    """Pin the maps pinned in source in directory instead, replacing what is
+    pinned there under the same names, and remove source. A move cut short
+    leaves pins of both in directory: the next attach's repin() puts right
+    those that point elsewhere."""
+    make_private_dirs(directory)
+    names = pinned_names(source)
+    for name in sorted(names):
+        fd = bpfsys.obj_get(os.path.join(source, name))
+        try:
+            target = os.path.join(directory, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+            bpfsys.obj_pin(fd, target)
+        finally:
+            os.close(fd)
+    remove_pins(source)
+    remove_pins(directory, keep=names)   # maps the new version no longer has
 
 
 @dataclass
@@ -235,6 +282,7 @@ class Loaded:
     bpf: object
     fd: int
     prog_id: int
+    layout: int         # the layout stamp of its maps
 
 
 def compile_and_load(directory, cflags=(), test_clock=False):
@@ -260,28 +308,36 @@ def compile_and_load(directory, cflags=(), test_clock=False):
         fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
     except Exception as err:   # BCC raises bare Exception for every failure
         raise LoadError(_explain_bcc_failure(err, directory)) from err
-    return Loaded(bpf, fn.fd, bpfsys.prog_info(fn.fd).id)
+    fds = {name: bpf[name.encode()].map_fd for name in layout.MAPS}
+    built = stamp.of_maps(fds)
+    if stamp.read(fds["control"]) != built:
+        stamp.write(fds["control"], built)
+    return Loaded(bpf, fn.fd, bpfsys.prog_info(fn.fd).id, built)
 
 
 def check_pinned_layout(directory):
-    """BCC re-adopts a pinned map by name whatever its layout; a map of another
-    version of xknock would then be misread. Refuse, saying what to do."""
-    for name, (key_type, value_type) in layout.MAPS.items():
-        path = os.path.join(directory, name)
-        if not os.path.exists(path):
-            continue
-        fd = bpfsys.obj_get(path)
-        try:
-            info = bpfsys.map_info(fd)
-        finally:
-            os.close(fd)
-        want = (ctypes.sizeof(key_type), ctypes.sizeof(value_type))
-        if (info.key_size, info.value_size) != want:
-            raise XknockError(
-                f"the filter's map {name} ({directory}) has keys/values of {info.key_size}/{info.value_size} "
-                f"bytes, this version of xknock needs {want[0]}/{want[1]}: it was made by another version. "
-                "Detach it first (`xknock detach IFACE`, which also drops its grants and knocks in progress), "
-                "then attach again")
+    """BCC re-adopts a pinned map by name whatever its layout; maps of another
+    layout would then be misread. Refuse, saying what to do."""
+    fds = stamp.open_pins(directory)
+    try:
+        if not fds or stamp.of_filter(fds) == layout.fingerprint():
+            return
+    finally:
+        stamp.close_all(fds)
+    raise XknockError(
+        f"the maps pinned in {directory} have another layout than this version of xknock's: another "
+        "version made them. If a filter runs with them, `xknock attach` carries its state over; if none "
+        "does, `xknock detach IFACE` removes them")
+
+
+def running_layout(prog_id):
+    """The layout stamp of a running program's maps (stamp.of_filter)."""
+    fds = {name: bpfsys.map_fd_by_id(map_id) for name, map_id in running_map_ids(prog_id).items()
+           if name in layout.MAPS}
+    try:
+        return stamp.of_filter(fds)
+    finally:
+        stamp.close_all(fds)
 
 
 def _kernel_headers_missing():

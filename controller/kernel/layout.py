@@ -1,9 +1,11 @@
 """The data path's map layout, mirrored from bpf/xknock_consts.h and
-bpf/xknock_structs.h. tests/test_layout.py checks every size, offset and
-number against what BCC compiles from the C headers."""
+bpf/xknock_structs.h. tests/test_layout.py checks every name, size, offset
+and number against what BCC compiles from the C headers, and fingerprint()
+sums them up: a running filter stamped with another one has other maps."""
 
 import ctypes
 import enum
+import hashlib
 
 # Limits: the C defaults (each overridable at build time with -DNAME=VALUE).
 MAX_SEQUENCES = 64
@@ -46,6 +48,8 @@ LPM_IPV4 = 0x80   # in LpmKey.bank: IPv4 entries, kept apart from IPv6 ones
 SET_BANS = 1 << 2
 SET_STRICT = 1 << 3
 SET_ANSWER = 1 << 4
+SET_DROP_IPSEC = 1 << 5        # [filter] ipsec = "drop"
+SET_DROP_TRANSPORTS = 1 << 6   # [filter] other_transports = "drop"
 FLOWLABEL_AUTO = 1 << 0
 FLOWLABEL_STATELESS = 1 << 1
 BAN_EVERYWHERE = 0
@@ -82,6 +86,8 @@ class Reason(enum.IntEnum):
     DROP_BANNED = 11
     DROP_SPA = 12
     PASS_ECHO = 13   # an ICMP echo knock, recorded; the host answers the ping
+    DROP_IPSEC = 14       # ESP, AH, NAT-T with [filter] ipsec = "drop", not allow-listed
+    DROP_TRANSPORT = 15   # SCTP, DCCP, UDP-Lite with [filter] other_transports = "drop", not allow-listed
     KNOCK_ADVANCED = 16
     KNOCK_COMPLETED = 17
     KNOCK_RESET = 18
@@ -131,7 +137,7 @@ class Reason(enum.IntEnum):
 CONTROLLER_REASONS = frozenset({Reason.GRANT_REMOVED, Reason.GRANT_OPERATOR, Reason.BAN_REMOVED, Reason.BAN_OPERATOR} |
                                {r for r in Reason if Reason.SPA_ACCEPTED <= r <= Reason.SPA_GRANT_CREATED})
 
-VERDICT_REASONS = 14  # reasons below this are verdicts: one per packet
+VERDICT_REASONS = 16  # reasons below this are verdicts: one per packet
 
 
 def is_verdict(reason):
@@ -139,7 +145,7 @@ def is_verdict(reason):
 
 
 def is_drop(reason):
-    return Reason.DROP_DENYLIST <= reason <= Reason.DROP_SPA
+    return Reason.DROP_DENYLIST <= reason <= Reason.DROP_SPA or reason in (Reason.DROP_IPSEC, Reason.DROP_TRANSPORT)
 
 
 class Addr(ctypes.Structure):
@@ -213,9 +219,11 @@ class LpmKey(ctypes.Structure):
 
 
 class Control(ctypes.Structure):
+    # active_bank and layout stay the first 8 bytes in every version: the
+    # stamp must be readable in a filter of any layout.
     _fields_ = [
         ("active_bank", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("layout", ctypes.c_uint32),      # the fingerprint() of the program's maps, stamped at load
         ("test_now_ns", ctypes.c_uint64),
     ]
 
@@ -297,7 +305,8 @@ class SpaEvent(ctypes.Structure):
         ("port", ctypes.c_uint16),
         ("len", ctypes.c_uint16),
         ("ipv4", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
+        ("pad", ctypes.c_uint8),
+        ("sport", ctypes.c_uint16),   # the UDP source port: where a public-key SPA answer goes
         ("payload", ctypes.c_uint8 * SPA_MAX_PAYLOAD),
         ("pad2", ctypes.c_uint8 * 4),
     ]
@@ -335,3 +344,31 @@ MAPS = {
     "spa_known": (Addr, ctypes.c_uint64),
     "recent": (ctypes.c_uint32, Recent),
 }
+
+
+def shape(ctype, prefix="", base=0):
+    """A type's layout as leaves (dotted name, offset, size): structs opened,
+    arrays of structs index by index ("seqs[1].slot"), scalars and arrays of
+    scalars whole. kernel/btf.py reads the same shape from a map's BTF."""
+    if hasattr(ctype, "_fields_"):
+        return tuple(leaf for name, ftype, *_ in ctype._fields_
+                     for leaf in shape(ftype, f"{prefix}{name}.", base + getattr(ctype, name).offset))
+    if issubclass(ctype, ctypes.Array) and hasattr(ctype._type_, "_fields_"):
+        step = ctypes.sizeof(ctype._type_)
+        return tuple(leaf for i in range(ctype._length_)
+                     for leaf in shape(ctype._type_, f"{prefix[:-1]}[{i}].", base + i * step))
+    return ((prefix[:-1], base, ctypes.sizeof(ctype)),)
+
+
+def map_shapes():
+    """name -> (key shape, value shape) of every map of this version."""
+    return {name: (shape(key), shape(value)) for name, (key, value) in MAPS.items()}
+
+
+def fingerprint(shapes=None):
+    """32 bits (never 0) of a hash of every map's field names, offsets and
+    sizes and of the reason numbering: this version's when shapes is None,
+    else that of shapes (name -> (key, value) or None for a missing map)."""
+    shapes = map_shapes() if shapes is None else shapes
+    text = repr((sorted(shapes.items()), sorted((r.name, r.value) for r in Reason)))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") or 1

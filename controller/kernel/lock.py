@@ -25,8 +25,15 @@ def map_lock(maps, timeout=LOCK_TIMEOUT):
     directory is root's alone (0700) and the file 0600, opened without
     following links: no other user can take the lock and freeze the writers.
     Waits at most timeout seconds (XknockError then)."""
+    with control_lock(maps.control.id, timeout):
+        yield
+
+
+@contextlib.contextmanager
+def control_lock(control_map_id, timeout=LOCK_TIMEOUT):
+    """map_lock() for a filter known by its control map's id alone."""
     _private_dir(LOCK_DIR)
-    path = os.path.join(LOCK_DIR, f"filter-{maps.control.id}.lock")
+    path = os.path.join(LOCK_DIR, f"filter-{control_map_id}.lock")
     fd = _private_file(path)
     try:
         deadline = time.monotonic() + timeout

@@ -10,7 +10,7 @@ import ipaddress
 import os
 
 from ..errors import XknockError
-from . import bpfsys, layout
+from . import bpfsys, layout, stamp
 from .datapath import running_map_ids
 
 
@@ -121,11 +121,22 @@ class FilterMaps:
         self._maps = maps
 
     @classmethod
-    def from_prog(cls, prog_id):
+    def from_prog(cls, prog_id, expected_layout=None):
+        """The maps of a running program, refused when their layout stamp is
+        not expected_layout (this version's by default): equal sizes would
+        still be misread. Maps of a version before stamps (0) pass on sizes."""
         ids = running_map_ids(prog_id)
         missing = [name for name in layout.MAPS if name not in ids]
         if missing:
             raise XknockError(f"program {prog_id} lacks the maps {', '.join(missing)}: is it xknock's?")
+        control = bpfsys.map_fd_by_id(ids["control"])
+        try:
+            found = stamp.read(control)
+        finally:
+            os.close(control)
+        if found not in (0, expected_layout or layout.fingerprint()):
+            raise XknockError(f"the running filter (program {prog_id}) is another version of xknock: its maps have "
+                              "another layout. Run `xknock attach` with this version: it carries its grants over")
         return cls.from_fds({name: bpfsys.map_fd_by_id(ids[name]) for name in layout.MAPS})
 
     @classmethod

@@ -59,6 +59,10 @@ def compile_policy(config, bank, cpus=None, host=None):
     settings.flags = (layout.SET_HAS_ALLOW if config.allow else 0) | (layout.SET_HAS_DENY if config.deny else 0)
     if config.strict:
         settings.flags |= layout.SET_STRICT
+    if config.guards_ports() and config.ipsec == "drop":
+        settings.flags |= layout.SET_DROP_IPSEC
+    if config.guards_ports() and config.other_transports == "drop":
+        settings.flags |= layout.SET_DROP_TRANSPORTS
     answers.fill_settings(settings, config, host or answers.read_host())
     if config.ban:
         settings.flags |= layout.SET_BANS

@@ -23,46 +23,21 @@ from ..kernel import clock, layout
 from ..kernel.lock import map_lock
 from ..kernel.maps import from_addr, to_addr
 from ..state import grants
-from ..wire import spa_message
+from ..wire import spa_message, spa_pubkey
 from . import spa_replay
+from .spa_pubkey import Acknowledger, PubkeyVerifier
 from .spa_replay import ReplayCacheError
+from .verdict import OUTCOMES, Verdict  # noqa: F401 (OUTCOMES: the names other modules read here)
 
 log = logging.getLogger("xknock.spa")
 
 Reason = layout.Reason
-# The reasons an SPA payload is judged with, and their names in logs.
-OUTCOMES = {
-    Reason.SPA_ACCEPTED: "accepted",
-    Reason.SPA_BAD_HMAC: "bad_hmac",
-    Reason.SPA_REPLAYED: "replayed",
-    Reason.SPA_STALE: "stale",
-    Reason.SPA_MALFORMED: "malformed",
-    Reason.SPA_UNKNOWN_USER: "unknown_user",
-    Reason.SPA_PORT_DENIED: "port_denied",
-    Reason.SPA_SOURCE_DENIED: "source_denied",
-    Reason.SPA_GRANT_FAILED: "grant_failed",
-}
 # fwknop message types we act on; command and NAT messages are refused.
 ACCESS_MSG = 1
 CLIENT_TIMEOUT_ACCESS_MSG = 3
 ANY_ADDRESS = ipaddress.IPv4Address("0.0.0.0")
 FLUSH_EVERY_S = 1.0
 PAYLOAD_OFFSET = layout.SpaEvent.payload.offset
-
-
-@dataclasses.dataclass
-class Verdict:
-    outcome: Reason
-    detail: str = ""               # why, for the log; never a secret
-    user: str | None = None        # the stanza whose HMAC key matched
-    address: object = None         # whom to grant (accepted only)
-    ports: tuple = ()              # (proto name, port)
-    open_for_ns: int = 0
-    idle_timeout_ns: int = 0
-
-    @property
-    def name(self):
-        return OUTCOMES[self.outcome]
 
 
 def spa_uid(user_name):
@@ -78,15 +53,18 @@ class SpaVerifier:
         self.spa = spa
         self.replay = replay_cache
         self.wall_clock = wall_clock
+        self.pubkey = PubkeyVerifier()
 
     def verify(self, payload, source):
         source = ipaddress.ip_address(source)
+        if spa_pubkey.is_candidate(payload):   # the public-key protocol's header (docs/spa-pubkey-format.md)
+            return self.pubkey.verify(self.spa, self.replay, payload, source, self.wall_clock())
         if spa_message.prefix_tacked(payload):
             return Verdict(Reason.SPA_MALFORMED, "prefix-tacked")
         digest = spa_message.replay_digest(payload)
         if self.replay.seen(digest):
             return Verdict(Reason.SPA_REPLAYED, "digest seen before")
-        stanzas = [user for user in self.spa.users if user.source_allowed(source)]
+        stanzas = [user for user in self.spa.users if user.speaks_fwknop and user.source_allowed(source)]
         if not stanzas:
             return Verdict(Reason.SPA_SOURCE_DENIED, "no stanza admits this source")
         for user in stanzas:
@@ -174,6 +152,7 @@ class SpaReceiver:
         self.maps = maps
         cache = replay_cache if replay_cache is not None else open_replay_cache(spa)   # an empty cache is falsy
         self.verifier = SpaVerifier(spa, cache)
+        self.acknowledger = Acknowledger()
         self.pending = {}          # Reason -> count not yet in the counters map
         self.next_flush = time.monotonic() + FLUSH_EVERY_S
         loaded.bpf["spa_events"].open_ring_buffer(self._callback)
@@ -201,7 +180,7 @@ class SpaReceiver:
             # string_at, not a slice: slicing a ctypes array makes a list of ints (10x slower).
             length = min(event.len, layout.SPA_MAX_PAYLOAD, size - PAYLOAD_OFFSET)   # records are cut to size
             payload = ctypes.string_at(data + PAYLOAD_OFFSET, length)
-            self.handle(payload, from_addr(event.src), arrived_ns=event.ts_ns)
+            self.handle(payload, from_addr(event.src), arrived_ns=event.ts_ns, source_port=event.sport)
         except Exception:   # one bad packet must never stop the receiver
             log.exception("SPA packet handling failed")
         return 0
@@ -214,7 +193,7 @@ class SpaReceiver:
         except OSError as err:   # an LRU never fills; anything else must not stop the receiver
             log.warning("could not remember a SPA source", extra={"fields": {"error": str(err)}})
 
-    def handle(self, payload, source, arrived_ns=None):
+    def handle(self, payload, source, arrived_ns=None, source_port=0):
         """arrived_ns: when the data path saw the packet (CLOCK_MONOTONIC), for
         the log's latency_ms: arrival to grants written."""
         if self.verifier.spa is None:
@@ -223,6 +202,8 @@ class SpaReceiver:
         if verdict.outcome == Reason.SPA_ACCEPTED:
             verdict = self._grant(verdict)
             self.remember(source)
+        if verdict.reply is not None:
+            self.acknowledger.send(verdict, self.verifier.spa.port, source_port)
         self.pending[verdict.outcome] = self.pending.get(verdict.outcome, 0) + 1
         if time.monotonic() >= self.next_flush:
             self.flush()
@@ -232,7 +213,7 @@ class SpaReceiver:
         if verdict.user:
             fields["user"] = verdict.user
         if verdict.outcome == Reason.SPA_ACCEPTED:
-            fields["granted"] = str(verdict.address)
+            fields["granted"] = ",".join(str(address) for address in (verdict.address, *verdict.also))
             fields["ports"] = ",".join(f"{proto}:{port}" for proto, port in verdict.ports)
             fields["open_for"] = f"{verdict.open_for_ns // 1_000_000_000}s"
             if arrived_ns:
@@ -246,8 +227,9 @@ class SpaReceiver:
 
     def _grant(self, verdict):
         try:
-            grants.write_grants(self.maps, verdict.address, verdict.ports, verdict.open_for_ns,
-                                verdict.idle_timeout_ns, seq_uid=spa_uid(verdict.user), flags=layout.GRANT_SPA)
+            for address in (verdict.address, *verdict.also):
+                grants.write_grants(self.maps, address, verdict.ports, verdict.open_for_ns,
+                                    verdict.idle_timeout_ns, seq_uid=spa_uid(verdict.user), flags=layout.GRANT_SPA)
         except grants.GrantsFull as err:
             return dataclasses.replace(verdict, outcome=Reason.SPA_GRANT_FAILED, detail=str(err))
         return verdict

@@ -85,3 +85,37 @@ def expire_bans(maps, now=None):
                 removed += 1
         maps.count_by_controller(layout.Reason.BAN_REMOVED, removed)
     return removed
+
+
+class FullBansWatch:
+    """A full bans map, noticed from the counters: the data path counts every
+    ban it could not write (BAN_FAILED) and changes nothing else, so nobody is
+    unbanned for it. check() says so once per episode (until a ban is written
+    again) and sweeps the bans that ended at once: spoofed sources never come
+    back to remove theirs, and their room is what new bans need."""
+
+    def __init__(self, maps):
+        self.maps = maps
+        self.failed = maps.counters.total(layout.Reason.BAN_FAILED)
+        self.issued = maps.counters.total(layout.Reason.BAN_ISSUED)
+        self.full = False
+
+    def check(self, now=None):
+        """A warning to log when bans began to fail since the last check
+        (once per episode), else None."""
+        failed = self.maps.counters.total(layout.Reason.BAN_FAILED)
+        issued = self.maps.counters.total(layout.Reason.BAN_ISSUED)
+        refused, written = failed - self.failed, issued - self.issued
+        self.failed, self.issued = failed, issued
+        if not refused:
+            if written:
+                self.full = False   # a ban was written: there is room again
+            return None
+        if self.full:
+            return None
+        self.full = True
+        swept = expire_bans(self.maps, now)
+        return (f"the bans map is full ({self.maps.bans.max_entries} entries): {refused} ban(s) could not be written "
+                f"and those sources are not banned (nobody was unbanned for them); {swept} ended ban(s) swept to make "
+                "room. Whoever knows a first step can fill it from spoofed sources (docs/threat-model.md); "
+                "shorten [ban] for, or build with a larger XK_BAN_ENTRIES")

@@ -11,7 +11,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from ..kernel import layout
+from ..kernel import layout, procnet
 from ..kernel.maps import to_addr
 
 TCP_ESTABLISHED = "01"
@@ -28,35 +28,12 @@ class Session:
         return f"{self.source} -> tcp:{self.port}{who}"
 
 
-def _parse_proc_address(text):
-    """'0100007F:0016' or a 32-hex-digit IPv6 form -> (ip, port)."""
-    addr_hex, port_hex = text.split(":")
-    raw = bytes.fromhex(addr_hex)
-    # /proc/net prints each 32-bit word in host (little-endian) order.
-    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    ip = ipaddress.ip_address(raw)
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip, int(port_hex, 16)
-
-
 def established_sessions(proc_net="/proc/net"):
     """[(remote ip, local port)] of established TCP connections, not loopback."""
-    found = set()
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(os.path.join(proc_net, name)) as table:
-                next(table, None)
-                for line in table:
-                    fields = line.split()
-                    if len(fields) < 4 or fields[3] != TCP_ESTABLISHED:
-                        continue
-                    (_, local_port), (remote, _) = _parse_proc_address(fields[1]), _parse_proc_address(fields[2])
-                    if not remote.is_loopback:
-                        found.add((remote, local_port))
-        except OSError:
-            continue
-    return found
+    return {(remote, local_port)
+            for name in ("tcp", "tcp6")
+            for (_, local_port), (remote, _), state in procnet.sockets(proc_net, name)
+            if state == TCP_ESTABLISHED and not remote.is_loopback}
 
 
 def your_session(environ=os.environ):

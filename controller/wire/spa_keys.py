@@ -17,10 +17,10 @@ import dataclasses
 import os
 import re
 import secrets
-import stat
 import tempfile
 
 from ..errors import XknockError
+from ..kernel import trust
 from .spa_message import DEFAULT_DIGEST, HMAC_DIGESTS, MAX_HMAC_KEY, MAX_KEY
 
 KEY_BYTES = 32
@@ -92,21 +92,16 @@ def keys_from_base64(key_b64, hmac_key_b64, where="keys"):
     return check_pair(Keys(decode_key(key_b64), decode_hmac_key(hmac_key_b64)), where)
 
 
-def check_private(path, st):
-    """Secrets must not be readable (or writable) by group or others."""
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise SpaKeyError(f"{path}: holds secret keys but is accessible by group or others "
-                          f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 {path}")
-
-
 def load_key_file(path):
     """A file in `fwknop --key-gen` format -> Keys. "NAME: value" and
     access.conf's "NAME value" are both read; blank lines and # comments are
-    skipped. SpaKeyError for anything else, a missing key, or a file that group
-    or others can read."""
+    skipped. SpaKeyError for anything else, a missing key, or a file that
+    others could read or change (kernel/trust.py)."""
+    untrusted = trust.problem(path, "key file", secret=True)   # before reading a byte of it
+    if untrusted:
+        raise SpaKeyError(untrusted)
     try:
         with open(path, "rb") as handle:
-            check_private(path, os.fstat(handle.fileno()))
             data = handle.read(64 * 1024)
     except FileNotFoundError:
         raise SpaKeyError(f"{path}: no such key file (make one with `xknock keygen --key-file {path}`)") from None
