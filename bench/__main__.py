@@ -1,10 +1,11 @@
-"""bench/run's entry: `python -m bench [datapath|controlplane|flood|knockd|nft|spa|answers|report|all] [--quick]`."""
+"""bench/run's entry: `python -m bench [datapath|controlplane|flood|knockd|nft|spa|spa-verify|answers|report|all]
+[--quick]`."""
 
 import sys
 
 from . import answers, controlplane, datapath, flood, fwknop, knockd, nftingress, report
 
-COMMANDS = ("datapath", "controlplane", "flood", "knockd", "nft", "spa", "answers", "report", "all")
+COMMANDS = ("datapath", "controlplane", "flood", "knockd", "nft", "spa", "spa-verify", "answers", "report", "all")
 
 
 def main(argv):
@@ -21,6 +22,8 @@ def main(argv):
         flood.run_flood(quick)
     if which == "answers":
         answers.run_answers(quick)
+    if which == "spa-verify":   # the verifier's cost per candidate, in process: no lab, no root
+        print(fwknop.cost_markdown(fwknop.candidate_costs(0.5 if quick else 3.0)))
     if which == "report":
         report.run_report(quick)
     for name, bench in (("knockd", knockd), ("nft", nftingress), ("spa", fwknop)):

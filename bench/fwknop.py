@@ -249,6 +249,7 @@ def run(quick):
     settings = Settings(quick)
     data = {"settings": vars(settings), "daemons": {}, "unavailable": {}}
     data["verifications_per_s"] = verifications(0.5 if quick else 3.0)
+    data["candidate_costs"] = candidate_costs(0.5 if quick else 3.0)
     keys = new_keys()
     with lab("xkspa", ipv6=False) as net, tempfile.TemporaryDirectory(prefix="xkspa-") as directory:
         os.chmod(directory, 0o755)
@@ -301,21 +302,18 @@ def verifications(seconds):
     recorded in the replay cache with an fsync, judged; no map write)."""
     import ipaddress
 
-    from xknock.controller.config import parse_config
     from xknock.controller.spa.spa import SpaVerifier
     from xknock.controller.spa.spa_replay import ReplayCache
     from xknock.controller.wire import spa_message
 
     key, hmac_key = os.urandom(32), os.urandom(64)
-    spa = parse_config(XKNOCK_SPA_CONF % {"port": SPA_PORT, "cache": "/unused", "key": base64.b64encode(key).decode(),
-                                          "hmac": base64.b64encode(hmac_key).decode(), "guarded": sb.GUARDED},
-                       listening=set()).spa
+    spa = _spa_with_users(1, key, hmac_key)
     source = ipaddress.ip_address("10.77.0.2")
     out = {}
     with tempfile.TemporaryDirectory(prefix="xkspa-verify-") as directory:
         with ReplayCache(os.path.join(directory, "replay")) as cache:
             verifier = SpaVerifier(spa, cache)
-            junk = [base64.b64encode(os.urandom(180)).rstrip(b"=") for _ in range(1000)]
+            junk = _junk()
             good = [spa_message.encode(key=key, hmac_key=hmac_key, access_address=str(source),
                                        ports=[("tcp", sb.GUARDED)], username="bench") for _ in range(2000)]
             for name, payloads in (("junk", junk), ("authentic", good)):
@@ -325,6 +323,68 @@ def verifications(seconds):
                     count += 1
                 out[name] = count / (time.perf_counter() - started)
     return out
+
+
+STANZA_COUNTS = (1, 4, 16, 64)
+
+
+def candidate_costs(seconds):
+    """{stanzas: microseconds} the verifier spends on one SPA-shaped junk
+    candidate when that many stanzas admit its sender (one HMAC each), and the
+    line through them: (base µs, µs per stanza). What
+    config/spa_config.py's default total_rate is derived from."""
+    import ipaddress
+
+    from xknock.controller.spa.spa import SpaVerifier
+    from xknock.controller.spa.spa_replay import ReplayCache
+
+    source = ipaddress.ip_address("10.77.0.2")
+    costs = {}
+    with tempfile.TemporaryDirectory(prefix="xkspa-cost-") as directory:
+        with ReplayCache(os.path.join(directory, "replay")) as cache:
+            junk = _junk()
+            for stanzas in STANZA_COUNTS:
+                verifier = SpaVerifier(_spa_with_users(stanzas, os.urandom(32), os.urandom(64)), cache)
+                count, started = 0, time.perf_counter()
+                while time.perf_counter() - started < seconds:
+                    verifier.verify(junk[count % len(junk)], source)
+                    count += 1
+                costs[stanzas] = (time.perf_counter() - started) / count * 1e6
+    few, many = STANZA_COUNTS[0], STANZA_COUNTS[-1]
+    per_stanza = (costs[many] - costs[few]) / (many - few)
+    return {"us_by_stanzas": costs, "base_us": costs[few] - few * per_stanza, "per_stanza_us": per_stanza}
+
+
+def _junk():
+    """SPA-shaped junk: base64 of fwknop's size, past the kernel's test."""
+    return [base64.b64encode(os.urandom(180)).rstrip(b"=") for _ in range(1000)]
+
+
+def _spa_with_users(count, key, hmac_key):
+    from xknock.controller.config import parse_config
+
+    text = XKNOCK_SPA_CONF % {"port": SPA_PORT, "cache": "/unused", "key": base64.b64encode(key).decode(),
+                              "hmac": base64.b64encode(hmac_key).decode(), "guarded": sb.GUARDED}
+    for n in range(1, count):   # more stanzas admitting every source, with keys of their own
+        text += (f'\n[[spa.user]]\nname = "other{n}"\nkey = "{base64.b64encode(os.urandom(32)).decode()}"\n'
+                 f'hmac_key = "{base64.b64encode(os.urandom(64)).decode()}"\nopen = ["tcp:{sb.GUARDED}"]\n')
+    return parse_config(text, listening=set()).spa
+
+
+def cost_markdown(costs):
+    from xknock.controller.config import spa_config
+
+    rows = [[str(n), f"{us:.1f}", f"{1e6 / us:,.0f}", f"{spa_config.default_total_rate(n):,}"]
+            for n, us in costs["us_by_stanzas"].items()]
+    return "\n".join([
+        "## SPA: the controller's cost per candidate", "",
+        "SPA-shaped junk judged by the verifier in process, one core: each stanza that admits the sender costs "
+        "one HMAC.", "",
+        common.markdown_table(["stanzas admitting the sender", "µs per candidate", "candidates/s",
+                               "default total_rate"], rows), "",
+        f"Fit: {costs['base_us']:.1f} µs + {costs['per_stanza_us']:.1f} µs per stanza (config/spa_config.py: "
+        f"{spa_config.CANDIDATE_BASE_NS / 1000:g} µs + {spa_config.CANDIDATE_HMAC_NS / 1000:g} µs, "
+        f"the default total_rate keeps the verifier to {spa_config.VERIFIER_SHARE:.0%} of a core).", ""])
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -374,4 +434,6 @@ def markdown(data):
                       "the replay cache). 'Arrival to grant' is what xknock's controller logs per accepted packet: "
                       "from the packet's arrival in XDP to its grants being in the map. fwknopd logs nothing "
                       "comparable; its packet-to-connection time includes its iptables command."]
+    if data.get("candidate_costs"):
+        lines += ["", cost_markdown(data["candidate_costs"])]
     return "\n".join(lines) + "\n"

@@ -30,6 +30,9 @@ Examples:
 @click.option("--metrics-public", is_flag=True,
               help="Allow --metrics-addr on an address that is not loopback (the counters tell a prober "
                    "whether each knock step was right: put a firewall in front).")
+@click.option("--metrics-web-config", default=None, metavar="FILE",
+              help="TLS and basic auth for --metrics-addr: a web config file in node_exporter's format "
+                   "(tls_server_config, basic_auth_users; docs/metrics.md).")
 @click.option("--once", is_flag=True, help="Attach and exit; the filter keeps enforcing.")
 @click.option("--keep-sessions", is_flag=True,
               help="Grant established sessions to guarded ports (their traffic only, no new connections).")
@@ -38,17 +41,23 @@ Examples:
               help="Cut established sessions to guarded ports (instead of refusing to attach).")
 @click.option("--force", is_flag=True, help="Deprecated: --replace and --cut-sessions together.")
 @fail_cleanly(config_status=EX_CONFIG)   # systemd does not restart a unit whose file is bad
-def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, keep_sessions, replace, cut_sessions,
-           force):
+def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_web_config, once, keep_sessions,
+           replace, cut_sessions, force):
     """Load the filter, attach it to IFACES and run the controller."""
     replace, cut_sessions = _deprecated_force(force, replace, cut_sessions, keep_sessions)
     from xknock.controller.daemon.daemon import Controller, Signals
     from xknock.controller.daemon.events import EventReader
 
     signals = Signals().install()   # before anything is attached: see Signals
-    metrics_server = None
+    metrics_server = web_config = None
+    if metrics_web_config and not metrics_addr:
+        raise click.UsageError("--metrics-web-config secures the metrics endpoint: give --metrics-addr too")
     if metrics_addr:
         from xknock.controller.daemon.metrics import MetricsServer, parse_addr
+        from xknock.controller.daemon.webconfig import load_web_config
+
+        if metrics_web_config:
+            web_config = load_web_config(metrics_web_config)   # a bad file fails before anything changes
 
         host, port = parse_addr(metrics_addr)
         if not metrics_public and not _loopback(host):
@@ -69,7 +78,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
     if metrics_addr and once:
         log.warning("--metrics-addr is ignored with --once: metrics are served by the running controller")
     elif metrics_addr:
-        metrics_server = MetricsServer(host, port)   # binds now: a busy address fails before anything changes
+        metrics_server = MetricsServer(host, port, web_config)   # binds now: a busy address fails before anything changes
     try:
         attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=replace,
                                     before_attach=_session_guard(config, keep_sessions, cut_sessions))
@@ -102,14 +111,17 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
         from xknock.controller.spa.spa import SpaReceiver
 
         spa_receiver = SpaReceiver(attached.loaded, attached.maps, config.spa, spa_cache)
+    from xknock.controller.daemon.hooks import HookDispatcher
+
+    hooks = HookDispatcher(attached.maps, config, list(ifaces))
     if metrics_server:
-        metrics_server.start(attached.maps, list(ifaces), config)
+        metrics_server.start(attached.maps, list(ifaces), config, hooks=hooks.runner)
     from xknock.controller.daemon.links import LinkWatcher
 
     links = LinkWatcher(list(ifaces), attached.modes, attached.loaded.fd, attached.loaded.prog_id,
                         on_event=metrics_server.record_interface_event if metrics_server else None)
     Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals,
-               spa=spa_receiver, links=links).run()
+               spa=spa_receiver, links=links, hooks=hooks).run()
 
 
 def _fail_closed(ifnames, config, err):

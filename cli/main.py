@@ -16,7 +16,7 @@ from xknock.cli.spa import keygen, spa
 from xknock.cli.ssh_proxy import ssh_proxy
 from xknock.cli.status import status
 from xknock.cli.top import top
-from xknock.controller.daemon.events import setup_logging
+from xknock.controller.daemon.events import FORMATS as LOG_FORMATS, setup_logging
 
 # Commands import the controller modules only they use inside their function
 # (the daemon, prometheus-client's metrics, status, grants, the knock client),
@@ -27,11 +27,13 @@ from xknock.controller.daemon.events import setup_logging
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="xknock", prog_name="xknock")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", help="Log lines as key=value or JSON.")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
+              help="Log lines for people (text: level, message, key=value), or for tools: logfmt or JSON, "
+                   "with a timestamp and an event name on every line.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(log_format, verbose):
     """Port knocking in XDP: guarded ports stay dark until a source knocks."""
-    setup_logging(json_lines=log_format == "json", verbose=verbose)
+    setup_logging(log_format=log_format, verbose=verbose)
 
 
 for command in (attach, detach, status, reload, grant, revoke, grants, ban, unban, bans, knock, check, diff, top, spa,

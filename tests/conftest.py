@@ -39,6 +39,18 @@ def home(session_home, tmp_path_factory, monkeypatch):
     return fresh
 
 
+@pytest.fixture(autouse=True)
+def private_spent_file(tmp_path, monkeypatch):
+    """Time-based sequences parsed in a test keep their spent windows in the
+    test's own directory, never in the host's /var/lib/xknock. (Controllers
+    run as processes name theirs in the config: spent_file.)"""
+    from xknock.controller.config import totp_config
+
+    path = str(tmp_path / "totp-spent")
+    monkeypatch.setattr(totp_config, "DEFAULT_SPENT_FILE", path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def harness():
     """The real program, built with the test clock, loaded once per session."""

@@ -21,7 +21,8 @@ def test_every_benchmark_runs_quick(tmp_path):
     assert "Traceback" not in result.stderr
     report = (tmp_path / "latest-report.md").read_text()
     for section in ("unguarded pass", "attach", "## xknock and knockd side by side",
-                    "## xknock and nftables (netdev ingress)", "## SPA: fwknopd", "## Traffic generator",
+                    "## xknock and nftables (netdev ingress)", "## SPA: fwknopd",
+                    "## SPA: the controller's cost per candidate", "## Traffic generator",
                     "## Answers: xknock's XDP answers beside the kernel's own", "### The timing tell"):
         assert section in report, section
     # Each peer really ran: its rows carry numbers, not only headers.
@@ -35,3 +36,12 @@ def test_every_benchmark_runs_quick(tmp_path):
             "knockd-steps.png", "nft-ingress.png", "spa-latency.png"} <= figures
     for name in figures:
         assert f"/{name})" in report
+
+
+def test_the_spa_cost_benchmark_runs_quick():
+    # In process, no lab: what config/spa_config.py's default total_rate is derived from.
+    env = dict(os.environ, XKNOCK_VENV=os.path.dirname(os.path.dirname(sys.executable)))
+    result = subprocess.run([os.path.join(ROOT, "bench", "run"), "spa-verify", "--quick"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert "| 16 | " in result.stdout and "µs per stanza" in result.stdout

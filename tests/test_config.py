@@ -132,7 +132,7 @@ CASES = [
     ("a name with non-ASCII letters", sequence(name="sésame"), 'sequence[0]: name "sésame": use only letters, digits'),
     ("a name of 32 bytes", sequence(name="a" * 32), f'sequence[0]: name "{"a" * 32}" is 32 bytes; at most 31'),
     ("a name used twice", SSH + sequence(knock=("udp:1", "udp:2", "udp:3")), 'sequence[1]: name "ssh" is already used by sequence[0]'),
-    ("an unknown key in a sequence", sequence(extra='opne = ["tcp:80"]'), 'sequence "ssh": unknown key "opne"; known: name, knock, step_timeout, open, open_for, idle_timeout, on_open, on_close, totp, secret, secret_file, window, port_range (did you mean "open"?)'),
+    ("an unknown key in a sequence", sequence(extra='opne = ["tcp:80"]'), 'sequence "ssh": unknown key "opne"; known: name, knock, step_timeout, open, open_for, idle_timeout, on_open, on_close, totp, secret, secret_file, window, port_range, spent_file (did you mean "open"?)'),
     # knock
     ("no knock", '[[sequence]]\nname = "ssh"\nopen = ["tcp:22"]\n', 'sequence "ssh": missing key "knock"'),
     ("knock is a string", sequence(knock=()).replace("knock = []", 'knock = "tcp:7000"'), 'sequence "ssh": knock must be an array such as ["tcp:7000", "udp:8000", "tcp:9000"], not a string'),

@@ -8,6 +8,7 @@ import glob
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import tomllib
 
@@ -152,7 +153,7 @@ def test_metrics_md_lists_every_label_value():
     assert label_values("reason") == reasons
     assert label_values("map") == set(metrics.SAMPLED_MAPS)
     results = (set(metrics.KNOCK_RESULTS) | set(metrics.KNOCK_EVENTS) | set(metrics.SPA_CANDIDATES)
-               | set(metrics.SPA_VERDICTS) | set(metrics.ANSWERS))
+               | set(metrics.SPA_VERDICTS) | set(metrics.ANSWERS) | set(metrics.HOOK_RESULTS))
     assert label_values("result") == results
 
 
@@ -224,3 +225,77 @@ def test_the_warnings_configuration_md_lists_are_the_loaders():
                 piece = piece.strip(" ;,:()")
                 if len(piece.split()) >= 2:
                     assert piece in source, f"configuration.md warns {message!r}: {piece!r} is not in the loader"
+
+
+# --- the alert rules, read as a file (tests/test_prometheus.py evaluates them) ---------
+
+ALERTS = os.path.join(REPO, "dashboards", "alerts.yml")
+RUNBOOK_BASE = "file:///opt/xknock/src/docs/runbook.md"
+
+
+def alert_rules(text=None):
+    import yaml
+
+    rules = yaml.safe_load(text if text is not None else read(ALERTS))
+    return [rule for group in rules["groups"] for rule in group["rules"]]
+
+
+def test_every_alert_is_of_mixin_grade():
+    """severity, summary, description, a runbook_url to its own section, a `for`."""
+    runbook = read(os.path.join(REPO, "docs", "runbook.md"))
+    rules = alert_rules()
+    assert len(rules) >= 13
+    for rule in rules:
+        name, annotations = rule["alert"], rule["annotations"]
+        assert rule["labels"]["severity"] in ("critical", "warning"), name
+        assert annotations["summary"] and annotations["description"], name
+        assert annotations["runbook_url"] == f"{RUNBOOK_BASE}#{name.lower()}", name
+        assert f"docs/runbook.md#{name.lower()}" in annotations["description"], name
+        assert f"\n## {name}\n" in runbook, f"docs/runbook.md has no section for {name}"
+        assert rule.get("for"), f"{name} has no `for`"
+    sections = set(re.findall(r"^## (Xknock\w+)$", runbook, re.MULTILINE))
+    assert sections == {rule["alert"] for rule in rules}, "runbook sections without an alert, or alerts without one"
+
+
+def test_the_alerts_cover_what_issue_19_asks_for():
+    expressions = {rule["alert"]: rule["expr"] for rule in alert_rules()}
+    for metric in ("xknock_events_lost_total", "xknock_ban_failures_total", 'mode="monitor"',
+                   "process_start_time_seconds", 'result=~"bad_hmac|replayed"'):
+        assert any(metric in expr for expr in expressions.values()), metric
+
+
+def test_only_controller_down_names_the_job():
+    named = [rule["alert"] for rule in alert_rules() if "job=" in rule["expr"]]
+    assert named == ["XknockControllerDown"]
+
+
+def test_alert_descriptions_fix_the_service_with_systemd():
+    for rule in alert_rules():
+        text = " ".join(rule["annotations"]["description"].split())
+        assert "pgrep" not in text and "kill -HUP" not in text, rule["alert"]
+        for attach in re.findall(r"`xknock attach[^`]*`", text):
+            assert "--once" in attach, f"{rule['alert']}: {attach}: a second controller beside the unit's"
+        if any(word in text for word in ("restart", "reload", "log")):
+            assert "systemctl" in text or "journalctl" in text, rule["alert"]
+
+
+def test_scripts_alerts_renders_another_job_and_runbook(tmp_path):
+    out = tmp_path / "rules.yml"
+    result = subprocess.run([os.path.join(REPO, "scripts", "alerts"), "--job", "xk-edge", "--runbook-url",
+                             "https://git.example.org/xknock/docs/runbook.md", "-o", str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rendered = out.read_text()
+    assert 'job="xknock"' not in rendered and 'up{job="xk-edge"} == 0' in rendered
+    rules = alert_rules(rendered)
+    assert [r["annotations"]["runbook_url"] for r in rules] == \
+        [f"https://git.example.org/xknock/docs/runbook.md#{r['alert'].lower()}" for r in rules]
+    assert [r["expr"].replace('"xk-edge"', '"xknock"') for r in rules] == [r["expr"] for r in alert_rules()]
+    promtool = shutil.which("promtool")
+    if promtool:
+        check_result = subprocess.run([promtool, "check", "rules", str(out)], capture_output=True, text=True,
+                                      timeout=60)
+        assert check_result.returncode == 0, check_result.stdout + check_result.stderr
+    refused = subprocess.run([os.path.join(REPO, "scripts", "alerts"), "--runbook-url", "https://x/y#z"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "#fragment" in refused.stderr

@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import types
 import urllib.request
 
 import pytest
@@ -23,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from xknock.controller.state import grants
 from xknock.controller.kernel import layout
 from xknock.controller.kernel.batch import NoBatch
-from xknock.controller.daemon import metrics
+from xknock.controller.daemon import hooks, metrics
 from xknock.controller.errors import XknockError
 from xknock.controller.kernel.maps import FilterMaps
 
@@ -358,9 +359,37 @@ def every_family(xk):
     sampler.sample_once()
     info = metrics.ControllerInfo(version="test")
     info.record_reload(True)
+    info.hooks = types.SimpleNamespace(started=1, failed=0, timed_out=0, dropped=0, running=0)
     registry = registry_for(xk, info=info, sampler=sampler,
                             attachment=lambda device, control: (xk.loaded.prog_id, "native"))
     return list(registry.collect())
+
+
+def test_hook_counts_are_exported_from_the_controllers_runner(xk, example_config):
+    """The HookRunner the controller's hooks run in, through a real /metrics."""
+    runner = hooks.HookRunner(timeout_s=0.3, max_running=1)
+    server = metrics.MetricsServer("127.0.0.1", 0)
+    try:
+        server.start(xk.maps, [IFACE], example_config, hooks=runner)
+        assert runner.run("on_open", ["/bin/sleep", "5"], {})       # killed at its timeout
+        assert not runner.run("on_open", ["/bin/true"], {})         # dropped: max_running
+        assert runner.running == 1
+        registry = server.registry
+        assert value(registry, "xknock_hooks_running") == 1
+        assert runner.wait(10)
+        assert runner.run("on_close", ["/bin/false"], {}) and runner.wait(10)   # failed
+        runner.run("on_ban", ["/nonexistent/hook"], {})                           # failed: could not start
+        got = {result: value(registry, "xknock_hooks_total", result=result) for result in metrics.HOOK_RESULTS}
+        assert got == {"started": 2, "failed": 2, "timed_out": 1, "dropped": 1}
+        assert value(registry, "xknock_hooks_running") == 0
+    finally:
+        server.close()
+        runner.close()
+
+
+def test_without_a_hook_runner_there_are_no_hook_metrics(xk):
+    registry = registry_for(xk)
+    assert value(registry, "xknock_hooks_total", result="started") is None
 
 
 def test_metric_names_labels_and_help_follow_the_conventions(xk):
@@ -487,7 +516,11 @@ def test_dashboard_is_valid_json_with_its_variables():
         dashboard = json.load(f)
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    assert {"instance", "iface"} <= set(variables)
+    assert {"job", "instance", "iface"} <= set(variables)
+    assert variables["job"]["definition"] == "label_values(xknock_controller_info, job)"
+    assert 'job=~"$job"' in variables["instance"]["definition"] and 'job=~"$job"' in variables["iface"]["definition"]
+    titles = {panel["title"] for panel in dashboard["panels"]}
+    assert {"Bans", "Live bans", "Ban changes", "Controller CPU", "Controller memory", "Hooks"} <= titles
     for panel in dashboard["panels"]:
         if panel["type"] == "row":
             continue
@@ -495,3 +528,5 @@ def test_dashboard_is_valid_json_with_its_variables():
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}"
             assert 'instance=~"$instance"' in target["expr"], f"{panel['title']}: no $instance selector"
+            assert 'job=~"$job", instance=~"$instance"' in target["expr"], f"{panel['title']}: no $job selector"
+            assert 'job="' not in target["expr"], f"{panel['title']}: a job name written in"

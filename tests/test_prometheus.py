@@ -20,7 +20,9 @@ import shutil
 import signal
 import subprocess
 
+import bcrypt
 import pytest
+from tls_helpers import make_certs
 
 from xknock_dev.e2e import (
     XKNOCK, LineReader, TcpEchoServer, check, config_text, knock, status_json, write_config, xknock,
@@ -44,17 +46,27 @@ PROMETHEUS_PORT = 9090
 GUARDED, UNGUARDED = 22, 80
 SEQUENCE = ("tcp:7000", "udp:8000", "tcp:9000")
 # Grafana's macros and the dashboard's variables, as "All" selects them.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$instance": ".*", "$iface": ".*"}
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$job": "xknock", "$instance": ".*",
+                     "$iface": ".*"}
+
+# The controller serves its metrics over TLS behind basic auth
+# (--metrics-web-config), and Prometheus scrapes it so.
+SCRAPER = ("prometheus", "scrape pass")
 
 # GET requests (path, params) given as JSON on stdin, made from inside the
 # namespace; prints [{"status": ..., "body": ...}] (bodies as JSON when they are).
+# argv: the base URL, then for https the CA file and optionally "user:password".
 HTTP_HELPER = r"""
-import json, sys, urllib.error, urllib.parse, urllib.request
+import base64, json, ssl, sys, urllib.error, urllib.parse, urllib.request
+context = ssl.create_default_context(cafile=sys.argv[2]) if len(sys.argv) > 2 else None
 out = []
 for path, params in json.load(sys.stdin):
     url = sys.argv[1] + path + ("?" + urllib.parse.urlencode(params) if params else "")
+    request = urllib.request.Request(url)
+    if len(sys.argv) > 3:
+        request.add_header("Authorization", "Basic " + base64.b64encode(sys.argv[3].encode()).decode())
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(request, timeout=10, context=context) as r:
             status, body = r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         status, body = e.code, e.read().decode()
@@ -70,16 +82,21 @@ print(json.dumps(out))
 
 
 class Stack:
-    def __init__(self, net, config_path, controller, prometheus, log_path):
+    def __init__(self, net, config_path, controller, prometheus, log_path, ca_file):
         self.net = net
+        self.ca_file = ca_file
         self.config_path = config_path
         self.controller = controller
         self.controller_log = LineReader(controller.stderr)
         self.prometheus = prometheus
         self.prometheus_log = log_path
 
-    def get(self, requests, port=PROMETHEUS_PORT):
-        result = self.net.server.run([HELPER_PYTHON, "-c", HTTP_HELPER, f"http://127.0.0.1:{port}"],
+    def get(self, requests, port=PROMETHEUS_PORT, auth=":".join(SCRAPER)):
+        """From Prometheus over HTTP; from the controller over TLS, with auth ("user:password" or None)."""
+        argv = [f"http://127.0.0.1:{port}"]
+        if port == METRICS_PORT:
+            argv = [f"https://127.0.0.1:{port}", self.ca_file] + ([auth] if auth else [])
+        result = self.net.server.run([HELPER_PYTHON, "-c", HTTP_HELPER, *argv],
                                      input=json.dumps(requests), timeout=60)
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
@@ -112,15 +129,22 @@ def stack(tmp_path_factory):
     with lab("xkprom") as net:
         echo = TcpEchoServer(net.server, GUARDED, UNGUARDED)
         config_path = write_config(workdir, "xknock.toml", config_text(knock=SEQUENCE))
+        certs = make_certs(workdir)
+        hashed = bcrypt.hashpw(SCRAPER[1].encode(), bcrypt.gensalt(4)).decode()
+        (workdir / "web.yml").write_text(f"tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+                                         f"basic_auth_users:\n  {SCRAPER[0]}: {hashed}\n")
         controller = net.server.popen(
-            [XKNOCK, "attach", net.server_iface, "-c", config_path, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"],
+            [XKNOCK, "attach", net.server_iface, "-c", config_path, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}",
+             "--metrics-web-config", str(workdir / "web.yml")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         prom_config = os.path.join(workdir, "prometheus.yml")
         with open(prom_config, "w") as f:
             json.dump({   # JSON is YAML
                 "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
                 "rule_files": [ALERTS],
-                "scrape_configs": [{"job_name": "xknock",
+                "scrape_configs": [{"job_name": "xknock", "scheme": "https",
+                                    "tls_config": {"ca_file": str(certs / "ca.crt")},
+                                    "basic_auth": {"username": SCRAPER[0], "password": SCRAPER[1]},
                                     "static_configs": [{"targets": [f"127.0.0.1:{METRICS_PORT}"]}]}],
             }, f)
         log_path = os.path.join(workdir, "prometheus.log")
@@ -129,7 +153,7 @@ def stack(tmp_path_factory):
                 [PROMETHEUS, f"--config.file={prom_config}", f"--storage.tsdb.path={workdir / 'data'}",
                  f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}", "--log.level=warn"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        built = Stack(net, config_path, controller, prometheus, log_path)
+        built = Stack(net, config_path, controller, prometheus, log_path, str(certs / "ca.crt"))
         try:
             served = built.controller_log.wait_for(lambda line: "serving metrics" in line, timeout=30)
             assert served, f"the controller does not serve metrics:\n{built.diagnostics()}"
@@ -217,6 +241,15 @@ def test_promtool_checks_a_scrape_of_the_controller(traffic):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_prometheus_scrapes_over_tls_with_basic_auth_and_nobody_else_gets_in(traffic):
+    served = traffic.controller_log.read_all(0.2)
+    assert "serving metrics url=https://127.0.0.1:9798/metrics basic_auth_users=1" in served, served
+    assert traffic.value('up{job="xknock"}') == 1
+    [anonymous, wrong] = (traffic.get([["/metrics", None]], port=METRICS_PORT, auth=auth)[0]
+                          for auth in (None, f"{SCRAPER[0]}:wrong"))
+    assert anonymous["status"] == 401 and wrong["status"] == 401
+
+
 def test_every_dashboard_panel_query_returns_data(traffic):
     panels = panel_expressions()
     assert len(panels) >= 20
@@ -234,7 +267,8 @@ def test_dashboard_variables_find_the_instance_and_the_interface(traffic):
         assert match, f"variable {name}: {definition}"
         series = traffic.query(grafana(match.group(1)))
         found[name] = {s["metric"].get(match.group(2)) for s in series}
-    assert found == {"instance": {f"127.0.0.1:{METRICS_PORT}"}, "iface": {traffic.net.server_iface}}
+    assert found == {"job": {"xknock"}, "instance": {f"127.0.0.1:{METRICS_PORT}"},
+                     "iface": {traffic.net.server_iface}}
 
 
 def test_dashboard_values_are_sane_after_the_traffic(traffic):
@@ -272,7 +306,9 @@ def test_every_alert_rule_evaluates_and_none_fires_while_all_is_well(traffic):
     with open(ALERTS) as f:
         assert len(rules) == f.read().count("- alert: ")
     assert {r["name"] for r in rules} >= {"XknockControllerDown", "XknockFilterDetached", "XknockMapNearlyFull",
-                                          "XknockKnockFailureSurge", "XknockReloadFailed"}
+                                          "XknockKnockFailureSurge", "XknockReloadFailed", "XknockControllerFlapping",
+                                          "XknockMonitorModeLeftOn", "XknockBanFailures", "XknockEventsLost",
+                                          "XknockSpaRefusalSurge"}
     with open(os.path.join(REPO, "docs", "runbook.md")) as f:
         runbook = f.read()
     answers = traffic.queries([r["query"] for r in rules])
@@ -286,6 +322,7 @@ def test_every_alert_rule_evaluates_and_none_fires_while_all_is_well(traffic):
         assert rule["labels"].get("severity") in ("critical", "warning"), rule
         assert rule["annotations"].get("summary") and rule["annotations"].get("description"), rule
         assert f"runbook.md#{name.lower()}" in rule["annotations"]["description"], name
+        assert rule["annotations"].get("runbook_url", "").endswith(f"/docs/runbook.md#{name.lower()}"), name
         assert f"\n## {name}\n" in runbook, f"docs/runbook.md has no section for {name}"
         assert rule["duration"] > 0, f"{name} has no `for`"
 

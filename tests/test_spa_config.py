@@ -111,3 +111,17 @@ def test_keys_change_the_policy_but_never_the_shown_hash():
     other = parse("[spa]\n" + user(key='"' + base64.b64encode(b"x" * 32).decode() + '"'))
     assert one != other
     assert config_hash(one) == config_hash(other)
+
+
+def test_the_default_total_rate_follows_the_stanzas_a_sender_costs():
+    # Each stanza admitting a sender costs one HMAC per candidate: the default
+    # keeps the verifier to half a core however many there are (issue 13.3).
+    from xknock.controller.config import spa_config
+
+    many = "".join(user(name=f'"u{n}"') for n in range(16))
+    assert parse("[spa]\n" + user()).spa.total_rate == spa_config.default_total_rate(1) == 19_230
+    assert parse("[spa]\n" + many).spa.total_rate == spa_config.default_total_rate(16) == 1_689
+    cost_us = (spa_config.CANDIDATE_BASE_NS + 16 * spa_config.CANDIDATE_HMAC_NS) / 1000
+    assert 1_689 * cost_us / 1e6 <= spa_config.VERIFIER_SHARE
+    assert parse("[spa]\ntotal_rate = 50000\n" + many).spa.total_rate == 50_000   # given: as given
+    assert parse("[spa]\nrate = 2000\n" + many).spa.total_rate == 2_000   # never below one source's rate

@@ -3,12 +3,15 @@ SPA port is dropped; plausible ones within both token buckets reach the
 controller's ring buffer byte for byte; nothing else does."""
 
 import base64
+import ctypes
 import os
 
 import pytest
 from xknock_dev.packets import IP, UDP, Raw, ether, raw, tcp, udp
 
 from xknock.controller.kernel import layout
+from xknock.controller.kernel.maps import from_addr
+from xknock.controller.kernel.ring import Ring
 from xknock.controller.config import parse_config
 from xknock_dev.testrun import XDP_DROP, XDP_PASS
 
@@ -196,3 +199,24 @@ def test_with_answers_the_spa_port_is_answered_by_the_host(spa):
     assert [p for _, _, p in spa.spa_candidates()] == [payload]
     counters = spa.counters()
     assert counters[R.DROP_SPA] == counters[R.ANSWER_BY_HOST] == counters[R.SPA_QUEUED] == 1
+
+
+def test_a_ring_reader_hands_over_at_most_its_budget_per_poll(spa):
+    # kernel/ring.py: one poll stops after `budget` records, the last of them
+    # consumed, and the next poll goes on from there: nothing lost, nothing twice.
+    spa.spa_candidates()   # whatever earlier cases left
+    sources = [f"198.51.100.{n}" for n in range(1, 8)]
+    for source in sources:
+        assert spa.run(udp(source, SPA_PORT, payload=candidate())) == XDP_DROP
+    seen = []
+    ring = Ring(spa.loaded.bpf[b"spa_events"].map_fd,
+                lambda data, size: seen.append(str(spa_source(data))), budget=3)
+    try:
+        assert [ring.poll(0), ring.poll(0), ring.poll(0), ring.poll(0)] == [3, 3, 1, 0]
+    finally:
+        ring.close()
+    assert seen == sources
+
+
+def spa_source(data):
+    return from_addr(ctypes.cast(data, ctypes.POINTER(layout.SpaEvent)).contents.src)

@@ -11,9 +11,10 @@ import subprocess
 import time
 
 import pytest
-from xknock_dev.e2e import Foreground, check, served_lab, status_json, write_config, xknock
+from xknock_dev.e2e import XKNOCK as XKNOCK_BIN
+from xknock_dev.e2e import Foreground, LineReader, check, served_lab, status_json, write_config, xknock
 
-from xknock_dev.lab import HELPER_PYTHON, can_connect, wait_for
+from xknock_dev.lab import HELPER_PYTHON, can_connect, stop_process, wait_for
 from xknock.controller.kernel.maps import FilterMaps, from_addr
 
 pytestmark = pytest.mark.netns
@@ -290,3 +291,139 @@ def test_spa_comes_and_goes_with_a_reload(net, tmp_path):
         assert not status_json(net.server)[0]["spa_ports"]
         assert can_connect(net.attacker, server, GUARDED, timeout=1.0)   # port 22 is no longer guarded
         assert controller.process.poll() is None   # and the controller runs on
+        # [spa] back, with the same replay cache: its file and lock were let go (issue 13.11)
+        write_config(tmp_path, "spa.toml", with_spa)
+        controller.send_signal(signal.SIGHUP)
+        line = controller.log.wait_for(lambda line: "reloaded" in line or "reload failed" in line, 10)
+        assert line and "reloaded" in line, controller.log.read_all(0.5)
+        check(xknock(net.server, "revoke", net.server_iface, net.client.ipv4))   # the first SPA's grant
+        assert shut(net.client, server)
+        fwknop(net.client, server, allow=net.client.ipv4)
+        assert opens(net.client, server), controller.log.read_all(0.5)
+
+
+def test_a_reload_that_fails_leaves_spa_as_it_was(net, tmp_path):
+    # The new [spa] has other keys and opens more ports than the ports map
+    # holds beside the live policy: apply_policy refuses it, and the running
+    # keys must still be the ones SPA checks (issue 13.12).
+    xknock(net.server, "detach", net.server_iface)
+    server = net.server.ipv4
+    running = CONFIG.format(port=SPA_PORT, cache=tmp_path / "replay", key=KEY_B64, hmac=HMAC_B64, guarded=GUARDED)
+    other_key, other_hmac = base64.b64encode(os.urandom(32)).decode(), base64.b64encode(os.urandom(64)).decode()
+    too_big = CONFIG.format(port=SPA_PORT, cache=tmp_path / "moved-replay", key=other_key, hmac=other_hmac,
+                            guarded=GUARDED)
+    for user in range(512):   # 8 ports each: 4,096 ports, the whole map
+        ports = ", ".join(f'"tcp:{30000 + 8 * user + i}"' for i in range(8))
+        too_big += (f'\n[[spa.user]]\nname = "u{user}"\nkey = "{other_key}"\nhmac_key = "{other_hmac}"\n'
+                    f"open = [{ports}]\n")
+    path = write_config(tmp_path, "spa.toml", running)
+    os.chmod(path, 0o600)
+    with Foreground(net, path) as controller:
+        controller.wait_ready()
+        write_config(tmp_path, "spa.toml", too_big)
+        controller.send_signal(signal.SIGHUP)
+        line = controller.log.wait_for(lambda line: "reloaded" in line or "reload failed" in line, 30)
+        assert line and "reload failed" in line and "does not fit" in line, controller.log.read_all(0.5)
+        fwknop(net.client, server, allow=net.client.ipv4)   # the running keys
+        assert opens(net.client, server), (verdicts(net), controller.log.read_all(0.5))
+        assert verdicts(net).get("accepted") == 1
+        # the cache the refused [spa] named was let go: a config using it loads
+        moved = running.replace(str(tmp_path / "replay"), str(tmp_path / "moved-replay"))
+        write_config(tmp_path, "spa.toml", moved)
+        controller.send_signal(signal.SIGHUP)
+        line = controller.log.wait_for(lambda line: "reloaded" in line or "reload failed" in line, 10)
+        assert line and "reloaded" in line, controller.log.read_all(0.5)
+
+
+TIMED = """
+[[sequence]]
+name = "timed"
+totp = true
+secret = "{secret}"
+knock = ["tcp", "udp", "tcp"]
+window = "10s"
+open = ["tcp:2222"]
+"""
+
+
+def live_knocks(net):
+    return sorted(s["knock"] for s in status_json(net.server)[0]["sequences"] if s["name"] == "timed")
+
+
+def expected_knocks(config_path):
+    """The knocks of the time-based sequence's windows live now."""
+    from xknock.controller.config import load_config
+    from xknock.controller.policy import totp
+
+    (seq,) = [s for s in load_config(config_path).sequences if s.totp]
+    windows = totp.live_windows(time.time_ns(), seq.totp.window_ns)
+    return sorted([str(step) for step in totp.variant(seq, w).knock] for w in windows)
+
+
+def rotated(net, path):
+    """Does the live policy hold the windows live now? (Read between two looks
+    at the clock: a window boundary may pass while `xknock status` runs.)"""
+    before = expected_knocks(path)
+    live = live_knocks(net)
+    return live in (before, expected_knocks(path))
+
+
+def test_a_flood_beyond_what_the_verifier_can_judge_starves_nothing(net, tmp_path):
+    # 16 stanzas admit every source: each junk candidate costs 16 HMACs, and
+    # a total_rate set far above what that allows lets the flood saturate the
+    # verifier (issue 13.3). The controller's loop must go on meanwhile: the
+    # watchdog is pinged within its interval, a SIGHUP reload is done, the
+    # time-based sequence rotates; and the client gets in.
+    import socket
+
+    xknock(net.server, "detach", net.server_iface)
+    server = net.server.ipv4
+    text = CONFIG.format(port=SPA_PORT, cache=tmp_path / "replay", key=KEY_B64, hmac=HMAC_B64, guarded=GUARDED)
+    for n in range(15):
+        text += (f'\n[[spa.user]]\nname = "other{n}"\nkey = "{base64.b64encode(os.urandom(32)).decode()}"\n'
+                 f'hmac_key = "{base64.b64encode(os.urandom(64)).decode()}"\nopen = ["tcp:{GUARDED}"]\n')
+    text += TIMED.format(secret=base64.b32encode(os.urandom(20)).decode())
+    derived = text   # the default total_rate: derived from the 16 stanzas
+    saturating = text.replace("[spa]\n", "[spa]\nrate = 10000\ntotal_rate = 200000\n")
+    path = write_config(tmp_path, "spa.toml", saturating)
+    os.chmod(path, 0o600)
+    notify = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(notify)
+    watchdog_s = 2.0
+    sock.settimeout(30)   # compiling and attaching
+    env = dict(os.environ, NOTIFY_SOCKET=notify, WATCHDOG_USEC=str(int(watchdog_s * 1e6)))
+    controller = net.server.popen([XKNOCK_BIN, "attach", net.server_iface, "-c", path], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = LineReader(controller.stderr)
+    flood = None
+    try:
+        assert sock.recv(256).startswith(b"READY=1"), log.read_all(0.5)
+        sock.settimeout(watchdog_s)   # from now on, what systemd allows (WatchdogSec) before it kills
+        fwknop(net.client, server, allow=net.client.ipv4)   # known to the kernel from now on (spa_known)
+        assert opens(net.client, server), log.read_all(0.5)
+        check(xknock(net.server, "revoke", net.server_iface, net.client.ipv4))
+        flood = net.attacker.popen([HELPER_PYTHON, "-c", JUNK_FLOOD, server, SPA_PORT, "60", "64"],
+                                   stdout=subprocess.DEVNULL)   # stopped below, once checked
+        pings, reloaded = 0, False
+        while pings < 8:   # some 8 s of flood, each ping within the watchdog's interval
+            message = sock.recv(256)   # socket.timeout: the loop was held up
+            pings += message == b"WATCHDOG=1"
+            if pings == 3 and not reloaded:   # to the derived total rate, mid-flood
+                write_config(tmp_path, "spa.toml", derived)
+                controller.send_signal(signal.SIGHUP)
+                reloaded = True
+        assert log.wait_for(lambda line: "reloaded" in line, 5), log.read_all(0.5)
+        assert wait_for(lambda: rotated(net, path), timeout=10), (live_knocks(net), expected_knocks(path))
+        assert flood.poll() is None, "the flood ended before the checks"
+        fwknop(net.client, server, allow=net.client.ipv4)   # a returning user, in the flood
+        assert opens(net.client, server, timeout=5), (verdicts(net), log.read_all(0.5))
+        assert wait_for(lambda: verdicts(net).get("accepted") == 2, timeout=3), verdicts(net)   # counted
+        seen = verdicts(net)
+        print(f"SPA counters {seen}")
+        assert seen.get("bad_hmac", 0) > 5000 and seen.get("lost", 0) > 0, seen   # the flood saturated it
+    finally:
+        if flood is not None:
+            stop_process(flood)
+        stop_process(controller)
+        sock.close()

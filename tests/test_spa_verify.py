@@ -159,11 +159,7 @@ def test_the_receiver_writes_grants_and_counts_outcomes(harness, tmp_path):
     harness.reset_state()
     harness.apply(config)
     cache = ReplayCache(str(tmp_path / "replay"))
-
-    class Loaded:   # the receiver opens the ring buffer through BCC; here the test feeds it
-        bpf = {"spa_events": type("Ring", (), {"open_ring_buffer": lambda self, cb: None})()}
-
-    receiver = SpaReceiver(Loaded(), harness.maps, config.spa, cache)
+    receiver = SpaReceiver(harness.loaded, harness.maps, config.spa, cache)   # not started: the test feeds it
     receiver.verifier.wall_clock = lambda: NOW
     payload = packet()
     assert receiver.handle(payload, ipaddress.ip_address(ALICE)).outcome == R.SPA_ACCEPTED
@@ -178,4 +174,4 @@ def test_the_receiver_writes_grants_and_counts_outcomes(harness, tmp_path):
     from xknock.controller.kernel.maps import to_addr
 
     assert harness.maps.spa_known.lookup(to_addr(ALICE)) is not None   # remembered: past floods, still heard
-    cache.close()
+    receiver.stop()   # and its cache with it

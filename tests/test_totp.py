@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import hmac
 import os
+import signal
 import time
 
 import pytest
@@ -78,6 +79,7 @@ def test_two_windows_are_live_this_one_and_the_nearer_neighbour():
     ({"port_range": "20000-20010"}, "at least 1000 ports"),
     ({"port_range": "30000-20000"}, "need 1 <= LOW < HIGH <= 65535"),
     ({"port_range": "20000"}, 'write it "LOW-HIGH"'),
+    ({"extra": 'spent_file = "spent"'}, "spent_file 'spent': must be an absolute path"),
     ({"extra": '[[sequence]]\nname = "x"\nknock = ["tcp:25000", "tcp:1", "tcp:2"]\nopen = ["tcp:23"]\n'},
      "port_range 20000-29999 holds tcp:25000, a knock step of sequence \"x\""),
     ({"protos": '["tcp", "tcp"]',   # another protocol's port in the range: no clash
@@ -172,6 +174,37 @@ def test_a_spent_window_opens_nothing_more(timed):
     assert timed.run(tcp("198.51.100.7", 22)) == XDP_PASS   # the grant itself stays
 
 
+def test_a_spent_window_stays_spent_for_a_new_controller_and_a_stateless_apply(timed, private_spent_file):
+    # Spent windows lived in the controller's memory only: a restart, a
+    # reload or an attach brought a used knock back (issue 13.4).
+    config = totp_config()
+    seq = config.sequences[0]
+    window = totp.window_of(time.time_ns(), seq.totp.window_ns)   # live for half a window at least
+    spent_uid = policy.sequence_uid(totp.variant(seq, window))
+    first = totp.Rotation(config)
+    first.concrete()
+    assert first.spend(spent_uid)
+    restarted = totp.Rotation(config).concrete()
+    assert spent_uid not in {policy.sequence_uid(s) for s in restarted.sequences} and len(restarted.sequences) == 1
+    timed.apply(config)   # `xknock reload`, `attach`: no rotation object
+    live = {s.uid for s in live_sequences(timed.maps).values()}
+    assert spent_uid not in live and len(live) == 1
+    assert os.stat(private_spent_file).st_mode & 0o777 == 0o600
+    assert seq.totp.secret.hex() not in open(private_spent_file).read()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "others may write"])
+def test_a_spent_file_not_to_be_trusted_writes_no_time_based_policy(private_spent_file, damage):
+    from xknock.controller.errors import XknockError
+
+    config = totp_config()
+    with open(private_spent_file, "w") as f:
+        f.write("xknock-totp-spent 1\nnot a line\n" if damage == "garbage" else "xknock-totp-spent 1\n")
+    os.chmod(private_spent_file, 0o600 if damage == "garbage" else 0o666)
+    with pytest.raises(XknockError, match="move the file away"):
+        policy.compile_policy(config, 0)
+
+
 def test_a_stateless_apply_writes_the_current_windows(timed):
     config = totp_config()
     timed.apply(config)   # `xknock reload`, `attach --once`: no rotation object
@@ -201,6 +234,7 @@ window = "10s"
 port_range = "20000-29999"
 open = ["tcp:22"]
 open_for = "30s"
+spent_file = "{tmp_path / 'spent'}"
 """
     path = write_config(tmp_path, "totp.toml", text)
     os.chmod(path, 0o600)
@@ -230,6 +264,50 @@ open_for = "30s"
                 time.sleep((window_ns - time.time_ns() % window_ns) / 1e9 + 0.3)
                 check(xknock(net.attacker, "knock", net.server.ipv4, "--sequence", "ssh", "-c", path))
                 assert wait_for(lambda: can_connect(net.attacker, net.server.ipv4, 22, timeout=1.0), timeout=5)
+        finally:
+            echo.stop()
+            xknock(net.server, "detach", net.server_iface)
+
+
+@pytest.mark.netns
+def test_end_to_end_a_spent_window_stays_spent_after_a_restart_and_xknock_reload(tmp_path):
+    from xknock_dev.e2e import Foreground, TcpEchoServer, check, status_json, write_config, xknock
+
+    from xknock_dev.lab import can_connect, lab, wait_for
+
+    text = f"""
+[[sequence]]
+name = "ssh"
+totp = true
+secret = "{base64.b32encode(os.urandom(20)).decode()}"
+knock = ["tcp", "udp", "tcp"]
+window = "10m"
+open = ["tcp:22"]
+spent_file = "{tmp_path / 'state' / 'spent'}"
+"""
+    path = write_config(tmp_path, "totp.toml", text)
+    os.chmod(path, 0o600)
+
+    def live_knocks(net):
+        return [s["knock"] for s in status_json(net.server)[0]["sequences"]]
+
+    with lab("xktotp") as net:
+        echo = TcpEchoServer(net.server, 22)
+        try:
+            with Foreground(net, path) as controller:
+                controller.wait_ready()
+                knocked = check(xknock(net.client, "knock", net.server.ipv4, "--sequence", "ssh", "-c", path))
+                assert wait_for(lambda: can_connect(net.client, net.server.ipv4, 22, timeout=1.0), timeout=5)
+                steps = knocked.stdout.split(":", 1)[1].split()
+                assert wait_for(lambda: steps not in live_knocks(net), timeout=2)   # spent
+            with Foreground(net, path) as controller:   # a new controller: attach writes the policy afresh
+                assert controller.log.wait_for(lambda line: "replaced program" in line, 20), controller.log.read_all(0.5)
+                assert wait_for(lambda: controller.handles(signal.SIGTERM), timeout=5)
+                assert steps not in live_knocks(net) and len(live_knocks(net)) == 1
+                check(xknock(net.server, "reload", net.server_iface, "-c", path))
+                assert steps not in live_knocks(net) and len(live_knocks(net)) == 1
+                check(xknock(net.attacker, "knock", net.server.ipv4, *steps))   # the sniffed knock
+                assert not can_connect(net.attacker, net.server.ipv4, 22, timeout=1.0)
         finally:
             echo.stop()
             xknock(net.server, "detach", net.server_iface)

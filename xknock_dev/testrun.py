@@ -12,6 +12,7 @@ import uuid
 
 from xknock.controller.kernel import bpfsys, datapath, layout
 from xknock.controller.kernel.maps import FilterMaps
+from xknock.controller.kernel.ring import Ring
 from xknock.controller.policy import policy
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
@@ -127,17 +128,11 @@ class Harness:
 
     def read_ring(self, name, handle):
         """Consume ring buffer `name` with libbpf, handle(data, size) for each record."""
-        lib = bpfsys.lib()
-        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-        callback = callback_type(lambda ctx, data, size: handle(data, size) or 0)
-        lib.ring_buffer__new.restype = ctypes.c_void_p
-        lib.ring_buffer__new.argtypes = [ctypes.c_int, callback_type, ctypes.c_void_p, ctypes.c_void_p]
-        lib.ring_buffer__consume.argtypes = [ctypes.c_void_p]
-        lib.ring_buffer__free.argtypes = [ctypes.c_void_p]
-        ring = lib.ring_buffer__new(self.loaded.bpf[name].map_fd, callback, None, None)
-        if ring:
-            lib.ring_buffer__consume(ring)
-            lib.ring_buffer__free(ring)
+        ring = Ring(self.loaded.bpf[name].map_fd, handle, budget=1 << 30)
+        try:
+            ring.poll(0)
+        finally:
+            ring.close()
 
     def grants(self):
         """{(source ip, proto name, port): layout.Grant} of everything in the map."""

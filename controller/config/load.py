@@ -413,7 +413,7 @@ def _parse_sequence(report, place, name, table):
     else:
         if "totp" in table and table["totp"] is not False:
             report.error(place, f"totp must be true or false, not {type_name(table['totp'])}")
-        for key in ("secret", "secret_file", "window", "port_range"):
+        for key in totp_config.TOTP_KEYS[1:]:
             if key in table:
                 report.error(place, f'{key} belongs to time-based sequences: add totp = true, or remove {key}')
         knock = _parse_knock(report, place, table)

@@ -8,6 +8,7 @@ import re
 from ..kernel import layout
 
 DEFAULT_PATH = "/etc/xknock/xknock.toml"
+DEFAULT_SPENT_FILE = "/var/lib/xknock/totp-spent"   # time-based sequences' used windows
 
 NS_PER_UNIT = {
     "d": 86_400_000_000_000,
@@ -49,7 +50,7 @@ ANSWERS = ("closed", "drop")
 # transports"): "drop" (refused unless allow-listed) or "pass".
 PASS_OR_DROP = ("drop", "pass")
 SEQUENCE_KEYS = ("name", "knock", "step_timeout", "open", "open_for", "idle_timeout", "on_open", "on_close",
-                 "totp", "secret", "secret_file", "window", "port_range")
+                 "totp", "secret", "secret_file", "window", "port_range", "spent_file")
 HOOKS_KEYS = ("timeout", "max_running")
 DEFAULT_HOOK_TIMEOUT_NS = 10 * NS_PER_UNIT["s"]
 MAX_HOOK_TIMEOUT_NS = NS_PER_UNIT["h"]
@@ -182,3 +183,5 @@ class Totp:
     port_low: int
     port_high: int
     protos: tuple[str, ...]   # "tcp" | "udp", one per knock
+    # Where used windows are kept (policy/totp_spent.py): not part of the filter.
+    spent_file: str = dataclasses.field(default=DEFAULT_SPENT_FILE, compare=False)

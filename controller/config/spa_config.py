@@ -26,14 +26,30 @@ DEFAULT_PORT = 62201                      # fwknop's
 DEFAULT_MAX_AGE_NS = 120 * NS_PER_UNIT["s"]   # fwknop's MAX_SPA_PACKET_AGE
 DEFAULT_RATE = 10                         # candidates per second per source
 MAX_RATE = 10_000
-DEFAULT_TOTAL_RATE = 20_000               # candidates per second in all: the controller verifies ~30k/s of junk on one core
 MAX_TOTAL_RATE = 1_000_000
+# What one SPA candidate costs the controller: a base, and one HMAC for each
+# stanza that admits its sender (`bench/run spa-verify` on this project's test
+# machine: 17 µs with 1 stanza, 250 µs with 16, 760 µs with 64; the issue's
+# 26 µs and 289 µs on a busier one: these are the higher). The default
+# total_rate fills VERIFIER_SHARE of one core with candidates every stanza
+# admits; the rest is margin for a slower or busier machine and for the
+# authentic packets (decrypted, fsync'd).
+CANDIDATE_BASE_NS = 8_000
+CANDIDATE_HMAC_NS = 18_000
+VERIFIER_SHARE = 0.5
 DEFAULT_REPLAY_CACHE = "/var/lib/xknock/spa-replay"
 DEFAULT_OPEN_FOR_NS = 30 * NS_PER_UNIT["s"]   # fwknop's FW_ACCESS_TIMEOUT
 DEFAULT_IDLE_TIMEOUT_NS = 15 * NS_PER_UNIT["m"]
 MAX_USERS = 1024
 HMAC_DIGESTS = spa_message.HMAC_DIGESTS
 ANY_SOURCE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+def default_total_rate(stanzas):
+    """Candidates a second that keep the verifier at VERIFIER_SHARE of one
+    core when `stanzas` stanzas admit every sender (the worst case)."""
+    cost_ns = CANDIDATE_BASE_NS + CANDIDATE_HMAC_NS * max(1, stanzas)
+    return int(VERIFIER_SHARE * 1e9 / cost_ns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +92,7 @@ class Spa:
     port: int = DEFAULT_PORT
     max_age_ns: int = DEFAULT_MAX_AGE_NS
     rate: int = DEFAULT_RATE
-    total_rate: int = DEFAULT_TOTAL_RATE
+    total_rate: int = default_total_rate(1)   # parse_spa derives it from the stanzas
     replay_cache: str = DEFAULT_REPLAY_CACHE
     users: tuple = ()
     server_key: str | None = None          # the public-key SPA's X25519 key file
@@ -103,14 +119,15 @@ def parse_spa(report, table):
     port = _whole(report, "spa", table, "port", DEFAULT_PORT, 1, 65535)
     max_age_ns = parse_duration_key(report, "spa", table, "max_age", DEFAULT_MAX_AGE_NS)
     rate = _whole(report, "spa", table, "rate", DEFAULT_RATE, 1, MAX_RATE)
-    total_rate = _whole(report, "spa", table, "total_rate", DEFAULT_TOTAL_RATE, 1, MAX_TOTAL_RATE)
-    if total_rate < rate:
-        report.error("spa", f"total_rate {total_rate} is below rate {rate} (the rate of a single source)")
     replay_cache = table.get("replay_cache", DEFAULT_REPLAY_CACHE)
     if not isinstance(replay_cache, str) or not os.path.isabs(replay_cache):
         report.error("spa", f"replay_cache {replay_cache!r}: must be an absolute path")
     users = _parse_users(report, table.get("user"))
     server_key, server_private = _parse_server_key(report, table, users)
+    default_total = max(rate, default_total_rate(len(users)))
+    total_rate = _whole(report, "spa", table, "total_rate", default_total, 1, MAX_TOTAL_RATE)
+    if total_rate < rate:
+        report.error("spa", f"total_rate {total_rate} is below rate {rate} (the rate of a single source)")
     if len(report.errors) > errors_before:
         return None
     return Spa(port=port, max_age_ns=max_age_ns, rate=rate, total_rate=total_rate, replay_cache=replay_cache,

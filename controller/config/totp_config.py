@@ -9,9 +9,9 @@ import re
 
 from ..kernel import layout, trust
 from .fields import Report, parse_duration_key, type_name
-from .model import NS_PER_UNIT, ConfigError, Sequence, Totp
+from .model import DEFAULT_SPENT_FILE, NS_PER_UNIT, ConfigError, Sequence, Totp
 
-TOTP_KEYS = ("totp", "secret", "secret_file", "window", "port_range")
+TOTP_KEYS = ("totp", "secret", "secret_file", "window", "port_range", "spent_file")
 DEFAULT_WINDOW_NS = 60 * NS_PER_UNIT["s"]
 MIN_WINDOW_NS = 10 * NS_PER_UNIT["s"]
 MAX_WINDOW_NS = 24 * NS_PER_UNIT["h"]
@@ -31,9 +31,13 @@ def parse_totp(report, place, table, max_steps):
     if not MIN_WINDOW_NS <= window_ns <= MAX_WINDOW_NS:
         report.error(place, "window must be from 10s to 24h (long enough to knock in, short enough to expire)")
     low, high = _parse_range(report, place, table)
+    spent_file = table.get("spent_file", DEFAULT_SPENT_FILE)
+    if not isinstance(spent_file, str) or not os.path.isabs(spent_file):
+        report.error(place, f"spent_file {spent_file!r}: must be an absolute path")
     if len(report.errors) > errors_before:
         return None
-    return Totp(secret=secret, window_ns=window_ns, port_low=low, port_high=high, protos=protos)
+    return Totp(secret=secret, window_ns=window_ns, port_low=low, port_high=high, protos=protos,
+                spent_file=spent_file)
 
 
 def _parse_protos(report, place, table, max_steps):

@@ -76,13 +76,21 @@ class Controller:
         for warning in config.warnings:
             log.warning(warning)
         try:
-            self._prepare_spa(config)   # before the policy: a cache we cannot trust refuses the reload
+            replay_cache = self._prepare_spa(config)   # a cache we cannot trust refuses the reload
+        except (XknockError, OSError) as err:
+            log.error("reload failed: the running policy is unchanged", extra={"fields": {"error": str(err)}})
+            return False
+        try:
             rotation = totp.Rotation(config)
             rotation.spent = self.rotation.spent
             policy.apply_policy(self.attached.maps, rotation.concrete())
         except (XknockError, OSError) as err:
+            if self.spa:
+                self.spa.abandon(replay_cache)
             log.error("reload failed: the running policy is unchanged", extra={"fields": {"error": str(err)}})
             return False
+        if self.spa:   # only now: a refused reload leaves SPA as it was
+            self.spa.switch(config.spa, replay_cache)
         self.config = config
         self.rotation = rotation
         self.next_rotation_ns = rotation.next_change_ns() if rotation.active else None
@@ -93,7 +101,15 @@ class Controller:
         return True
 
     def _observe(self, record):
-        if record.type == layout.Event.GRANTED and self.rotation.spend(record.seq_uid):
+        if record.type != layout.Event.GRANTED:
+            return
+        try:
+            spent = self.rotation.spend(record.seq_uid)
+        except XknockError as err:   # spent in memory all the same
+            log.error("recording a spent time-based window failed: a restart would bring it back",
+                      extra={"fields": {"error": str(err)}})
+            spent = True
+        if spent:
             self.rotate_now = True   # that window's knock is used: take it out of the maps
 
     def rotate(self):
@@ -110,29 +126,28 @@ class Controller:
             self.events.refresh_names()
 
     def _prepare_spa(self, config):
+        """The replay cache the new [spa] needs (SpaReceiver.prepare), with a
+        receiver to hand it to once the policy is live."""
         if config.spa is None:
-            if self.spa is not None:
-                self.spa.set_spa(None)   # the ring buffer stays open, and empty: no SPA port
-            return
-        if self.spa is None:
-            self.spa = SpaReceiver(self.attached.loaded, self.attached.maps, config.spa)
-        else:
-            self.spa.set_spa(config.spa)
+            return None
+        if self.spa is None:   # [spa] added: a receiver that judges nothing until switched
+            self.spa = SpaReceiver(self.attached.loaded, self.attached.maps, None).start()
+        return self.spa.prepare(config.spa)
 
     def run(self, notifier=None):
         notifier = notifier or Notifier()
         notifier.ready(f"enforcing on {','.join(self.ifnames)}")
         next_sweep = time.monotonic() + SWEEP_EVERY_S
         next_ban_check = time.monotonic() + BAN_CHECK_EVERY_S
+        if self.spa:
+            self.spa.start()   # SPA candidates are judged on the receiver's thread, never in this loop
         try:
             while not self.signals.stop:
                 notifier.watchdog()
                 if self.events:
-                    self.events.poll(POLL_MS)   # both ring buffers: events and SPA candidates
+                    self.events.poll(POLL_MS)   # a bounded number of events, then the rest of the loop
                 else:
                     time.sleep(POLL_MS / 1000)
-                if self.spa:
-                    self.spa.flush_due()
                 if self.links:
                     self.links.poll()
                 if self.rotation.active and (self.rotate_now or time.time_ns() >= self.next_rotation_ns):
@@ -150,8 +165,6 @@ class Controller:
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SWEEP_EVERY_S
                     swept = grants.expire_grants(self.attached.maps)
-                    if self.spa:
-                        self.spa.sweep()
                     bans.expire_bans(self.attached.maps)
                     if swept:
                         log.debug("expired grants removed", extra={"fields": {"count": swept}})
@@ -162,7 +175,7 @@ class Controller:
         finally:
             notifier.stopping()
             if self.spa:
-                self.spa.flush()
+                self.spa.stop()   # counts what it judged
             if self.links:
                 self.links.close()
             self.hooks.close()   # lets running hooks end; each is killed at its timeout at the latest

@@ -22,10 +22,14 @@ import ctypes
 import importlib.metadata
 import ipaddress
 import logging
+import socket
+import ssl
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -70,6 +74,8 @@ ANSWERS = {
     "rate_limited": layout.Reason.ANSWER_RATE_LIMITED,
     "none": layout.Reason.ANSWER_NONE,
 }
+# daemon/hooks.py's HookRunner counters, by the `result` label of xknock_hooks_total.
+HOOK_RESULTS = ("started", "failed", "timed_out", "dropped")
 KNOCK_EVENTS = {
     "repeated": layout.Reason.KNOCK_REPEATED,
     "ignored": layout.Reason.KNOCK_IGNORED,
@@ -320,6 +326,7 @@ class ControllerInfo:
         self.last_reload_success = None
         self.last_reload_timestamp = None
         self.interface_events = {}   # (device, event) -> count, from the LinkWatcher
+        self.hooks = None            # the controller's hooks.HookRunner, once it runs
 
     def record_reload(self, success, config=None):
         """The outcome of loading a config (the first one at attach, too)."""
@@ -437,6 +444,19 @@ class XknockCollector:
             for event in INTERFACE_EVENTS:
                 events.add_metric([self.iface, device, event], self.info.interface_events.get((device, event), 0))
         yield events
+        if self.info.hooks is not None:
+            runner = self.info.hooks
+            hooks = CounterMetricFamily(
+                "xknock_hooks",
+                "Hook commands (on_open, on_close, on_ban) since the controller started, by how they went: "
+                "started, failed (could not start, or ended with a non-zero status or a signal), timed_out "
+                "(killed at the hooks' timeout), dropped (max_running were already running).",
+                labels=["iface", "result"])
+            for result in HOOK_RESULTS:
+                hooks.add_metric([self.iface, result], getattr(runner, result))
+            yield hooks
+            yield self._gauge("xknock_hooks_running", "Hook commands running now.", None, ["iface"],
+                              [([self.iface], runner.running)])
 
     def _kernel(self, maps):
         """Every per-filter family, read now; raises when a read fails."""
@@ -566,6 +586,51 @@ class XknockCollector:
 
 # --- serving -----------------------------------------------------------------------
 
+class _Handler(WSGIRequestHandler):
+    timeout = 10.0   # a client that sends nothing (or never finishes its TLS handshake) is dropped
+
+    def log_message(self, format, *args):   # not one line per scrape
+        pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        """A client that breaks off, or fails its TLS handshake: one debug
+        line, not socketserver's traceback on stderr."""
+        import sys
+
+        log.debug("metrics request failed", extra={"fields": {"client": client_address[0],
+                                                              "error": str(sys.exc_info()[1])}})
+
+
+def serve(host, port, registry, web_config=None):
+    """(server, thread): prometheus-client's WSGI app for registry on
+    host:port in a thread, behind TLS and basic auth as web_config says.
+    TLS handshakes happen in each connection's own thread, so a slow client
+    holds up nobody."""
+    from prometheus_client import make_wsgi_app
+
+    from .webconfig import BasicAuth
+
+    app = make_wsgi_app(registry)
+    if web_config is not None and web_config.users:
+        app = BasicAuth(app, web_config.users)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(_Server):
+        address_family = family
+
+    httpd = make_server(host, port, app, Server, handler_class=_Handler)
+    if web_config is not None and web_config.tls is not None:
+        httpd.socket = web_config.tls.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
+    thread = threading.Thread(target=httpd.serve_forever, name="xknock-metrics", daemon=True)
+    thread.start()
+    return httpd, thread
+
+
 class MetricsServer:
     """The /metrics endpoint of `xknock attach --metrics-addr`.
 
@@ -573,27 +638,37 @@ class MetricsServer:
     anything is attached; start() then serves one filter. The registry holds
     only xknock's collector and the process collector (process_*)."""
 
-    def __init__(self, host, port):
-        from prometheus_client import ProcessCollector, start_http_server
+    def __init__(self, host, port, web_config=None):
+        """web_config: a webconfig.WebConfig (TLS, basic auth), or None for plain HTTP."""
+        from prometheus_client import ProcessCollector
 
         self.host, self.port = host, port
+        self.web_config = web_config
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self.sampler = None
         self.info = None
         try:
-            self.httpd, self.thread = start_http_server(port, host, registry=self.registry)
+            self.httpd, self.thread = serve(host, port, self.registry, web_config)
         except OSError as err:
             reason = err.strerror or str(err)
             raise XknockError(f"--metrics-addr {host}:{port}: cannot listen there: {reason}") from None
         self.port = self.httpd.server_port
 
-    def start(self, maps, ifaces, config):
+    def start(self, maps, ifaces, config, hooks=None):
+        """hooks: the controller's hooks.HookRunner, for xknock_hooks_total."""
         self.info = ControllerInfo(config=config)
         self.info.record_reload(True, config)
+        self.info.hooks = hooks
         self.sampler = MapSampler(lambda: maps).start()
         self.registry.register(XknockCollector(lambda: maps, ifaces, self.info, sampler=self.sampler))
-        log.info("serving metrics", extra={"fields": {"url": f"http://{self._hostport()}/metrics"}})
+        scheme = self.web_config.scheme if self.web_config else "http"
+        fields = {"url": f"{scheme}://{self._hostport()}/metrics"}
+        if self.web_config and self.web_config.users:
+            fields["basic_auth_users"] = len(self.web_config.users)
+        if self.web_config and self.web_config.tls and self.web_config.tls.verify_mode == ssl.CERT_REQUIRED:
+            fields["client_certs"] = "required"
+        log.info("serving metrics", extra={"fields": fields})
         return self
 
     def _hostport(self):

@@ -7,7 +7,9 @@ windows live at a time, the current one and the nearer neighbour (the previous
 in a window's first half, the next in its second), which absorbs clock skew of
 up to half a window, and rotates them into the maps as time goes on. A window
 whose sequence completed is spent: it leaves the maps at once, so a sequence
-sniffed while it was used opens nothing, even in the same window.
+sniffed while it was used opens nothing, even in the same window; and it is
+written down (policy/totp_spent.py), so that no restart, reload or attach
+brings it back.
 
 The kernel knows nothing of this: it sees ordinary sequences that come and go.
 """
@@ -18,6 +20,7 @@ import hmac
 import time
 
 from ..config.model import Step
+from .totp_spent import SpentFile, fingerprint
 from .uid import sequence_uid
 
 NS_PER_S = 1_000_000_000
@@ -69,7 +72,8 @@ def next_change_ns(unix_ns, window_ns):
 
 class Rotation:
     """Turns a config with time-based sequences into the concrete config to
-    write now, and remembers which (sequence, window) have been spent."""
+    write now, and remembers which (sequence, window) have been spent: in
+    memory, and in each sequence's spent_file."""
 
     def __init__(self, config, wall_clock_ns=time.time_ns):
         self.config = config
@@ -84,13 +88,14 @@ class Rotation:
     def concrete(self):
         """The config with each time-based sequence replaced by its live, unspent windows."""
         now = self.wall_clock_ns()
+        on_disk = self._spent_on_disk()
         sequences, self.uids = [], {}
         for seq in self.config.sequences:
             if seq.totp is None:
                 sequences.append(seq)
                 continue
             for window in live_windows(now, seq.totp.window_ns):
-                if (seq.name, window) in self.spent:
+                if (seq.name, window) in self.spent or fingerprint(seq, window) in on_disk:
                     continue
                 concrete = variant(seq, window)
                 sequences.append(concrete)
@@ -116,10 +121,21 @@ class Rotation:
         now = self.wall_clock_ns()
         return min(next_change_ns(now, seq.totp.window_ns) for seq in self.config.sequences if seq.totp)
 
+    def _spent_on_disk(self):
+        """Fingerprints of the windows spent by anyone (XknockError: a file not to be trusted)."""
+        paths = {seq.totp.spent_file for seq in self.config.sequences if seq.totp is not None}
+        return {name for path in sorted(paths) for name in SpentFile(path).read()}
+
     def spend(self, uid):
-        """A variant completed: True when that makes the concrete config change."""
+        """A variant completed: True when that makes the concrete config change.
+        Spent in memory at once; XknockError when the file cannot be written
+        (then a restart would forget it)."""
         window = self.uids.get(uid) or self._window_of_uid(uid)
         if window is None:
             return False
         self.spent.add(window)
+        name, number = window
+        seq = next(s for s in self.config.sequences if s.name == name and s.totp is not None)
+        live_until_s = -(-(number + 2) * seq.totp.window_ns // NS_PER_S)   # past its neighbour's half too
+        SpentFile(seq.totp.spent_file).add(fingerprint(seq, number), live_until_s, self.wall_clock_ns() // NS_PER_S)
         return True

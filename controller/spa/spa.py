@@ -5,8 +5,9 @@ to us on their own ring buffer. SpaVerifier judges one payload in fwknop's
 order, each check before any work the next one needs: prefix-tacking, replay,
 the sender's stanzas, HMAC (constant time, before any decryption), decryption
 and the inner digest, age, user, the address rule, the ports. SpaReceiver feeds
-it from the ring buffer, writes the grants of the accepted and counts every
-outcome in the filter's counters, so status, metrics and top see them.
+it from the ring buffer on a thread of its own, writes the grants of the
+accepted and counts every outcome in the filter's counters, so status, metrics
+and top see them.
 
 Nothing is ever sent back, and no log line carries a key or a payload.
 """
@@ -16,12 +17,16 @@ import dataclasses
 import hashlib
 import ipaddress
 import logging
+import os
+import sys
+import threading
 import time
 
 from ..errors import XknockError
 from ..kernel import clock, layout
 from ..kernel.lock import map_lock
 from ..kernel.maps import from_addr, to_addr
+from ..kernel.ring import Ring
 from ..state import grants
 from ..wire import spa_message, spa_pubkey
 from . import spa_replay
@@ -37,6 +42,14 @@ ACCESS_MSG = 1
 CLIENT_TIMEOUT_ACCESS_MSG = 3
 ANY_ADDRESS = ipaddress.IPv4Address("0.0.0.0")
 FLUSH_EVERY_S = 1.0
+SWEEP_EVERY_S = 10.0   # replay cache pruning
+POLL_MS = 100          # the receiver's thread looks up at least this often (its stop, flush, sweep)
+RING_BUDGET = 256      # candidates judged per poll, then the same
+# The verifier holds the interpreter's lock through whole HMACs, and the main
+# loop's thread waits up to one switch interval for it after every system
+# call (a policy rewrite makes hundreds): 0.5 ms instead of Python's 5 keeps a
+# rotation or a reload under a flood to a fraction of a second.
+SWITCH_INTERVAL_S = 0.0005
 PAYLOAD_OFFSET = layout.SpaEvent.payload.offset
 
 
@@ -133,48 +146,111 @@ class SpaVerifier:
         return None, f"the message asks for {asked}, the packet came from {source}"
 
 
-def open_replay_cache(spa):
+def open_replay_cache(spa, consequence="nothing was attached"):
     """The digest cache of [spa], loaded and pruned; XknockError when it cannot
-    be trusted (then no SPA packet is accepted: better shut than replayable)."""
+    be trusted (then no SPA packet is accepted: better shut than replayable),
+    saying `consequence`."""
     try:
         cache = spa_replay.ReplayCache(spa.replay_cache)
         cache.prune(time.time(), spa.max_age_ns / 1e9)
     except (spa_replay.ReplayCacheError, OSError) as err:
-        raise XknockError(f"SPA replay cache {spa.replay_cache}: {err}; nothing was attached "
+        raise XknockError(f"SPA replay cache {spa.replay_cache}: {err}; {consequence} "
                           "(move the file away to start with an empty cache)") from err
     return cache
 
 
 class SpaReceiver:
-    """Reads candidates from the data path's spa_events ring buffer."""
+    """Reads candidates from the data path's spa_events ring buffer and judges
+    them on a thread of its own (start()), so that no flood of candidates can
+    hold up the controller's loop: that loop keeps the watchdog, the rotation
+    and the sweeps, and only hands this receiver a new [spa] on a reload.
+    The kernel's ring (2 MiB) is the bounded queue between the two: what does
+    not fit is dropped and counted there (`lost`), and the data path never
+    waits."""
 
     def __init__(self, loaded, maps, spa, replay_cache=None):
+        """spa None: a receiver that judges nothing until a reload brings [spa]."""
         self.maps = maps
-        cache = replay_cache if replay_cache is not None else open_replay_cache(spa)   # an empty cache is falsy
-        self.verifier = SpaVerifier(spa, cache)
+        if spa is not None and replay_cache is None:   # (an empty cache is falsy: compare with None)
+            replay_cache = open_replay_cache(spa)
+        self.verifier = SpaVerifier(spa, replay_cache)
         self.acknowledger = Acknowledger()
         self.pending = {}          # Reason -> count not yet in the counters map
         self.next_flush = time.monotonic() + FLUSH_EVERY_S
-        loaded.bpf["spa_events"].open_ring_buffer(self._callback)
+        self._lock = threading.Lock()   # the verifier's [spa] and cache: judged here, switched by reloads
+        self._stop = threading.Event()
+        self._thread = None
+        self._ring = Ring(loaded.bpf[b"spa_events"].map_fd, self._on_record, RING_BUDGET)
 
-    def set_spa(self, spa):
-        """A reload: new stanzas and limits (a new cache file if it moved), or
-        None when [spa] is gone."""
-        if spa is not None and (self.verifier.spa is None or spa.replay_cache != self.verifier.spa.replay_cache):
-            self.verifier.replay = open_replay_cache(spa)
-        self.verifier.spa = spa
+    def start(self):
+        if self._thread is None:
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+            self._thread = threading.Thread(target=self._serve, name="xknock-spa", daemon=True)
+            self._thread.start()
+        return self
+
+    def _serve(self):
+        next_sweep = time.monotonic() + SWEEP_EVERY_S
+        while not self._stop.is_set():
+            try:
+                self._ring.poll(POLL_MS)
+                self.flush_due()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + SWEEP_EVERY_S
+                    self.sweep()
+            except Exception:   # the receiver must outlive any one failure (a cache that cannot compact...)
+                log.exception("SPA receiver round failed")
+                self._stop.wait(POLL_MS / 1000)
+
+    def stop(self):
+        """Ends the thread, counts what it judged, and lets go of the cache."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.flush()
+        self._ring.close()
+        if self.verifier.replay is not None:
+            self.verifier.replay.close()
+
+    def prepare(self, spa):
+        """The replay cache a reload to `spa` needs: the running one when the
+        path stays, a new one opened now when it moves (XknockError when it
+        cannot be trusted), None without [spa]. Nothing is switched yet: give it
+        to switch() once the policy is live, or to abandon() if it is not."""
+        if spa is None:
+            return None
+        current = self.verifier.replay
+        if current is not None and current.path == os.path.abspath(spa.replay_cache):
+            return current
+        return open_replay_cache(spa, consequence="the reload changed nothing")
+
+    def abandon(self, replay_cache):
+        """A prepared cache whose reload failed."""
+        if replay_cache is not None and replay_cache is not self.verifier.replay:
+            replay_cache.close()
+
+    def switch(self, spa, replay_cache):
+        """A reload that went through: new stanzas and limits, the cache from
+        prepare(); None, None when [spa] is gone (its cache is let go, so that
+        it can be opened again, by this controller or another)."""
+        with self._lock:
+            old = self.verifier.replay
+            self.verifier.spa, self.verifier.replay = spa, replay_cache
+        if old is not None and old is not replay_cache:
+            old.close()
 
     def sweep(self):
         """Forgets digests too old to be replayed, and flushes the counts."""
-        if self.verifier.spa is not None:
-            self.verifier.replay.prune(time.time(), self.verifier.spa.max_age_ns / 1e9)
+        with self._lock:
+            if self.verifier.spa is not None:
+                self.verifier.replay.prune(time.time(), self.verifier.spa.max_age_ns / 1e9)
         self.flush()
 
     def flush_due(self):
         if self.pending and time.monotonic() >= self.next_flush:
             self.flush()
 
-    def _callback(self, ctx, data, size):
+    def _on_record(self, data, size):
         event = ctypes.cast(data, ctypes.POINTER(layout.SpaEvent)).contents
         try:
             # string_at, not a slice: slicing a ctypes array makes a list of ints (10x slower).
@@ -183,7 +259,6 @@ class SpaReceiver:
             self.handle(payload, from_addr(event.src), arrived_ns=event.ts_ns, source_port=event.sport)
         except Exception:   # one bad packet must never stop the receiver
             log.exception("SPA packet handling failed")
-        return 0
 
     def remember(self, source):
         """A source whose SPA was accepted: past the total rate, the kernel
@@ -196,9 +271,10 @@ class SpaReceiver:
     def handle(self, payload, source, arrived_ns=None, source_port=0):
         """arrived_ns: when the data path saw the packet (CLOCK_MONOTONIC), for
         the log's latency_ms: arrival to grants written."""
-        if self.verifier.spa is None:
-            return None   # a candidate queued just before a reload removed [spa]
-        verdict = self.verifier.verify(payload, source)
+        with self._lock:
+            if self.verifier.spa is None:
+                return None   # a candidate queued just before a reload removed [spa]
+            verdict = self.verifier.verify(payload, source)
         if verdict.outcome == Reason.SPA_ACCEPTED:
             verdict = self._grant(verdict)
             self.remember(source)

@@ -23,6 +23,7 @@ import os
 import threading
 
 from ..errors import XknockError
+from ..kernel.durable import fsync_dir, replace_file
 
 HEADER = b"xknock-spa-replay 1\n"
 DEFAULT_MAX_ENTRIES = 1_000_000
@@ -97,7 +98,7 @@ class ReplayCache:
             raise ReplayCacheError(f"replay cache {self.path}: cannot read: {err.strerror}") from None
         if not data:
             self._write_durably(HEADER)
-            _fsync_dir(os.path.dirname(self.path))
+            fsync_dir(os.path.dirname(self.path))
             return
         if not data.startswith(HEADER):
             raise ReplayCacheError(f"replay cache {self.path}: not an xknock replay cache (bad header); "
@@ -154,15 +155,8 @@ class ReplayCache:
             if not dropped:
                 return 0
             lines = b"".join(b"%s %d\n" % (d.hex().encode(), ts) for d, ts in keep.items())
-            temporary = f"{self.path}.tmp"
             try:
-                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                with os.fdopen(fd, "wb") as out:
-                    out.write(HEADER + lines)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(temporary, self.path)
-                _fsync_dir(os.path.dirname(self.path))
+                replace_file(self.path, HEADER + lines)
                 replacement = open(self.path, "a+b", buffering=0)
             except OSError as err:
                 raise ReplayCacheError(f"replay cache {self.path}: cannot compact: {err.strerror}") from None
@@ -195,10 +189,3 @@ def _parse_line(line):
     except ValueError:
         return None, None
 
-
-def _fsync_dir(directory):
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
