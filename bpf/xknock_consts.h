@@ -222,6 +222,7 @@ enum xk_reason {
 	XK_ANSWER_RATE_LIMITED = 55, /* no ICMP error: over Linux's rate limits, as the kernel would be */
 	XK_ANSWER_NONE = 56,       /* no answer, as Linux gives none: a RST, a bad checksum, not unicast... */
 	XK_ANSWER_BY_HOST = 57,    /* knock and SPA ports nobody listens on: passed, the host answers itself */
+	XK_BAN_OPERATOR = 58,      /* bans the controller created (`xknock ban`); only it writes this */
 	XK_COUNTERS = 64,
 };
 

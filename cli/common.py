@@ -1,6 +1,8 @@
-"""What every command module of the CLI shares: fail_cleanly, load_and_warn."""
+"""What every command module of the CLI shares: fail_cleanly, load_and_warn,
+the --json option and its output."""
 
 import functools
+import json
 import sys
 
 import click
@@ -34,6 +36,16 @@ def fail_cleanly(fn=None, *, config_status=1):
             sys.exit(1)
 
     return wrapper
+
+
+def json_option(fn):
+    """--json: the command's result as one JSON document on stdout instead of text."""
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output (JSON).")(fn)
+
+
+def echo_result(as_json, result, text):
+    """result (a dict) as JSON with --json, else text (a line or lines)."""
+    click.echo(json.dumps(result, indent=2) if as_json else text)
 
 
 def load_and_warn(config_path):

@@ -3,7 +3,10 @@ in the live policy of a running filter, changing nothing."""
 
 import click
 
-from xknock.cli.common import fail_cleanly, load_and_warn
+import json
+
+from xknock.cli.common import fail_cleanly, json_option, load_and_warn
+from xknock.cli.params import CONFIG_FILE, IFACE
 from xknock.controller.config import DEFAULT_PATH
 from xknock.controller.daemon import lifecycle
 
@@ -12,21 +15,25 @@ from xknock.controller.daemon import lifecycle
 Examples:
   xknock diff eth0 -c /etc/xknock/xknock.toml
   xknock reload eth0 -c /etc/xknock/xknock.toml --dry-run   # the same""")
-@click.argument("iface")
-@click.option("-c", "--config", "config_path", default=DEFAULT_PATH, show_default=True, help="The TOML config.")
+@click.argument("iface", type=IFACE)
+@click.option("-c", "--config", "config_path", type=CONFIG_FILE, default=DEFAULT_PATH, show_default=True, help="The TOML config.")
+@json_option
 @fail_cleanly
-def diff(iface, config_path):
+def diff(iface, config_path, as_json):
     """What reloading CONFIG would change in the live policy on IFACE: + added, - removed, ~ changed."""
     lifecycle.require_root()
-    show_diff(iface, config_path, load_and_warn(config_path))
+    show_diff(iface, config_path, load_and_warn(config_path), as_json=as_json)
 
 
-def show_diff(iface, config_path, config):
+def show_diff(iface, config_path, config, as_json=False):
     """Print what applying config to the filter on iface would change."""
     from xknock.controller.state.policy_diff import policy_changes
 
     with lifecycle.open_filter(iface) as maps:
         lines = policy_changes(maps, config)
+    if as_json:
+        click.echo(json.dumps({"iface": iface, "config": config_path, "changes": lines}, indent=2))
+        return
     for line in lines:
         click.echo(line)
     if config.spa is not None:

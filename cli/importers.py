@@ -8,6 +8,7 @@ import tempfile
 import click
 
 from xknock.controller.config import ConfigError
+from xknock.controller.importers.fwknop_import import DEFAULT_FWKNOPD_CONF
 from xknock.controller.importers.fwknop_import import DEFAULT_PATH as FWKNOP_DEFAULT_PATH
 from xknock.controller.importers.knockd_import import DEFAULT_PATH, KnockdImportError, convert
 
@@ -28,7 +29,7 @@ Examples:
 What cannot be carried over (one-time sequences, tcpflags other than syn,
 targets, commands that are not a known firewall idiom, ...) is listed on
 stderr, one line each, and as comments at the top of the TOML.""")
-@click.argument("path", default=DEFAULT_PATH, required=False)
+@click.argument("path", default=DEFAULT_PATH, required=False, type=click.Path(allow_dash=True, readable=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the TOML here (mode 0600: knock sequences are secrets) instead of stdout.")
 @click.option("--mode", type=click.Choice(["enforce", "monitor"]), default="enforce", show_default=True,
@@ -50,15 +51,15 @@ def knockd(path, output, mode, force):
         click.echo(note.located(source), err=True)
     for warning in result.config.warnings:
         click.echo(f"xknock: warning: {warning}", err=True)
-    names = ", ".join(seq.name for seq in result.sequences)
+    if output is None:
+        click.echo(result.toml, nl=False)
+    else:
+        _write(output, result.toml, force)
+    names = ", ".join(seq.name for seq in result.sequences)   # said once the TOML is out, not before
     where = output or "stdout"
     click.echo(f"xknock: converted {len(result.sequences)} of {result.doors} knockd door(s) ({names}) to {where}; "
                f"{len(result.notes)} note(s) above; attach with: xknock attach {result.interface} -c "
                f"{output or 'FILE'}", err=True)
-    if output is None:
-        click.echo(result.toml, nl=False)
-        return
-    _write(output, result.toml, force)
 
 
 def _fail(message):
@@ -109,34 +110,45 @@ Examples:
   xknock import fwknop                                   # /etc/fwknop/access.conf, TOML on stdout
   xknock import fwknop /etc/fwknop/access.conf --keys-dir /etc/xknock/keys -o /etc/xknock/xknock.toml
   xknock import fwknop access.conf -o xknock.toml        # keys inline: keep the file 0600
+  xknock import fwknop --fwknopd-conf /etc/fwknop/fwknopd.conf --mode monitor -o xknock.toml
 
 \b
 What cannot be carried over (GnuPG, command execution, NAT, ACCESS_EXPIRE,
 stanzas without an HMAC key, %include, ...) is listed on stderr, one line
 each, and as comments at the top of the TOML.""")
-@click.argument("path", default=FWKNOP_DEFAULT_PATH, required=False)
+@click.argument("path", default=FWKNOP_DEFAULT_PATH, required=False, type=click.Path(allow_dash=True, readable=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the TOML here (mode 0600) instead of stdout.")
+@click.option("--mode", type=click.Choice(["enforce", "monitor"]), default="enforce", show_default=True,
+              help="The [filter] mode of the new config; monitor for a dry run first.")
+@click.option("--fwknopd-conf", type=click.Path(readable=False), default=None,
+              help=f"Take the [spa] port (PCAP_FILTER, UDPSERV_PORT) and max_age (MAX_SPA_PACKET_AGE) from "
+                   f"fwknopd's config, e.g. {DEFAULT_FWKNOPD_CONF}; without it, fwknop's defaults.")
 @click.option("--keys-dir", type=click.Path(file_okay=False), default=None,
               help="Write each user's keys to DIR/NAME.keys (mode 0600, `fwknop --key-gen` format) and refer to "
                    "them with key_file, instead of putting the keys in the TOML.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT and key files that exist.")
-def fwknop(path, output, keys_dir, force):
+def fwknop(path, output, keys_dir, mode, fwknopd_conf, force):
     """Convert fwknopd's access.conf PATH (default /etc/fwknop/access.conf; - for stdin) into [spa] users."""
     from xknock.controller.importers.fwknop_import import FwknopImportError
     from xknock.controller.importers.fwknop_import import convert as convert_fwknop
     from xknock.controller.wire.spa_keys import SpaKeyError, write_key_file
 
     text = _read(path, "access.conf")
+    server_text = _read(fwknopd_conf, "fwknopd.conf") if fwknopd_conf is not None else None
     source = "stdin" if path == "-" else path
     try:
-        result = convert_fwknop(text, source=source, keys_dir=keys_dir)
+        result = convert_fwknop(text, source=source, keys_dir=keys_dir, mode=mode, fwknopd_conf=server_text)
     except FwknopImportError as err:
         for note in err.notes:
             click.echo(note.located(source), err=True)
         _fail(str(err))
     for note in result.notes:
         click.echo(note.located(source), err=True)
+    for note in result.server_notes:
+        click.echo(note.located(fwknopd_conf), err=True)
+    if output is not None and os.path.exists(output) and not force:
+        _fail(f"{output}: exists; pass --force to overwrite it")   # before any key file is written
     try:
         if result.key_files:
             os.makedirs(keys_dir, mode=0o700, exist_ok=True)
@@ -144,16 +156,18 @@ def fwknop(path, output, keys_dir, force):
             write_key_file(key_path, keys, force=force)
     except (SpaKeyError, OSError) as err:
         _fail(str(err))
-    names = ", ".join(user.name for user in result.users)
+    if output is None:
+        click.echo(result.toml, nl=False)
+    else:
+        _write(output, result.toml, force)
+    names = ", ".join(user.name for user in result.users)   # said once everything is written, not before
     where = output or "stdout"
+    notes = len(result.notes) + len(result.server_notes)
+    attach = f"; attach with: xknock attach {result.interface} -c {output or 'FILE'}" if result.interface else ""
     click.echo(f"xknock: converted {len(result.users)} of {result.stanzas} access stanza(s) ({names}) to {where}; "
-               f"{len(result.notes)} note(s) above", err=True)
+               f"{notes} note(s) above{attach}", err=True)
     if result.key_files:
         click.echo(f"xknock: wrote {len(result.key_files)} key file(s) under {keys_dir} (mode 0600)", err=True)
     if result.inline_keys:
         click.echo("xknock: warning: the TOML holds secret keys inline: keep it mode 0600, root's only "
                    "(or convert again with --keys-dir)", err=True)
-    if output is None:
-        click.echo(result.toml, nl=False)
-        return
-    _write(output, result.toml, force)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import click
 
 from xknock.cli.common import fail_cleanly
+from xknock.cli.params import IFACE, SECONDS_OR_DURATION
 from xknock.controller.daemon import lifecycle
 from xknock.controller.kernel import datapath, layout
 from xknock.controller.kernel.maps import FilterMaps, live_sequences
@@ -255,13 +256,16 @@ Examples:
   xknock top                        # every filter in this network namespace, redrawn every second
   xknock top eth0 --interval 5      # rates over 5 s
   xknock top eth0 --once            # one frame after one interval, then exit (scripts)""")
-@click.argument("iface", required=False)
-@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, metavar="SECONDS",
-              help="Seconds between frames; rates are counted over this time.")
+@click.argument("iface", required=False, type=IFACE)
+@click.option("--interval", "interval_ns", type=SECONDS_OR_DURATION, default="1s", show_default=True,
+              help="Time between frames (500ms, 2s; a bare number is seconds); rates are counted over this time.")
 @click.option("--once", is_flag=True, help="Print one frame after one interval and exit.")
 @fail_cleanly
-def top(iface, interval, once):
+def top(iface, interval_ns, once):
     """Live packet rates by reason, knocks per sequence, grants, knocks in progress."""
+    if interval_ns < 100_000_000:
+        raise click.BadParameter("at least 100ms", param_hint="--interval")
+    interval = interval_ns / 1e9
     try:
         lifecycle.require_root()
         if iface:

@@ -2,6 +2,7 @@
 interface and no BCC; every error and warning, exit 0 or 78 (EX_CONFIG). And
 attach itself exits 78 on a bad file, which the unit does not restart."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -60,6 +61,18 @@ def test_every_error_and_warning_is_printed(public_dir):
     assert f'xknock: error: {path}: sequence "ssh": knock[2] "tcp:70000": port out of range 1-65535' in lines
     assert f"xknock: {path}: 2 error(s); attach and reload would refuse it" in lines
     assert result.stdout == ""
+
+
+def test_json_says_the_same(public_dir):
+    good = json.loads(as_nobody("check", "-c", write(public_dir, "good.toml", config_text()), "--json").stdout)
+    assert (good["ok"], good["sequences"], good["mode"], good["errors"]) == (True, 1, "enforce", [])
+    path = write(public_dir, "bad.toml", TWO_ERRORS)
+    result = as_nobody("check", "-c", path, "--json")
+    assert_no_traceback(result)
+    assert result.returncode == EX_CONFIG
+    bad = json.loads(result.stdout)
+    assert bad["ok"] is False and len(bad["errors"]) == 2
+    assert f'{path}: filter: mode "enforc": must be "enforce" or "monitor"' in bad["errors"]
 
 
 def test_warnings_alone_pass(public_dir):

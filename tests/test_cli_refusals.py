@@ -20,7 +20,7 @@ def test_a_metrics_address_that_is_not_loopback_is_refused_without_the_flag(tmp_
 
 
 def test_the_loopback_check():
-    from xknock.cli.main import _loopback
+    from xknock.cli.attach import _loopback
 
     assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
     assert not _loopback("0.0.0.0") and not _loopback("::") and not _loopback("192.0.2.1")

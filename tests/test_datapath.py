@@ -10,6 +10,7 @@ from xknock_dev.packets import (
     arp, ether, icmp_echo, raw, step, tcp, udp,
 )
 
+from xknock.controller.errors import XknockError
 from xknock.controller.kernel.layout import Reason
 from xknock.controller.kernel.maps import from_addr
 from xknock_dev.testrun import XDP_DROP, XDP_PASS
@@ -470,6 +471,29 @@ def test_unban_lifts_the_ban_and_the_failures(xk, example_config):
     assert xk.run(tcp(STRANGER4, 80)) == XDP_PASS
     assert not bans.unban(xk.maps, STRANGER4)
     assert counted(xk, Reason.BAN_REMOVED) == 1
+
+
+def test_an_operator_ban_drops_until_it_ends_and_counts_once(xk, example_config):
+    from xknock.controller.state import bans
+
+    xk.apply(_with_ban(example_config))
+    assert not bans.ban(xk.maps, STRANGER4, 60 * 10**9, now=xk.now_ns)
+    assert xk.run(tcp(STRANGER4, 80)) == XDP_DROP
+    assert bans.ban(xk.maps, STRANGER4, 5 * 10**9, now=xk.now_ns)      # shortened: the same ban
+    [banned] = bans.list_bans(xk.maps, now=xk.now_ns)
+    assert (str(banned.source), banned.left_s) == (STRANGER4, 5.0)
+    assert counted(xk, Reason.BAN_OPERATOR) == 1 and counted(xk, Reason.BAN_ISSUED) == 0
+    xk.advance(6)
+    assert xk.run(tcp(STRANGER4, 80)) == XDP_PASS
+    assert counted(xk, Reason.BAN_EXPIRED) == 1
+
+
+def test_an_operator_ban_without_a_ban_table_is_refused(xk):
+    from xknock.controller.state import bans
+
+    with pytest.raises(XknockError, match=r"no \[ban\]"):
+        bans.ban(xk.maps, STRANGER4, 60 * 10**9, now=xk.now_ns)
+    assert bans.list_bans(xk.maps, now=xk.now_ns) == []
 
 
 def test_without_a_ban_table_failures_ban_nobody(xk):

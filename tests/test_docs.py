@@ -188,7 +188,7 @@ STATUS_EXAMPLE = {
 
 
 def test_the_status_shown_in_operations_md_is_what_status_prints():
-    from xknock.cli.main import _render
+    from xknock.cli.status import _render
 
     text = read(os.path.join(REPO, "docs", "operations.md")).split("## Reading status")[1]
     shown = re.search(r"^```\n(.*?)^```", text, re.DOTALL | re.MULTILINE).group(1)

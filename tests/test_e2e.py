@@ -6,6 +6,7 @@ the whole module; every test detaches what the one before left and attaches
 its own config, so no grant or knock carries over.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -157,6 +158,24 @@ def test_grant_and_revoke_by_the_operator(net, configs, family):
     out = check(xknock(net.server, "revoke", net.server_iface, client)).stdout
     assert "1 grant(s) removed" in out
     assert blocked(net.client, server)
+
+
+def test_grants_lists_and_json_answers(net, configs):
+    """`xknock grants IFACE` (text, --json) shows what status shows; grant and revoke answer in JSON too."""
+    fresh_attach(net, write_config(configs, "basic.toml", config_text()))
+    client = net.client.ipv4
+    assert check(xknock(net.server, "grants", net.server_iface)).stdout.strip() == "grants: 0"
+    granted = json.loads(check(xknock(net.server, "grant", net.server_iface, client, "--port", "tcp/22", "--for",
+                                      "1m", "--json")).stdout)
+    assert granted == {"granted": client, "ports": ["tcp:22"], "for_s": 60.0, "idle_s": 60.0}
+    listed = json.loads(check(xknock(net.server, "grants", net.server_iface, "--json")).stdout)["grants"]
+    assert listed == status_json(net.server)[0]["grants"] or \
+        [g["source"] for g in listed] == [client]   # a tenth of a second may pass between the two reads
+    assert (listed[0]["source"], listed[0]["port"], listed[0]["sequence"]) == (client, "tcp:22", "operator")
+    text = check(xknock(net.server, "grants", net.server_iface)).stdout.splitlines()
+    assert text[0] == "grants: 1" and text[1].split()[:3] == [client, "tcp:22", "operator"]
+    revoked = json.loads(check(xknock(net.server, "revoke", net.server_iface, client, "--json")).stdout)
+    assert revoked == {"revoked": client, "grants_removed": 1}
 
 
 @pytest.mark.parametrize("family, stop", [("ipv4", signal.SIGTERM), ("ipv6", signal.SIGINT)],

@@ -165,6 +165,69 @@ def test_cli(tmp_path):
     assert missing.returncode == 1 and missing.stderr.strip().endswith("no such file")
 
 
+FWKNOPD_CONF = """\
+# fwknopd.conf
+PCAP_INTF                   eth1;
+PCAP_FILTER                 udp port 40001;
+MAX_SPA_PACKET_AGE          60;
+ENABLE_DIGEST_PERSISTENCE   N;
+"""
+
+
+def test_fwknopd_conf_gives_the_port_max_age_and_interface(tmp_path):
+    from xknock.controller.config import parse_config
+
+    result = convert(ACCESS_CONF, fwknopd_conf=FWKNOPD_CONF, mode="monitor")
+    config = parse_config(result.toml, listening=set())
+    assert (config.mode, config.spa.port, config.spa.max_age_ns) == ("monitor", 40001, 60 * 10**9)
+    assert result.interface == "eth1"
+    [persistence] = result.server_notes
+    assert (persistence.line, persistence.outcome) == (5, "changed")
+    assert "#   fwknopd.conf line 5: server setting: ENABLE_DIGEST_PERSISTENCE N" in result.toml
+
+
+@pytest.mark.parametrize("conf, port, noted", [
+    ("ENABLE_UDP_SERVER Y\nUDPSERV_PORT 40002\nPCAP_FILTER udp port 40001\n", 40002, False),   # the UDP server's
+    ("PCAP_FILTER udp port 40001 or udp port 40002\n", 62201, True),                          # not one port
+    ("", 62201, False),
+])
+def test_the_spa_port_from_fwknopd_conf(conf, port, noted):
+    result = convert(ACCESS_CONF, fwknopd_conf=conf)
+    assert tomllib.loads(result.toml)["spa"]["port"] == port
+    assert bool(result.server_notes) == noted
+
+
+def test_cli_mode_and_fwknopd_conf_and_success_said_after_writing(tmp_path):
+    conf, server = tmp_path / "access.conf", tmp_path / "fwknopd.conf"
+    conf.write_text(ACCESS_CONF)
+    server.write_text(FWKNOPD_CONF)
+    out = tmp_path / "xknock.toml"
+    result = subprocess.run([XKNOCK, "import", "fwknop", str(conf), "--fwknopd-conf", str(server), "--mode",
+                             "monitor", "-o", str(out)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"{server}:5: server setting: ENABLE_DIGEST_PERSISTENCE N" in result.stderr
+    assert f"attach with: xknock attach eth1 -c {out}" in result.stderr
+    assert tomllib.loads(out.read_text())["filter"]["mode"] == "monitor"
+
+    nowhere = tmp_path / "missing-dir" / "xknock.toml"
+    failed = subprocess.run([XKNOCK, "import", "fwknop", str(conf), "-o", str(nowhere)], capture_output=True,
+                            text=True, timeout=60)
+    assert failed.returncode == 1 and "xknock: converted" not in failed.stderr, failed.stderr
+    missing = subprocess.run([XKNOCK, "import", "fwknop", str(conf), "--fwknopd-conf", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and missing.stderr.strip().endswith("no such file") and missing.stdout == ""
+
+
+def test_an_existing_output_is_refused_before_any_key_file_is_written(tmp_path):
+    conf, out, keys_dir = tmp_path / "access.conf", tmp_path / "xknock.toml", tmp_path / "keys"
+    conf.write_text(ACCESS_CONF)
+    out.write_text("# mine\n")
+    result = subprocess.run([XKNOCK, "import", "fwknop", str(conf), "--keys-dir", str(keys_dir), "-o", str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "exists; pass --force" in result.stderr
+    assert not keys_dir.exists() and out.read_text() == "# mine\n"
+
+
 def test_the_converted_config_loads_as_xknock_config(tmp_path):
     from xknock.controller.config import load_config
 

@@ -305,6 +305,14 @@ def test_cli_writes_output_file_private_and_never_overwrites_silently(tmp_path):
     assert [s.name for s in parse_config(out.read_text(), listening=set()).sequences] == ["openSSH", "openHTTPS"]
 
 
+def test_cli_says_converted_only_once_the_file_is_written(tmp_path):
+    out = tmp_path / "missing-dir" / "xknock.toml"
+    result = run_import(data("timed-ssh.conf"), "-o", str(out))
+    assert result.returncode == 1 and not out.exists()
+    assert "xknock: converted" not in result.stderr and "attach with" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"xknock: {out}: cannot write in ")
+
+
 def test_cli_reads_stdin():
     result = run_import("-", stdin=read("debian-knockd.conf"))
     assert result.returncode == 0, result.stderr

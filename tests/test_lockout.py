@@ -113,11 +113,27 @@ def test_keep_sessions_grants_the_session_but_no_new_connection(net, session, co
     assert (grant["source"], grant["port"], grant["window_left_s"]) == ("10.77.0.2", "tcp:22", 0)
 
 
-def test_force_cuts_the_session(net, session, config):
-    result = attach(net, config, "--force")
+@pytest.mark.parametrize("flag", ["--cut-sessions", "--force"])
+def test_cut_sessions_cuts_the_session(net, session, config, flag):
+    """--force is the deprecated spelling of --replace --cut-sessions."""
+    result = attach(net, config, flag)
     assert result.returncode == 0, result.stderr
-    assert "cutting established session 10.77.0.2 -> tcp:22 (--force)" in result.stderr
+    assert "cutting established session 10.77.0.2 -> tcp:22 (--cut-sessions)" in result.stderr
+    assert ("--force is deprecated" in result.stderr) == (flag == "--force")
     assert session.exchange("cut") != "echo cut"
+
+
+def test_replace_alone_does_not_cut_the_session(net, session, config):
+    result = attach(net, config, "--replace")
+    assert result.returncode == 1 and "would cut 1 established session(s)" in result.stderr, result.stderr
+    assert status_json(net.server) == []
+    assert session.exchange("kept") == "echo kept"
+
+
+def test_keep_sessions_and_cut_sessions_together_are_refused(net, session, config):
+    result = attach(net, config, "--keep-sessions", "--cut-sessions")
+    assert result.returncode == 2 and "give one" in result.stderr, result.stderr
+    assert status_json(net.server) == []
 
 
 def test_an_allow_listed_session_is_not_at_risk(net, session, tmp_path):

@@ -134,6 +134,20 @@ def test_grant_counters_and_live_grants(xk):
     assert value(registry, "xknock_events_lost_total") == 0
 
 
+def test_operator_bans_count_in_live_bans(xk, example_config):
+    from xknock.controller.config import Ban
+    from xknock.controller.state import bans
+
+    xk.apply(dataclasses.replace(example_config, ban=Ban(after=3, within_ns=60 * 10**9, for_ns=600 * 10**9,
+                                                         scope="all")))
+    bans.ban(xk.maps, STRANGER, 60 * 10**9, now=xk.now_ns)
+    registry = registry_for(xk)
+    assert value(registry, "xknock_bans_operator_total") == 1
+    assert value(registry, "xknock_bans_live") == 1
+    bans.unban(xk.maps, STRANGER)
+    assert value(registry_for(xk), "xknock_bans_live") == 0
+
+
 def test_monitor_mode_is_labelled_and_its_passes_counted(xk, example_config):
     xk.apply(dataclasses.replace(example_config, mode="monitor"))
     xk.run(tcp(STRANGER, 22))

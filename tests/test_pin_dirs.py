@@ -85,7 +85,7 @@ def _config():
 
 
 def test_an_attach_refused_for_a_session_it_would_cut_leaves_no_pins(server_ns):
-    from xknock.cli.main import _session_guard   # the CLI's own lockout check
+    from xknock.cli.attach import _session_guard   # the CLI's own lockout check
     from xknock_dev.e2e import HeldConnection, TcpEchoServer
     from xknock.controller.daemon import lifecycle
 

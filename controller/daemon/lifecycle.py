@@ -58,7 +58,7 @@ def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cf
     foreign = [a for a in current.values() if a.prog_id and not datapath.is_xknock(a)]
     if foreign and not force:
         names = ", ".join(f"{a.ifname} (program {a.prog_id} '{a.prog_name}')" for a in foreign)
-        raise XknockError(f"another XDP program is attached to {names}: detach it, or pass --force to replace it")
+        raise XknockError(f"another XDP program is attached to {names}: detach it, or pass --replace to replace it")
     for att in current.values():
         if att.prog_id and xdp_mode != "auto" and att.mode != xdp_mode:
             raise XknockError(

@@ -101,6 +101,8 @@ SIMPLE_COUNTERS = (
      "Grant entries a completed knock could not write because the grants map was full."),
     ("xknock_bans_issued_total", layout.Reason.BAN_ISSUED,
      "Sources banned after too many failed knocks."),
+    ("xknock_bans_operator_total", layout.Reason.BAN_OPERATOR,
+     "Sources the operator banned with `xknock ban` that were not banned before."),
     ("xknock_bans_expired_total", layout.Reason.BAN_EXPIRED,
      "Bans over that the data path deleted when the source came back."),
     ("xknock_bans_removed_total", layout.Reason.BAN_REMOVED,
@@ -521,11 +523,11 @@ class XknockCollector:
             family.add_metric([iface], counters[reason])
             families.append(family)
 
-        banned = (counters[layout.Reason.BAN_ISSUED] - counters[layout.Reason.BAN_EXPIRED]
-                  - counters[layout.Reason.BAN_REMOVED])
+        banned = (counters[layout.Reason.BAN_ISSUED] + counters[layout.Reason.BAN_OPERATOR]
+                  - counters[layout.Reason.BAN_EXPIRED] - counters[layout.Reason.BAN_REMOVED])
         families.append(self._gauge(
             "xknock_bans_live",
-            "Banned sources by the kernel's counts: issued minus expired minus removed; bans over but not yet "
+            "Banned sources by the kernel's counts: issued plus operator minus expired minus removed; bans over but not yet "
             "removed still count.",
             None, ["iface"], [([iface], max(banned, 0))]))
         live = (counters[layout.Reason.GRANT_CREATED] + counters[layout.Reason.GRANT_OPERATOR]

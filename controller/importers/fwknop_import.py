@@ -31,6 +31,7 @@ from ..wire import spa_keys
 from ..wire.spa_message import HMAC_DIGESTS, MAX_HMAC_KEY, MAX_KEY
 
 DEFAULT_PATH = "/etc/fwknop/access.conf"
+DEFAULT_FWKNOPD_CONF = "/etc/fwknop/fwknopd.conf"
 
 # server/fwknopd_common.h
 DEF_FW_ACCESS_TIMEOUT = 30
@@ -92,8 +93,10 @@ class Note:
     reason: str
     outcome: str
 
+    server: bool = False   # a note about fwknopd.conf, not access.conf
+
     def __str__(self):
-        where = f"stanza {self.stanza}" if self.stanza else "outside any stanza"
+        where = "server setting" if self.server else f"stanza {self.stanza}" if self.stanza else "outside any stanza"
         return f"{where}: {self.setting}: {self.reason}: {self.outcome}"
 
     def located(self, path):
@@ -137,6 +140,66 @@ class ImportResult:
     stanzas: int
     key_files: tuple          # ((path, Keys), ...) to write, mode 0600
     inline_keys: bool         # the TOML itself holds secrets
+    server_notes: tuple = ()  # Notes about fwknopd.conf (their lines are that file's)
+    interface: str | None = None   # fwknopd.conf's PCAP_INTF, for the attach hint
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    """What xknock takes from fwknopd.conf: its [spa] port and max_age."""
+
+    port: int = SPA_PORT
+    port_from: str = "fwknop's default"
+    max_age: int = MAX_SPA_PACKET_AGE
+    max_age_from: str = "fwknopd.conf MAX_SPA_PACKET_AGE (its default)"
+    interface: str | None = None
+
+
+def read_fwknopd_conf(text):
+    """fwknopd.conf text -> (Server, [Note]): the port fwknopd listens on
+    (PCAP_FILTER "udp port N", or UDPSERV_PORT with ENABLE_UDP_SERVER),
+    MAX_SPA_PACKET_AGE and PCAP_INTF; what xknock does otherwise is a Note.
+    The rest of fwknopd.conf (firewall, logging, paths) has no counterpart."""
+    settings = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw or raw[0] in "#;\r\n":
+            continue
+        match = re.match(r"\s*(\S+)\s+([^;\n\r]+)", raw)
+        if match:
+            settings[match.group(1).rstrip(":")] = (number, match.group(2).strip().strip('"').strip())
+    server, notes = Server(), []
+
+    def note(var, reason, outcome):
+        line, value = settings[var]
+        notes.append(Note(line, None, f"{var} {value}", reason, outcome, server=True))
+
+    if settings.get("ENABLE_UDP_SERVER", (0, "N"))[1].upper() == "Y" and "UDPSERV_PORT" in settings:
+        value = settings["UDPSERV_PORT"][1]
+        if value.isdigit() and 1 <= int(value) <= 65535:
+            server = dataclasses.replace(server, port=int(value), port_from="fwknopd.conf UDPSERV_PORT")
+        else:
+            note("UDPSERV_PORT", "not a port 1-65535: [spa] port left at 62201", "dropped")
+    elif "PCAP_FILTER" in settings:
+        match = re.fullmatch(r"(?:udp\s+)?(?:dst\s+)?port\s+(\d{1,5})", settings["PCAP_FILTER"][1].lower())
+        if match and 1 <= int(match.group(1)) <= 65535:
+            server = dataclasses.replace(server, port=int(match.group(1)), port_from="fwknopd.conf PCAP_FILTER")
+        else:
+            note("PCAP_FILTER", "xknock listens on one UDP port, and this filter is not \"udp port N\": "
+                 "[spa] port left at 62201; set it by hand", "dropped")
+    if "MAX_SPA_PACKET_AGE" in settings:
+        value = settings["MAX_SPA_PACKET_AGE"][1]
+        if value.isdigit() and 1 <= int(value) <= 86400:
+            server = dataclasses.replace(server, max_age=int(value), max_age_from="fwknopd.conf MAX_SPA_PACKET_AGE")
+        else:
+            note("MAX_SPA_PACKET_AGE", "not a number of seconds 1-86400: max_age left at 120s", "dropped")
+    if settings.get("ENABLE_SPA_PACKET_AGING", (0, "Y"))[1].upper() == "N":
+        note("ENABLE_SPA_PACKET_AGING", "xknock always refuses packets older than max_age", "changed")
+    if settings.get("ENABLE_DIGEST_PERSISTENCE", (0, "Y"))[1].upper() == "N":
+        note("ENABLE_DIGEST_PERSISTENCE", "xknock always keeps its replay cache on disk ([spa] replay_cache)",
+             "changed")
+    if "PCAP_INTF" in settings:
+        server = dataclasses.replace(server, interface=settings["PCAP_INTF"][1])
+    return server, notes
 
 
 def read_access(text):
@@ -353,7 +416,7 @@ def _q(text):
     return json.dumps(text, ensure_ascii=False)
 
 
-def _render(users, notes, *, source, stanzas):
+def _render(users, notes, *, source, stanzas, mode="enforce", server=Server()):
     inline = any(u.key_file is None for u in users)
     lines = [
         f"# xknock configuration converted from fwknopd's {source} by `xknock import fwknop`.",
@@ -366,13 +429,15 @@ def _render(users, notes, *, source, stanzas):
         lines += ["#", "# THIS FILE HOLDS SECRET KEYS: keep it mode 0600, owned by root."]
     if notes:
         lines += ["#", "# Not carried over, or carried over with another meaning:"]
-        lines += [f"#   {'line %d: ' % n.line if n.line else ''}{n}".replace("\n", " ") for n in notes]
+        lines += [f"#   {'fwknopd.conf ' if n.server else ''}{'line %d: ' % n.line if n.line else ''}{n}".replace("\n", " ")
+                  for n in notes]
     lines += [
-        "", "[filter]", 'mode = "enforce"',
+        "", "[filter]", f"mode = {_q(mode)}",
         "", "[spa]",
-        f"port = {SPA_PORT}                  # fwknop's default; use the port in fwknopd.conf's PCAP_FILTER if "
-        "it differs",
-        f'max_age = "{MAX_SPA_PACKET_AGE}s"              # fwknopd.conf MAX_SPA_PACKET_AGE (its default)',
+        f"port = {server.port}                  # {server.port_from}"
+        + ("; use the port in fwknopd.conf's PCAP_FILTER if it differs (or convert with --fwknopd-conf)"
+           if server.port_from == "fwknop's default" else ""),
+        f'max_age = "{server.max_age}s"              # {server.max_age_from}',
     ]
     b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
     for u in users:
@@ -397,9 +462,12 @@ def _render(users, notes, *, source, stanzas):
     return "\n".join(lines) + "\n"
 
 
-def convert(text, *, source="access.conf", keys_dir=None):
-    """access.conf text -> ImportResult. FwknopImportError when no stanza can
-    be converted. Writes nothing: the caller writes result.key_files."""
+def convert(text, *, source="access.conf", keys_dir=None, mode="enforce", fwknopd_conf=None):
+    """access.conf text -> ImportResult, with [filter] mode and, given
+    fwknopd_conf (fwknopd.conf's text), its port and max_age. FwknopImportError
+    when no stanza can be converted. Writes nothing: the caller writes
+    result.key_files."""
+    server, server_notes = read_fwknopd_conf(fwknopd_conf) if fwknopd_conf is not None else (Server(), [])
     stanzas, notes = read_access(text)
     users, taken = [], set()
     for stanza in stanzas:
@@ -413,7 +481,7 @@ def convert(text, *, source="access.conf", keys_dir=None):
         what = (f"none of the {len(stanzas)} access stanza(s) could be converted" if stanzas
                 else "no access stanza (a SOURCE line) found")
         raise FwknopImportError(f"{source}: {what}", notes)
-    toml = _render(users, notes, source=source, stanzas=len(stanzas))
+    toml = _render(users, notes + server_notes, source=source, stanzas=len(stanzas), mode=mode, server=server)
     key_files = tuple((u.key_file, u.keys) for u in users if u.key_file)
     return ImportResult(toml, tuple(users), tuple(notes), len(stanzas), key_files,
-                        any(u.key_file is None for u in users))
+                        any(u.key_file is None for u in users), tuple(server_notes), server.interface)

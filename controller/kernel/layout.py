@@ -130,10 +130,11 @@ class Reason(enum.IntEnum):
     ANSWER_RATE_LIMITED = 55  # ... not: over the host's ICMP rate limits
     ANSWER_NONE = 56         # ... not: Linux would send nothing (RST, bad checksum, not unicast)
     ANSWER_BY_HOST = 57      # knock and SPA ports nobody listens on: passed, the host's stack answers
+    BAN_OPERATOR = 58        # bans the controller created (`xknock ban`): written by the controller only
 
 
 # Counters only the controller writes: the data path never touches them.
-CONTROLLER_REASONS = frozenset({Reason.GRANT_REMOVED, Reason.GRANT_OPERATOR, Reason.BAN_REMOVED} |
+CONTROLLER_REASONS = frozenset({Reason.GRANT_REMOVED, Reason.GRANT_OPERATOR, Reason.BAN_REMOVED, Reason.BAN_OPERATOR} |
                                {r for r in Reason if Reason.SPA_ACCEPTED <= r <= Reason.SPA_GRANT_CREATED})
 
 VERDICT_REASONS = 16  # reasons below this are verdicts: one per packet

@@ -1,12 +1,16 @@
-"""Bans: listed, lifted and swept by the controller.
+"""Bans: listed, written, lifted and swept by the controller.
 
 The data path bans a source after too many failed knocks ([ban] in the config)
-and removes a ban it finds over; the controller lifts bans on request
-(`xknock unban`) and sweeps the ones over that nobody touched again."""
+and removes a ban it finds over; the controller bans a source on request
+(`xknock ban`), lifts bans (`xknock unban`) and sweeps the ones over that
+nobody touched again."""
 
+import ctypes
 import ipaddress
 from dataclasses import dataclass
 
+from ..config import BAN_SCOPES
+from ..errors import XknockError
 from ..kernel import layout
 from ..kernel.clock import monotonic_ns
 from ..kernel.lock import map_lock
@@ -28,6 +32,35 @@ def list_bans(maps, now=None):
         if ban.until_ns > now
     ]
     return sorted(views, key=lambda b: str(b.source))
+
+
+def ban(maps, source, for_ns, now=None):
+    """Ban source for for_ns from now, as the data path bans after failed
+    knocks (on the ports the live [ban] scope says). A ban already there is
+    lengthened or shortened to end then. Returns whether source was banned
+    already. XknockError when the live policy has no [ban]: the data path
+    would ignore the entry."""
+    settings = maps.settings.lookup(ctypes.c_uint32(maps.active_bank()))
+    if settings is None or not settings.flags & layout.SET_BANS:
+        raise XknockError("the live policy has no [ban]: the filter reads no bans, so this one would do nothing; "
+                          "add a [ban] table to the config and reload it (docs/configuration.md, [ban])")
+    now = monotonic_ns() if now is None else now
+    key = to_addr(ipaddress.ip_address(source))
+    with map_lock(maps):
+        old = maps.bans.lookup(key)
+        already = old is not None and old.until_ns > now
+        maps.bans.update(key, layout.Ban(until_ns=now + for_ns, since_ns=old.since_ns if already else now))
+        if not already:
+            # an entry over but still there was counted issued once: the sweep counts it removed
+            maps.count_by_controller(layout.Reason.BAN_OPERATOR, 1 if old is None else 0)
+    return already
+
+
+def ban_scope(maps):
+    """The live [ban] scope, as the config names it ("all", "knock")."""
+    settings = maps.settings.lookup(ctypes.c_uint32(maps.active_bank()))
+    names = {number: name for name, number in BAN_SCOPES.items()}
+    return names.get(settings.ban_scope if settings is not None else layout.BAN_EVERYWHERE, "all")
 
 
 def unban(maps, source):

@@ -67,15 +67,8 @@ def filter_status(maps, interfaces, now=None):
         "guarded": [f"{proto}:{port}" for proto, port in grants.guarded_ports(maps)],
         "spa_ports": spa_ports(maps),
         "counters": {reason.name.lower(): value for reason, value in maps.counters_by_reason().items()},
-        "grants": [
-            {"source": str(g.source), "port": f"{g.proto}:{g.port}", "sequence": g.sequence,
-             "window_left_s": round(g.window_left_s, 1), "idle_left_s": round(g.idle_left_s, 1)}
-            for g in grants.list_grants(maps, now=now) if g.alive
-        ],
-        "bans": [
-            {"source": str(b.source), "left_s": round(b.left_s, 1), "since_s": round(b.since_s, 1)}
-            for b in bans.list_bans(maps, now=now)
-        ],
+        "grants": live_grants(maps, now=now),
+        "bans": live_bans(maps, now=now),
         "knocks_in_progress": in_progress,
         "knocks": [
             {"source": str(src), "sequence": name, "next_step": step, "since_s": round(age, 1)}
@@ -83,6 +76,23 @@ def filter_status(maps, interfaces, now=None):
         ],
         "maps": {m.name: {"max_entries": m.max_entries} for m in maps},
     }
+
+
+def live_grants(maps, now=None):
+    """The live grants as status and `xknock grants` show them: [dict]."""
+    return [
+        {"source": str(g.source), "port": f"{g.proto}:{g.port}", "sequence": g.sequence,
+         "window_left_s": round(g.window_left_s, 1), "idle_left_s": round(g.idle_left_s, 1)}
+        for g in grants.list_grants(maps, now=now) if g.alive
+    ]
+
+
+def live_bans(maps, now=None):
+    """The bans in force as status and `xknock bans` show them: [dict]."""
+    return [
+        {"source": str(b.source), "left_s": round(b.left_s, 1), "since_s": round(b.since_s, 1)}
+        for b in bans.list_bans(maps, now=now)
+    ]
 
 
 def status(ifname=None):

@@ -1,0 +1,66 @@
+"""`xknock grant`, `xknock revoke` and `xknock grants`: open, close and list
+the grants of guarded ports by hand."""
+
+import click
+
+from xknock.cli.common import echo_result, fail_cleanly, json_option
+from xknock.cli.params import ADDRESS, DURATION, IFACE, PORT
+from xknock.cli.status import render_grant
+from xknock.controller.daemon import lifecycle
+
+
+@click.command(epilog="""\b
+Examples:
+  xknock grant eth0 192.0.2.7                    # every guarded port, 30s
+  xknock grant eth0 2001:db8::7 --port tcp:22 --for 10m""")
+@click.argument("iface", type=IFACE)
+@click.argument("addr", type=ADDRESS)
+@click.option("--port", "ports", type=PORT, multiple=True,
+              help="A guarded port, tcp:22 or tcp/22 (repeatable); default: all.")
+@click.option("--for", "for_ns", type=DURATION, default="30s", show_default=True, help="Window for new connections.")
+@click.option("--idle", "idle_ns", type=DURATION, default=None, help="Idle timeout (default: the --for value).")
+@json_option
+@fail_cleanly
+def grant(iface, addr, ports, for_ns, idle_ns, as_json):
+    """Open guarded ports to ADDR, as a completed knock would."""
+    from xknock.controller.state.grants import grant as write_grant
+
+    with lifecycle.open_filter(iface) as maps:
+        opened = write_grant(maps, addr, [(p.proto, p.port) for p in ports], for_ns, idle_ns)
+    names = [f"{p}:{n}" for p, n in opened]
+    echo_result(as_json, {"granted": str(addr), "ports": names, "for_s": for_ns / 1e9,
+                          "idle_s": (idle_ns if idle_ns is not None else for_ns) / 1e9},
+                f"granted {addr}: {' '.join(names)}")
+
+
+@click.command(epilog="Example:\n\n  xknock revoke eth0 192.0.2.7")
+@click.argument("iface", type=IFACE)
+@click.argument("addr", type=ADDRESS)
+@json_option
+@fail_cleanly
+def revoke(iface, addr, as_json):
+    """End every grant (both clocks) and knock in progress of ADDR."""
+    from xknock.controller.state.grants import revoke as remove
+
+    with lifecycle.open_filter(iface) as maps:
+        removed = remove(maps, addr)
+    echo_result(as_json, {"revoked": str(addr), "grants_removed": removed},
+                f"revoked {addr}: {removed} grant(s) removed")
+
+
+@click.command(epilog="""\b
+Examples:
+  xknock grants eth0
+  xknock grants eth0 --json | jq -r '.grants[].source'""")
+@click.argument("iface", type=IFACE)
+@json_option
+@fail_cleanly
+def grants(iface, as_json):
+    """The live grants of the filter on IFACE: source, port, origin, time left on both clocks."""
+    from xknock.controller.state.status import live_grants
+
+    lifecycle.require_root()
+    with lifecycle.open_filter(iface) as maps:
+        listed = live_grants(maps)
+    echo_result(as_json, {"grants": listed},
+                "\n".join([f"grants: {len(listed)}"] + [render_grant(g) for g in listed]))
