@@ -114,6 +114,7 @@ MESSAGE_EVENTS = tuple((re.compile(pattern), name) for pattern, name in (
     (r"(attached|replaced program \d+) on ", "attached"),
     (r"\[spa\] with --once", "spa_once"),
     (r"--metrics-addr is ignored with --once", "metrics_once"),
+    (r"--force is deprecated", "force_deprecated"),
     (r"no filter on .*, and closing the guarded ports with nftables failed", "fail_closed_failed"),
     (r"no filter on .*: the guarded ports .* are closed", "fail_closed"),
     (r"no filter on .*are OPEN", "fail_open"),
