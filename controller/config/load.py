@@ -13,7 +13,7 @@ import sys
 import tomllib
 
 from ..kernel import layout
-from . import spa_config, totp_config
+from . import cluster_config, spa_config, totp_config
 from .fields import (
     Report, check_keys, format_duration, parse_duration_key, parse_network, parse_open, parse_steps, step_list,
     type_name,
@@ -106,6 +106,7 @@ def parse_config(text, path=None, *, listening=None):
             spa_config.check_spa_ports(report, spa, sequences)
     if any(sequence.totp for sequence in sequences):
         _check_totp_ranges(report, sequences, spa)
+    cluster = cluster_config.parse_cluster(report, document["cluster"]) if "cluster" in document else None
 
     if not report.errors:
         if not sequences and spa is None:
@@ -137,6 +138,7 @@ def parse_config(text, path=None, *, listening=None):
         ban=ban,
         hooks=hooks,
         spa=spa,
+        cluster=cluster,
         path=path,
         warnings=tuple(warnings),
     )
