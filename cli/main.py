@@ -8,6 +8,7 @@ import time
 
 import click
 
+from xknock.cli import cluster as cluster_cli
 from xknock.cli.check import check
 from xknock.cli.common import EX_CONFIG, fail_cleanly, load_and_warn
 from xknock.cli.diff import diff, show_diff
@@ -113,6 +114,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
                 "[::1] and scrape through a tunnel or proxy, or add --metrics-public behind a firewall")
     lifecycle.require_root()
     config = load_and_warn(config_path)
+    cluster_cli.check_before_attach(config)
     spa_cache = None
     if config.spa is not None and once:
         log.warning("[spa] with --once: SPA packets are verified by the running controller; until one runs "
@@ -162,8 +164,13 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
 
     links = LinkWatcher(list(ifaces), attached.modes, attached.loaded.fd, attached.loaded.prog_id,
                         on_event=metrics_server.record_interface_event if metrics_server else None)
-    Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals,
-               spa=spa_receiver, links=links).run()
+    node = cluster_cli.start_node(config, attached, events, spa_receiver, metrics_server)
+    try:
+        Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals,
+                   spa=spa_receiver, links=links).run()
+    finally:
+        if node is not None:
+            node.close()
 
 
 def _fail_closed(ifnames, config, err):
@@ -371,40 +378,75 @@ Examples:
 @click.option("--port", "ports", type=STEP, multiple=True, help="A guarded port (repeatable); default: all.")
 @click.option("--for", "for_ns", type=DURATION, default="30s", show_default=True, help="Window for new connections.")
 @click.option("--idle", "idle_ns", type=DURATION, default=None, help="Idle timeout (default: the --for value).")
+@cluster_cli.config_option
 @fail_cleanly
-def grant(iface, addr, ports, for_ns, idle_ns):
+def grant(iface, addr, ports, for_ns, idle_ns, config_path):
     """Open guarded ports to ADDR, as a completed knock would."""
-    from xknock.controller.state.grants import grant as write_grant
+    from xknock.controller.state.grants import grant as write_grant, guarded_ports
 
+    cluster = cluster_cli.cluster_of(config_path)
     with lifecycle.open_filter(iface) as maps:
-        opened = write_grant(maps, addr, [(p.proto, p.port) for p in ports], for_ns, idle_ns)
-    click.echo(f"granted {addr}: {' '.join(f'{p}:{n}' for p, n in opened)}")
+        if cluster is None:
+            opened = write_grant(maps, addr, [(p.proto, p.port) for p in ports], for_ns, idle_ns)
+        else:   # etcd first: refused there, nothing is written anywhere
+            from xknock.controller.cluster import node
+
+            wanted = [(p.proto, p.port) for p in ports] or guarded_ports(maps)
+            node.publish_operator_grant(cluster, addr, wanted, for_ns, idle_ns if idle_ns is not None else for_ns)
+            try:
+                opened = write_grant(maps, addr, wanted, for_ns, idle_ns)
+            except BaseException:
+                node.withdraw_operator_grant(cluster, addr, wanted)
+                raise
+    click.echo(f"granted {addr}: {' '.join(f'{p}:{n}' for p, n in opened)}" +
+               (" (published to the cluster)" if cluster else ""))
 
 
 @main.command(epilog="Example:\n\n  xknock revoke eth0 192.0.2.7")
 @click.argument("iface")
 @click.argument("addr", type=ADDRESS)
+@cluster_cli.config_option
 @fail_cleanly
-def revoke(iface, addr):
+def revoke(iface, addr, config_path):
     """End every grant (both clocks) and knock in progress of ADDR."""
     from xknock.controller.state.grants import revoke as remove
 
+    cluster = cluster_cli.cluster_of(config_path)
     with lifecycle.open_filter(iface) as maps:
-        removed = remove(maps, addr)
+        removed = remove(maps, addr)   # here first, whatever etcd does: closing must not wait
     click.echo(f"revoked {addr}: {removed} grant(s) removed")
+    if cluster is not None:
+        from xknock.controller.cluster import node
+
+        try:
+            node.publish_revoke(cluster, addr)
+        except XknockError as err:
+            raise XknockError(f"revoked on this node only, not on the others: {err}; run it again when etcd "
+                              "answers") from None
+        click.echo(f"revoke of {addr} published to the cluster")
 
 
 @main.command(epilog="Example:\n\n  xknock unban eth0 192.0.2.7")
 @click.argument("iface")
 @click.argument("addr", type=ADDRESS)
+@cluster_cli.config_option
 @fail_cleanly
-def unban(iface, addr):
+def unban(iface, addr, config_path):
     """Lift the ban of ADDR and forget its failed knocks."""
     from xknock.controller.state.bans import unban as lift
 
+    cluster = cluster_cli.cluster_of(config_path)
     with lifecycle.open_filter(iface) as maps:
         lifted = lift(maps, addr)
     click.echo(f"unbanned {addr}" if lifted else f"{addr} was not banned")
+    if cluster is not None:
+        from xknock.controller.cluster import node
+
+        try:
+            node.publish_unban(cluster, addr)
+        except XknockError as err:
+            raise XknockError(f"unbanned on this node only, not on the others: {err}") from None
+        click.echo(f"unban of {addr} published to the cluster")
 
 
 @main.command(epilog="""\b

@@ -65,6 +65,10 @@ class Verdict:
         return OUTCOMES[self.outcome]
 
 
+class ReplayClaimLost(XknockError):
+    """Another node of the cluster claimed this digest first: a replay."""
+
+
 def spa_uid(user_name):
     """A grant's seq_uid for a SPA user: stable, apart from sequences' (flags say SPA)."""
     uid = int.from_bytes(hashlib.blake2b(b"spa\0" + user_name.encode(), digest_size=4).digest(), "little")
@@ -78,6 +82,10 @@ class SpaVerifier:
         self.spa = spa
         self.replay = replay_cache
         self.wall_clock = wall_clock
+        # claim(digest, message timestamp): the cluster's replay check across
+        # nodes (cluster/node.py), called before the digest is recorded here;
+        # raises ReplayClaimLost (a replay) or ReplayCacheError (refuse).
+        self.claim = None
 
     def verify(self, payload, source):
         source = ipaddress.ip_address(source)
@@ -101,7 +109,11 @@ class SpaVerifier:
             return Verdict(Reason.SPA_MALFORMED, err.outcome, user.name)
         # Authentic from here on: remember it before anything can grant.
         try:
+            if self.claim is not None:
+                self.claim(digest, message.timestamp)
             self.replay.add(digest, message.timestamp)
+        except ReplayClaimLost as err:
+            return Verdict(Reason.SPA_REPLAYED, str(err), user.name)
         except ReplayCacheError as err:   # unrecorded means replayable: refuse
             return Verdict(Reason.SPA_GRANT_FAILED, str(err), user.name)
         return self._judge(message, user, source)
@@ -174,6 +186,7 @@ class SpaReceiver:
         self.maps = maps
         cache = replay_cache if replay_cache is not None else open_replay_cache(spa)   # an empty cache is falsy
         self.verifier = SpaVerifier(spa, cache)
+        self.on_grant = None       # on_grant(verdict, seq_uid) once its grants are written (cluster/node.py)
         self.pending = {}          # Reason -> count not yet in the counters map
         self.next_flush = time.monotonic() + FLUSH_EVERY_S
         loaded.bpf["spa_events"].open_ring_buffer(self._callback)
@@ -250,6 +263,11 @@ class SpaReceiver:
                                 verdict.idle_timeout_ns, seq_uid=spa_uid(verdict.user), flags=layout.GRANT_SPA)
         except grants.GrantsFull as err:
             return dataclasses.replace(verdict, outcome=Reason.SPA_GRANT_FAILED, detail=str(err))
+        if self.on_grant is not None:
+            try:
+                self.on_grant(verdict, spa_uid(verdict.user))
+            except Exception:   # an observer must never stop the receiver
+                log.exception("SPA grant observer failed")
         return verdict
 
     def flush(self):

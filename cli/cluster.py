@@ -1,0 +1,52 @@
+"""[cluster] in the commands: the node thread `attach` runs next to the
+controller, and what `grant`, `revoke` and `unban` publish (docs/cluster.md)."""
+
+import os
+
+import click
+
+from xknock.controller.config import DEFAULT_PATH, load_config
+
+CONFIG_HELP = ("The TOML config: with [cluster], the change is published to every node "
+               f"(default: {DEFAULT_PATH} when it exists).")
+
+
+def config_option(fn):
+    return click.option("-c", "--config", "config_path", default=None, help=CONFIG_HELP)(fn)
+
+
+def cluster_of(config_path):
+    """The [cluster] of config_path (default: the default file when it exists), or None."""
+    if config_path is None:
+        if not os.path.exists(DEFAULT_PATH):
+            return None
+        config_path = DEFAULT_PATH
+    return load_config(config_path).cluster
+
+
+def check_before_attach(config):
+    """Bad TLS or password files refuse the attach before anything changes."""
+    if config.cluster is not None:
+        from xknock.controller.cluster.etcd import check_files
+
+        check_files(config.cluster)
+
+
+def start_node(config, attached, events, spa_receiver, metrics_server):
+    """The cluster's thread, hooked to the events (knock grants, bans) and the
+    SPA receiver (replay claims, SPA grants); None without [cluster]."""
+    if config.cluster is None:
+        return None
+    from xknock.controller.cluster.node import ClusterNode
+
+    node = ClusterNode(config.cluster, attached.maps,
+                       spa_max_age_ns=config.spa.max_age_ns if config.spa is not None else None)
+    events.observers.append(node.observe_event)
+    if spa_receiver is not None:
+        spa_receiver.verifier.claim = node.claim
+        spa_receiver.on_grant = node.on_spa_grant
+    if metrics_server is not None:
+        from xknock.controller.cluster.metrics import ClusterCollector
+
+        metrics_server.registry.register(ClusterCollector(node))
+    return node.start()
