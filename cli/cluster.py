@@ -50,3 +50,21 @@ def start_node(config, attached, events, spa_receiver, metrics_server):
 
         metrics_server.registry.register(ClusterCollector(node))
     return node.start()
+
+
+def render_status(c):
+    """`xknock status` lines for the cluster node's report."""
+    if c.get("stale"):
+        head = f"cluster: node {c['node']}: no report for {c['age_s']:g}s (is the controller running?)"
+    elif c.get("reachable"):
+        head = f"cluster: node {c['node']}, etcd reachable at {c['endpoint']}, revision {c['revision']}"
+    else:
+        head = (f"cluster: node {c['node']}, etcd UNREACHABLE for {c.get('down_for_s') or 0:g}s, deciding alone "
+                f"({c.get('last_error')})")
+    return [head,
+            f"  grants published {c['published']}, received {c['received']}, pending {c['pending']}; "
+            f"revokes received {c['revokes_received']}, bans received {c['bans_received']}",
+            f"  replay claims won {c['claims_won']}, lost {c['claims_lost']}, refused while unreachable "
+            f"{c['claims_refused']}, local while unreachable {c['claims_local']}",
+            f"  resyncs {c['resyncs']}, outages {c['outages']}, sync lag {c['sync_lag_s']:g}s, "
+            f"ignored keys {c['bad_records']}"]

@@ -15,8 +15,9 @@ open = ["tcp:22"]
 """
 
 
-def parse(cluster_text):
-    return parse_config(BASE + "\n[cluster]\n" + cluster_text, listening=set())
+def parse(cluster_text, ban=False):
+    return parse_config(BASE + ('\n[ban]\nafter = 3\n' if ban else "") + "\n[cluster]\n" + cluster_text,
+                        listening=set())
 
 
 def refusal(cluster_text):
@@ -53,7 +54,7 @@ prefix = "/xknock/prod/"
 node = "edge-1"
 share_bans = true
 spa_unreachable = "local"
-timeout = "500ms"''').cluster
+timeout = "500ms"''', ban=True).cluster
     assert cluster.tls and cluster.endpoints[1] == ("https", "fd00::1", 2379)
     assert (cluster.user, cluster.share_bans, cluster.spa_unreachable, cluster.timeout_ns) == \
         ("xknock", True, "local", 500_000_000)
@@ -73,6 +74,7 @@ timeout = "500ms"''').cluster
     ('endpoints = ["http://h:1"]\nprefix = "xknock"', 'prefix "xknock": must start and end with "/"'),
     ('endpoints = ["http://h:1"]\nnode = "a b"', 'node "a b"'),
     ('endpoints = ["http://h:1"]\nshare_bans = "yes"', "share_bans must be true or false"),
+    ('endpoints = ["http://h:1"]\nshare_bans = true', "share_bans = true needs a [ban] table"),
     ('endpoints = ["http://h:1"]\nspa_unreachable = "open"', 'spa_unreachable \'open\': must be "refuse"'),
     ('endpoints = ["http://h:1"]\ntimeout = "1m"', "timeout: at most 30s"),
     ('endpoints = ["http://h:1"]\nendpoint = "x"', 'unknown key "endpoint"'),

@@ -55,11 +55,25 @@ username = "alice"
 open = ["tcp:{guarded}"]
 open_for = "60s"
 
+[ban]
+after = 2
+within = "1m"
+for = "10m"
+scope = "all"
+
 [cluster]
 endpoints = [{endpoints}]
 prefix = "{prefix}"
 node = "{node}"
 timeout = "1s"
+share_bans = true
+"""
+METRICS = "127.0.0.1:9477"   # node A's, in A's namespace
+
+# The metrics text of argv[1], on stdout.
+FETCH = r"""
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
 """
 
 # The bytes of a file, one UDP datagram to each (address, port) given, back to back.
@@ -99,9 +113,20 @@ def counters(node):
 
 
 class Node:
-    def __init__(self, name, host, config_path):
+    def __init__(self, name, host, config_path, *args):
         self.name, self.host, self.config_path = name, host, config_path
-        self.controller = Foreground(types.SimpleNamespace(server=host, server_iface=host.iface), config_path)
+        self.controller = Foreground(types.SimpleNamespace(server=host, server_iface=host.iface), config_path, *args)
+
+    def cluster_status(self):
+        return status_json(self.host)[0]["cluster"]
+
+    def metric(self, name):
+        """The value of name{node=...} on A's /metrics."""
+        text = check(self.host.run([HELPER_PYTHON, "-c", FETCH, f"http://{METRICS}/metrics"])).stdout
+        for line in text.splitlines():
+            if line.startswith(f'{name}{{node="{self.name}"}}'):
+                return float(line.split()[-1])
+        raise AssertionError(f"{name} not on /metrics:\n{text}")
 
     @property
     def addr(self):
@@ -128,7 +153,7 @@ def cluster(tmp_path_factory):
                     guarded=GUARDED, spa_port=SPA_PORT, cache=tmp / f"replay-{name}", key=KEY_B64, hmac=HMAC_B64,
                     endpoints=endpoints, prefix=PREFIX, node=name))
                 os.chmod(path, 0o600)
-                nodes.append(Node(name, host, path))
+                nodes.append(Node(name, host, path, *(["--metrics-addr", METRICS] if name == "a" else [])))
             for node in nodes:
                 node.controller.wait_ready(timeout=240)
             for node in nodes:
@@ -229,6 +254,37 @@ def test_a_revoke_on_c_closes_a_and_b(cluster):
     assert not cluster.etcd.get_prefix(f"{PREFIX}grants/{client.ipv4}/")
 
 
+def test_bans_are_shared_and_an_unban_on_c_lifts_them_everywhere(cluster):
+    a, b, c = cluster.nodes
+    attacker = cluster.net.attacker
+    for _ in range(2):   # two failed sequences on A: banned there
+        knock(attacker, a.addr, "tcp:7000", "tcp:9000")
+    for node in (a, b, c):
+        assert wait_for(lambda: [ban["source"] for ban in status_json(node.host)[0]["bans"]] == [attacker.ipv4], 5), \
+            node.controller.log.read_all(0.5)
+    # Banned on B too: its right knock opens nothing there.
+    knock(attacker, b.addr, *SEQUENCE)
+    assert shut(attacker, b.addr)
+    result = check(c.xknock("unban", c.host.iface, attacker.ipv4, "-c", c.config_path))
+    assert "published to the cluster" in result.stdout
+    for node in (a, b, c):
+        assert wait_for(lambda: status_json(node.host)[0]["bans"] == [], 5), node.controller.log.read_all(0.5)
+
+
+def test_status_and_metrics_show_the_cluster(cluster):
+    a, b, c = cluster.nodes
+    fresh(cluster)
+    knock(cluster.net.client, a.addr, *SEQUENCE)
+    assert opens(cluster.net.client, c.addr)
+    shown = c.cluster_status()
+    assert shown["node"] == "c" and shown["reachable"] and not shown["stale"] and shown["received"] >= 1
+    text = check(xknock(c.host, "status", c.host.iface)).stdout
+    assert "cluster: node c, etcd reachable at http://" in text, text
+    assert a.metric("xknock_cluster_etcd_reachable") == 1
+    assert a.metric("xknock_cluster_grants_published_total") >= 1
+    assert a.metric("xknock_cluster_resyncs_total") >= 1
+
+
 def test_etcd_killed_every_node_enforces_alone_and_converges_when_it_returns(cluster):
     a, b, c = cluster.nodes
     client, attacker = cluster.net.client, cluster.net.attacker
@@ -239,6 +295,8 @@ def test_etcd_killed_every_node_enforces_alone_and_converges_when_it_returns(clu
             assert node.controller.log.wait_for(lambda line: "etcd unreachable" in line, 30), \
                 node.controller.log.read_all(0.5)
             assert shut(attacker, node.addr) and shut(client, node.addr)
+        assert a.metric("xknock_cluster_etcd_reachable") == 0
+        assert not a.cluster_status()["reachable"]
         # A local knock still opens locally, at once: the kernel never waits on etcd.
         knock(client, b.addr, *SEQUENCE)
         assert opens(client, b.addr)
@@ -260,3 +318,4 @@ def test_etcd_killed_every_node_enforces_alone_and_converges_when_it_returns(clu
     for node in (a, c):
         assert opens(client, node.addr, timeout=10), node.controller.log.read_all(0.5)
     assert shut(attacker, a.addr)
+    assert a.metric("xknock_cluster_etcd_reachable") == 1 and a.metric("xknock_cluster_outages_total") >= 1

@@ -12,7 +12,9 @@ revision.
 """
 
 import ipaddress
+import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,7 +25,7 @@ from ..kernel.lock import map_lock
 from ..kernel.maps import from_addr, to_addr
 from ..spa.spa import ReplayClaimLost
 from ..spa.spa_replay import ReplayCacheError
-from ..state import bans, grants
+from ..state import bans, grants, status as state_status
 from . import records
 from .etcd import ClusterUnavailable, Connection, describe
 
@@ -73,6 +75,10 @@ class ClusterNode:
         if self.thread:
             self.thread.join(10)
         self._drop_connection()
+        try:
+            os.unlink(state_status.cluster_status_path(self.maps))
+        except OSError:
+            pass
 
     def observe_event(self, record):
         """An events.EventReader observer: a completed knock, a ban."""
@@ -143,9 +149,25 @@ class ClusterNode:
     def _queue(self, kind, payload):
         self.inbox.put(("publish", (kind, payload)))
 
+    def write_status(self):
+        """For `xknock status`, another process: state/status.py reads it."""
+        path = state_status.cluster_status_path(self.maps)
+        temporary = f"{path}.tmp"
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({**self.status(), "written_at": time.time()}, f)
+            os.replace(temporary, path)
+        except OSError as err:
+            log.debug("cluster: status not written", extra={"fields": {"error": str(err)}})
+
     def _run(self):
         next_try = 0.0
+        next_status = 0.0
         while not self.stopping.is_set():
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + HEALTH_EVERY_S
+                self.write_status()
             if self.connection is None:
                 if time.monotonic() < next_try:
                     self._drain(timeout=next_try - time.monotonic())

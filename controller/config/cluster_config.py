@@ -47,8 +47,9 @@ class Cluster:
         return self.ca_file is not None
 
 
-def parse_cluster(report, table):
-    """Cluster, or None when the table is wrong (reported)."""
+def parse_cluster(report, table, has_ban=True):
+    """Cluster, or None when the table is wrong (reported). has_ban: the
+    config has [ban] (share_bans needs it: without it the data path checks no ban)."""
     if not isinstance(table, dict):
         report.error("cluster", f"must be a table ([cluster]), not {type_name(table)}")
         return None
@@ -84,6 +85,8 @@ def parse_cluster(report, table):
     share_bans = table.get("share_bans", False)
     if not isinstance(share_bans, bool):
         report.error("cluster", f"share_bans must be true or false, not {type_name(share_bans)}")
+    elif share_bans and not has_ban:
+        report.error("cluster", "share_bans = true needs a [ban] table: without one this node checks no ban")
     spa_unreachable = table.get("spa_unreachable", "refuse")
     if spa_unreachable not in SPA_UNREACHABLE:
         report.error("cluster", f'spa_unreachable {spa_unreachable!r}: must be "refuse" (accept no SPA packet '

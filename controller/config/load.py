@@ -106,7 +106,7 @@ def parse_config(text, path=None, *, listening=None):
             spa_config.check_spa_ports(report, spa, sequences)
     if any(sequence.totp for sequence in sequences):
         _check_totp_ranges(report, sequences, spa)
-    cluster = cluster_config.parse_cluster(report, document["cluster"]) if "cluster" in document else None
+    cluster = cluster_config.parse_cluster(report, document["cluster"], ban is not None) if "cluster" in document else None
 
     if not report.errors:
         if not sequences and spa is None:
