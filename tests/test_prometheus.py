@@ -25,6 +25,7 @@ import pytest
 from xknock_dev.e2e import (
     XKNOCK, LineReader, TcpEchoServer, check, config_text, knock, status_json, write_config, xknock,
 )
+from xknock_dev.etcd import EtcdCluster
 from xknock_dev.lab import HELPER_PYTHON, can_connect, lab, stop_process, wait_for
 
 pytestmark = pytest.mark.netns
@@ -111,7 +112,17 @@ def stack(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("prometheus")
     with lab("xkprom") as net:
         echo = TcpEchoServer(net.server, GUARDED, UNGUARDED)
-        config_path = write_config(workdir, "xknock.toml", config_text(knock=SEQUENCE))
+        # A one-member etcd in the server's namespace: the controller is a
+        # cluster node, so that the dashboard's Cluster row has data too.
+        etcd = EtcdCluster.on_hosts(workdir, [net.server])
+        try:
+            etcd.start(timeout=60)
+        except BaseException:
+            etcd.stop()
+            echo.stop()
+            raise
+        cluster = f'\n[cluster]\nendpoints = ["{etcd.endpoints[0]}"]\nnode = "prom"\n'
+        config_path = write_config(workdir, "xknock.toml", config_text(knock=SEQUENCE) + cluster)
         controller = net.server.popen(
             [XKNOCK, "attach", net.server_iface, "-c", config_path, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -143,6 +154,7 @@ def stack(tmp_path_factory):
         finally:
             stop_process(prometheus)
             stop_process(controller)
+            etcd.stop()
             echo.stop()
             xknock(net.server, "detach", net.server_iface)
 
