@@ -1,11 +1,14 @@
 """[cluster] in the commands: the node thread `attach` runs next to the
 controller, and what `grant`, `revoke` and `unban` publish (docs/cluster.md)."""
 
+import logging
 import os
 
 import click
 
 from xknock.controller.config import DEFAULT_PATH, load_config
+
+log = logging.getLogger("xknock")
 
 CONFIG_HELP = ("The TOML config: with [cluster], the change is published to every node "
                f"(default: {DEFAULT_PATH} when it exists).")
@@ -24,12 +27,17 @@ def cluster_of(config_path):
     return load_config(config_path).cluster
 
 
-def check_before_attach(config):
-    """Bad TLS or password files refuse the attach before anything changes."""
-    if config.cluster is not None:
-        from xknock.controller.cluster.etcd import check_files
+def check_before_attach(config, once=False):
+    """Bad TLS or password files refuse the attach before anything changes.
+    An unreachable etcd does not: the node attaches and decides alone."""
+    if config.cluster is None:
+        return
+    from xknock.controller.cluster.etcd import check_files
 
-        check_files(config.cluster)
+    check_files(config.cluster)
+    if once:
+        log.warning("[cluster] with --once: grants are shared by the running controller; until one runs this "
+                    "node neither publishes nor receives any")
 
 
 def start_node(config, attached, events, spa_receiver, metrics_server):

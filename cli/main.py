@@ -114,7 +114,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, once, ke
                 "[::1] and scrape through a tunnel or proxy, or add --metrics-public behind a firewall")
     lifecycle.require_root()
     config = load_and_warn(config_path)
-    cluster_cli.check_before_attach(config)
+    cluster_cli.check_before_attach(config, once)
     spa_cache = None
     if config.spa is not None and once:
         log.warning("[spa] with --once: SPA packets are verified by the running controller; until one runs "

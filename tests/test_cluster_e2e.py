@@ -285,6 +285,20 @@ def test_status_and_metrics_show_the_cluster(cluster):
     assert a.metric("xknock_cluster_resyncs_total") >= 1
 
 
+def test_a_bad_certificate_refuses_the_attach_in_one_line_and_attaches_nothing(cluster):
+    client = cluster.net.client   # a namespace with no filter
+    bogus = cluster.tmp / "bogus-ca.pem"
+    bogus.write_text("not a certificate\n")
+    text = open(cluster.nodes[0].config_path).read().replace(
+        "[cluster]\n", f'[cluster]\nca_file = "{bogus}"\n').replace('"http://', '"https://')
+    path = write_config(cluster.tmp, "bad-ca.toml", text)
+    os.chmod(path, 0o600)
+    result = xknock(client, "attach", client.iface, "-c", path, "--once")
+    assert result.returncode == 1, result
+    assert result.stderr.strip() == f"xknock: [cluster] ca_file {bogus}: not a PEM file (expected -----BEGIN ...)"
+    assert status_json(client) == []
+
+
 def test_etcd_killed_every_node_enforces_alone_and_converges_when_it_returns(cluster):
     a, b, c = cluster.nodes
     client, attacker = cluster.net.client, cluster.net.attacker

@@ -5,7 +5,9 @@ with one line that says what to check: never a gRPC traceback.
 """
 
 import math
+import os
 import threading
+import time
 
 from ..errors import XknockError
 from . import records
@@ -31,6 +33,11 @@ class ClusterUnavailable(XknockError):
 
 
 def _etcd3():
+    # gRPC's fork support makes every fork() of this process (hook commands,
+    # tools) wait until gRPC's threads are idle, and a watch never is: the
+    # fork hung (seen in the tests). Our children exec at once and never use
+    # gRPC, so they need no fork support. Read when gRPC starts: set first.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     try:
         import etcd3
     except ImportError:
@@ -40,8 +47,10 @@ def _etcd3():
 
 
 def check_files(cluster):
-    """The TLS files and password file readable and in the right format, or one
-    ClusterUnavailable line: found before anything is attached."""
+    """The client installed, the TLS files and password file readable and in
+    the right format, or one ClusterUnavailable line: found before anything is
+    attached."""
+    _etcd3()
     for name in ("ca_file", "cert_file", "key_file"):
         path = getattr(cluster, name)
         if path is None:
@@ -130,7 +139,7 @@ class Connection:
         """One transaction: each grant under one lease for its lifetime."""
         if not grant_records:
             return
-        now_wall = records.clock_offset_ns() + records.monotonic_ns()
+        now_wall = time.time_ns()
         end = max(record.end_wall_ns for record in grant_records)
         ttl = max(2, math.ceil((end - now_wall) / 1e9) + 1)
         lease = self.client.lease(ttl)
@@ -152,7 +161,7 @@ class Connection:
 
     def put_ban(self, source, until_wall_ns, node):
         prefix = self.cluster.prefix
-        now_wall = records.clock_offset_ns() + records.monotonic_ns()
+        now_wall = time.time_ns()
         lease = self.client.lease(max(2, math.ceil((until_wall_ns - now_wall) / 1e9) + 1))
         self.client.put(records.ban_key(prefix, source), records.encode_event(node, until=until_wall_ns),
                         lease=lease)
