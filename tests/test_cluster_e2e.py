@@ -254,6 +254,19 @@ def test_a_revoke_on_c_closes_a_and_b(cluster):
     assert not cluster.etcd.get_prefix(f"{PREFIX}grants/{client.ipv4}/")
 
 
+def test_an_operator_grant_on_b_opens_a_and_c_with_its_window(cluster):
+    a, b, c = cluster.nodes
+    client = cluster.net.client
+    fresh(cluster)
+    result = check(b.xknock("grant", b.host.iface, client.ipv4, "--for", "45s", "-c", b.config_path))
+    assert "(published to the cluster)" in result.stdout
+    for node in (a, b, c):
+        assert opens(client, node.addr), node.controller.log.read_all(0.5)
+    # Both clocks kept: the window B gave, counted on C's own clock.
+    [shown] = [g for g in status_json(c.host)[0]["grants"] if g["source"] == client.ipv4]
+    assert 30 < shown["window_left_s"] <= 45 and shown["sequence"] == "operator"
+
+
 def test_bans_are_shared_and_an_unban_on_c_lifts_them_everywhere(cluster):
     a, b, c = cluster.nodes
     attacker = cluster.net.attacker
