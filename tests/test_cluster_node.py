@@ -2,9 +2,17 @@
 loopback, writing into the real program's maps (the test harness): grants of
 other nodes resynced and watched with their deadlines on this node's clock,
 keys written by something else ignored with one line, unreachable
-endpoints and bad certificates as one line, the replay claim won once."""
+endpoints and bad certificates as one line, the replay claim won once.
 
+Each test runs in a child process of its own (in_child): gRPC, once it runs
+in a process, makes that process's later fork()s hang or abort, and the lab
+tests after this module fork (pyroute2) in the pytest process. The product
+forks only through vfork (subprocess), which gRPC's fork handlers never see."""
+
+import functools
 import ipaddress
+import os
+import traceback
 import logging
 import threading
 import time
@@ -20,10 +28,38 @@ from xknock.controller.kernel.clock import monotonic_ns
 from xknock.controller.kernel.maps import to_addr
 from xknock.controller.spa.spa import ReplayClaimLost
 from xknock.controller.spa.spa_replay import ReplayCacheError
-from xknock_dev.etcd import EtcdCluster, free_port
+from xknock_dev.etcd import EtcdCluster, free_port, make_tls
 from xknock_dev.lab import wait_for
 
 PREFIX = "/xknock/t/"
+
+
+def in_child(test):
+    """Runs test in a forked child; its failure, with its traceback, fails the test here."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the child: never returns into pytest
+            os.close(read)
+            code, message = 0, b""
+            try:
+                test(*args, **kwargs)
+            except BaseException:   # noqa: BLE001 (everything goes back to the parent)
+                code, message = 1, traceback.format_exc().encode()
+            try:
+                with os.fdopen(write, "wb") as out:
+                    out.write(message)
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read, "rb") as source:
+            message = source.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            pytest.fail(message.decode(errors="replace") or f"the test's child process ended with status {status}",
+                        pytrace=False)
+    return wrapper
 SECOND = 1_000_000_000
 
 
@@ -58,6 +94,7 @@ def publish(etcd, source, open_for_s, node="other", port=22):
         connection.put_grants([record])
 
 
+@in_child
 def test_grants_of_other_nodes_are_resynced_then_watched_with_deadlines_on_this_clock(xk, etcd, clean):
     publish(etcd, "192.0.2.1", 30)            # before the node starts: found by the resync
     publish(etcd, "192.0.2.9", 30, node="me")  # its own: already in its maps, not written again
@@ -78,6 +115,7 @@ def test_grants_of_other_nodes_are_resynced_then_watched_with_deadlines_on_this_
         node.close()
 
 
+@in_child
 def test_a_revoke_published_elsewhere_ends_the_grant_here(xk, etcd, clean):
     node = ClusterNode(cluster_of(etcd), xk.maps).start()
     try:
@@ -92,6 +130,7 @@ def test_a_revoke_published_elsewhere_ends_the_grant_here(xk, etcd, clean):
         node.close()
 
 
+@in_child
 def test_keys_written_by_something_else_are_ignored_one_line_each(xk, etcd, clean, caplog):
     for key, value in ((PREFIX + "grants/not-an-address/tcp:22", "{}"),
                        (PREFIX + "grants/192.0.2.4/tcp:22", "not json"),
@@ -110,6 +149,7 @@ def test_keys_written_by_something_else_are_ignored_one_line_each(xk, etcd, clea
     assert len(ignored) == 4 and not any(r.exc_info for r in caplog.records)
 
 
+@in_child
 def test_unreachable_endpoints_are_one_line_and_the_node_decides_alone(xk, caplog):
     dead = Cluster(endpoints=(("http", "127.0.0.1", free_port()), ("http", "127.0.0.1", free_port())), node="me",
                    prefix=PREFIX, timeout_ns=SECOND)
@@ -132,6 +172,7 @@ def test_unreachable_endpoints_are_one_line_and_the_node_decides_alone(xk, caplo
         "cluster: etcd unreachable; this node decides alone until it returns") == 1
 
 
+@in_child
 def test_bad_certificates_are_one_line(tmp_path, etcd):
     bogus = tmp_path / "ca.pem"
     bogus.write_text("not a certificate\n")
@@ -147,6 +188,7 @@ def test_bad_certificates_are_one_line(tmp_path, etcd):
     assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
 
 
+@in_child
 def test_one_digest_claimed_by_two_nodes_at_once_is_won_once(etcd, clean):
     digest = bytes(range(32))
     results = []
@@ -170,6 +212,7 @@ def test_one_digest_claimed_by_two_nodes_at_once_is_won_once(etcd, clean):
     assert list(etcd.get_prefix(PREFIX + "spa/")) == [PREFIX + "spa/" + digest.hex()]
 
 
+@in_child
 def test_a_lost_claim_is_a_replay(xk, etcd, clean):
     node = ClusterNode(cluster_of(etcd), xk.maps).start()
     try:
@@ -182,3 +225,35 @@ def test_a_lost_claim_is_a_replay(xk, etcd, clean):
         assert (node.counts["claims_lost"], node.counts["claims_won"]) == (1, 1)
     finally:
         node.close()
+
+
+@in_child
+def test_tls_with_a_client_certificate_works_and_a_wrong_ca_or_no_certificate_is_one_line(tmp_path):
+    server = make_tls(tmp_path, "etcd")
+    other = make_tls(tmp_path, "stranger")
+    with EtcdCluster.loopback(tmp_path, size=1, tls=server) as etcd:
+        port = etcd.members[0].client_port
+
+        def cluster(ca, cert=None, key=None):
+            return Cluster(endpoints=(("https", "127.0.0.1", port),), node="me", prefix=PREFIX, ca_file=ca,
+                           cert_file=cert, key_file=key, timeout_ns=2 * SECOND)
+
+        good = cluster(server["ca"], server["cert"], server["key"])
+        check_files(good)
+        with Connection(good) as connection:
+            assert connection.claim_digest(b"\4" * 32, 10, "me")
+        assert list(etcd.get_prefix(PREFIX + "spa/")) == [PREFIX + "spa/" + (b"\4" * 32).hex()]
+        for bad, says in ((cluster(other["ca"], server["cert"], server["key"]), "certificate verify failed"),
+                          (cluster(server["ca"]), ""),                                # no client certificate
+                          (cluster(server["ca"], other["cert"], other["key"]), "")):  # one etcd does not trust
+            with pytest.raises(ClusterUnavailable) as caught:
+                Connection(bad)
+            assert str(caught.value).startswith(f"etcd unreachable: https://127.0.0.1:{port}: ")
+            assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_grpc_never_ran_in_the_pytest_process():
+    """The guard of in_child: the tests after this module fork safely."""
+    import sys
+
+    assert "grpc" not in sys.modules and "etcd3" not in sys.modules

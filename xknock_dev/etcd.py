@@ -30,7 +30,8 @@ def free_port():
 
 
 class Member:
-    def __init__(self, name, address, client_port, peer_port, host=None):
+    def __init__(self, name, address, client_port, peer_port, host=None, scheme="http"):
+        self.scheme = scheme      # of the client URL: "https" with EtcdCluster(tls=...)
         self.name = name
         self.address = address
         self.client_port = client_port
@@ -40,7 +41,7 @@ class Member:
 
     @property
     def client_url(self):
-        return f"http://{self.address}:{self.client_port}"
+        return f"{self.scheme}://{self.address}:{self.client_port}"
 
     @property
     def peer_url(self):
@@ -51,15 +52,20 @@ class Member:
 
 
 class EtcdCluster:
-    def __init__(self, directory, members):
+    def __init__(self, directory, members, tls=None):
+        """tls: {"ca": path, "cert": path, "key": path} of the server, whose
+        clients must then show a certificate of that CA (client-cert-auth)."""
         self.directory = str(directory)
         self.members = members
+        self.tls = tls
+        for member in members:
+            member.scheme = "https" if tls else "http"
         self.initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
         self.token = f"xk-{os.getpid()}-{id(self):x}"
 
     @classmethod
-    def loopback(cls, directory, size=3):
-        return cls(directory, [Member(f"m{i}", "127.0.0.1", free_port(), free_port()) for i in range(size)])
+    def loopback(cls, directory, size=3, tls=None):
+        return cls(directory, [Member(f"m{i}", "127.0.0.1", free_port(), free_port()) for i in range(size)], tls)
 
     @classmethod
     def on_hosts(cls, directory, hosts, client_port=2379, peer_port=2380):
@@ -100,6 +106,9 @@ class EtcdCluster:
                 "--initial-cluster", self.initial, "--initial-cluster-token", self.token,
                 "--initial-cluster-state", "new", "--log-level", "warn",
                 "--heartbeat-interval", "100", "--election-timeout", "1000"]
+        if self.tls:
+            argv += ["--cert-file", self.tls["cert"], "--key-file", self.tls["key"],
+                     "--trusted-ca-file", self.tls["ca"], "--client-cert-auth"]
         log = open(os.path.join(self.directory, f"etcd-{member.name}.log"), "ab")
         member.process = subprocess.Popen(member.command(argv), stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT)
@@ -108,7 +117,10 @@ class EtcdCluster:
     def ctl(self, *args, timeout=10):
         """etcdctl ARGS against the cluster, from the first member's namespace."""
         first = self.members[0]
-        argv = first.command([ETCDCTL, f"--endpoints={','.join(self.endpoints)}", "--command-timeout=3s", *args])
+        tls = [f"--cacert={self.tls['ca']}", f"--cert={self.tls['cert']}", f"--key={self.tls['key']}"] \
+            if self.tls else []
+        argv = first.command([ETCDCTL, f"--endpoints={','.join(self.endpoints)}", "--command-timeout=3s", *tls,
+                              *args])
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "ETCDCTL_API": "3"})
 
@@ -150,3 +162,41 @@ class EtcdCluster:
                 with open(os.path.join(self.directory, f"etcd-{member.name}.log"), errors="replace") as f:
                     text.append(f"--- {member.name}\n" + f.read()[-2000:])
         return "\n".join(text)
+
+
+def make_tls(directory, name="xknock-test"):
+    """A CA, and a certificate for 127.0.0.1 it signed (server and client use
+    alike): {"ca", "cert", "key"} paths, PEM."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = {kind: os.path.join(str(directory), f"{name}-{kind}.pem") for kind in ("ca", "cert", "key")}
+    for kind, data in (("ca", ca.public_bytes(serialization.Encoding.PEM)),
+                       ("cert", cert.public_bytes(serialization.Encoding.PEM)),
+                       ("key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))):
+        with open(os.open(paths[kind], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(data)
+    return paths

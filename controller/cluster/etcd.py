@@ -38,6 +38,9 @@ def _etcd3():
     # fork hung (seen in the tests). Our children exec at once and never use
     # gRPC, so they need no fork support. Read when gRPC starts: set first.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+    # gRPC's own log lines (TLS failures, several per attempt, on stderr):
+    # the one line xknock logs carries gRPC's reason already.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         import etcd3
     except ImportError:
@@ -79,15 +82,17 @@ def _password(cluster):
 
 
 def describe(err):
-    """One line for any client error."""
-    details = getattr(err, "details", None)
-    if callable(details):
-        try:
-            text = details()
-        except Exception:   # noqa: BLE001 (a gRPC error without details)
-            text = None
-        if text:
-            return text.splitlines()[0]
+    """One line for any client error. etcd3 turns gRPC's errors into its own
+    ("etcd connection failed") and keeps gRPC's, with the reason, as the context."""
+    for candidate in (err, err.__cause__, err.__context__):
+        details = getattr(candidate, "details", None)
+        if callable(details):
+            try:
+                text = details()
+            except Exception:   # noqa: BLE001 (a gRPC error without details)
+                text = None
+            if text:
+                return text.strip().splitlines()[0][:300]
     text = str(err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:300]
 

@@ -152,7 +152,7 @@ class ClusterNode:
     def write_status(self):
         """For `xknock status`, another process: state/status.py reads it."""
         path = state_status.cluster_status_path(self.maps)
-        temporary = f"{path}.tmp"
+        temporary = f"{path}.{threading.get_ident()}.tmp"   # the SPA thread may write it too
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -214,6 +214,7 @@ class ClusterNode:
         self.connection = connection
         was_down = time.monotonic() - self.down_since
         self.reachable, self.endpoint, self.last_error = True, connection.endpoint, None
+        self.write_status()
         log.info("cluster: etcd reachable", extra={"fields": {
             "endpoint": connection.endpoint, "revision": self.revision, "down_for": f"{was_down:.1f}s"}})
         with self.pending_lock:
@@ -257,6 +258,8 @@ class ClusterNode:
             self.down_since = time.monotonic()
             log.warning("cluster: etcd unreachable; this node decides alone until it returns",
                         extra={"fields": {"error": text}})
+            self.reachable, self.last_error = False, text
+            self.write_status()   # at once: status must not say reachable for another second
         self.reachable, self.last_error = False, text
         self._drop_connection()
 
