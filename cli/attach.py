@@ -4,6 +4,7 @@ import logging
 
 import click
 
+from xknock.cli import cluster as cluster_cli
 from xknock.cli.common import EX_CONFIG, fail_cleanly, load_and_warn
 from xknock.cli.params import CONFIG_FILE, IFACE
 from xknock.controller.config import DEFAULT_PATH
@@ -67,6 +68,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_
                 "[::1] and scrape through a tunnel or proxy, or add --metrics-public behind a firewall")
     lifecycle.require_root()
     config = load_and_warn(config_path)
+    cluster_cli.check_before_attach(config, once)
     spa_cache = None
     if config.spa is not None and once:
         log.warning("[spa] with --once: SPA packets are verified by the running controller; until one runs "
@@ -120,8 +122,13 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_
 
     links = LinkWatcher(list(ifaces), attached.modes, attached.loaded.fd, attached.loaded.prog_id,
                         on_event=metrics_server.record_interface_event if metrics_server else None)
-    Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals,
-               spa=spa_receiver, links=links, hooks=hooks).run()
+    node = cluster_cli.start_node(config, attached, events, spa_receiver, metrics_server)
+    try:
+        Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals,
+                   spa=spa_receiver, links=links, hooks=hooks).run()
+    finally:
+        if node is not None:
+            node.close()
 
 
 def _fail_closed(ifnames, config, err):

@@ -3,10 +3,12 @@ bans of a running filter by hand."""
 
 import click
 
+from xknock.cli import cluster as cluster_cli
 from xknock.cli.common import echo_result, fail_cleanly, json_option
 from xknock.cli.params import ADDRESS, DURATION, IFACE
 from xknock.cli.status import render_ban
 from xknock.controller.daemon import lifecycle
+from xknock.controller.errors import XknockError
 
 
 @click.command(epilog="""\b
@@ -35,16 +37,26 @@ def ban(iface, addr, for_ns, as_json):
 @click.command(epilog="Example:\n\n  xknock unban eth0 192.0.2.7")
 @click.argument("iface", type=IFACE)
 @click.argument("addr", type=ADDRESS)
+@cluster_cli.config_option
 @json_option
 @fail_cleanly
-def unban(iface, addr, as_json):
+def unban(iface, addr, config_path, as_json):
     """Lift the ban of ADDR and forget its failed knocks."""
     from xknock.controller.state.bans import unban as lift
 
+    cluster = cluster_cli.cluster_of(config_path)
     with lifecycle.open_filter(iface) as maps:
         lifted = lift(maps, addr)
-    echo_result(as_json, {"unbanned": str(addr), "was_banned": bool(lifted)},
-                f"unbanned {addr}" if lifted else f"{addr} was not banned")
+    if cluster is not None:
+        from xknock.controller.cluster import node
+
+        try:
+            node.publish_unban(cluster, addr)
+        except XknockError as err:
+            raise XknockError(f"unbanned {addr} on this node only, not on the others: {err}") from None
+    text = f"unbanned {addr}" if lifted else f"{addr} was not banned"
+    echo_result(as_json, {"unbanned": str(addr), "was_banned": bool(lifted), "published": cluster is not None},
+                text + ("; the unban is published to the cluster" if cluster else ""))
 
 
 @click.command(epilog="""\b

@@ -59,6 +59,10 @@ def _render(f):
     lines.append(f"knocks in progress: {f['knocks_in_progress']} (sources at their first step are counted, not listed)")
     for k in f["knocks"]:
         lines.append(f"  {k['source']:<40} {k['sequence']:<12} next step {k['next_step']} ({k['since_s']:g}s ago)")
+    if f.get("cluster"):
+        from xknock.cli import cluster as cluster_cli
+
+        lines += cluster_cli.render_status(f["cluster"])
     return "\n".join(lines)
 
 

@@ -79,7 +79,7 @@ CASES = [
     # top level
     ("an unknown table", '[foo]\nx = 1\n', 'unknown table "foo"; known: filter, sequence, allow, deny'),
     ("an unknown top-level key", 'mode = "monitor"\n', 'unknown key "mode"; known: filter, sequence, allow, deny'),
-    ("a misspelt table gets a suggestion", '[filtre]\nmode = "monitor"\n', 'unknown table "filtre"; known: filter, sequence, allow, deny, ban, hooks, spa (did you mean "filter"?)'),
+    ("a misspelt table gets a suggestion", '[filtre]\nmode = "monitor"\n', 'unknown table "filtre"; known: filter, sequence, allow, deny, ban, hooks, spa, cluster (did you mean "filter"?)'),
     ("[spa] needs users", "[spa]\n", "spa: no [[spa.user]]"),
     ("[limits] is reserved", "[limits]\n", "limits: not supported yet in this version"),
     ("[ban] needs after", "[ban]\nwithin = \"1m\"\n", 'ban: missing key "after"'),

@@ -27,6 +27,7 @@ from tls_helpers import make_certs
 from xknock_dev.e2e import (
     XKNOCK, LineReader, TcpEchoServer, check, config_text, knock, status_json, write_config, xknock,
 )
+from xknock_dev.etcd import EtcdCluster
 from xknock_dev.lab import HELPER_PYTHON, can_connect, lab, stop_process, wait_for
 
 pytestmark = pytest.mark.netns
@@ -128,7 +129,17 @@ def stack(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("prometheus")
     with lab("xkprom") as net:
         echo = TcpEchoServer(net.server, GUARDED, UNGUARDED)
-        config_path = write_config(workdir, "xknock.toml", config_text(knock=SEQUENCE))
+        # A one-member etcd in the server's namespace: the controller is a
+        # cluster node, so that the dashboard's Cluster row has data too.
+        etcd = EtcdCluster.on_hosts(workdir, [net.server])
+        try:
+            etcd.start(timeout=60)
+        except BaseException:
+            etcd.stop()
+            echo.stop()
+            raise
+        cluster = f'\n[cluster]\nendpoints = ["{etcd.endpoints[0]}"]\nnode = "prom"\n'
+        config_path = write_config(workdir, "xknock.toml", config_text(knock=SEQUENCE) + cluster)
         certs = make_certs(workdir)
         hashed = bcrypt.hashpw(SCRAPER[1].encode(), bcrypt.gensalt(4)).decode()
         (workdir / "web.yml").write_text(f"tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
@@ -167,6 +178,7 @@ def stack(tmp_path_factory):
         finally:
             stop_process(prometheus)
             stop_process(controller)
+            etcd.stop()
             echo.stop()
             xknock(net.server, "detach", net.server_iface)
 

@@ -32,6 +32,7 @@ LAYERS = (
     ("xknock.controller.state",),       # grants, bans, sessions, status of a running filter
     ("xknock.controller.spa",),         # the SPA verifier, receiver and replay cache
     ("xknock.controller.client", "xknock.controller.importers"),
+    ("xknock.controller.cluster",),     # etcd: grants, SPA replay claims and bans shared between nodes
     ("xknock.controller.daemon",),      # attach/detach, the loop, events, hooks, sdnotify, metrics
     ("xknock.cli",),                    # the command line
 )

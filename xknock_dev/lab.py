@@ -41,6 +41,11 @@ ADDRESSES = {  # role: (IPv4, IPv6)
     "cli": ("10.77.0.2", "fd00:77::2"),
     "atk": ("10.77.0.3", "fd00:77::3"),
 }
+# More servers, for the cluster tests (Lab(servers=3)): srv2, srv3.
+EXTRA_SERVERS = {
+    "srv2": ("10.77.0.4", "fd00:77::4"),
+    "srv3": ("10.77.0.5", "fd00:77::5"),
+}
 IFA_F_NODAD = 0x02  # the address is usable at once, no duplicate detection
 IFA_F_TENTATIVE = 0x40
 READY_TIMEOUT = 10.0
@@ -113,16 +118,18 @@ def stop_process(process, timeout=3.0):
 class Lab:
     """The namespaces, built on __enter__ and removed on __exit__."""
 
-    def __init__(self, prefix="xk", ipv6=True):
+    def __init__(self, prefix="xk", ipv6=True, servers=1):
         if not re.fullmatch(r"[A-Za-z0-9_]+", prefix):
             raise ValueError(f"lab prefix {prefix!r}: use letters, digits and _ only")
+        if not 1 <= servers <= 1 + len(EXTRA_SERVERS):
+            raise ValueError(f"a lab has 1 to {1 + len(EXTRA_SERVERS)} servers")
         self.prefix = prefix
         self.ipv6 = ipv6
         self.token = secrets.token_hex(3)
         stem = f"{prefix}-{os.getpid()}-{self.token}"
         self.hosts = {
             role: Host(f"{stem}-{role}", f"{role}0-{self.token}", v4, v6 if ipv6 else None)
-            for role, (v4, v6) in ADDRESSES.items()
+            for role, (v4, v6) in [*ADDRESSES.items(), *list(EXTRA_SERVERS.items())[:servers - 1]]
         }
         self.switch = f"{stem}-{SWITCH}"
         self.bridge = f"br-{self.token}"
@@ -133,6 +140,11 @@ class Lab:
     client = property(lambda self: self.hosts["cli"])
     attacker = property(lambda self: self.hosts["atk"])
     server_iface = property(lambda self: self.server.iface)
+
+    @property
+    def servers(self):
+        """srv, then srv2, srv3 of a lab built with servers=2 or 3."""
+        return [host for role, host in self.hosts.items() if role.startswith("srv")]
 
     @property
     def namespaces(self):
@@ -325,7 +337,7 @@ def in_netns(name):
 
 def remove_stale_labs(prefix="xk"):
     """Remove namespaces left by labs of this prefix whose process is gone."""
-    pattern = re.compile(rf"{re.escape(prefix)}-(\d+)-[0-9a-f]{{6}}-(?:{'|'.join((*ROLES, SWITCH))})")
+    pattern = re.compile(rf"{re.escape(prefix)}-(\d+)-[0-9a-f]{{6}}-(?:{'|'.join((*ROLES, *EXTRA_SERVERS, SWITCH))})")
     for name in netns.listnetns():
         match = pattern.fullmatch(name)
         if match and not _alive(int(match.group(1))):
@@ -344,9 +356,9 @@ def _alive(pid):
 
 
 @contextlib.contextmanager
-def lab(prefix="xk", ipv6=True):
+def lab(prefix="xk", ipv6=True, servers=1):
     """Build a lab, yield it, remove it."""
-    with Lab(prefix, ipv6) as built:
+    with Lab(prefix, ipv6, servers) as built:
         yield built
 
 

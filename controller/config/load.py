@@ -13,7 +13,7 @@ import re
 import tomllib
 
 from ..kernel import layout, procnet, trust
-from . import spa_config, totp_config
+from . import cluster_config, spa_config, totp_config
 from .fields import (
     Report, check_keys, format_duration, parse_duration_key, parse_network, parse_open, parse_steps, step_list,
     type_name,
@@ -85,6 +85,7 @@ def parse_config(text, path=None, *, listening=None, from_file=False):
     if any(sequence.totp for sequence in sequences):
         _check_totp_ranges(report, sequences, spa)
     untrusted = trust.problem(path, "config", secret=report.secrets_inline) if from_file else None
+    cluster = cluster_config.parse_cluster(report, document["cluster"], ban is not None) if "cluster" in document else None
 
     if not report.errors:
         if not sequences and spa is None:
@@ -115,6 +116,7 @@ def parse_config(text, path=None, *, listening=None, from_file=False):
         ban=ban,
         hooks=hooks,
         spa=spa,
+        cluster=cluster,
         path=path,
         warnings=tuple(warnings),
     )

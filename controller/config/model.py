@@ -37,7 +37,7 @@ SHORT_SEQUENCE_STEPS = 3
 STEP_PROTOS = ("tcp", "udp", "icmp")
 OPENABLE_PROTOS = ("tcp", "udp")
 
-TOP_LEVEL_KEYS = ("filter", "sequence", "allow", "deny", "ban", "hooks", "spa")
+TOP_LEVEL_KEYS = ("filter", "sequence", "allow", "deny", "ban", "hooks", "spa", "cluster")
 RESERVED_TABLES = ("limits",)  # taken by features still to come
 BAN_KEYS = ("after", "within", "for", "scope", "on_ban")
 BAN_SCOPES = {"all": layout.BAN_EVERYWHERE, "knock": layout.BAN_KNOCK_PORTS}
@@ -152,6 +152,9 @@ class Config:
     ban: Ban | None = None   # None: failed knocks ban nobody
     hooks: Hooks = dataclasses.field(default=Hooks(), compare=False)
     spa: object = None   # spa_config.Spa, or None: no SPA port
+    # cluster_config.Cluster, or None: this node is alone. Not the filter's
+    # policy: nodes of one cluster filter alike.
+    cluster: object = dataclasses.field(default=None, compare=False)
     # Where it came from and what was said about it: not part of the policy,
     # so two configs that filter alike compare equal.
     path: str | None = dataclasses.field(default=None, compare=False)

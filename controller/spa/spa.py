@@ -53,6 +53,10 @@ SWITCH_INTERVAL_S = 0.0005
 PAYLOAD_OFFSET = layout.SpaEvent.payload.offset
 
 
+class ReplayClaimLost(XknockError):
+    """Another node of the cluster claimed this digest first: a replay."""
+
+
 def spa_uid(user_name):
     """A grant's seq_uid for a SPA user: stable, apart from sequences' (flags say SPA)."""
     uid = int.from_bytes(hashlib.blake2b(b"spa\0" + user_name.encode(), digest_size=4).digest(), "little")
@@ -67,6 +71,10 @@ class SpaVerifier:
         self.replay = replay_cache
         self.wall_clock = wall_clock
         self.pubkey = PubkeyVerifier()
+        # claim(digest, message timestamp): the cluster's replay check across
+        # nodes (cluster/node.py), called before the digest is recorded here;
+        # raises ReplayClaimLost (a replay) or ReplayCacheError (refuse).
+        self.claim = None
 
     def verify(self, payload, source):
         source = ipaddress.ip_address(source)
@@ -92,7 +100,11 @@ class SpaVerifier:
             return Verdict(Reason.SPA_MALFORMED, err.outcome, user.name)
         # Authentic from here on: remember it before anything can grant.
         try:
+            if self.claim is not None:
+                self.claim(digest, message.timestamp)
             self.replay.add(digest, message.timestamp)
+        except ReplayClaimLost as err:
+            return Verdict(Reason.SPA_REPLAYED, str(err), user.name)
         except ReplayCacheError as err:   # unrecorded means replayable: refuse
             return Verdict(Reason.SPA_GRANT_FAILED, str(err), user.name)
         return self._judge(message, user, source)
@@ -175,6 +187,7 @@ class SpaReceiver:
             replay_cache = open_replay_cache(spa)
         self.verifier = SpaVerifier(spa, replay_cache)
         self.acknowledger = Acknowledger()
+        self.on_grant = None       # on_grant(verdict, seq_uid) once its grants are written (cluster/node.py)
         self.pending = {}          # Reason -> count not yet in the counters map
         self.next_flush = time.monotonic() + FLUSH_EVERY_S
         self._lock = threading.Lock()   # the verifier's [spa] and cache: judged here, switched by reloads
@@ -308,6 +321,11 @@ class SpaReceiver:
                                     verdict.idle_timeout_ns, seq_uid=spa_uid(verdict.user), flags=layout.GRANT_SPA)
         except grants.GrantsFull as err:
             return dataclasses.replace(verdict, outcome=Reason.SPA_GRANT_FAILED, detail=str(err))
+        if self.on_grant is not None:
+            try:
+                self.on_grant(verdict, spa_uid(verdict.user))
+            except Exception:   # an observer must never stop the receiver
+                log.exception("SPA grant observer failed")
         return verdict
 
     def flush(self):

@@ -1,8 +1,12 @@
 """What `xknock status` reports, gathered from the running filters' maps."""
 
 import ctypes
+import json
+import os
+import time
 
 from ..kernel import layout
+from ..kernel.lock import LOCK_DIR
 from ..kernel.datapath import attached_filters
 from ..kernel.maps import FilterMaps, live_sequences
 from . import bans, grants
@@ -55,6 +59,30 @@ def answer_mode(maps):
     return "closed" if settings is not None and settings.flags & layout.SET_ANSWER else "drop"
 
 
+# The running controller's cluster node writes its state here about once a
+# second (cluster/node.py): `status` runs in another process.
+CLUSTER_STALE_S = 10.0
+
+
+def cluster_status_path(maps):
+    return os.path.join(LOCK_DIR, f"cluster-{maps.control.id}.json")
+
+
+def cluster_status(maps):
+    """The cluster node's last report for this filter, or None without [cluster]."""
+    try:
+        with open(cluster_status_path(maps), encoding="utf-8") as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict):
+        return None
+    age = time.time() - found.get("written_at", 0)
+    found["age_s"] = round(age, 1)
+    found["stale"] = age > CLUSTER_STALE_S   # the controller is gone, or stuck
+    return found
+
+
 def filter_status(maps, interfaces, now=None):
     mode, sequences = live_policy(maps)
     in_progress, knocks = grants.knocks_in_progress(maps, now=now)
@@ -75,6 +103,7 @@ def filter_status(maps, interfaces, now=None):
             for src, name, step, age in knocks
         ],
         "maps": {m.name: {"max_entries": m.max_entries} for m in maps},
+        "cluster": cluster_status(maps),
     }
 
 

@@ -1,0 +1,259 @@
+"""controller/cluster/: one node against a real three-member etcd on
+loopback, writing into the real program's maps (the test harness): grants of
+other nodes resynced and watched with their deadlines on this node's clock,
+keys written by something else ignored with one line, unreachable
+endpoints and bad certificates as one line, the replay claim won once.
+
+Each test runs in a child process of its own (in_child): gRPC, once it runs
+in a process, makes that process's later fork()s hang or abort, and the lab
+tests after this module fork (pyroute2) in the pytest process. The product
+forks only through vfork (subprocess), which gRPC's fork handlers never see."""
+
+import functools
+import ipaddress
+import os
+import traceback
+import logging
+import threading
+import time
+
+import pytest
+
+from xknock.controller.cluster import records
+from xknock.controller.cluster.etcd import ClusterUnavailable, Connection, check_files
+from xknock.controller.cluster.node import ClusterNode
+from xknock.controller.config.cluster_config import Cluster
+from xknock.controller.kernel import layout
+from xknock.controller.kernel.clock import monotonic_ns
+from xknock.controller.kernel.maps import to_addr
+from xknock.controller.spa.spa import ReplayClaimLost
+from xknock.controller.spa.spa_replay import ReplayCacheError
+from xknock_dev.etcd import EtcdCluster, free_port, make_tls
+from xknock_dev.lab import wait_for
+
+PREFIX = "/xknock/t/"
+
+
+def in_child(test):
+    """Runs test in a forked child; its failure, with its traceback, fails the test here."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the child: never returns into pytest
+            os.close(read)
+            code, message = 0, b""
+            try:
+                test(*args, **kwargs)
+            except BaseException:   # noqa: BLE001 (everything goes back to the parent)
+                code, message = 1, traceback.format_exc().encode()
+            try:
+                with os.fdopen(write, "wb") as out:
+                    out.write(message)
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read, "rb") as source:
+            message = source.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            pytest.fail(message.decode(errors="replace") or f"the test's child process ended with status {status}",
+                        pytrace=False)
+    return wrapper
+SECOND = 1_000_000_000
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    with EtcdCluster.loopback(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
+
+
+def cluster_of(etcd, node="me", **kw):
+    endpoints = tuple(("http", "127.0.0.1", m.client_port) for m in etcd.members)
+    return Cluster(endpoints=endpoints, node=node, prefix=PREFIX, **kw)
+
+
+@pytest.fixture
+def clean(etcd):
+    etcd.ctl("del", "--prefix", PREFIX)
+    yield
+    etcd.ctl("del", "--prefix", PREFIX)
+
+
+def grant_of(maps, source, port=22):
+    return maps.grants.lookup(layout.GrantKey(src=to_addr(ipaddress.ip_address(source)), proto=layout.PROTO_TCP,
+                                              port=port))
+
+
+def publish(etcd, source, open_for_s, node="other", port=22):
+    now = time.time_ns()
+    record = records.GrantRecord(ipaddress.ip_address(source), "tcp", port, now + open_for_s * SECOND, now,
+                                 60 * SECOND, 7, 0, node)
+    with Connection(cluster_of(etcd, node=node)) as connection:
+        connection.put_grants([record])
+
+
+@in_child
+def test_grants_of_other_nodes_are_resynced_then_watched_with_deadlines_on_this_clock(xk, etcd, clean):
+    publish(etcd, "192.0.2.1", 30)            # before the node starts: found by the resync
+    publish(etcd, "192.0.2.9", 30, node="me")  # its own: already in its maps, not written again
+    node = ClusterNode(cluster_of(etcd), xk.maps).start()
+    try:
+        assert wait_for(lambda: grant_of(xk.maps, "192.0.2.1") is not None, 10)
+        publish(etcd, "192.0.2.2", 90)        # after: found by the watch
+        assert wait_for(lambda: grant_of(xk.maps, "192.0.2.2") is not None, 10)
+        assert grant_of(xk.maps, "192.0.2.9") is None
+        first, second = grant_of(xk.maps, "192.0.2.1"), grant_of(xk.maps, "192.0.2.2")
+        now = monotonic_ns()
+        # Wall-clock deadlines carried, each converted to this node's monotonic clock.
+        assert 25 * SECOND < first.window_end_ns - now <= 30 * SECOND
+        assert 85 * SECOND < second.window_end_ns - now <= 90 * SECOND
+        assert (second.idle_timeout_ns, second.seq_uid) == (60 * SECOND, 7)
+        assert node.status()["reachable"] and node.counts["resyncs"] == 1 and node.counts["received"] == 2
+    finally:
+        node.close()
+
+
+@in_child
+def test_a_revoke_published_elsewhere_ends_the_grant_here(xk, etcd, clean):
+    node = ClusterNode(cluster_of(etcd), xk.maps).start()
+    try:
+        publish(etcd, "192.0.2.3", 30)
+        assert wait_for(lambda: grant_of(xk.maps, "192.0.2.3") is not None, 10)
+        with Connection(cluster_of(etcd, node="other")) as connection:
+            connection.revoke("192.0.2.3", "other")
+        assert wait_for(lambda: grant_of(xk.maps, "192.0.2.3") is None, 10)
+        assert etcd.get_prefix(PREFIX + "grants/") == {}
+        assert node.counts["revokes_received"] == 1
+    finally:
+        node.close()
+
+
+@in_child
+def test_keys_written_by_something_else_are_ignored_one_line_each(xk, etcd, clean, caplog):
+    for key, value in ((PREFIX + "grants/not-an-address/tcp:22", "{}"),
+                       (PREFIX + "grants/192.0.2.4/tcp:22", "not json"),
+                       (PREFIX + "grants/192.0.2.5/tcp:22", '{"v":1,"node":"x"}'),
+                       (PREFIX + "config/something", "else")):
+        assert etcd.ctl("put", key, value).returncode == 0
+    with caplog.at_level(logging.WARNING, logger="xknock.cluster"):
+        node = ClusterNode(cluster_of(etcd), xk.maps).start()
+        try:
+            assert wait_for(lambda: node.counts["resyncs"] == 1, 10)
+            assert node.counts["bad_records"] == 4 and node.counts["received"] == 0
+            assert grant_of(xk.maps, "192.0.2.4") is None and grant_of(xk.maps, "192.0.2.5") is None
+        finally:
+            node.close()
+    ignored = [r for r in caplog.records if "did not write" in r.getMessage()]
+    assert len(ignored) == 4 and not any(r.exc_info for r in caplog.records)
+
+
+@in_child
+def test_unreachable_endpoints_are_one_line_and_the_node_decides_alone(xk, caplog):
+    dead = Cluster(endpoints=(("http", "127.0.0.1", free_port()), ("http", "127.0.0.1", free_port())), node="me",
+                   prefix=PREFIX, timeout_ns=SECOND)
+    with pytest.raises(ClusterUnavailable) as caught:
+        Connection(dead)
+    assert str(caught.value).startswith("etcd unreachable: http://127.0.0.1:") and "\n" not in str(caught.value)
+    with caplog.at_level(logging.WARNING, logger="xknock.cluster"):
+        node = ClusterNode(dead, xk.maps).start()
+        try:
+            assert wait_for(lambda: node.counts["outages"] == 1 and node.last_error, 10)
+            assert not node.status()["reachable"]
+            with pytest.raises(ReplayCacheError, match="spa_unreachable"):
+                node.claim(b"\1" * 32, 0)            # refuse, the default
+            local = ClusterNode(Cluster(endpoints=dead.endpoints, node="me", prefix=PREFIX, spa_unreachable="local"),
+                                xk.maps)
+            local.claim(b"\1" * 32, 0)                 # the local cache alone decides
+        finally:
+            node.close()
+    assert [r.getMessage() for r in caplog.records].count(
+        "cluster: etcd unreachable; this node decides alone until it returns") == 1
+
+
+@in_child
+def test_bad_certificates_are_one_line(tmp_path, etcd):
+    bogus = tmp_path / "ca.pem"
+    bogus.write_text("not a certificate\n")
+    with pytest.raises(ClusterUnavailable, match=r"ca_file .*: not a PEM file"):
+        check_files(Cluster(endpoints=(("https", "127.0.0.1", 1),), node="me", ca_file=str(bogus)))
+    # A PEM that is no CA of this etcd (which speaks plain HTTP): the handshake fails, one line.
+    pem = tmp_path / "other-ca.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    tls = Cluster(endpoints=(("https", "127.0.0.1", etcd.members[0].client_port),), node="me", ca_file=str(pem),
+                  timeout_ns=SECOND)
+    with pytest.raises(ClusterUnavailable) as caught:
+        Connection(tls)
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+@in_child
+def test_one_digest_claimed_by_two_nodes_at_once_is_won_once(etcd, clean):
+    digest = bytes(range(32))
+    results = []
+    barrier = threading.Barrier(2)
+    connections = [Connection(cluster_of(etcd, node=name), start_at=i) for i, name in enumerate(("x", "y"))]
+
+    def claim(connection):
+        barrier.wait()
+        results.append(connection.claim_digest(digest, 10, connection.cluster.node))
+
+    try:
+        threads = [threading.Thread(target=claim, args=(c,)) for c in connections]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+    finally:
+        for connection in connections:
+            connection.close()
+    assert sorted(results) == [False, True]
+    assert list(etcd.get_prefix(PREFIX + "spa/")) == [PREFIX + "spa/" + digest.hex()]
+
+
+@in_child
+def test_a_lost_claim_is_a_replay(xk, etcd, clean):
+    node = ClusterNode(cluster_of(etcd), xk.maps).start()
+    try:
+        assert wait_for(lambda: node.reachable, 10)
+        with Connection(cluster_of(etcd, node="other")) as connection:
+            assert connection.claim_digest(b"\2" * 32, 10, "other")
+        with pytest.raises(ReplayClaimLost):
+            node.claim(b"\2" * 32, 0)
+        node.claim(b"\3" * 32, 0)   # a new one: won
+        assert (node.counts["claims_lost"], node.counts["claims_won"]) == (1, 1)
+    finally:
+        node.close()
+
+
+@in_child
+def test_tls_with_a_client_certificate_works_and_a_wrong_ca_or_no_certificate_is_one_line(tmp_path):
+    server = make_tls(tmp_path, "etcd")
+    other = make_tls(tmp_path, "stranger")
+    with EtcdCluster.loopback(tmp_path, size=1, tls=server) as etcd:
+        port = etcd.members[0].client_port
+
+        def cluster(ca, cert=None, key=None):
+            return Cluster(endpoints=(("https", "127.0.0.1", port),), node="me", prefix=PREFIX, ca_file=ca,
+                           cert_file=cert, key_file=key, timeout_ns=2 * SECOND)
+
+        good = cluster(server["ca"], server["cert"], server["key"])
+        check_files(good)
+        with Connection(good) as connection:
+            assert connection.claim_digest(b"\4" * 32, 10, "me")
+        assert list(etcd.get_prefix(PREFIX + "spa/")) == [PREFIX + "spa/" + (b"\4" * 32).hex()]
+        for bad, says in ((cluster(other["ca"], server["cert"], server["key"]), "certificate verify failed"),
+                          (cluster(server["ca"]), ""),                                # no client certificate
+                          (cluster(server["ca"], other["cert"], other["key"]), "")):  # one etcd does not trust
+            with pytest.raises(ClusterUnavailable) as caught:
+                Connection(bad)
+            assert str(caught.value).startswith(f"etcd unreachable: https://127.0.0.1:{port}: ")
+            assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_grpc_never_ran_in_the_pytest_process():
+    """The guard of in_child: the tests after this module fork safely."""
+    import sys
+
+    assert "grpc" not in sys.modules and "etcd3" not in sys.modules
