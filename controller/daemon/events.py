@@ -159,7 +159,18 @@ MESSAGE_EVENTS = tuple((re.compile(pattern), name) for pattern, name in (
     (r"metrics: reading the filter's maps failed", "scrape_failed"),
     (r"counting map entries took too long", "map_count_slow"),
     (r"map sample failed", "map_sample_failed"),
+    # cluster/node.py, cli/cluster.py
+    (r"cluster: could not queue a grant", "cluster_queue_failed"),
+    (r"cluster: status not written", "cluster_status_failed"),
+    (r"cluster: etcd reachable", "cluster_etcd_reachable"),
+    (r"cluster: etcd unreachable", "cluster_etcd_unreachable"),
+    (r"cluster: revoked", "cluster_revoked"),
+    (r"cluster: banned", "cluster_banned"),
+    (r"cluster: ignored a key", "cluster_foreign_key"),
+    (r"cluster: ", "cluster_error"),
+    (r"\[cluster\] with --once", "cluster_once"),
     # spa/spa.py
+    (r"SPA grant observer failed", "spa_grant_observer_failed"),
     (r"SPA packet handling failed", "spa_failed"),
     (r"SPA receiver round failed", "spa_round_failed"),
     (r"could not remember a SPA source", "spa_remember_failed"),
