@@ -1,6 +1,10 @@
 """`xknock attach`: load the filter, attach it and run the controller."""
 
+import json
 import logging
+import os
+import signal
+import sys
 
 import click
 
@@ -50,6 +54,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_
     from xknock.controller.daemon.events import EventReader
 
     signals = Signals().install()   # before anything is attached: see Signals
+    handed = _handed_over(signals)   # what the process that attached hands this one (see _hand_over)
     metrics_server = web_config = None
     if metrics_web_config and not metrics_addr:
         raise click.UsageError("--metrics-web-config secures the metrics endpoint: give --metrics-addr too")
@@ -82,8 +87,11 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_
     elif metrics_addr:
         metrics_server = MetricsServer(host, port, web_config)   # binds now: a busy address fails before anything changes
     try:
-        attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=replace,
-                                    before_attach=_session_guard(config, keep_sessions, cut_sessions))
+        if handed:
+            attached = lifecycle.adopt(list(ifaces), handed["prog_id"], handed["pin_dir"], handed["modes"])
+        else:
+            attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=replace,
+                                        before_attach=_session_guard(config, keep_sessions, cut_sessions))
     except LoadError as err:
         if metrics_server:
             metrics_server.close()
@@ -93,20 +101,16 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_
         if metrics_server:
             metrics_server.close()
         raise
-    _remove_failsafe(list(ifaces))
-    from xknock.controller.policy.answers import attach_warnings
-    from xknock.controller.policy.ipsec import ipsec_warnings
-
-    for warning in [*attach_warnings(config, attached.modes), *ipsec_warnings(config)]:
-        log.warning(warning)
-    for name in ifaces:
-        how = "replaced program %d" % attached.replaced[name] if name in attached.replaced else "attached"
-        log.info(f"{how} on {name}", extra={"fields": {
-            "iface": name, "xdp_mode": attached.modes[name], "prog_id": attached.loaded.prog_id,
-            "mode": config.mode, "sequences": len(config.sequences), "pins": attached.pin_dir}})
+    if handed:
+        _follow_config_changes(attached, config, handed)
+    else:
+        _remove_failsafe(list(ifaces))
+        _say_attached(list(ifaces), config, attached)
     if once:
         attached.maps.close()
         return
+    if not handed and _can_hand_over():
+        _hand_over(attached, config, signals, closing=[metrics_server, spa_cache])   # does not return
     events = EventReader(attached.loaded, attached.maps)
     spa_receiver = None
     if spa_cache is not None:
@@ -129,6 +133,78 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_
     finally:
         if node is not None:
             node.close()
+
+
+def _say_attached(ifnames, config, attached):
+    from xknock.controller.policy.answers import attach_warnings
+    from xknock.controller.policy.ipsec import ipsec_warnings
+
+    for warning in [*attach_warnings(config, attached.modes), *ipsec_warnings(config)]:
+        log.warning(warning)
+    for name in ifnames:
+        how = "replaced program %d" % attached.replaced[name] if name in attached.replaced else "attached"
+        log.info(f"{how} on {name}", extra={"fields": {
+            "iface": name, "xdp_mode": attached.modes[name], "prog_id": attached.loaded.prog_id,
+            "mode": config.mode, "sequences": len(config.sequences), "pins": attached.pin_dir}})
+
+
+# The controller leaves BCC behind: once the program is loaded and attached,
+# the command goes on in a fresh process of itself (exec, same PID, so systemd
+# and signals see one process), which opens the running filter by its id and
+# never imports BCC and LLVM (some 130 MiB of a controller's 180).
+HANDOVER_ENV = "XKNOCK_HANDOVER"
+HANDOVER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+
+def _can_hand_over():
+    """Only the real command line can be run again (not a test's in-process call)."""
+    script = sys.argv[0] if sys.argv else ""
+    return "bcc" in sys.modules and os.path.basename(script) == "xknock" and os.path.isfile(script)
+
+
+def _hand_over(attached, config, signals, closing):
+    from xknock.controller.config import config_hash
+
+    state = {"prog_id": attached.loaded.prog_id, "pin_dir": attached.pin_dir, "modes": attached.modes,
+             "config_hash": config_hash(config), "stop": signals.stop, "reload": signals.reload}
+    for held in closing:   # the metrics port and the replay cache's lock: the new process takes them again
+        if held is not None:
+            held.close()
+    # A signal from now on waits, pending across exec, for the new process's handlers.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDOVER_SIGNALS)
+    log.debug("handing over to a controller without BCC", extra={"fields": {"event": "handover",
+                                                                            "prog_id": state["prog_id"]}})
+    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **{HANDOVER_ENV: json.dumps(state)}))
+
+
+def _handed_over(signals):
+    """The state _hand_over passed, once (not to hooks and other children);
+    a stop or reload asked of the process before it is asked of this one."""
+    text = os.environ.pop(HANDOVER_ENV, None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)   # the handlers are installed: let them run
+    if text is None:
+        return None
+    try:
+        state = json.loads(text)
+        handed = {"prog_id": int(state["prog_id"]), "pin_dir": str(state["pin_dir"]),
+                  "modes": {str(k): str(v) for k, v in state["modes"].items()},
+                  "config_hash": str(state["config_hash"])}
+        signals.stop = signals.stop or bool(state["stop"])
+        signals.reload = signals.reload or bool(state["reload"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise XknockError(f"{HANDOVER_ENV} is not what xknock attach hands over: unset it") from None
+    return handed
+
+
+def _follow_config_changes(attached, config, handed):
+    """The file changed between the attach and the handover: apply it, as a reload would."""
+    from xknock.controller.config import config_hash
+    from xknock.controller.policy import policy
+
+    if config_hash(config) != handed["config_hash"]:
+        policy.apply_policy(attached.maps, config)
+        log.warning("the config changed while attaching: the new one is applied",
+                    extra={"fields": {"event": "config_changed_while_attaching"}})
 
 
 def _fail_closed(ifnames, config, err):

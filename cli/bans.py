@@ -55,7 +55,7 @@ def unban(iface, addr, config_path, as_json):
         except XknockError as err:
             raise XknockError(f"unbanned {addr} on this node only, not on the others: {err}") from None
     text = f"unbanned {addr}" if lifted else f"{addr} was not banned"
-    echo_result(as_json, {"unbanned": str(addr), "was_banned": bool(lifted), "published": cluster is not None},
+    echo_result(as_json, {"unbanned": str(addr), "was_banned": bool(lifted), **({"published": True} if cluster else {})},
                 text + ("; the unban is published to the cluster" if cluster else ""))
 
 

@@ -43,9 +43,11 @@ def grant(iface, addr, ports, for_ns, idle_ns, config_path, as_json):
                 node.withdraw_operator_grant(cluster, addr, wanted)
                 raise
     names = [f"{p}:{n}" for p, n in opened]
-    echo_result(as_json, {"granted": str(addr), "ports": names, "for_s": for_ns / 1e9,
-                          "idle_s": (idle_ns if idle_ns is not None else for_ns) / 1e9,
-                          "published": cluster is not None},
+    answer = {"granted": str(addr), "ports": names, "for_s": for_ns / 1e9,
+              "idle_s": (idle_ns if idle_ns is not None else for_ns) / 1e9}
+    if cluster is not None:
+        answer["published"] = True
+    echo_result(as_json, answer,
                 f"granted {addr}: {' '.join(names)}" + (" (published to the cluster)" if cluster else ""))
 
 
@@ -70,7 +72,7 @@ def revoke(iface, addr, config_path, as_json):
         except XknockError as err:
             raise XknockError(f"revoked {addr} on this node only ({removed} grant(s) removed), not on the others: "
                               f"{err}; run it again when etcd answers") from None
-    echo_result(as_json, {"revoked": str(addr), "grants_removed": removed, "published": cluster is not None},
+    echo_result(as_json, {"revoked": str(addr), "grants_removed": removed, **({"published": True} if cluster else {})},
                 f"revoked {addr}: {removed} grant(s) removed" + ("; published to the cluster" if cluster else ""))
 
 

@@ -258,8 +258,13 @@ class Foreground:
         return all(caught & (1 << (signum - 1)) for signum in signums)
 
     def wait_ready(self, timeout=60.0):
-        """Attached, and in its loop: SIGHUP reloads and SIGTERM stops it."""
+        """Attached, and in its loop (after the handover to a process without
+        BCC): SIGHUP reloads and SIGTERM stops it."""
         self.wait_attached(timeout)
+        after_attached = self.log.consumed
+        line = self.log.wait_for(lambda l: " controller running" in f" {l}", timeout)
+        assert line, f"the controller did not log 'controller running':\n{self.log.read_all(0.5)}"
+        self.log.consumed = after_attached   # what it logged meanwhile is the test's to read
         assert wait_for(lambda: self.handles(signal.SIGHUP, signal.SIGTERM), timeout=5), \
             f"the controller never installed its signal handlers:\n{self.log.read_all(0.5)}"
 

@@ -9,6 +9,7 @@ re-adopts the maps and loses nothing.
 
 import logging
 import signal
+import sys
 import time
 
 from ..config import ConfigError, load_config
@@ -137,6 +138,8 @@ class Controller:
     def run(self, notifier=None):
         notifier = notifier or Notifier()
         notifier.ready(f"enforcing on {','.join(self.ifnames)}")
+        log.info("controller running", extra={"fields": {"event": "controller_running", "iface": ",".join(self.ifnames),
+                                                          "bcc": "bcc" in sys.modules}})
         next_sweep = time.monotonic() + SWEEP_EVERY_S
         next_ban_check = time.monotonic() + BAN_CHECK_EVERY_S
         if self.spa:

@@ -71,7 +71,7 @@ class EventReader:
         self.hooks = hooks   # a hooks.HookDispatcher, or None
         self.observers = []  # callables given each layout.EventRecord (the daemon's time-based rotation)
         self.refresh_names()
-        self._ring = Ring(loaded.bpf[b"events"].map_fd, self._on_record, POLL_BUDGET)
+        self._ring = Ring(loaded.map_fd("events"), self._on_record, POLL_BUDGET)
 
     def refresh_names(self):
         """Sequence names by uid, read back from the live policy (after a reload too)."""

@@ -207,6 +207,21 @@ def _attach_one(att, prog_fd, xdp_mode):
     raise LoadError(f"attaching to {att.ifname} failed ({'; '.join(reasons)})")
 
 
+def adopt(ifnames, prog_id, pin_dir, modes):
+    """The Attached of a filter this command attached before it handed over
+    to a process of its own without BCC (cli/attach.py): prog_id must still
+    run on every interface of ifnames."""
+    require_root()
+    for name in ifnames:
+        att = datapath.attachment(name)
+        if att.prog_id != prog_id:
+            now = f"program {att.prog_id}" if att.prog_id else "nothing"
+            raise XknockError(f"the filter attached to {name} a moment ago (program {prog_id}) is gone, {now} "
+                              "runs there: attach again")
+    loaded = datapath.open_loaded(prog_id)
+    return Attached(loaded, FilterMaps.from_prog(prog_id, loaded.layout), pin_dir, dict(modes), {})
+
+
 def running_xknock(ifname):
     """The Attachment of the xknock filter on ifname, or an error saying what runs there."""
     att = datapath.attachment(ifname)

@@ -277,12 +277,37 @@ def move_pins(source, directory):
 
 @dataclass
 class Loaded:
-    """A compiled and loaded program; keep the BCC object alive while in use."""
+    """A loaded program: compiled here (keep the BCC object alive while in
+    use), or opened by id in a controller that never loads BCC (bpf None)."""
 
     bpf: object
     fd: int
     prog_id: int
     layout: int         # the layout stamp of its maps
+
+    def map_fd(self, name):
+        """An fd of the program's map `name` (its ring buffers too), valid while this is."""
+        if self.bpf is not None:
+            return self.bpf[name.encode()].map_fd
+        fds = self.__dict__.setdefault("_map_fds", {})
+        if name not in fds:
+            ids = running_map_ids(self.prog_id)
+            if name not in ids:
+                raise XknockError(f"program {self.prog_id} has no map {name}: is it xknock's?")
+            fds[name] = bpfsys.map_fd_by_id(ids[name])
+        return fds[name]
+
+
+def open_loaded(prog_id):
+    """The running program prog_id as a Loaded, without BCC: what a controller
+    needs of it (its fd, its maps by name)."""
+    fd = bpfsys.prog_fd_by_id(prog_id)
+    control = bpfsys.map_fd_by_id(running_map_ids(prog_id)["control"])
+    try:
+        built = stamp.read(control)
+    finally:
+        os.close(control)
+    return Loaded(None, fd, prog_id, built)
 
 
 def compile_and_load(directory, cflags=(), test_clock=False):

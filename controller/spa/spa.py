@@ -193,7 +193,7 @@ class SpaReceiver:
         self._lock = threading.Lock()   # the verifier's [spa] and cache: judged here, switched by reloads
         self._stop = threading.Event()
         self._thread = None
-        self._ring = Ring(loaded.bpf[b"spa_events"].map_fd, self._on_record, RING_BUDGET)
+        self._ring = Ring(loaded.map_fd("spa_events"), self._on_record, RING_BUDGET)
 
     def start(self):
         if self._thread is None:
