@@ -283,3 +283,19 @@ def test_a_sigterm_sent_as_the_controller_logs_attached_is_handled(net, configs)
             assert " attached on " in log and "the filter stays attached and enforcing" in log
         finally:
             stop_process(process)
+
+
+def test_the_running_controller_has_left_bcc_behind(net, configs):
+    """After attaching, the controller goes on in a process of its own that
+    never loaded BCC or LLVM (cli/attach.py, the hand-over): same PID."""
+    config = write_config(configs, "basic.toml", config_text())
+    xknock(net.server, "detach", net.server_iface)
+    with Foreground(net, config) as controller:
+        controller.wait_ready()
+        running = controller.log.wait_for(lambda line: " controller running" in f" {line}", timeout=5)
+        assert running and "bcc=false" in running.split(), running
+        with open(f"/proc/{controller.process.pid}/maps") as maps:
+            loaded = maps.read()
+        assert "libbcc" not in loaded and "libLLVM" not in loaded
+        knock(net.client, net.server.ipv4, *SEQUENCE)   # and it still serves: the grant is logged
+        assert controller.log.wait_for(lambda line: " granted " in f"{line} ", timeout=5), controller.log.text()
