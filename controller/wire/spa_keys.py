@@ -92,21 +92,28 @@ def keys_from_base64(key_b64, hmac_key_b64, where="keys"):
     return check_pair(Keys(decode_key(key_b64), decode_hmac_key(hmac_key_b64)), where)
 
 
-def load_key_file(path):
-    """A file in `fwknop --key-gen` format -> Keys. "NAME: value" and
-    access.conf's "NAME value" are both read; blank lines and # comments are
-    skipped. SpaKeyError for anything else, a missing key, or a file that
-    others could read or change (kernel/trust.py)."""
+def read_key_file(path, limit, make_one):
+    """The bytes of a key file (at most limit), once kernel/trust.py found that
+    only a trusted owner can read or change it; SpaKeyError otherwise.
+    make_one: the command that makes one, for a missing file."""
     untrusted = trust.problem(path, "key file", secret=True)   # before reading a byte of it
     if untrusted:
         raise SpaKeyError(untrusted)
     try:
         with open(path, "rb") as handle:
-            data = handle.read(64 * 1024)
+            return handle.read(limit)
     except FileNotFoundError:
-        raise SpaKeyError(f"{path}: no such key file (make one with `xknock keygen --key-file {path}`)") from None
+        raise SpaKeyError(f"{path}: no such key file (make one with `{make_one}`)") from None
     except OSError as err:
         raise SpaKeyError(f"{path}: cannot read: {err.strerror}") from None
+
+
+def load_key_file(path):
+    """A file in `fwknop --key-gen` format -> Keys. "NAME: value" and
+    access.conf's "NAME value" are both read; blank lines and # comments are
+    skipped. SpaKeyError for anything else, a missing key, or a file that
+    others could read or change (kernel/trust.py)."""
+    data = read_key_file(path, 64 * 1024, f"xknock keygen --key-file {path}")
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:

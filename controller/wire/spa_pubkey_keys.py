@@ -18,8 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from ..kernel import trust
-from .spa_keys import SpaKeyError, write_private
+from .spa_keys import SpaKeyError, read_key_file, write_private
 
 USER, SERVER = "user", "server"
 PRIVATE_NAMES = {USER: "XKNOCK_SPA_USER_KEY", SERVER: "XKNOCK_SPA_SERVER_KEY"}
@@ -97,17 +96,7 @@ def read_public(text_or_path, what="public key"):
 def load_private(path, kind):
     """The private key in path; SpaKeyError otherwise, and when others could
     read or change the file (kernel/trust.py)."""
-    untrusted = trust.problem(path, "key file", secret=True)   # before reading a byte of it
-    if untrusted:
-        raise SpaKeyError(untrusted)
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(4096)
-    except FileNotFoundError:
-        raise SpaKeyError(f"{path}: no such key file (make one with `xknock keygen --public"
-                          f"{' --server' if kind == SERVER else ''} --key-file {path}`)") from None
-    except OSError as err:
-        raise SpaKeyError(f"{path}: cannot read: {err.strerror}") from None
+    data = read_key_file(path, 4096, f"xknock keygen --public{' --server' if kind == SERVER else ''} --key-file {path}")
     name = PRIVATE_NAMES[kind]
     match = re.search(rb"^" + name.encode() + rb"\s*:\s*([A-Za-z0-9+/=]+)\s*$", data, re.M)
     if not match:
