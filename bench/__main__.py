@@ -3,7 +3,7 @@
 
 import sys
 
-from . import answers, controlplane, datapath, flood, fwknop, knockd, nftingress, report
+from . import answers, controlplane, datapath, flood, fwknop, knockd, nftingress, report, spa_verify
 
 COMMANDS = ("datapath", "controlplane", "flood", "knockd", "nft", "spa", "spa-verify", "answers", "report", "all")
 
@@ -24,6 +24,8 @@ def main(argv):
         answers.run_answers(quick)
     if which == "spa-verify":   # the verifier's cost per candidate, in process: no lab, no root
         print(fwknop.cost_markdown(fwknop.candidate_costs(0.5 if quick else 3.0)))
+        print()   # and both protocols side by side: junk, forged, authentic
+        print(spa_verify.markdown(spa_verify.verifications(0.3 if quick else 1.0)))
     if which == "report":
         report.run_report(quick)
     for name, bench in (("knockd", knockd), ("nft", nftingress), ("spa", fwknop)):
