@@ -7,6 +7,8 @@ import re
 import subprocess
 
 import pytest
+
+from xknock.controller.config.spa_config import default_total_rate
 from xknock_dev.e2e import XKNOCK, check, config_text, fresh_attach, remove_xdp, status_json, write_config, xknock
 from xknock_dev.lab import lab
 
@@ -90,13 +92,14 @@ def key_file(tmp_path_factory):
 
 def test_spa_port_rates_and_guarded_ports_are_compared(key_file):
     cpus = os.cpu_count()
+    total = default_total_rate(1)   # one stanza: derived from the verifier's cost (config/spa_config.py)
     with_spa = view(LIVE + spa_section(key_file))
     assert changes(view(LIVE), with_spa) == [
-        f"~ spa rates: none -> 10/s per source, {max(1, 20000 // cpus)}/s per CPU",
+        f"~ spa rates: none -> 10/s per source, {max(1, total // cpus)}/s per CPU",
         "+ guarded tcp:2222", "+ spa port udp:62201"]
     assert changes(with_spa, view(LIVE + spa_section(key_file, port=62202, rate=5))) == [
-        f"~ spa rates: 10/s per source, {max(1, 20000 // cpus)}/s per CPU -> 5/s per source, "
-        f"{max(1, 20000 // cpus)}/s per CPU",
+        f"~ spa rates: 10/s per source, {max(1, total // cpus)}/s per CPU -> 5/s per source, "
+        f"{max(1, total // cpus)}/s per CPU",
         "- spa port udp:62201", "+ spa port udp:62202"]
 
 

@@ -362,6 +362,11 @@ def every_family(xk):
     info.hooks = types.SimpleNamespace(started=1, failed=0, timed_out=0, dropped=0, running=0)
     registry = registry_for(xk, info=info, sampler=sampler,
                             attachment=lambda device, control: (xk.loaded.prog_id, "native"))
+    # A cluster node's families too (cluster/metrics.py), from a node's status.
+    from xknock.controller.cluster.metrics import COUNTERS, ClusterCollector
+
+    status = {"node": "a", "reachable": True, "sync_lag_s": 0.05, "pending": 0, **{key: 1 for key, _, _ in COUNTERS}}
+    registry.register(ClusterCollector(types.SimpleNamespace(status=lambda: status)))
     return list(registry.collect())
 
 

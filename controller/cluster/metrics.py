@@ -29,7 +29,7 @@ class ClusterCollector:
     def collect(self):
         status = self.node.status()
         labels = ["node"]
-        up = GaugeMetricFamily("xknock_cluster_etcd_reachable", "1 when this node's controller reaches etcd.",
+        up = GaugeMetricFamily("xknock_cluster_etcd_reachable", "Whether this node's controller reaches etcd: 1 if it does, 0 while it decides alone.",
                                labels=labels)
         up.add_metric([status["node"]], 1.0 if status["reachable"] else 0.0)
         yield up
