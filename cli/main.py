@@ -25,8 +25,19 @@ from xknock.controller.daemon.events import FORMATS as LOG_FORMATS, setup_loggin
 # tests/test_structure.py checks that.
 
 
+def _print_version(ctx, param, value):
+    """The version and the source revision this build was installed from."""
+    if not value or ctx.resilient_parsing:
+        return
+    from xknock.controller.daemon import build
+
+    click.echo(f"xknock, version {build.version()} (revision {build.revision()})")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="xknock", prog_name="xknock")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and exit.")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
               help="Log lines for people (text: level, message, key=value), or for tools: logfmt or JSON, "
                    "with a timestamp and an event name on every line.")

@@ -19,7 +19,6 @@ alerts in dashboards/alerts.yml fire.
 """
 
 import ctypes
-import importlib.metadata
 import ipaddress
 import logging
 import socket
@@ -40,6 +39,7 @@ from ..kernel import bpfsys, datapath, layout
 from ..kernel.batch import NoBatch, OverBudget, batches
 from ..kernel.clock import monotonic_ns
 from ..kernel.maps import live_sequences
+from . import build
 from .links import EVENTS as INTERFACE_EVENTS
 
 log = logging.getLogger("xknock.metrics")
@@ -121,10 +121,7 @@ SIMPLE_COUNTERS = (
 
 
 def package_version():
-    try:
-        return importlib.metadata.version("xknock")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    return build.version()
 
 
 def parse_addr(text):
@@ -420,6 +417,11 @@ class XknockCollector:
         return family
 
     def _controller(self):
+        built = GaugeMetricFamily("xknock_build_info",
+                                  "The build of xknock this controller runs: its version and the source revision it "
+                                  "was installed from; always 1.", labels=["version", "revision"])
+        built.add_metric([self.info.version, build.revision()], 1)
+        yield built
         info = GaugeMetricFamily("xknock_controller_info",
                                  "The controller's version and the hash of the config it last applied; always 1.",
                                  labels=["version", "config_hash"])
