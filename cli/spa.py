@@ -46,7 +46,7 @@ no answer after --tries packets: exit status 2.""")
               help="Keys in `fwknop --key-gen` format (KEY_BASE64: / HMAC_KEY_BASE64:), mode 0600.")
 @click.option("--key-base64", default=None, help="The encryption key inline (visible in ps: tests only).")
 @click.option("--hmac-key-base64", default=None, help="The HMAC key inline (with --key-base64).")
-@click.option("--digest", "hmac_digest", type=click.Choice(spa_message.HMAC_DIGESTS), default="sha256",
+@click.option("--hmac-digest", "--digest", "hmac_digest", type=click.Choice(spa_message.HMAC_DIGESTS), default="sha256",
               show_default=True, help="The HMAC digest (the server's HMAC_DIGEST_TYPE / hmac_digest).")
 @click.option("--user", default=None, help="The user name in the message (default: your login name).")
 @click.option("-a", "--allow-ip", "access_addresses", multiple=True, metavar="ADDRESS",
@@ -145,7 +145,8 @@ HMAC_KEY_BASE64 with USE_HMAC Y, or xknock spa --key-file) and the server
 ([[spa.user]] key_file).""")
 @click.option("--key-file", type=click.Path(dir_okay=False), default=None,
               help="Write the keys here, mode 0600, instead of printing them.")
-@click.option("--hmac-digest", type=click.Choice(sorted(HMAC_KEY_BYTES)), default="sha256", show_default=True,
+@click.option("--hmac-digest", "--digest", "hmac_digest", type=click.Choice(sorted(HMAC_KEY_BYTES)), default="sha256",
+              show_default=True,
               help="Size the HMAC key for this digest, as fwknop does.")
 @click.option("--public", is_flag=True,
               help="Make a key pair of the public-key SPA instead: KEY_FILE (private, 0600) and KEY_FILE.pub.")

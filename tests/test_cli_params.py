@@ -106,3 +106,21 @@ def test_sequence_names_complete_from_the_config(tmp_path):
 
 def test_config_files_complete_as_files():
     assert complete("xknock check -c ") == ["file,"]
+
+
+def test_the_digest_option_has_one_name_everywhere():
+    """`--hmac-digest` (and its short form `--digest`) on both `spa` and `keygen`."""
+    import base64
+
+    from click.testing import CliRunner
+
+    from xknock.cli.main import main
+
+    for flag in ("--hmac-digest", "--digest"):
+        out = CliRunner().invoke(main, ["keygen", flag, "sha512"])
+        assert out.exit_code == 0, out.output
+        hmac_key = out.output.split("HMAC_KEY_BASE64:")[1].split()[0]
+        assert len(base64.b64decode(hmac_key)) == 128   # sized for sha512, as fwknop does
+    for command in ("spa", "keygen"):
+        text = CliRunner().invoke(main, [command, "--help"]).output
+        assert "--hmac-digest" in text and "--digest" in text, text
