@@ -12,7 +12,7 @@ import time
 
 import pytest
 from xknock_dev.e2e import XKNOCK as XKNOCK_BIN
-from xknock_dev.e2e import Foreground, LineReader, check, served_lab, status_json, write_config, xknock
+from xknock_dev.e2e import Foreground, LineReader, check, served_lab, spa_verdicts, status_json, write_config, xknock
 
 from xknock_dev.lab import HELPER_PYTHON, can_connect, stop_process, wait_for
 from xknock.controller.kernel.maps import FilterMaps, from_addr
@@ -90,9 +90,7 @@ def shut(host, server):
     return not can_connect(host, server, GUARDED, timeout=0.5)
 
 
-def verdicts(net):
-    counters = status_json(net.server)[0]["counters"]
-    return {k.removeprefix("spa_"): v for k, v in counters.items() if k.startswith("spa_") and v}
+verdicts = spa_verdicts
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import signal
 import sys
 
 import pytest
-from xknock_dev.e2e import Foreground, TcpEchoServer, status_json, write_config, xknock
+from xknock_dev.e2e import Foreground, TcpEchoServer, spa_verdicts, write_config, xknock
 
 from xknock_dev.lab import can_connect, lab, wait_for
 
@@ -78,9 +78,7 @@ socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(open(sys.argv[1], "rb").
 """
 
 
-def verdicts(net):
-    counters = status_json(net.server)[0]["counters"]
-    return {k.removeprefix("spa_"): v for k, v in counters.items() if k.startswith("spa_") and v}
+verdicts = spa_verdicts
 
 
 def shut(host, address, port=GUARDED):

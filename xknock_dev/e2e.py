@@ -79,6 +79,13 @@ def status_json(host, *args):
     return json.loads(check(xknock(host, "status", "--json", *args)).stdout)["filters"]
 
 
+def spa_verdicts(net):
+    """The SPA outcomes counted so far on the lab's server ({"accepted": 1, ...},
+    nonzero only). The controller flushes them once a second: wait for them."""
+    counters = status_json(net.server)[0]["counters"]
+    return {k.removeprefix("spa_"): v for k, v in counters.items() if k.startswith("spa_") and v}
+
+
 def fresh_attach(net, config_path):
     """Detach whatever a previous test left (its pins and state go with it),
     then attach with config_path: a filter with no grant and no knock."""
