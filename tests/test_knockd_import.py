@@ -17,9 +17,8 @@ import pytest
 
 from xknock_dev.e2e import ACCEPTED, DROPPED, XKNOCK, TcpEchoServer, check, fresh_attach, write_config, xknock
 from xknock.controller.config import NS_PER_UNIT, parse_config, parse_duration
-from xknock.controller.importers.knockd_import import (
-    STEP_TIMEOUT_FLOOR_NS, KnockdImportError, NotUnderstood, Rule, convert, parse_command,
-)
+from xknock.controller.importers.firewall_commands import NotUnderstood, Rule, parse_command
+from xknock.controller.importers.knockd_import import STEP_TIMEOUT_FLOOR_NS, KnockdImportError, convert
 from xknock_dev.lab import can_connect, lab
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "knockd")

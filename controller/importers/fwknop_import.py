@@ -29,6 +29,7 @@ import re
 
 from ..wire import spa_keys
 from ..wire.spa_message import HMAC_DIGESTS, MAX_HMAC_KEY, MAX_KEY
+from .note import ImportFailed, ImportNote
 
 DEFAULT_PATH = "/etc/fwknop/access.conf"
 DEFAULT_FWKNOPD_CONF = "/etc/fwknop/fwknopd.conf"
@@ -73,16 +74,12 @@ CONVERTED = ("SOURCE", "OPEN_PORTS", "KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_
 KNOWN = set(DROPPED) | set(GPG) | set(CONVERTED)
 
 
-class FwknopImportError(Exception):
+class FwknopImportError(ImportFailed):
     """Nothing can be converted; .notes says what was found."""
-
-    def __init__(self, message, notes=()):
-        super().__init__(message)
-        self.notes = list(notes)
 
 
 @dataclasses.dataclass(frozen=True)
-class Note:
+class Note(ImportNote):
     """outcome: "dropped" (this setting is lost, the stanza kept), "stanza
     dropped" (not converted at all), "changed" (carried over with another
     meaning), "ignored" (fwknopd itself ignores or refuses it)."""
@@ -95,12 +92,9 @@ class Note:
 
     server: bool = False   # a note about fwknopd.conf, not access.conf
 
-    def __str__(self):
-        where = "server setting" if self.server else f"stanza {self.stanza}" if self.stanza else "outside any stanza"
-        return f"{where}: {self.setting}: {self.reason}: {self.outcome}"
-
-    def located(self, path):
-        return f"{path}:{self.line}: {self}" if self.line else f"{path}: {self}"
+    @property
+    def where(self):
+        return "server setting" if self.server else f"stanza {self.stanza}" if self.stanza else "outside any stanza"
 
 
 @dataclasses.dataclass
