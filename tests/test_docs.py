@@ -161,7 +161,7 @@ LIVE_GRANTS = "created + operator + SPA − expired − removed"
 
 
 def test_the_live_grants_formula_is_written_one_way():
-    source = read(os.path.join(REPO, "controller", "daemon", "metrics.py"))
+    source = read(os.path.join(REPO, "controller", "daemon", "collector.py"))
     help_text = re.search(r'"xknock_grants_live",\s*((?:"[^"]*"\s*)+)', source).group(1)
     assert "operator" in help_text and "SPA" in help_text, help_text
     for doc in ("architecture.md", "metrics.md"):

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from xknock.controller.state import grants
 from xknock.controller.kernel import layout
 from xknock.controller.kernel.batch import NoBatch
-from xknock.controller.daemon import hooks, metrics
+from xknock.controller.daemon import hooks, map_sampler, metrics
 from xknock.controller.errors import XknockError
 from xknock.controller.kernel.maps import FilterMaps
 
@@ -255,7 +255,7 @@ def test_without_batch_lookup_entries_are_counted_by_iteration(xk, monkeypatch):
         raise NoBatch()
         yield
 
-    monkeypatch.setattr(metrics, "batches", no_batch)
+    monkeypatch.setattr(map_sampler, "batches", no_batch)
     knock(xk, STRANGER, SSH)
     assert metrics.count_entries(xk.maps.progress) == 1     # ssh completed (web's first step is in `firsts`)
     sampler = metrics.MapSampler(lambda: xk.maps, now_ns=lambda: xk.now_ns)
@@ -268,7 +268,7 @@ def test_counting_past_its_budget_keeps_the_previous_count(xk, monkeypatch):
     sampler = metrics.MapSampler(lambda: xk.maps, now_ns=lambda: xk.now_ns)
     sampler.sample_once()
     knock(xk, STRANGER, SSH)
-    monkeypatch.setattr(metrics, "count_entries", lambda *args, **kwargs: None)
+    monkeypatch.setattr(map_sampler, "count_entries", lambda *args, **kwargs: None)
     sampler.sample_once()
     assert sampler.latest().entries["progress"] == 0
 
@@ -283,7 +283,7 @@ def test_knocks_in_progress_stay_put_while_a_map_is_over_its_budget(xk, monkeypa
     assert before == 3                               # .41's and .44's first steps (ssh, web) + .44 at step 2
 
     count = metrics.count_entries
-    monkeypatch.setattr(metrics, "count_entries",
+    monkeypatch.setattr(map_sampler, "count_entries",
                         lambda m, *args, **kwargs: None if m is getattr(xk.maps, slow) else count(m, *args, **kwargs))
     for _ in range(3):                               # the first steps must not pile up round after round
         sampler.sample_once()
