@@ -71,6 +71,17 @@ class Map:
             yield next_key
             key = next_key
 
+    def delete_where(self, doomed):
+        """Delete every entry whose key doomed(key) picks; returns how many
+        went. The keys are read first and deleted after: deleting while
+        walking a BPF hash can restart the walk."""
+        removed = 0
+        for raw in [bytes(k) for k in self.keys()]:
+            key = self.key_type.from_buffer_copy(raw)
+            if doomed(key) and self.delete(key):
+                removed += 1
+        return removed
+
     def items(self):
         for key in self.keys():
             value = self.lookup(key)

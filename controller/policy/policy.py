@@ -178,14 +178,10 @@ def _write_bank(maps, policy):
 
 def _clear_bank(maps, bank):
     for m in (maps.ports, maps.allow, maps.deny):
-        stale = [bytes(key) for key in m.keys() if key.bank & 1 == bank]
-        for raw in stale:
-            m.delete(m.key_type.from_buffer_copy(raw))
+        m.delete_where(lambda key: key.bank & 1 == bank)
     for i in range(layout.MAX_SEQUENCES):
         maps.seqs.update(ctypes.c_uint32(bank * layout.MAX_SEQUENCES + i), layout.Seq())
 
 
 def _forget_stats_except(maps, uids):
-    for key in [k.value for k in maps.seqstats.keys()]:
-        if key not in uids:
-            maps.seqstats.delete(ctypes.c_uint32(key))
+    maps.seqstats.delete_where(lambda key: key.value not in uids)

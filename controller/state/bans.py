@@ -76,13 +76,8 @@ def unban(maps, source):
 def expire_bans(maps, now=None):
     """Delete bans that are over. Returns how many."""
     now = monotonic_ns() if now is None else now
-    removed = 0
     with map_lock(maps):
-        for raw in [bytes(k) for k in maps.bans.keys()]:
-            key = layout.Addr.from_buffer_copy(raw)
-            ban = maps.bans.lookup(key)
-            if ban is not None and ban.until_ns <= now and maps.bans.delete(key):
-                removed += 1
+        removed = maps.bans.delete_where(lambda key: (ban := maps.bans.lookup(key)) is not None and ban.until_ns <= now)
         maps.count_by_controller(layout.Reason.BAN_REMOVED, removed)
     return removed
 

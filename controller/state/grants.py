@@ -113,16 +113,9 @@ def _undo(maps, written, old):
 def revoke(maps, source):
     """End every grant and knock in progress of source. Returns grants removed."""
     wanted = bytes(to_addr(ipaddress.ip_address(source)).b)
-    removed = 0
     with map_lock(maps):
-        for raw in [bytes(k) for k in maps.grants.keys()]:
-            key = layout.GrantKey.from_buffer_copy(raw)
-            if bytes(key.src.b) == wanted and maps.grants.delete(key):
-                removed += 1
-        for raw in [bytes(k) for k in maps.progress.keys()]:
-            key = layout.ProgressKey.from_buffer_copy(raw)
-            if bytes(key.src.b) == wanted:
-                maps.progress.delete(key)
+        removed = maps.grants.delete_where(lambda key: bytes(key.src.b) == wanted)
+        maps.progress.delete_where(lambda key: bytes(key.src.b) == wanted)
         firsts.forget(maps, source, [seq.uid for seq in live_sequences(maps).values()])
         maps.count_by_controller(layout.Reason.GRANT_REMOVED, removed)
     return removed
@@ -152,19 +145,17 @@ def _grant_origin(val, names):
     return names.get(val.seq_uid, f"uid {val.seq_uid:#x}")
 
 
+def grant_dead(grant, now):
+    """Dead on both clocks, as the data path judges a grant: past its window
+    for new connections and idle for longer than its idle timeout."""
+    return now >= grant.window_end_ns and now >= grant.last_seen_ns + grant.idle_timeout_ns
+
+
 def expire_grants(maps, now=None):
     """Delete grants dead on both clocks. Returns how many."""
     now = monotonic_ns() if now is None else now
-    removed = 0
     with map_lock(maps):
-        for raw in [bytes(k) for k in maps.grants.keys()]:
-            key = layout.GrantKey.from_buffer_copy(raw)
-            val = maps.grants.lookup(key)
-            if val is None:
-                continue
-            if now >= val.window_end_ns and now >= val.last_seen_ns + val.idle_timeout_ns:
-                if maps.grants.delete(key):
-                    removed += 1
+        removed = maps.grants.delete_where(lambda key: (grant := maps.grants.lookup(key)) is not None and grant_dead(grant, now))
         maps.count_by_controller(layout.Reason.GRANT_REMOVED, removed)
     return removed
 

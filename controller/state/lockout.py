@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..kernel import layout, procnet
 from ..kernel.maps import to_addr
+from .grants import grant_dead
 
 TCP_ESTABLISHED = "01"
 
@@ -70,7 +71,7 @@ def without_grants(maps, sessions, now):
     for session in sessions:
         key = layout.GrantKey(src=to_addr(session.source), proto=layout.PROTO_TCP, port=session.port)
         grant = maps.grants.lookup(key)
-        if grant is None or (now >= grant.window_end_ns and now >= grant.last_seen_ns + grant.idle_timeout_ns):
+        if grant is None or grant_dead(grant, now):
             left.append(session)
     return left
 
