@@ -41,10 +41,6 @@ class OverBudget(Exception):
     """Counting went past its deadline."""
 
 
-def _errno_of(ret):
-    return -ret if ret < -1 else ctypes.get_errno()
-
-
 def batches(fd, key_size, value_size, deadline=None, chunk=BATCH_ENTRIES):
     """Yield (n, keys buffer, values buffer) chunks of a whole map through
     BPF_MAP_LOOKUP_BATCH. value_size is per element as the syscall lays it out
@@ -62,7 +58,7 @@ def batches(fd, key_size, value_size, deadline=None, chunk=BATCH_ENTRIES):
             values = ctypes.create_string_buffer(value_size * chunk)
         count = ctypes.c_uint32(chunk)
         ret = fn(fd, None if first else token_in, token_out, keys, values, ctypes.byref(count), ctypes.byref(opts))
-        err = _errno_of(ret) if ret < 0 else 0
+        err = bpfsys.errno_of(ret) if ret < 0 else 0
         if err in _NO_BATCH_ERRNOS and first:
             raise NoBatch()
         if err == errno.ENOSPC:        # one hash bucket holds more than chunk entries

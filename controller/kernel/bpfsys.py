@@ -79,11 +79,17 @@ def _declare(l):
         fn.restype = res
 
 
+def errno_of(ret):
+    """The errno of a failed libbpf call: libbpf 1.x returns -errno, older
+    calls -1 with errno set."""
+    return -ret if ret < -1 else ctypes.get_errno()
+
+
 def _check(ret, what):
     """libbpf 1.x returns -errno; turn it into the matching exception."""
     if ret >= 0:
         return ret
-    err = -ret if ret < -1 else ctypes.get_errno()
+    err = errno_of(ret)
     msg = f"{what}: {os.strerror(err)}"
     if err == errno.ENOENT:
         raise KeyNotFound(err, msg)
@@ -233,7 +239,7 @@ def possible_cpus():
 def map_lookup(fd, key, value):
     """Fills value (a ctypes object) and returns True, or False when key is absent."""
     ret = lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
-    if ret < 0 and (-ret if ret < -1 else ctypes.get_errno()) == errno.ENOENT:
+    if ret < 0 and errno_of(ret) == errno.ENOENT:
         return False
     _check(ret, "map lookup")
     return True
@@ -246,7 +252,7 @@ def map_update(fd, key, value, flags=BPF_ANY):
 def map_delete(fd, key):
     """Returns False when the key was not there."""
     ret = lib().bpf_map_delete_elem(fd, ctypes.byref(key))
-    if ret < 0 and (-ret if ret < -1 else ctypes.get_errno()) == errno.ENOENT:
+    if ret < 0 and errno_of(ret) == errno.ENOENT:
         return False
     _check(ret, "map delete")
     return True
@@ -255,7 +261,7 @@ def map_delete(fd, key):
 def map_next_key(fd, key, next_key):
     """Writes the key after key (or the first, when key is None); False at the end."""
     ret = lib().bpf_map_get_next_key(fd, None if key is None else ctypes.byref(key), ctypes.byref(next_key))
-    if ret < 0 and (-ret if ret < -1 else ctypes.get_errno()) == errno.ENOENT:
+    if ret < 0 and errno_of(ret) == errno.ENOENT:
         return False
     _check(ret, "map iteration")
     return True
