@@ -15,9 +15,27 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("P
 from xknock_dev.example import EXAMPLE_CONFIG  # noqa: E402  (conftest.EXAMPLE_CONFIG: tests import it from here)
 
 
-def pytest_configure(config):
-    if os.geteuid() != 0:
-        raise pytest.UsageError("xknock's tests load XDP programs and build namespaces: run them as root")
+UNIT = os.path.join(TESTS, "unit")
+# Fixtures that load the real program: root only, never in tests/unit.
+ROOT_FIXTURES = {"harness", "xk"}
+
+
+def _in_unit(item):
+    return os.path.commonpath([str(item.path), UNIT]) == UNIT
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/unit runs as anyone; everything else needs root, and a unit test
+    may not ask for a fixture that loads the program."""
+    for item in items:
+        if _in_unit(item):
+            misused = ROOT_FIXTURES & set(item.fixturenames)
+            if misused:
+                raise pytest.UsageError(f"{item.nodeid} asks for {', '.join(sorted(misused))}: it loads the BPF "
+                                        "program, so the test belongs in tests/kernel (xknock_dev/classify_tests.py)")
+        elif os.geteuid() != 0:
+            raise pytest.UsageError(f"{item.nodeid}: xknock's tests outside tests/unit load XDP programs and build "
+                                    "namespaces: run them as root (tests/unit runs as anyone)")
 
 
 @pytest.fixture(scope="session", autouse=True)

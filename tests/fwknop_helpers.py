@@ -17,10 +17,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from repo_paths import DATA
 
 FWKNOP = "/usr/bin/fwknop"
 FWKNOPD = "/usr/sbin/fwknopd"
-VECTORS = os.path.join(os.path.dirname(__file__), "data", "fwknop", "vectors.json")
+VECTORS = os.path.join(DATA, "fwknop", "vectors.json")
 
 # fwknop's -v dump: "   Random Value: 1811059254102183"
 FIELD_NAMES = {

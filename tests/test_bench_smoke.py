@@ -8,8 +8,9 @@ import glob
 import os
 import subprocess
 import sys
+from repo_paths import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 
 
 def test_every_benchmark_runs_quick(tmp_path):

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from xknock.controller.daemon import build
+from repo_paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XKNOCK = os.path.join(os.path.dirname(sys.executable), "xknock")
 
 

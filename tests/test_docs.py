@@ -14,8 +14,8 @@ import tomllib
 
 import pytest
 from xknock_dev.e2e import XKNOCK
+from repo_paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = sorted([os.path.join(REPO, "README.md"), os.path.join(REPO, "vagrant", "README.md"),
                *glob.glob(os.path.join(REPO, "docs", "*.md"))])
 GROUP_OPTIONS = {"--log-format": 1, "-v": 0, "--verbose": 0, "--version": 0, "-h": 0, "--help": 0}

@@ -19,8 +19,8 @@ import pytest
 
 from xknock.controller.daemon import events
 from xknock.controller.daemon.events import LineFormatter, event_name
+from repo_paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 LEVELS = {"debug", "info", "warning", "error", "critical"}
 

@@ -33,9 +33,10 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 sys.path.insert(0, ROOT)
 from bench.flood import TARGETS, FloodLab, run_tries, summarize  # noqa: E402
+from repo_paths import REPO
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import time
 import types
 
 import pytest
-from conftest import EXAMPLE_CONFIG
+from xknock_dev.example import EXAMPLE_CONFIG
 from xknock_dev.packets import step, tcp, udp
 
 from xknock.controller.state import bans, grants

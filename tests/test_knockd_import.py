@@ -20,8 +20,9 @@ from xknock.controller.config import NS_PER_UNIT, parse_config, parse_duration
 from xknock.controller.importers.firewall_commands import NotUnderstood, Rule, parse_command
 from xknock.controller.importers.knockd_import import STEP_TIMEOUT_FLOOR_NS, KnockdImportError, convert
 from xknock_dev.lab import can_connect, lab
+from repo_paths import DATA as TEST_DATA
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "knockd")
+DATA = os.path.join(TEST_DATA, "knockd")
 
 
 def data(name):

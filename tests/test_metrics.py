@@ -27,8 +27,8 @@ from xknock.controller.kernel.batch import NoBatch
 from xknock.controller.daemon import hooks, map_sampler, metrics
 from xknock.controller.errors import XknockError
 from xknock.controller.kernel.maps import FilterMaps
+from repo_paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XKNOCK = os.path.join(os.path.dirname(sys.executable), "xknock")
 IFACE = "eth0"
 SSH = ["tcp:7000", "udp:8000", "tcp:9000"]

@@ -39,7 +39,6 @@ if not (PROMETHEUS and PROMTOOL):
                 "Prometheus. Install the Debian package `prometheus` (it brings prometheus and promtool).",
                 allow_module_level=True)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD = os.path.join(REPO, "dashboards", "xknock.json")
 ALERTS = os.path.join(REPO, "dashboards", "alerts.yml")
 METRICS_PORT = 9798
@@ -59,6 +58,7 @@ SCRAPER = ("prometheus", "scrape pass")
 # argv: the base URL, then for https the CA file and optionally "user:password".
 HTTP_HELPER = r"""
 import base64, json, ssl, sys, urllib.error, urllib.parse, urllib.request
+from repo_paths import REPO
 context = ssl.create_default_context(cafile=sys.argv[2]) if len(sys.argv) > 2 else None
 out = []
 for path, params in json.load(sys.stdin):

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from xknock.controller.wire import hpke, spa_message
 from xknock.controller.wire import spa_pubkey as sp
 from xknock.controller.wire import spa_pubkey_keys as keys
+from repo_paths import DATA
 
-VECTORS = json.load(open(os.path.join(os.path.dirname(__file__), "data", "spa_pubkey", "vectors.json")))
+VECTORS = json.load(open(os.path.join(DATA, "spa_pubkey", "vectors.json")))
 H = bytes.fromhex
 
 

@@ -14,8 +14,8 @@ import ast
 import os
 
 import pytest
+from repo_paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Where each tree is imported from: directory -> dotted prefix.
 TREES = {"controller": "xknock.controller", "cli": "xknock.cli", "bench": "bench"}
@@ -58,7 +58,8 @@ def tree_sources():
 
 
 def modules_of_tests():
-    return {name[:-3] for name in os.listdir(os.path.join(REPO, "tests")) if name.endswith(".py")}
+    """The names of the modules of tests/ and its folders (each folder is on sys.path)."""
+    return {name[:-3] for _, _, names in os.walk(os.path.join(REPO, "tests")) for name in names if name.endswith(".py")}
 
 
 def imports_of(name, source, is_package):

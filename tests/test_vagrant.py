@@ -17,8 +17,9 @@ import subprocess
 import pytest
 
 from xknock.controller.config import parse_config
+from repo_paths import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 VAGRANT_DIR = os.path.join(ROOT, "vagrant")
 UNIT = os.path.join(ROOT, "packaging", "systemd", "xknock@.service")
 LAB_NETWORK = ipaddress.ip_network("192.168.56.0/24")
