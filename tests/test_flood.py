@@ -32,11 +32,11 @@ import sys
 import time
 
 import pytest
+from repo_paths import REPO
 
 ROOT = REPO
 sys.path.insert(0, ROOT)
 from bench.flood import TARGETS, FloodLab, run_tries, summarize  # noqa: E402
-from repo_paths import REPO
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

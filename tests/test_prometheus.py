@@ -29,6 +29,7 @@ from xknock_dev.e2e import (
 )
 from xknock_dev.etcd import EtcdCluster
 from xknock_dev.lab import HELPER_PYTHON, can_connect, lab, stop_process, wait_for
+from repo_paths import REPO
 
 pytestmark = pytest.mark.netns
 
@@ -58,7 +59,6 @@ SCRAPER = ("prometheus", "scrape pass")
 # argv: the base URL, then for https the CA file and optionally "user:password".
 HTTP_HELPER = r"""
 import base64, json, ssl, sys, urllib.error, urllib.parse, urllib.request
-from repo_paths import REPO
 context = ssl.create_default_context(cafile=sys.argv[2]) if len(sys.argv) > 2 else None
 out = []
 for path, params in json.load(sys.stdin):

@@ -6,7 +6,7 @@
 
 The rule, first match wins (docs/architecture.md, Tests):
   e2e     the file builds network namespaces or starts real peers: it calls
-          lab(), served_lab(), Lab(), in_netns(), Foreground() or EtcdCluster
+          lab(), served_lab(), Lab(), FloodLab(), in_netns(), Foreground() or EtcdCluster
   kernel  the file needs root or the running kernel, without namespaces: it
           asks for the `harness` or `xk` fixture, imports xknock_dev.testrun,
           bcc or a kernel wrapper that makes system calls (bpfsys, datapath,
@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 FOLDERS = ("unit", "kernel", "e2e")
 
-E2E = re.compile(r"\b(lab|served_lab|Lab|in_netns|Foreground|EtcdCluster(\.\w+)?)\(")
+E2E = re.compile(r"\b(lab|served_lab|Lab|FloodLab|in_netns|Foreground|EtcdCluster(\.\w+)?)\(")
 KERNEL = [
     (re.compile(r"def \w+\([^)]*\b(harness|xk)\b"), "asks for the harness"),
     (re.compile(r"^\s*(from|import) (xknock_dev\.testrun|bcc)\b", re.M), "imports the BPF harness or BCC"),
@@ -40,14 +40,13 @@ KERNEL = [
 ]
 
 # Found by running each file as user nobody: they fail there for reasons no
-# pattern above reads (the benchmarks, attach's refusals, a root-owned file).
+# pattern above reads.
 NEEDS_ROOT = {
     "test_bench_smoke.py": "runs the benchmarks (BPF)",
-    "test_build.py": "builds the program with BCC",
-    "test_cli_refusals.py": "runs attach as root",
-    "test_flood.py": "runs the traffic generator (BPF)",
-    "test_metrics_web.py": "reads root-only TLS and auth files",
-    "test_vagrant.py": "reads the host's root-only state",
+    "test_build.py": "fails as user nobody",
+    "test_cli_refusals.py": "fails as user nobody",
+    "test_metrics_web.py": "fails as user nobody",
+    "test_vagrant.py": "fails as user nobody",
 }
 
 
