@@ -22,7 +22,7 @@ from xknock.controller.daemon.events import FORMATS as LOG_FORMATS, setup_loggin
 # (the daemon, prometheus-client's metrics, status, grants, the knock client),
 # so that the other commands, shell completion (which runs the program at every
 # <Tab>) and --help do not load them. None of these imports hides a cycle:
-# tests/test_structure.py checks that.
+# tests/unit/test_structure.py checks that.
 
 
 def _print_version(ctx, param, value):

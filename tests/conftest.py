@@ -3,12 +3,12 @@ import sys
 
 import pytest
 
-# tests/ for the test helpers (fault_helpers, model, ...); the repository root
+# tests/helpers for the test helpers (fault_helpers, model, ...); the repository root
 # for xknock_dev, the development tools that are never installed. Subprocesses
 # (the traffic generator, `python -c` helpers) find it through PYTHONPATH.
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-sys.path.insert(0, TESTS)
+sys.path.insert(0, os.path.join(TESTS, "helpers"))
 sys.path.insert(0, REPO)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
 

@@ -1,7 +1,7 @@
 """The generated files packaging/ ships: a man page per command (click-man,
 with each command's examples added) and the shell completion scripts (what
 click prints for _XKNOCK_COMPLETE=SHELL_source). Generated from the code, so
-they say what --help says; tests/test_packaging.py checks they are current.
+they say what --help says; tests/unit/test_packaging.py checks they are current.
 
     python -m xknock_dev.packaging          # rewrite packaging/man and packaging/completion
 """

@@ -1,6 +1,6 @@
 """Keeps client/xknock-spa-pubkey.py's embedded copies of the wire modules
 equal to controller/wire/: `python -m xknock_dev.standalone` rewrites them,
-tests/test_spa_pubkey_client.py fails while they differ."""
+tests/unit/test_spa_pubkey_client.py fails while they differ."""
 
 import os
 import sys

@@ -107,7 +107,7 @@ FORMATS = ("text", "logfmt", "json")
 # A stable event name for each log line that is not a data-path event and
 # whose caller gives none, by a pattern its message starts with (re.match).
 # Messages made of one identifier (`reloaded`, `spa_accepted`) are their own
-# name. tests/test_events_log.py fails on a log call of controller/ or cli/
+# name. tests/unit/test_events_log.py fails on a log call of controller/ or cli/
 # that none of these names: add a row here for a new message.
 MESSAGE_EVENTS = tuple((re.compile(pattern), name) for pattern, name in (
     # cli/main.py: attach, its fail-safe, sessions, --once

@@ -1,5 +1,5 @@
 """The data path's map layout, mirrored from bpf/xknock_consts.h and
-bpf/xknock_structs.h. tests/test_layout.py checks every name, size, offset
+bpf/xknock_structs.h. tests/kernel/test_layout.py checks every name, size, offset
 and number against what BCC compiles from the C headers, and fingerprint()
 sums them up: a running filter stamped with another one has other maps."""
 

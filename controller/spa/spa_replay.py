@@ -10,7 +10,7 @@ replay of it would be refused by its timestamp) and rewrites the file
 atomically (a temporary file, fsync, rename, fsync of the directory).
 
 Memory: one dict entry per digest, about 145 bytes (the digest, its time,
-the dict slot; tests/test_spa_replay.py checks the bound): 1M entries take
+the dict slot; tests/unit/test_spa_replay.py checks the bound): 1M entries take
 about 145 MB. Only packets with a
 valid HMAC are added and prune() keeps only those of the last 2 x max_age, so
 1M entries means thousands of authenticated packets a second. At max_entries

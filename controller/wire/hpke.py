@@ -7,7 +7,7 @@ This is the RFC's composition (sections 4, 5.1, 5.2, 5.3, 7.1.3) over
 here. Why not a package: pyhpke needs cryptography >= 42 and Debian bookworm
 ships 38 (the controller uses the distribution's, beside BCC), and the
 standalone client must need nothing but `cryptography`. The RFC's test vector
-A.2.1 checks it (tests/test_hpke.py).
+A.2.1 checks it (tests/unit/test_hpke.py).
 
 Imports only the standard library and `cryptography`, like everything the
 standalone client needs.

@@ -1,7 +1,7 @@
 """The standalone public-key SPA client (client/xknock-spa-pubkey.py): its
 embedded wire modules are exact copies of controller/wire's, it runs on the
 system Python with nothing but `cryptography`, and its keys are xknock's.
-(It knocks a real server in tests/test_spa_pubkey_e2e.py.)"""
+(It knocks a real server in tests/e2e/test_spa_pubkey_e2e.py.)"""
 
 import os
 import subprocess

@@ -290,3 +290,24 @@ def test_a_development_import_from_the_product_is_found():
     })
     found = dev_imports(raw, {"conftest", "e2e"})
     assert [line.split(" ")[0] for line in found] == ["xknock.controller.daemon.daemon", "xknock.cli.main", "bench.flood"]
+
+
+# --- the folders of tests/ -------------------------------------------------------
+
+def test_every_test_file_is_in_the_folder_of_what_it_needs():
+    from xknock_dev.classify_tests import misplaced
+
+    wrong = misplaced()
+    assert not wrong, "\n".join(f"tests/{path} belongs in tests/{folder}/ ({why}): "
+                                "python -m xknock_dev.classify_tests --move" for path, folder, why in wrong)
+
+
+def test_the_classifier_tells_the_three_folders_apart():
+    from xknock_dev.classify_tests import classify
+
+    # Written in pieces, so that this file does not read as needing a lab or the harness itself.
+    assert classify("def test_a(net):\n    with served_la" + "b('x', 22) as built:\n        pass\n")[0] == "e2e"
+    fixture = "x" + "k"
+    assert classify(f"def test_a({fixture}):\n    pass\n")[0] == "kernel"
+    assert classify("from xknock.controller.kernel import bpfsys\n")[0] == "kernel"
+    assert classify("from xknock.controller.kernel import layout\ndef test_a():\n    pass\n")[0] == "unit"

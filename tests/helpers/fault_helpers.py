@@ -1,4 +1,4 @@
-"""Helpers for the fault-tolerance tests (tests/test_faults.py): configs with
+"""Helpers for the fault-tolerance tests (tests/e2e/test_faults.py): configs with
 several sequences and a long allow-list, the live policy as `status --json`
 shows it, what each policy bank of a running filter holds, an attacker that
 keeps trying a guarded port, and a client session that keeps exchanging data.

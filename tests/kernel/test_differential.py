@@ -1,4 +1,4 @@
-"""Differential tests: the real XDP program against tests/model.py.
+"""Differential tests: the real XDP program against tests/helpers/model.py.
 
 Hypothesis writes random programs (a few sources, IPv4 and IPv6, some on the
 allow- or deny-list; knocks, packets to guarded and unguarded ports, time
@@ -119,7 +119,7 @@ UIDS = uids_of(ENFORCE)
 
 STRANGERS = ["198.51.100.7", "2001:db8:77::7", "198.51.100.8", "2001:db8:77::8", "198.51.100.9", "2001:db8:77::9"]
 LISTED = ["192.0.2.10", "2001:db8:a::99", "203.0.113.5", "2001:db8:bad::5"]
-# Two sources at one slot of `recent` (4096 slots in the test build; tests/model.py
+# Two sources at one slot of `recent` (4096 slots in the test build; tests/helpers/model.py
 # recent_place mirrors the hash, and the test below checks that they collide).
 COLLIDING = ["198.51.100.41", "198.51.100.72"]
 ALL_SOURCES = STRANGERS + LISTED + COLLIDING
@@ -653,7 +653,7 @@ def test_knocking_again_renews_the_grant_when_first_step_is_last(harness):
     step_timeout so that a retransmitted last knock is a repeat, so within
     step_timeout of completing, the new attempt's first A is taken for that
     repeat, B is then a wrong knock, and the final A only starts over. The
-    model follows the C here (the rule of tests/model.py); the docs do not."""
+    model follows the C here (the rule of tests/helpers/model.py); the docs do not."""
     config = parse_config(
         """
 [[sequence]]

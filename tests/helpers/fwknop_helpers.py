@@ -5,7 +5,7 @@ with the field values it prints. fwknopd_verdicts(): which of a list of
 packets the real fwknopd accepts, judged from a pcap file (fwknopd --pcap-file
 --test: no interface, no namespace, no firewall change).
 
-`python tests/fwknop_helpers.py` rewrites tests/data/fwknop/vectors.json
+`python tests/helpers/fwknop_helpers.py` rewrites tests/data/fwknop/vectors.json
 (test keys only) with fresh packets from the installed client.
 """
 
@@ -148,7 +148,7 @@ if __name__ == "__main__":
         version = subprocess.run([FWKNOP, "--version"], capture_output=True, text=True).stdout.strip()
         json.dump({"comment": f"Packets built by the real fwknop client ({version})"
                               " with these TEST keys (never used anywhere else); regenerate with "
-                              "`python tests/fwknop_helpers.py`.",
+                              "`python tests/helpers/fwknop_helpers.py`.",
                    "vectors": generate_vectors()}, out, indent=1)
         out.write("\n")
     print(f"wrote {VECTORS}")

@@ -1,7 +1,7 @@
 """What this kernel itself sends back for a port nobody listens on: frames
 sent into a namespace whose stack has no listener, and the first frame that
 comes back, captured. The oracle that the data path's answers are compared
-with byte for byte (tests/test_answers.py).
+with byte for byte (tests/kernel/test_answers.py).
 
 The server namespace holds packets.SERVER4 / SERVER6 with the MAC that
 packets.ether() sends to, a default route to a permanent neighbour with the

@@ -1,7 +1,7 @@
 """Carrying state into maps of another layout (state/carry.py), between two
 real programs run with BPF_PROG_TEST_RUN: a build of another layout
 (OTHER_LAYOUT: grants with their window and idle timeout swapped) and this
-one. The end-to-end upgrade under traffic is tests/test_upgrade.py."""
+one. The end-to-end upgrade under traffic is tests/e2e/test_upgrade.py."""
 
 import ctypes
 import ipaddress

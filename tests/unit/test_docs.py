@@ -227,7 +227,7 @@ def test_the_warnings_configuration_md_lists_are_the_loaders():
                     assert piece in source, f"configuration.md warns {message!r}: {piece!r} is not in the loader"
 
 
-# --- the alert rules, read as a file (tests/test_prometheus.py evaluates them) ---------
+# --- the alert rules, read as a file (tests/e2e/test_prometheus.py evaluates them) ---------
 
 ALERTS = os.path.join(REPO, "dashboards", "alerts.yml")
 RUNBOOK_BASE = "file:///opt/xknock/src/docs/runbook.md"

@@ -127,7 +127,7 @@ def test_unit_runs_the_documented_command():
     assert "Restart=on-failure" in settings
     [bounding] = [line for line in settings if line.startswith("CapabilityBoundingSet=")]
     assert set(bounding.split("=", 1)[1].split()) == {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"}
-    # The controller speaks sd_notify (tests/test_sdnotify.py): ready, then watchdog pings.
+    # The controller speaks sd_notify (tests/e2e/test_sdnotify.py): ready, then watchdog pings.
     assert {"Type=notify", "NotifyAccess=main", "WatchdogSec=30s"} <= set(settings)
     assert "WantedBy=multi-user.target" in settings
 

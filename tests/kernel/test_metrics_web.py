@@ -2,7 +2,7 @@
 node_exporter's web.yml format): certificates made by openssl for the test,
 requests by urllib, every mistake in the file refused before anything is
 attached. No BPF: the server holds only the process collector here
-(tests/test_prometheus.py scrapes the real one over TLS and basic auth)."""
+(tests/e2e/test_prometheus.py scrapes the real one over TLS and basic auth)."""
 
 import base64
 import contextlib

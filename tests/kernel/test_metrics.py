@@ -3,7 +3,7 @@ program (BPF_PROG_TEST_RUN, test clock), read by a fresh registry per scrape;
 the naming conventions; scrape health when the kernel cannot be read; the
 HTTP endpoint and `xknock attach --metrics-addr` errors.
 
-tests/test_prometheus.py runs the same metrics through a real Prometheus."""
+tests/e2e/test_prometheus.py runs the same metrics through a real Prometheus."""
 
 import contextlib
 import dataclasses

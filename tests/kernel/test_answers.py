@@ -1,6 +1,6 @@
 """answer = "closed": what the program sends back for a refused packet,
 compared byte for byte with what this kernel sends for a port nobody listens
-on (tests/kernel_replies.py captures it in a namespace). Fields the kernel
+on (tests/helpers/kernel_replies.py captures it in a namespace). Fields the kernel
 keys with a secret of its own (the IPv6 flow label, the IPv4 ID of an ICMP
 error and so that header's checksum) are compared masked; the rest must be
 identical, checksums included."""

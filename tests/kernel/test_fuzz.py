@@ -696,7 +696,7 @@ def test_a_second_fragment_header_hides_a_first_fragment(xk, example_config):
     header (offset 0, M=1), fragment header (offset 0, M=0), TCP SYN to
     tcp:22 with 4 bytes of data and a right checksum: Linux queues it for
     reassembly on the first fragment header and sends nothing (seen with
-    tests/kernel_replies.py on this kernel); the program sends a RST."""
+    tests/helpers/kernel_replies.py on this kernel); the program sends a RST."""
     _closed(xk, example_config)
     frame = _fragment_frame((0, 1), (0, 0))
     verdict, out = _kernel(xk)(frame)
