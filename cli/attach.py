@@ -23,7 +23,8 @@ Examples:
   xknock attach eth0                       # /etc/xknock/xknock.toml, foreground controller
   xknock attach eth0 -c lab.toml --once    # attach, write the policy, exit
   xknock attach eth0 eth1                  # one set of maps: a knock on one opens both
-  xknock attach eth0 --metrics-addr 127.0.0.1:9798   # and Prometheus metrics at /metrics""")
+  xknock attach eth0 --metrics-addr 127.0.0.1:9798   # and Prometheus metrics at /metrics
+  xknock attach eth0 --priority 10         # share eth0: a slot of libxdp's dispatcher, run first""")
 @click.argument("ifaces", nargs=-1, required=True, type=IFACE)
 @click.option("-c", "--config", "config_path", type=CONFIG_FILE, default=DEFAULT_PATH, show_default=True, help="The TOML config.")
 @click.option("--xdp-mode", type=click.Choice(lifecycle.XDP_MODES), default="auto", show_default=True,
@@ -45,11 +46,17 @@ Examples:
 @click.option("--cut-sessions", is_flag=True,
               help="Cut established sessions to guarded ports (instead of refusing to attach).")
 @click.option("--force", is_flag=True, help="Deprecated: --replace and --cut-sessions together.")
+@click.option("--priority", type=click.IntRange(0, 1000), default=None, metavar="N",
+              help="Share the interface with other libxdp programs (xdp-filter, xdp-loader): join libxdp's "
+                   "dispatcher, which runs its programs by priority, lowest first; what one passes goes on to "
+                   "the next (docs/operations.md).")
 @fail_cleanly(config_status=EX_CONFIG)   # systemd does not restart a unit whose file is bad
 def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_web_config, once, keep_sessions,
-           replace, cut_sessions, force):
+           replace, cut_sessions, force, priority):
     """Load the filter, attach it to IFACES and run the controller."""
     replace, cut_sessions = _deprecated_force(force, replace, cut_sessions, keep_sessions)
+    if replace and priority is not None:
+        raise click.UsageError("--priority shares the interface, --replace takes it over: give one")
     from xknock.controller.daemon.daemon import Controller, Signals
     from xknock.controller.daemon.events import EventReader
 
@@ -91,7 +98,8 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_
             attached = lifecycle.adopt(list(ifaces), handed["prog_id"], handed["pin_dir"], handed["modes"])
         else:
             attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=replace,
-                                        before_attach=_session_guard(config, keep_sessions, cut_sessions))
+                                        before_attach=_session_guard(config, keep_sessions, cut_sessions),
+                                        priority=priority)
     except LoadError as err:
         if metrics_server:
             metrics_server.close()

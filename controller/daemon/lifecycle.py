@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import LoadError, XknockError
-from ..kernel import bpfsys, datapath, layout
+from ..kernel import bpfsys, datapath, layout, libxdp
 from ..kernel.maps import FilterMaps
 from ..policy import policy
 from ..state import carry
+from . import sharing
 
 log = logging.getLogger("xknock")
 
@@ -41,13 +42,14 @@ class Attached:
     replaced: dict       # ifname -> old program id, where one was replaced
 
 
-def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cflags=()):
+def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cflags=(), priority=None):
     """Attach one filter, sharing one set of maps, to every interface in
     ifnames: all of them or, when one fails, none (each is put back as it was).
     before_attach(maps) runs once the policy is written and before any
     interface is touched; raising there attaches nothing. cflags: extra
     compiler flags, such as -DXK_PROGRESS_ENTRIES=... (benchmarks); the CLI
-    passes none."""
+    passes none. priority: join libxdp's dispatcher at that priority
+    (daemon/sharing.py); a filter already in one stays there either way."""
     require_root()
     if xdp_mode not in XDP_MODES:
         raise XknockError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}")
@@ -55,10 +57,16 @@ def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cf
     if repeated:
         raise XknockError(f"{', '.join(repeated)} named twice")
     current = {name: datapath.attachment(name) for name in ifnames}
-    foreign = [a for a in current.values() if a.prog_id and not datapath.is_xknock(a)]
+    share = sharing.wanted(current, priority)
+    if share:
+        sharing.check(current, priority)
+    foreign = [a for a in current.values() if a.prog_id and not datapath.is_xknock(a) and not share]
     if foreign and not force:
         names = ", ".join(f"{a.ifname} (program {a.prog_id} '{a.prog_name}')" for a in foreign)
-        raise XknockError(f"another XDP program is attached to {names}: detach it, or pass --replace to replace it")
+        join = " (or --priority N to join libxdp's dispatcher)" if any(
+            a.prog_name == "xdp_dispatcher" for a in foreign) else ""
+        raise XknockError(f"another XDP program is attached to {names}: detach it, or pass --replace to replace "
+                          f"it{join}")
     for att in current.values():
         if att.prog_id and xdp_mode != "auto" and att.mode != xdp_mode:
             raise XknockError(
@@ -69,10 +77,14 @@ def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cf
 
     directory = datapath.pin_dir(sorted(ifnames))
     datapath.ensure_bpffs()
-    steps = _Steps(ifnames, current, config, xdp_mode, before_attach, cflags)
+    steps = _Steps(ifnames, current, config, xdp_mode, before_attach, cflags, share, priority)
     if adopted_from and datapath.running_layout(adopted_from) != layout.fingerprint():
-        return _upgrade(steps, adopted_from, directory)
-    return steps.run(directory, adopt=adopted_from)
+        attached = _upgrade(steps, adopted_from, directory)
+    else:
+        attached = steps.run(directory, adopt=adopted_from)
+    if share:
+        sharing.leave_replaced(current, attached.replaced)
+    return attached
 
 
 @dataclass
@@ -86,6 +98,8 @@ class _Steps:
     xdp_mode: str
     before_attach: object
     cflags: tuple
+    share: bool = False     # through libxdp's dispatcher (daemon/sharing.py)
+    priority: int | None = None
 
     def run(self, directory, adopt=None, carry_in=None):
         """adopt: the program id whose maps the new program re-adopts (same
@@ -97,6 +111,8 @@ class _Steps:
             if adopt:
                 datapath.repin(adopt, directory)
             loaded = datapath.compile_and_load(directory, cflags=self.cflags)
+            if self.share:
+                loaded = sharing.component_of(loaded)
             maps = FilterMaps.from_prog(loaded.prog_id, loaded.layout)
             modes, replaced = {}, {}
             policy.apply_policy(maps, self.config)
@@ -105,13 +121,17 @@ class _Steps:
             if self.before_attach:
                 self.before_attach(maps)
             for name in self.ifnames:
-                modes[name], replaced_id = _attach_one(self.current[name], loaded.fd, self.xdp_mode)
+                if self.share:
+                    modes[name], replaced_id = sharing.attach_one(self.current[name], loaded.fd, self.priority,
+                                                                  self.xdp_mode)
+                else:
+                    modes[name], replaced_id = _attach_one(self.current[name], loaded.fd, self.xdp_mode)
                 done.append(name)
                 if replaced_id:
                     replaced[name] = replaced_id
         except BaseException:
             if done:
-                _roll_back(done, self.current, loaded.fd)
+                _roll_back(done, self.current, loaded)
             if maps:
                 maps.close()
             # A refused attach leaves no pin of its own behind (firsts alone is 16 MiB).
@@ -157,12 +177,15 @@ def _upgrade(steps, old_prog_id, directory):
     return attached
 
 
-def _roll_back(done, current, new_fd):
+def _roll_back(done, current, loaded):
     """Put interfaces attached by a failed attach() back as they were."""
+    new_fd = loaded.fd
     for name in done:
         before = current[name]
         try:
-            if before.prog_id:
+            if before.dispatcher or datapath.attachment(name).dispatcher:
+                sharing.roll_back_one(before, loaded.prog_id)
+            elif before.prog_id:
                 with datapath.prog_fd(before.prog_id) as old_fd:
                     datapath.xdp_attach(before.ifindex, old_fd, before.mode, replace_fd=new_fd)
             else:
@@ -292,7 +315,10 @@ def _detach_program(att):
     """Detach att's program; remove its pins unless another interface uses its maps."""
     control = datapath.running_map_ids(att.prog_id).get("control")
     try:
-        datapath.xdp_detach(att.ifindex, att.mode)
+        if att.dispatcher:
+            libxdp.leave(att.ifindex, att.prog_id, att.mode)   # the dispatcher's other programs stay
+        else:
+            datapath.xdp_detach(att.ifindex, att.mode)
     except NetlinkError as err:
         raise XknockError(f"detaching from {att.ifname} failed: {datapath.netlink_reason(err)}")
     still_used = any(control == cid for cid, _ in datapath.attached_filters())

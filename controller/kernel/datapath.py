@@ -22,7 +22,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import LoadError, XknockError
-from . import bpfsys, layout, stamp
+from . import bpfsys, layout, libxdp, stamp
 
 PROG_NAME = "xdp_knock"
 BPFFS = "/sys/fs/bpf"
@@ -148,6 +148,8 @@ class Attachment:
     prog_id: int        # 0 when nothing is attached
     mode: str | None    # native, generic, offload
     prog_name: str | None
+    dispatcher: int = 0  # libxdp's dispatcher the interface runs, when prog_id is one of its slots
+    slot: int = 0        # that slot (the order in which the dispatcher calls it)
 
 
 def interface_index(ifname):
@@ -173,6 +175,11 @@ def attachment(ifname):
     if prog_id:
         with prog_fd(prog_id) as fd:
             name = bpfsys.prog_info(fd).name.decode(errors="replace")
+    if prog_id and libxdp.is_dispatcher(name):
+        # Sharing the interface: the filter is one of the dispatcher's slots.
+        ours = libxdp.component(prog_id, PROG_NAME)
+        if ours:
+            return Attachment(ifname, index, ours[1], mode, PROG_NAME, dispatcher=prog_id, slot=ours[0])
     return Attachment(ifname, index, prog_id, mode if prog_id else None, name)
 
 
