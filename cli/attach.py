@@ -182,7 +182,9 @@ def _hand_over(attached, config, signals, closing):
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDOVER_SIGNALS)
     log.debug("handing over to a controller without BCC", extra={"fields": {"event": "handover",
                                                                             "prog_id": state["prog_id"]}})
-    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **{HANDOVER_ENV: json.dumps(state)}))
+    # orig_argv: with the interpreter's own options (the Debian package's
+    # `python3 -I`, which ignores PYTHONPATH and the working directory).
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], dict(os.environ, **{HANDOVER_ENV: json.dumps(state)}))
 
 
 def _handed_over(signals):

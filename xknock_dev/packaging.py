@@ -4,6 +4,7 @@ click prints for _XKNOCK_COMPLETE=SHELL_source). Generated from the code, so
 they say what --help says; tests/unit/test_packaging.py checks they are current.
 
     python -m xknock_dev.packaging          # rewrite packaging/man and packaging/completion
+    python -m xknock_dev.packaging deb [OUTDIR]   # build xknock_VERSION_all.deb (xknock_dev/debian.py)
 """
 
 import importlib.metadata
@@ -77,6 +78,11 @@ def comparable(path):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["deb"]:
+        from xknock_dev import debian
+
+        print(debian.build(sys.argv[2] if len(sys.argv) > 2 else os.path.join(REPO, "build")))
+        sys.exit(0)
     for stale in os.listdir(MAN_DIR) if os.path.isdir(MAN_DIR) else []:
         os.unlink(os.path.join(MAN_DIR, stale))
     print("\n".join(os.path.join("packaging/man", n) for n in man_pages(MAN_DIR)))

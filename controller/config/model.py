@@ -3,12 +3,23 @@ dataclasses a parsed config is made of. Imports nothing of the config's own."""
 
 import dataclasses
 import ipaddress
+import os
 import re
 
 from ..kernel import layout
 
 DEFAULT_PATH = "/etc/xknock/xknock.toml"
 DEFAULT_SPENT_FILE = "/var/lib/xknock/totp-spent"   # time-based sequences' used windows
+# The directory of one filter's own files (the SPA replay cache's default):
+# the unit xknock@IFACE sets XKNOCK_STATE_DIR=/var/lib/xknock/IFACE, so that
+# two instances' defaults do not collide (docs/operations.md).
+STATE_DIR_ENV = "XKNOCK_STATE_DIR"
+DEFAULT_STATE_DIR = "/var/lib/xknock"
+
+
+def state_dir():
+    """The filter's state directory: $XKNOCK_STATE_DIR, else /var/lib/xknock."""
+    return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
 
 NS_PER_UNIT = {
     "d": 86_400_000_000_000,

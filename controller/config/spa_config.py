@@ -15,7 +15,7 @@ import os
 from ..wire import spa_keys, spa_message
 from ..wire import spa_pubkey_keys as pubkey_keys
 from .fields import check_keys, parse_duration_key, parse_network, parse_open, type_name
-from .model import NAME_PATTERN, NS_PER_UNIT, Step
+from .model import NAME_PATTERN, NS_PER_UNIT, Step, state_dir
 
 SPA_KEYS = ("port", "max_age", "rate", "total_rate", "replay_cache", "server_key", "user")
 USER_KEYS = ("name", "key", "hmac_key", "key_file", "hmac_digest", "public_keys", "sources", "open", "open_for",
@@ -37,12 +37,18 @@ MAX_TOTAL_RATE = 1_000_000
 CANDIDATE_BASE_NS = 8_000
 CANDIDATE_HMAC_NS = 18_000
 VERIFIER_SHARE = 0.5
-DEFAULT_REPLAY_CACHE = "/var/lib/xknock/spa-replay"
+DEFAULT_REPLAY_CACHE = "/var/lib/xknock/spa-replay"   # without XKNOCK_STATE_DIR
 DEFAULT_OPEN_FOR_NS = 30 * NS_PER_UNIT["s"]   # fwknop's FW_ACCESS_TIMEOUT
 DEFAULT_IDLE_TIMEOUT_NS = 15 * NS_PER_UNIT["m"]
 MAX_USERS = 1024
 HMAC_DIGESTS = spa_message.HMAC_DIGESTS
 ANY_SOURCE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+def default_replay_cache():
+    """[spa] replay_cache's default: spa-replay in the filter's state directory
+    (model.state_dir(): per instance under the systemd unit)."""
+    return os.path.join(state_dir(), "spa-replay")
 
 
 def default_total_rate(stanzas):
@@ -119,7 +125,7 @@ def parse_spa(report, table):
     port = _whole(report, "spa", table, "port", DEFAULT_PORT, 1, 65535)
     max_age_ns = parse_duration_key(report, "spa", table, "max_age", DEFAULT_MAX_AGE_NS)
     rate = _whole(report, "spa", table, "rate", DEFAULT_RATE, 1, MAX_RATE)
-    replay_cache = table.get("replay_cache", DEFAULT_REPLAY_CACHE)
+    replay_cache = table.get("replay_cache", default_replay_cache())
     if not isinstance(replay_cache, str) or not os.path.isabs(replay_cache):
         report.error("spa", f"replay_cache {replay_cache!r}: must be an absolute path")
     users = _parse_users(report, table.get("user"))

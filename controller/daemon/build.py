@@ -2,8 +2,9 @@
 made from, for `xknock --version` and the xknock_build_info metric.
 
 A copy install (scripts/setup's runtime profile) records the revision at
-install time in the venv (xknock-build.json); an editable install reads it
-from its checkout, as it is now (-dirty when files differ from the commit)."""
+install time in the venv (xknock-build.json), the Debian package in its
+dist-info (xknock_dev/debian.py); an editable install reads it from its
+checkout, as it is now (-dirty when files differ from the commit)."""
 
 import functools
 import importlib.metadata
@@ -29,6 +30,10 @@ def revision():
         with open(recorded) as f:
             return str(json.load(f)["revision"])
     except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        return str(json.loads(importlib.metadata.distribution("xknock").read_text(BUILD_FILE))["revision"])
+    except (importlib.metadata.PackageNotFoundError, TypeError, ValueError, KeyError):
         pass
     return _checkout_revision(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,9 +20,19 @@ from importlib import resources
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from ..errors import LoadError, XknockError
 from . import bpfsys, layout, libxdp, stamp
+
+# pyroute2 before 0.7.3 (Debian bookworm's python3-pyroute2 is 0.7.2) encodes
+# IFLA_XDP_FLAGS as a big-endian u16, which the kernel refuses with ERANGE
+# ("Numerical result out of range") for every attach. The kernel reads a
+# native u32, as later pyroute2 encodes it: make the field that, whichever
+# version is installed (scripts/prove-unit attaches with Debian's).
+U32_FIELDS = [("value", "I")]
+if ifinfmsg.xdp.xdp_flags.fields != U32_FIELDS:
+    ifinfmsg.xdp.xdp_flags.fields = U32_FIELDS
 
 PROG_NAME = "xdp_knock"
 BPFFS = "/sys/fs/bpf"

@@ -117,11 +117,17 @@ SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 def test_unit_runs_the_documented_command():
     unit = read("packaging", "systemd", "xknock@.service")
     settings = [line for line in unit.splitlines() if line and not line.startswith("#")]
-    assert ("ExecStart=/opt/xknock/venv/bin/xknock $XKNOCK_OPTS attach %i -c /etc/xknock/xknock.toml "
+    assert ("ExecStart=/opt/xknock/venv/bin/xknock $XKNOCK_OPTS attach %i -c ${XKNOCK_CONFIG} "
             "$XKNOCK_ATTACH_OPTS") in settings
+    # Per instance: the config (default the shared one), the options, the SPA replay cache's directory.
+    assert "Environment=XKNOCK_CONFIG=/etc/xknock/xknock.toml XKNOCK_STATE_DIR=/var/lib/xknock/%i" in settings
+    assert [line for line in settings if line.startswith("EnvironmentFile=")] == [
+        "EnvironmentFile=-/etc/xknock/xknock.env", "EnvironmentFile=-/etc/xknock/%i.env"]
+    assert "StateDirectory=xknock xknock/%i" in settings
+    assert any(line.startswith("Documentation=man:xknock-attach(1)") for line in settings)
     # systemctl reload checks the file before the controller hears of it; a bad file is not restarted on.
     reloads = [line for line in settings if line.startswith("ExecReload=")]
-    assert reloads == ["ExecReload=/opt/xknock/venv/bin/xknock check -c /etc/xknock/xknock.toml",
+    assert reloads == ["ExecReload=/opt/xknock/venv/bin/xknock check -c ${XKNOCK_CONFIG}",
                        "ExecReload=/bin/kill -HUP $MAINPID"]
     assert "RestartPreventExitStatus=78" in settings
     assert "Restart=on-failure" in settings

@@ -125,3 +125,12 @@ def test_the_default_total_rate_follows_the_stanzas_a_sender_costs():
     assert 1_689 * cost_us / 1e6 <= spa_config.VERIFIER_SHARE
     assert parse("[spa]\ntotal_rate = 50000\n" + many).spa.total_rate == 50_000   # given: as given
     assert parse("[spa]\nrate = 2000\n" + many).spa.total_rate == 2_000   # never below one source's rate
+
+
+def test_the_replay_cache_defaults_to_the_instances_state_directory(monkeypatch):
+    """xknock@IFACE sets XKNOCK_STATE_DIR=/var/lib/xknock/IFACE: two instances never share a cache."""
+    monkeypatch.delenv("XKNOCK_STATE_DIR", raising=False)
+    assert parse("[spa]\n" + user()).spa.replay_cache == "/var/lib/xknock/spa-replay"
+    monkeypatch.setenv("XKNOCK_STATE_DIR", "/var/lib/xknock/eth1")
+    assert parse("[spa]\n" + user()).spa.replay_cache == "/var/lib/xknock/eth1/spa-replay"
+    assert parse('[spa]\nreplay_cache = "/srv/cache"\n' + user()).spa.replay_cache == "/srv/cache"
