@@ -123,7 +123,10 @@ class Node:
         """A new controller over the filter the last one left attached."""
         self.controller = Foreground(types.SimpleNamespace(server=self.host, server_iface=self.host.iface),
                                      self.config_path)
-        for said in ("controller running", "etcd reachable"):   # it logs "replaced program" (its own), not "attached"
+        # It logs "replaced program" (its own), not "attached"; the cluster's
+        # thread may say "etcd reachable" before the loop says "running".
+        for said in ("controller running", "etcd reachable"):
+            self.controller.log.consumed = 0
             assert self.controller.log.wait_for(lambda line: said in line, 240), self.controller.log.read_all(0.5)
 
     def hook_lines(self, tmp):
