@@ -134,10 +134,10 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_
 
     links = LinkWatcher(list(ifaces), attached.modes, attached.loaded.fd, attached.loaded.prog_id,
                         on_event=metrics_server.record_interface_event if metrics_server else None)
-    node = cluster_cli.start_node(config, attached, events, spa_receiver, metrics_server)
+    node = cluster_cli.start_node(config, attached, events, spa_receiver, metrics_server, hooks)
     try:
         Controller(attached, list(ifaces), config_path, config, events, metrics=metrics_server, signals=signals,
-                   spa=spa_receiver, links=links, hooks=hooks).run()
+                   spa=spa_receiver, links=links, hooks=hooks, cluster=node).run()
     finally:
         if node is not None:
             node.close()

@@ -40,9 +40,10 @@ def check_before_attach(config, once=False):
                     "node neither publishes nor receives any")
 
 
-def start_node(config, attached, events, spa_receiver, metrics_server):
-    """The cluster's thread, hooked to the events (knock grants, bans) and the
-    SPA receiver (replay claims, SPA grants); None without [cluster]."""
+def start_node(config, attached, events, spa_receiver, metrics_server, hooks):
+    """The cluster's thread, hooked to the events (knock grants, bans), the
+    SPA receiver (replay claims, SPA grants) and the hooks (grants of other
+    nodes); None without [cluster]."""
     if config.cluster is None:
         return None
     from xknock.controller.cluster.node import ClusterNode
@@ -50,9 +51,9 @@ def start_node(config, attached, events, spa_receiver, metrics_server):
     node = ClusterNode(config.cluster, attached.maps,
                        spa_max_age_ns=config.spa.max_age_ns if config.spa is not None else None)
     events.observers.append(node.observe_event)
+    node.on_received = hooks.grant_arrived
     if spa_receiver is not None:
-        spa_receiver.verifier.claim = node.claim
-        spa_receiver.on_grant = node.on_spa_grant
+        node.serve_spa(spa_receiver)
     if metrics_server is not None:
         from xknock.controller.cluster.metrics import ClusterCollector
 
@@ -70,7 +71,8 @@ def render_status(c):
         head = (f"cluster: node {c['node']}, etcd UNREACHABLE for {c.get('down_for_s') or 0:g}s, deciding alone "
                 f"({c.get('last_error')})")
     return [head,
-            f"  grants published {c['published']}, received {c['received']}, pending {c['pending']}; "
+            f"  grants published {c['published']}, received {c['received']}, refused (map full) "
+            f"{c.get('grants_full', 0)}, pending {c['pending']}; "
             f"revokes received {c['revokes_received']}, bans received {c['bans_received']}",
             f"  replay claims won {c['claims_won']}, lost {c['claims_lost']}, refused while unreachable "
             f"{c['claims_refused']}, local while unreachable {c['claims_local']}",

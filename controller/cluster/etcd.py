@@ -28,6 +28,11 @@ def _quiet_watch_threads(args):
 threading.excepthook = _quiet_watch_threads
 
 
+# Keys per range read of a resync: well under gRPC's 4 MB message limit
+# (a grant's key and value are some 200 bytes).
+RANGE_PAGE = 2000
+
+
 class ClusterUnavailable(XknockError):
     """No configured etcd endpoint answered (or refused us): nothing was written there."""
 
@@ -139,6 +144,29 @@ class Connection:
         self.close()
 
     # --- the operations xknock does -------------------------------------
+
+    def read_prefix(self, prefix, page=RANGE_PAGE):
+        """(revision, every key-value under prefix at that one revision), read
+        in pages of `page` keys: one range read of a big prefix (100,000 grants
+        are some 20 MB) would pass gRPC's 4 MB limit on a message received."""
+        client = self.client
+        start, end = prefix.encode(), _prefix_end(prefix)
+        revision, kvs = None, []
+        while True:
+            # python-etcd3 0.12 takes limit= and revision= but never sets them
+            # in the request: set here, on the request it builds.
+            request = client._build_get_range_request(key=start, range_end=end)
+            request.limit = page
+            if revision is not None:
+                request.revision = revision
+            response = client.kvstub.Range(request, client.timeout, credentials=client.call_credentials,
+                                           metadata=client.metadata)
+            if revision is None:
+                revision = response.header.revision   # the later pages: read at the first one's revision
+            kvs.extend(response.kvs)
+            if not response.more or not response.kvs:
+                return revision, kvs
+            start = response.kvs[-1].key + b"\0"
 
     def put_grants(self, grant_records):
         """One transaction: each grant under one lease for its lifetime."""

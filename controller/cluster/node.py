@@ -34,6 +34,7 @@ log = logging.getLogger("xknock.cluster")
 HEALTH_EVERY_S = 1.0
 RETRY_EVERY_S = 1.0
 MAX_PENDING = 10_000
+FULL_LOG_EVERY_S = 60.0   # a full grants map logs one line, then at most one a minute
 
 
 class ClusterNode:
@@ -59,8 +60,12 @@ class ClusterNode:
         self.down_since = time.monotonic()
         self.counts = {"published": 0, "received": 0, "revokes_received": 0, "bans_received": 0,
                        "claims_won": 0, "claims_lost": 0, "claims_refused": 0, "claims_local": 0,
-                       "resyncs": 0, "outages": 0, "bad_records": 0, "publish_failed": 0}
+                       "resyncs": 0, "outages": 0, "bad_records": 0, "publish_failed": 0, "grants_full": 0}
         self.last_lag_s = 0.0
+        self.next_full_log = 0.0
+        # on_received(record): a grant of another node was just written into
+        # the maps (daemon/hooks.py runs on_open for it). Called on this thread.
+        self.on_received = None
 
     # --- the controller's calls ------------------------------------------
 
@@ -222,14 +227,20 @@ class ClusterNode:
         for kind, payload in pending:
             self._publish(kind, payload)
 
+    def serve_spa(self, receiver):
+        """Hooks an SPA receiver (at attach, or one a reload that added [spa]
+        made) to the replay claims and the publishing of its grants."""
+        receiver.verifier.claim = self.claim
+        receiver.on_grant = self.on_spa_grant
+
     def _resync(self, connection):
         """The whole prefix, then a watch from the revision read."""
-        response = connection.client.get_prefix_response(self.prefix)
-        revision = response.header.revision
+        revision, kvs = connection.read_prefix(self.prefix)
         seen_before = self.revision
-        for kv in sorted(response.kvs, key=lambda kv: kv.mod_revision):
+        revoked = set()   # sources revoked by this resync: their later grants of this node are written back
+        for kv in sorted(kvs, key=lambda kv: kv.mod_revision):
             self._apply_put(kv.key.decode(errors="replace"), kv.value, kv.mod_revision,
-                            resync=True, seen_before=seen_before)
+                            resync=True, seen_before=seen_before, revoked=revoked)
         self.revision = revision
         self.counts["resyncs"] += 1
         self.generation += 1
@@ -295,12 +306,14 @@ class ClusterNode:
 
     # --- applying what etcd holds -----------------------------------------
 
-    def _apply_put(self, key, value, revision, resync=False, seen_before=0):
+    def _apply_put(self, key, value, revision, resync=False, seen_before=0, revoked=None):
         try:
             kind, rest = records.kind_of(self.prefix, key)
             if kind == "grants":
                 record = records.decode_grant(self.prefix, key, value)
-                if record.node != self.node:
+                # Its own grants are in its maps already, unless a revoke this
+                # resync applied came before them (they were made after it).
+                if record.node != self.node or (revoked and record.source in revoked):
                     self._write_grant(record, resync)
             elif kind in ("revoked", "unbanned", "bans"):
                 fields = records.decode_event(key, value)
@@ -308,11 +321,16 @@ class ClusterNode:
                 if fields["node"] == self.node:
                     return
                 # A tombstone read at resync happened while this node was away
-                # only if it is newer than what the node had seen.
-                if resync and kind != "bans" and (seen_before == 0 or revision <= seen_before):
+                # only if it is newer than what the node had seen. A node that
+                # (re)starts has seen nothing: it applies the revokes (its maps
+                # may hold a grant revoked while its controller was down: open
+                # is the unsafe side) but lifts no ban it cannot date.
+                if resync and kind != "bans" and (revision <= seen_before or (kind == "unbanned" and not seen_before)):
                     return
                 if kind == "revoked":
                     removed = grants.revoke(self.maps, source)
+                    if revoked is not None:
+                        revoked.add(source)
                     self.counts["revokes_received"] += 1
                     log.info("cluster: revoked", extra={"fields": {"source": str(source), "by": fields["node"],
                                                                    "removed": removed}})
@@ -324,6 +342,14 @@ class ClusterNode:
             self.counts["bad_records"] += 1
             if self.counts["bad_records"] <= 10:
                 log.warning("cluster: ignored a key xknock did not write", extra={"fields": {"why": str(err)}})
+        except grants.GrantsFull as err:
+            # That grant is not written here (write_grants leaves every entry
+            # as it was); the other keys of this resync or watch go on.
+            self.counts["grants_full"] += 1
+            if time.monotonic() >= self.next_full_log:
+                self.next_full_log = time.monotonic() + FULL_LOG_EVERY_S
+                log.warning("cluster: a grant of another node did not fit here", extra={"fields": {
+                    "key": key, "error": str(err), "refused_so_far": self.counts["grants_full"]}})
 
     def _write_grant(self, record, resync):
         offset = records.clock_offset_ns()
@@ -341,6 +367,11 @@ class ClusterNode:
         self.counts["received"] += 1
         if not resync:
             self.last_lag_s = max(0.0, (time.time_ns() - record.last_seen_wall_ns) / 1e9)
+        if self.on_received is not None:
+            try:
+                self.on_received(record)
+            except Exception:   # noqa: BLE001 (hooks must never stop the sync)
+                log.exception("cluster: could not hand a received grant to the hooks")
 
     def _write_ban(self, source, fields):
         until_wall = fields.get("until")

@@ -17,8 +17,9 @@ from .fields import check_keys, parse_duration_key, type_name
 from .model import NAME_PATTERN, NS_PER_UNIT
 
 CLUSTER_KEYS = ("endpoints", "ca_file", "cert_file", "key_file", "user", "password_file", "prefix", "node",
-                "share_bans", "spa_unreachable", "timeout")
+                "share_bans", "spa_unreachable", "timeout", "hooks")
 SPA_UNREACHABLE = ("refuse", "local")
+HOOKS = ("every_node", "origin")
 DEFAULT_PREFIX = "/xknock/"
 DEFAULT_TIMEOUT_NS = 2 * NS_PER_UNIT["s"]
 MAX_TIMEOUT_NS = 30 * NS_PER_UNIT["s"]
@@ -41,10 +42,38 @@ class Cluster:
     # "refuse" (the default) accepts nothing, "local" trusts this node's cache.
     spa_unreachable: str = "refuse"
     timeout_ns: int = DEFAULT_TIMEOUT_NS
+    # Where on_open / on_close run for a grant made on one node: "every_node"
+    # (the default: where it is written, as a hook that opens something per
+    # node needs) or "origin" (the node that made it, as a notice wants).
+    hooks: str = "every_node"
+
+    def needs_restart(self, other):
+        """What of other (a reload's [cluster]) a running node cannot take:
+        the keys that differ, hooks aside (the controller's, applied by a reload)."""
+        return [field.name for field in dataclasses.fields(self)
+                if field.name != "hooks" and getattr(self, field.name) != getattr(other, field.name)]
 
     @property
     def tls(self):
         return self.ca_file is not None
+
+
+def reload_refusal(running, loaded):
+    """Why a reload cannot take loaded's [cluster] (one line), or None. The
+    cluster's thread keeps the connection, prefix and node it started with:
+    a node moving to another prefix or etcd mid-run would leave what it
+    received from the old one and miss what was made meanwhile."""
+    if running is None and loaded is None:
+        return None
+    if running is None or loaded is None:
+        what = "[cluster] added" if running is None else "[cluster] removed"
+    else:
+        changed = running.needs_restart(loaded)
+        if not changed:
+            return None
+        what = f"[cluster] changed ({', '.join(name.removesuffix('_ns') for name in changed)})"
+    return (f"{what}: the controller applies [cluster] when it starts; restart it (systemctl restart "
+            "xknock@IFACE: the filter stays attached and enforcing)")
 
 
 def parse_cluster(report, table, has_ban=True):
@@ -91,13 +120,17 @@ def parse_cluster(report, table, has_ban=True):
     if spa_unreachable not in SPA_UNREACHABLE:
         report.error("cluster", f'spa_unreachable {spa_unreachable!r}: must be "refuse" (accept no SPA packet '
                                 'while etcd is away) or "local" (trust this node\'s replay cache alone)')
+    hooks = table.get("hooks", "every_node")
+    if hooks not in HOOKS:
+        report.error("cluster", f'hooks {hooks!r}: must be "every_node" (on_open / on_close run on every node a '
+                                'grant is written on) or "origin" (only on the node that made it)')
     timeout_ns = parse_duration_key(report, "cluster", table, "timeout", DEFAULT_TIMEOUT_NS)
     if timeout_ns > MAX_TIMEOUT_NS:
         report.error("cluster", "timeout: at most 30s (the controller waits this long for etcd at most)")
     if len(report.errors) > before:
         return None
     return Cluster(endpoints=endpoints, node=node, prefix=prefix, user=user, share_bans=share_bans,
-                   spa_unreachable=spa_unreachable, timeout_ns=timeout_ns, **files)
+                   spa_unreachable=spa_unreachable, timeout_ns=timeout_ns, hooks=hooks, **files)
 
 
 def _endpoints(report, value):

@@ -13,6 +13,7 @@ import sys
 import time
 
 from ..config import ConfigError, load_config
+from ..config.cluster_config import reload_refusal
 from ..errors import XknockError
 from ..kernel import layout
 from ..policy import policy, totp
@@ -46,8 +47,9 @@ class Signals:
 
 class Controller:
     def __init__(self, attached, ifnames, config_path, config, events=None, metrics=None, signals=None, hooks=None,
-                 spa=None, links=None):
+                 spa=None, links=None, cluster=None):
         self.attached = attached
+        self.cluster = cluster   # a cluster.node.ClusterNode with [cluster], else None
         self.links = links     # a links.LinkWatcher: interfaces that go and come back
         self.spa = spa         # a spa.SpaReceiver while the config has [spa], else None
         self.ifnames = ifnames
@@ -76,6 +78,10 @@ class Controller:
             return False
         for warning in config.warnings:
             log.warning(warning)
+        refusal = reload_refusal(self.config.cluster, config.cluster)
+        if refusal:
+            log.error("reload refused: the running policy is unchanged", extra={"fields": {"errors": refusal}})
+            return False
         try:
             replay_cache = self._prepare_spa(config)   # a cache we cannot trust refuses the reload
         except (XknockError, OSError) as err:
@@ -92,6 +98,8 @@ class Controller:
             return False
         if self.spa:   # only now: a refused reload leaves SPA as it was
             self.spa.switch(config.spa, replay_cache)
+        if self.cluster is not None:   # the replay claims' lease follows max_age
+            self.cluster.spa_max_age_ns = config.spa.max_age_ns if config.spa is not None else None
         self.config = config
         self.rotation = rotation
         self.next_rotation_ns = rotation.next_change_ns() if rotation.active else None
@@ -132,7 +140,10 @@ class Controller:
         if config.spa is None:
             return None
         if self.spa is None:   # [spa] added: a receiver that judges nothing until switched
-            self.spa = SpaReceiver(self.attached.loaded, self.attached.maps, None).start()
+            self.spa = SpaReceiver(self.attached.loaded, self.attached.maps, None)
+            if self.cluster is not None:   # its digests claimed across nodes, its grants published
+                self.cluster.serve_spa(self.spa)
+            self.spa.start()
         return self.spa.prepare(config.spa)
 
     def run(self, notifier=None):
@@ -151,6 +162,7 @@ class Controller:
                     self.events.poll(POLL_MS)   # a bounded number of events, then the rest of the loop
                 else:
                     time.sleep(POLL_MS / 1000)
+                self.hooks.run_arrivals()   # on_open of grants other nodes made (cluster hooks = "every_node")
                 if self.links:
                     self.links.poll()
                 if self.rotation.active and (self.rotate_now or time.time_ns() >= self.next_rotation_ns):

@@ -167,6 +167,8 @@ MESSAGE_EVENTS = tuple((re.compile(pattern), name) for pattern, name in (
     (r"cluster: revoked", "cluster_revoked"),
     (r"cluster: banned", "cluster_banned"),
     (r"cluster: ignored a key", "cluster_foreign_key"),
+    (r"cluster: a grant of another node did not fit", "cluster_grants_full"),
+    (r"cluster: could not hand a received grant", "cluster_hook_handoff_failed"),
     (r"cluster: ", "cluster_error"),
     (r"\[cluster\] with --once", "cluster_once"),
     # spa/spa.py

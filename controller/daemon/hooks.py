@@ -38,6 +38,7 @@ OUTPUT_LIMIT = 4096      # bytes kept of each of stdout and stderr; the rest is 
 LOG_OUTPUT_CHARS = 512   # characters of each stream shown in the log line
 TICK_S = 0.05            # the reaper's polling period while hooks run
 DROP_LOG_EVERY_S = 1.0   # a flood of dropped hooks logs at most one line per second
+MAX_ARRIVALS = 10_000    # grants of other nodes waiting for their on_open; more drop the oldest (max_running drops sooner)
 
 
 def hook_env(event, source="", sequence="", ports=(), iface=""):
@@ -310,12 +311,16 @@ class HookDispatcher:
         self.iface = ",".join(ifnames)
         self.runner = runner or HookRunner(config.hooks.timeout_ns / 1e9, config.hooks.max_running)
         self.open = {}   # (source text, sequence uid) -> _OpenGrant, grants followed until they close
+        # (source text, sequence uid) of grants other nodes made, written here
+        # by the cluster's thread (grant_arrived), run from the controller's.
+        self.arrivals = collections.deque(maxlen=MAX_ARRIVALS)
         self.set_config(config)
         self.seed()
 
     def set_config(self, config):
         """The config just applied (start, reload)."""
         self.config = config
+        self.every_node = config.cluster is not None and config.cluster.hooks == "every_node"
         self.sequences = {sequence.name: sequence for sequence in config.sequences}
         self.runner.timeout_s = config.hooks.timeout_ns / 1e9
         self.runner.max_running = config.hooks.max_running
@@ -344,14 +349,7 @@ class HookDispatcher:
         """One ring-buffer event (events.describe() fields and the record's uid)."""
         event = fields["event"]
         if event == "granted":
-            if seq_uid not in self.live:
-                self.refresh()   # a reload by another process
-            if seq_uid not in self.live:
-                return
-            grant = self.open[(fields["source"], seq_uid)] = self._open_grant(seq_uid)
-            sequence = self.sequences.get(grant.name)
-            if sequence and sequence.on_open:
-                self._run("on_open", "open", sequence.on_open, fields["source"], grant)
+            self._opened(fields["source"], seq_uid)
         elif event == "grant_expired":
             pair = (fields["source"], seq_uid)
             if pair in self.open and not self._alive(pair):
@@ -361,6 +359,31 @@ class HookDispatcher:
                 self.runner.run("on_ban", self.config.ban.on_ban,
                                 hook_env("ban", fields["source"], iface=self.iface),
                                 {"source": fields["source"]})
+
+    def grant_arrived(self, record):
+        """ClusterNode.on_received, on the cluster's thread: a knock grant of
+        another node was written into the maps. With [cluster] hooks =
+        "every_node" its on_open runs here (run_arrivals), and it is followed
+        to its on_close like a grant made here."""
+        if self.every_node and record.seq_uid and not record.flags & layout.GRANT_SPA:
+            self.arrivals.append((str(record.source), record.seq_uid))
+
+    def run_arrivals(self):
+        """The hooks of the grants that arrived since (the controller's loop)."""
+        while self.arrivals:
+            source, uid = self.arrivals.popleft()
+            if self.every_node:   # a reload may have changed it since
+                self._opened(source, uid)
+
+    def _opened(self, source, uid):
+        if uid not in self.live:
+            self.refresh()   # a reload by another process
+        if uid not in self.live:
+            return
+        grant = self.open[(source, uid)] = self._open_grant(uid)
+        sequence = self.sequences.get(grant.name)
+        if sequence and sequence.on_open:
+            self._run("on_open", "open", sequence.on_open, source, grant)
 
     def sweep(self):
         """Run on_close for every grant followed whose entries are all gone:

@@ -42,6 +42,8 @@ step_timeout = "5s"
 open = ["tcp:{guarded}"]
 open_for = "60s"
 idle_timeout = "1m"
+on_open = ["/bin/sh", "-c", 'echo "open $XKNOCK_SOURCE" >> {hook_log}']
+on_close = ["/bin/sh", "-c", 'echo "close $XKNOCK_SOURCE" >> {hook_log}']
 
 [spa]
 port = {spa_port}
@@ -117,6 +119,23 @@ class Node:
         self.name, self.host, self.config_path = name, host, config_path
         self.controller = Foreground(types.SimpleNamespace(server=host, server_iface=host.iface), config_path, *args)
 
+    def restart(self):
+        """A new controller over the filter the last one left attached."""
+        self.controller = Foreground(types.SimpleNamespace(server=self.host, server_iface=self.host.iface),
+                                     self.config_path)
+        # It logs "replaced program" (its own), not "attached"; the cluster's
+        # thread may say "etcd reachable" before the loop says "running".
+        for said in ("controller running", "etcd reachable"):
+            self.controller.log.consumed = 0
+            assert self.controller.log.wait_for(lambda line: said in line, 240), self.controller.log.read_all(0.5)
+
+    def hook_lines(self, tmp):
+        try:
+            with open(tmp / f"hooks-{self.name}.log") as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
     def cluster_status(self):
         return status_json(self.host)[0]["cluster"]
 
@@ -151,7 +170,7 @@ def cluster(tmp_path_factory):
             for name, host in zip("abc", net.servers):
                 path = write_config(tmp, f"{name}.toml", CONFIG.format(
                     guarded=GUARDED, spa_port=SPA_PORT, cache=tmp / f"replay-{name}", key=KEY_B64, hmac=HMAC_B64,
-                    endpoints=endpoints, prefix=PREFIX, node=name))
+                    endpoints=endpoints, prefix=PREFIX, node=name, hook_log=tmp / f"hooks-{name}.log"))
                 os.chmod(path, 0o600)
                 nodes.append(Node(name, host, path, *(["--metrics-addr", METRICS] if name == "a" else [])))
             for node in nodes:
@@ -346,3 +365,103 @@ def test_etcd_killed_every_node_enforces_alone_and_converges_when_it_returns(clu
         assert opens(client, node.addr, timeout=10), node.controller.log.read_all(0.5)
     assert shut(attacker, a.addr)
     assert a.metric("xknock_cluster_etcd_reachable") == 1 and a.metric("xknock_cluster_outages_total") >= 1
+
+
+def test_hooks_run_on_every_node_the_grant_is_written_on(cluster):
+    """[cluster] hooks = "every_node", the default: a hook that opens
+    something per node (a cloud security group) runs where the grant lands."""
+    client = cluster.net.client
+    fresh(cluster)
+    opened = {node.name: node.hook_lines(cluster.tmp).count(f"open {client.ipv4}") for node in cluster.nodes}
+    closed = {node.name: node.hook_lines(cluster.tmp).count(f"close {client.ipv4}") for node in cluster.nodes}
+    knock(client, cluster.nodes[0].addr, *SEQUENCE)
+    for node in cluster.nodes:
+        assert wait_for(lambda: node.hook_lines(cluster.tmp).count(f"open {client.ipv4}") == opened[node.name] + 1,
+                        10), node.controller.log.read_all(0.5)
+    a = cluster.nodes[0]
+    check(a.xknock("revoke", a.host.iface, client.ipv4, "-c", a.config_path))
+    for node in cluster.nodes:   # each node's sweep sees the grant gone (within 10 s)
+        assert wait_for(lambda: node.hook_lines(cluster.tmp).count(f"close {client.ipv4}") == closed[node.name] + 1,
+                        20), node.controller.log.read_all(0.5)
+
+
+def test_a_reload_that_changes_cluster_is_refused_and_one_that_changes_its_hooks_applies(cluster):
+    a, b, c = cluster.nodes
+    client = cluster.net.client
+    original = open(c.config_path).read()
+    try:
+        with open(c.config_path, "w") as f:
+            f.write(original.replace(f'prefix = "{PREFIX}"', 'prefix = "/xknock/elsewhere/"'))
+        c.controller.send_signal(signal.SIGHUP)
+        line = c.controller.log.wait_for(lambda line: "reload refused" in line, 10)
+        assert line and "[cluster] changed (prefix)" in line and "restart" in line, c.controller.log.read_all(0.5)
+        fresh(cluster)   # C still follows the prefix it started with
+        knock(client, a.addr, *SEQUENCE)
+        assert opens(client, c.addr), c.controller.log.read_all(0.5)
+        # hooks = "origin": a reload applies it; then only A runs on_open.
+        with open(c.config_path, "w") as f:
+            f.write(original.replace("[cluster]\n", '[cluster]\nhooks = "origin"\n'))
+        c.controller.send_signal(signal.SIGHUP)
+        assert c.controller.log.wait_for(lambda line: "reloaded" in line, 10), c.controller.log.read_all(0.5)
+        fresh(cluster)
+        before = {node.name: node.hook_lines(cluster.tmp).count(f"open {client.ipv4}") for node in (a, c)}
+        knock(client, a.addr, *SEQUENCE)
+        assert opens(client, c.addr)
+        assert wait_for(lambda: a.hook_lines(cluster.tmp).count(f"open {client.ipv4}") == before["a"] + 1, 10)
+        time.sleep(1)   # an on_open on C would have run by now: the one on A did
+        assert c.hook_lines(cluster.tmp).count(f"open {client.ipv4}") == before["c"]
+    finally:
+        with open(c.config_path, "w") as f:
+            f.write(original)
+        c.controller.send_signal(signal.SIGHUP)
+        assert c.controller.log.wait_for(lambda line: "reloaded" in line, 10), c.controller.log.read_all(0.5)
+
+
+def test_a_node_sigkilled_and_restarted_resyncs_what_was_granted_and_revoked_meanwhile(cluster):
+    a, b, c = cluster.nodes
+    client, attacker = cluster.net.client, cluster.net.attacker
+    fresh(cluster)
+    knock(client, a.addr, *SEQUENCE)
+    assert opens(client, c.addr)
+    c.controller.send_signal(signal.SIGKILL)
+    c.controller.wait()
+    # Meanwhile: the client revoked on A, another source granted on B.
+    check(a.xknock("revoke", a.host.iface, client.ipv4, "-c", a.config_path))
+    check(b.xknock("grant", b.host.iface, attacker.ipv4, "--for", "45s", "-c", b.config_path))
+    assert closes(client, a.addr) and opens(attacker, a.addr)
+    assert opens(client, c.addr) and shut(attacker, c.addr)   # C's filter alone: its maps as they were
+    c.restart()
+    assert closes(client, c.addr), c.controller.log.read_all(0.5)
+    assert opens(attacker, c.addr), c.controller.log.read_all(0.5)
+    fresh(cluster)
+
+
+PARTITION = "xkpart"   # an nft table in C's namespace, which is the test run's own
+
+
+def test_a_node_cut_from_etcd_converges_when_reconnected(cluster):
+    """C's namespace drops every packet to etcd's client port (its own
+    member included; the members' peer traffic passes): C decides alone,
+    then catches up with a grant and a revoke made elsewhere meanwhile."""
+    a, b, c = cluster.nodes
+    client, attacker = cluster.net.client, cluster.net.attacker
+    fresh(cluster)
+    check(a.xknock("grant", a.host.iface, attacker.ipv4, "--for", "45s", "-c", a.config_path))
+    assert opens(attacker, c.addr), c.controller.log.read_all(0.5)
+    cut = [["nft", "add", "table", "inet", PARTITION],
+           ["nft", "add", "chain", "inet", PARTITION, "out", "{ type filter hook output priority 0 ; }"],
+           ["nft", "add", "rule", "inet", PARTITION, "out", "tcp", "dport", "2379", "drop"]]
+    try:
+        for argv in cut:
+            check(c.host.run(argv))
+        assert wait_for(lambda: not c.cluster_status()["reachable"], 20), c.controller.log.read_all(0.5)
+        check(a.xknock("revoke", a.host.iface, attacker.ipv4, "-c", a.config_path))
+        knock(client, a.addr, *SEQUENCE)
+        assert opens(client, b.addr) and closes(attacker, b.addr)
+        time.sleep(1)   # what reached B had time to reach C, were C not cut off
+        assert shut(client, c.addr) and not shut(attacker, c.addr)
+    finally:
+        c.host.run(["nft", "delete", "table", "inet", PARTITION])
+    assert wait_for(lambda: c.cluster_status()["reachable"], 30), c.controller.log.read_all(0.5)
+    assert opens(client, c.addr, timeout=10), c.controller.log.read_all(0.5)
+    assert closes(attacker, c.addr), c.controller.log.read_all(0.5)

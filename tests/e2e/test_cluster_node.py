@@ -28,6 +28,7 @@ from xknock.controller.kernel.clock import monotonic_ns
 from xknock.controller.kernel.maps import to_addr
 from xknock.controller.spa.spa import ReplayClaimLost
 from xknock.controller.spa.spa_replay import ReplayCacheError
+from xknock.controller.state import grants
 from xknock_dev.etcd import EtcdCluster, free_port, make_tls
 from xknock_dev.lab import wait_for
 
@@ -250,6 +251,100 @@ def test_tls_with_a_client_certificate_works_and_a_wrong_ca_or_no_certificate_is
                 Connection(bad)
             assert str(caught.value).startswith(f"etcd unreachable: https://127.0.0.1:{port}: ")
             assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The real program with a grants map of 4 entries (built here, in the
+    pytest process: no gRPC yet), for the node whose map is full."""
+    from xknock_dev.testrun import Harness
+
+    with Harness(cflags=["-DXK_GRANT_ENTRIES=4"]) as harness:
+        yield harness
+
+
+def values_of(maps):
+    return {bytes(key): bytes(value) for key, value in maps.grants.items()}
+
+
+@in_child
+def test_a_grant_that_does_not_fit_is_counted_logged_and_nothing_else_changes(tiny, etcd, clean, caplog):
+    tiny.reset_state()
+    for i in range(3):   # this node's own grants: one entry left
+        grants.write_grants(tiny.maps, f"198.51.100.{i}", [("tcp", 22)], 60 * SECOND, 60 * SECOND, seq_uid=5)
+    own = values_of(tiny.maps)
+    publish(etcd, "192.0.2.30", 30)
+    publish(etcd, "192.0.2.31", 30)   # found by the resync with no room left
+    with caplog.at_level(logging.WARNING, logger="xknock.cluster"):
+        node = ClusterNode(cluster_of(etcd), tiny.maps).start()
+        try:
+            assert wait_for(lambda: node.counts["resyncs"] == 1 and node.counts["grants_full"] == 1, 10), \
+                node.status()
+            # Two more in one transaction, seen by the watch: neither fits,
+            # and the revoke after them in the stream is applied all the same.
+            now = time.time_ns()
+            with Connection(cluster_of(etcd, node="other")) as connection:
+                connection.put_grants([records.GrantRecord(ipaddress.ip_address(f"192.0.2.{i}"), "tcp", 22,
+                                                           now + 30 * SECOND, now, 60 * SECOND, 7, 0, "other")
+                                       for i in (32, 33)])
+                assert wait_for(lambda: node.counts["grants_full"] == 3, 10), node.status()
+                fitted = "192.0.2.30" if grant_of(tiny.maps, "192.0.2.30") is not None else "192.0.2.31"
+                assert len(values_of(tiny.maps)) == 4 and node.counts["received"] == 1
+                assert {k: v for k, v in values_of(tiny.maps).items() if k in own} == own   # untouched
+                connection.revoke(fitted, "other")
+            assert wait_for(lambda: grant_of(tiny.maps, fitted) is None, 10)
+            publish(etcd, "192.0.2.34", 30)   # room again: written
+            assert wait_for(lambda: grant_of(tiny.maps, "192.0.2.34") is not None, 10)
+            status = node.status()
+            assert status["reachable"] and (status["resyncs"], status["outages"]) == (1, 0), status
+        finally:
+            node.close()
+    full = [r for r in caplog.records if "did not fit" in r.getMessage()]
+    assert len(full) == 1 and not any(r.exc_info for r in caplog.records)   # one line a minute at most
+
+
+@in_child
+def test_a_restarted_node_applies_the_revokes_made_while_it_was_down(xk, etcd, clean):
+    """Its maps outlive its controller: a grant revoked elsewhere meanwhile
+    must not stay open here. Its own grants made after such a revoke stay."""
+    node = ClusterNode(cluster_of(etcd), xk.maps).start()
+    try:
+        for source in ("192.0.2.40", "192.0.2.41"):
+            publish(etcd, source, 60)
+        assert wait_for(lambda: grant_of(xk.maps, "192.0.2.41") is not None, 10)
+    finally:
+        node.close()   # the controller is gone; the maps keep the grants
+    with Connection(cluster_of(etcd, node="other")) as connection:
+        connection.revoke("192.0.2.40", "other")
+        connection.revoke("192.0.2.42", "other")
+    publish(etcd, "192.0.2.43", 60)               # made while it was down
+    # This node's own grant of a source revoked before it: made after, kept.
+    grants.write_grants(xk.maps, "192.0.2.42", [("tcp", 22)], 60 * SECOND, 60 * SECOND, seq_uid=7)
+    publish(etcd, "192.0.2.42", 60, node="me")
+    assert grant_of(xk.maps, "192.0.2.40") is not None   # still open here, for now
+    node = ClusterNode(cluster_of(etcd), xk.maps).start()
+    try:
+        assert wait_for(lambda: grant_of(xk.maps, "192.0.2.43") is not None, 10)
+        assert wait_for(lambda: grant_of(xk.maps, "192.0.2.40") is None, 10)
+        assert grant_of(xk.maps, "192.0.2.41") is not None and grant_of(xk.maps, "192.0.2.42") is not None
+        assert node.counts["revokes_received"] == 2
+    finally:
+        node.close()
+
+
+@in_child
+def test_a_resync_reads_a_prefix_bigger_than_one_grpc_message(xk, etcd, clean):
+    """gRPC refuses a message over 4 MB: 25,000 grants are some 5 MB, read in pages."""
+    now = time.time_ns()
+    with Connection(cluster_of(etcd, node="other")) as connection:
+        for start in range(0, 25_000, 128):   # etcd's default --max-txn-ops
+            connection.put_grants([records.GrantRecord(ipaddress.ip_address(0x0A000000 + i), "tcp", 22,
+                                                       now + 60 * SECOND, now, 60 * SECOND, 7, 0, "other" * 20)
+                                   for i in range(start, min(start + 128, 25_000))])
+        revision, kvs = connection.read_prefix(PREFIX)
+    assert len(kvs) == 25_000 and len({kv.key for kv in kvs}) == 25_000
+    assert sum(len(kv.key) + len(kv.value) for kv in kvs) > 4 << 20
+    assert revision >= max(kv.mod_revision for kv in kvs)
 
 
 def test_grpc_never_ran_in_the_pytest_process():

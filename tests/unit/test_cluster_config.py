@@ -78,6 +78,7 @@ timeout = "500ms"''', ban=True).cluster
     ('endpoints = ["http://h:1"]\nspa_unreachable = "open"', 'spa_unreachable \'open\': must be "refuse"'),
     ('endpoints = ["http://h:1"]\ntimeout = "1m"', "timeout: at most 30s"),
     ('endpoints = ["http://h:1"]\nendpoint = "x"', 'unknown key "endpoint"'),
+    ('endpoints = ["http://h:1"]\nhooks = "all"', 'hooks \'all\': must be "every_node"'),
 ])
 def test_refusals(text, expected):
     assert expected in refusal(text)
@@ -94,3 +95,17 @@ def test_password_file_readable_by_others_is_refused(tmp_path):
 def test_cluster_is_not_policy():
     alone = parse_config(BASE, listening=set())
     assert parse('endpoints = ["http://h:1"]\nnode = "a"') == alone
+
+
+def test_a_reload_may_change_only_the_hooks_of_cluster():
+    from xknock.controller.config.cluster_config import reload_refusal
+
+    running = parse('endpoints = ["http://h:1"]\nnode = "a"').cluster
+    assert running.hooks == "every_node"
+    assert reload_refusal(running, parse('endpoints = ["http://h:1"]\nnode = "a"\nhooks = "origin"').cluster) is None
+    moved = reload_refusal(running, parse('endpoints = ["http://h:2"]\nnode = "a"\nprefix = "/x/"\n'
+                                          'timeout = "1s"').cluster)
+    assert moved.startswith("[cluster] changed (endpoints, prefix, timeout): ") and "restart" in moved
+    assert reload_refusal(running, None).startswith("[cluster] removed: ")
+    assert reload_refusal(None, running).startswith("[cluster] added: ")
+    assert reload_refusal(None, None) is None
