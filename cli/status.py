@@ -40,8 +40,8 @@ def _render(f):
     ifaces = ", ".join(f"{i['name']} ({i['xdp_mode']}, prog {i['prog_id']})" for i in f["interfaces"])
     lines.append(f"filter on {ifaces}: {f['mode']}" + (", strict" if f.get("strict") else ", lenient")
                  + f", answer {f.get('answer', 'drop')}")
-    lines.append(f"guarded: {' '.join(f['guarded']) or 'nothing'}")
     lines.append(render_controller(f))
+    lines.append(f"guarded: {' '.join(f['guarded']) or 'nothing'}")
     if f.get("spa_ports"):
         verified = "verified by the controller" if f.get("controller") else "NOT verified: no controller"
         lines.append(f"spa: {' '.join(f['spa_ports'])} ({verified})")
