@@ -16,7 +16,7 @@ from xknock_dev.lab import lab
 from xknock.controller.state.controller_record import NO_CONTROLLER
 
 COMMANDS = ["attach", "detach", "status", "reload", "grant", "revoke", "grants", "ban", "unban", "bans", "knock", "top",
-            "import", "spa", "keygen", "ssh-proxy",
+            "import", "spa", "keygen",
             "check", "diff"]
 EX_CONFIG = 78   # attach's status on a config that does not load: the unit does not restart on it
 
@@ -103,14 +103,19 @@ def test_every_command_help_has_an_example(command):
     assert f"xknock {command} " in result.stdout.split("Example")[1]
 
 
-# The one command with no --json: ssh-proxy, whose stdout is the SSH connection
-# itself. `import` is a group: its commands have one.
-NO_JSON = {"ssh-proxy", "import"}
+# `import` is a group: its commands have --json.
+NO_JSON = {"import"}
 
 
 @pytest.mark.parametrize("command", [*sorted(set(COMMANDS) - NO_JSON), "import knockd", "import fwknop"])
 def test_every_command_answers_in_json(command):
     assert "--json" in run_host(*command.split(), "--help").stdout
+
+
+def test_ssh_proxy_has_no_json():
+    """Its stdout is the SSH connection itself: a JSON line there would corrupt it."""
+    result = run_host("ssh-proxy", "--help")
+    assert result.returncode == 0 and "--json" not in result.stdout
 
 
 def test_attach_says_each_interface_attached_in_a_json_line(bare, good_config):
