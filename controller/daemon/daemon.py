@@ -134,7 +134,7 @@ class Controller:
         """The record for the CLI and STATUS= for systemd, after a start or reload."""
         try:
             self.record.publish(self.config, config_hash(self.config), self.last_reload)
-        except OSError as err:
+        except (XknockError, OSError) as err:   # /run/xknock not ours, or full: the filter runs all the same
             log.error("writing the controller record failed: `xknock reload` and `status` will not find this "
                       "controller", extra={"fields": {"event": "controller_record_failed", "error": str(err)}})
         if self.notifier:
