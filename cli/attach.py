@@ -50,9 +50,11 @@ Examples:
               help="Share the interface with other libxdp programs (xdp-filter, xdp-loader): join libxdp's "
                    "dispatcher, which runs its programs by priority, lowest first; what one passes goes on to "
                    "the next (docs/operations.md).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON line on stdout per interface attached (the controller then runs on, logging to stderr).")
 @fail_cleanly(config_status=EX_CONFIG)   # systemd does not restart a unit whose file is bad
 def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_web_config, once, keep_sessions,
-           replace, cut_sessions, force, priority):
+           replace, cut_sessions, force, priority, as_json):
     """Load the filter, attach it to IFACES and run the controller."""
     replace, cut_sessions = _deprecated_force(force, replace, cut_sessions, keep_sessions)
     if replace and priority is not None:
@@ -113,7 +115,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_
         _follow_config_changes(attached, config, handed)
     else:
         _remove_failsafe(list(ifaces))
-        _say_attached(list(ifaces), config, attached)
+        _say_attached(list(ifaces), config, attached, as_json)
     if once:
         attached.maps.close()
         return
@@ -143,7 +145,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_
             node.close()
 
 
-def _say_attached(ifnames, config, attached):
+def _say_attached(ifnames, config, attached, as_json=False):
     from xknock.controller.policy.answers import attach_warnings
     from xknock.controller.policy.ipsec import ipsec_warnings
 
@@ -151,9 +153,12 @@ def _say_attached(ifnames, config, attached):
         log.warning(warning)
     for name in ifnames:
         how = "replaced program %d" % attached.replaced[name] if name in attached.replaced else "attached"
-        log.info(f"{how} on {name}", extra={"fields": {
-            "iface": name, "xdp_mode": attached.modes[name], "prog_id": attached.loaded.prog_id,
-            "mode": config.mode, "sequences": len(config.sequences), "pins": attached.pin_dir}})
+        fields = {"iface": name, "xdp_mode": attached.modes[name], "prog_id": attached.loaded.prog_id,
+                  "mode": config.mode, "sequences": len(config.sequences), "pins": attached.pin_dir}
+        log.info(f"{how} on {name}", extra={"fields": fields})
+        if as_json:   # a line each, flushed: a script reads them while the controller runs on
+            click.echo(json.dumps({"attached": name, **fields, "replaced": attached.replaced.get(name)}))
+            sys.stdout.flush()
 
 
 # The controller leaves BCC behind: once the program is loaded and attached,

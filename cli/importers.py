@@ -7,6 +7,7 @@ import tempfile
 
 import click
 
+from xknock.cli.common import json_option
 from xknock.controller.config import ConfigError
 from xknock.controller.importers.fwknop_import import DEFAULT_FWKNOPD_CONF
 from xknock.controller.importers.fwknop_import import DEFAULT_PATH as FWKNOP_DEFAULT_PATH
@@ -35,7 +36,8 @@ stderr, one line each, and as comments at the top of the TOML.""")
 @click.option("--mode", type=click.Choice(["enforce", "monitor"]), default="enforce", show_default=True,
               help="The [filter] mode of the new config; monitor for a dry run first.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-def knockd(path, output, mode, force):
+@json_option
+def knockd(path, output, mode, force, as_json):
     """Convert knockd's PATH (default /etc/knockd.conf; - for stdin) into an xknock config."""
     text = _read(path)
     source = "stdin" if path == "-" else path
@@ -51,15 +53,27 @@ def knockd(path, output, mode, force):
         click.echo(note.located(source), err=True)
     for warning in result.config.warnings:
         click.echo(f"xknock: warning: {warning}", err=True)
-    if output is None:
-        click.echo(result.toml, nl=False)
-    else:
+    if output is not None:
         _write(output, result.toml, force)
+    if as_json:
+        _echo_json(result.toml, output, [seq.name for seq in result.sequences], result.doors, result.interface,
+                   [note.located(source) for note in result.notes], result.config.warnings)
+    elif output is None:
+        click.echo(result.toml, nl=False)
     names = ", ".join(seq.name for seq in result.sequences)   # said once the TOML is out, not before
     where = output or "stdout"
     click.echo(f"xknock: converted {len(result.sequences)} of {result.doors} knockd door(s) ({names}) to {where}; "
                f"{len(result.notes)} note(s) above; attach with: xknock attach {result.interface} -c "
                f"{output or 'FILE'}", err=True)
+
+
+def _echo_json(toml, output, converted, of, interface, notes, warnings=(), **more):
+    """--json: what was converted, from how many, the notes; the TOML itself without -o."""
+    import json
+
+    click.echo(json.dumps({"converted": converted, "of": of, "output": output, "interface": interface,
+                           "notes": list(notes), "warnings": list(warnings), **more,
+                           "toml": toml if output is None else None}, indent=2))
 
 
 def _fail(message):
@@ -128,7 +142,8 @@ each, and as comments at the top of the TOML.""")
               help="Write each user's keys to DIR/NAME.keys (mode 0600, `fwknop --key-gen` format) and refer to "
                    "them with key_file, instead of putting the keys in the TOML.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT and key files that exist.")
-def fwknop(path, output, keys_dir, mode, fwknopd_conf, force):
+@json_option
+def fwknop(path, output, keys_dir, mode, fwknopd_conf, force, as_json):
     """Convert fwknopd's access.conf PATH (default /etc/fwknop/access.conf; - for stdin) into [spa] users."""
     from xknock.controller.importers.fwknop_import import FwknopImportError
     from xknock.controller.importers.fwknop_import import convert as convert_fwknop
@@ -156,10 +171,15 @@ def fwknop(path, output, keys_dir, mode, fwknopd_conf, force):
             write_key_file(key_path, keys, force=force)
     except (SpaKeyError, OSError) as err:
         _fail(str(err))
-    if output is None:
-        click.echo(result.toml, nl=False)
-    else:
+    if output is not None:
         _write(output, result.toml, force)
+    if as_json:
+        _echo_json(result.toml, output, [user.name for user in result.users], result.stanzas, result.interface,
+                   [note.located(source) for note in result.notes]
+                   + [note.located(fwknopd_conf) for note in result.server_notes],
+                   key_files=[key_path for key_path, _ in result.key_files], inline_keys=bool(result.inline_keys))
+    elif output is None:
+        click.echo(result.toml, nl=False)
     names = ", ".join(user.name for user in result.users)   # said once everything is written, not before
     where = output or "stdout"
     notes = len(result.notes) + len(result.server_notes)

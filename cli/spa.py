@@ -1,11 +1,12 @@
 """`xknock spa` (send one SPA packet: fwknop's format, or with --identity
 the public-key one) and `xknock keygen`."""
 
+import base64
 import time
 
 import click
 
-from xknock.cli.common import fail_cleanly
+from xknock.cli.common import echo_result, fail_cleanly, json_option
 from xknock.controller.client.spa_client import DEFAULT_PORT, parse_access, send_spa
 from xknock.controller.wire import spa_message
 from xknock.controller.wire import spa_pubkey_keys as pubkey_keys
@@ -67,14 +68,15 @@ no answer after --tries packets: exit status 2.""")
 @click.option("--no-wait", is_flag=True, help="Public-key SPA: ask for no answer, send one packet and exit.")
 @click.option("--tries", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Public-key SPA: packets to send, one a second, until the server answers.")
+@json_option
 @fail_cleanly
 def spa(host, ports, key_file, key_base64, hmac_key_base64, hmac_digest, user, access_addresses,
-        source_from_packet, client_timeout, port, identity, server_key, no_wait, tries):
+        source_from_packet, client_timeout, port, identity, server_key, no_wait, tries, as_json):
     """Send one SPA packet asking HOST to open ports to this client."""
     if identity or server_key:
         return _spa_pubkey(host, ports, identity, server_key, access_addresses, client_timeout, port, no_wait,
                            tries, fwknop_options=key_file or key_base64 or hmac_key_base64 or source_from_packet
-                           or user)
+                           or user, as_json=as_json)
     if len(access_addresses) > 1:
         raise click.UsageError("fwknop's message holds one address: give -a once")
     access_address = access_addresses[0] if access_addresses else None
@@ -93,11 +95,14 @@ def spa(host, ports, key_file, key_base64, hmac_key_base64, hmac_digest, user, a
                     source_from_packet=source_from_packet, client_timeout=client_timeout, port=port)
     opened = " ".join(f"{proto}/{number}" for proto, number in ports)
     whom = "the packet's source" if sent.access_address == "0.0.0.0" else sent.access_address
-    click.echo(f"sent SPA to {sent.server} port {sent.port} ({sent.size} bytes): open {opened} for {whom}")
+    echo_result(as_json, {"sent": "fwknop", "server": sent.server, "port": sent.port, "bytes": sent.size,
+                          "open": [f"{proto}/{number}" for proto, number in ports],
+                          "for": None if sent.access_address == "0.0.0.0" else sent.access_address},
+                f"sent SPA to {sent.server} port {sent.port} ({sent.size} bytes): open {opened} for {whom}")
 
 
 def _spa_pubkey(host, ports, identity, server_key, addresses, client_timeout, port, no_wait, tries,
-                fwknop_options):
+                fwknop_options, as_json=False):
     from xknock.controller.client import spa_pubkey_client
 
     if not identity or not server_key:
@@ -111,10 +116,25 @@ def _spa_pubkey(host, ports, identity, server_key, addresses, client_timeout, po
                                      tries=tries)
     opened = " ".join(f"{proto}/{number}" for proto, number in ports)
     whom = " and ".join(str(a) for a in (result.ipv4, result.ipv6) if a) or "the packet's source"
+    ack = result.ack
+    if as_json:   # the outcome as JSON, with the exit status of the text's
+        answer = None if ack is None else {
+            "granted": bool(ack.granted), "detail": ack.detail if not ack.granted else None,
+            "ports": [f"{proto}/{number}" for proto, number in ack.ports] if ack.granted else [],
+            "for": [str(a) for a in (ack.ipv4, ack.ipv6) if a] if ack.granted else [],
+            "until": ack.until if ack.granted else None}
+        echo_result(True, {"sent": "public-key", "server": str(result.server), "port": result.port,
+                           "open": [f"{proto}/{number}" for proto, number in ports],
+                           "for": [str(a) for a in (result.ipv4, result.ipv6) if a], "tries": result.tries,
+                           "waited": not no_wait, "answer": answer}, "")
+        if not no_wait and ack is None:
+            raise SystemExit(2)
+        if ack is not None and not ack.granted:
+            raise SystemExit(1)
+        return
     if no_wait:
         click.echo(f"sent public-key SPA to {result.server} port {result.port}: open {opened} for {whom}")
         return
-    ack = result.ack
     if ack is None:
         click.echo(f"xknock: no answer from {result.server} port {result.port} after {result.tries} packets "
                    "(wrong --server-key, a firewall on the way, or the server is down)", err=True)
@@ -152,8 +172,9 @@ HMAC_KEY_BASE64 with USE_HMAC Y, or xknock spa --key-file) and the server
               help="Make a key pair of the public-key SPA instead: KEY_FILE (private, 0600) and KEY_FILE.pub.")
 @click.option("--server", is_flag=True, help="With --public: the server's key pair (X25519), not a user's.")
 @click.option("--force", is_flag=True, help="Overwrite KEY_FILE if it exists.")
+@json_option
 @fail_cleanly
-def keygen(key_file, hmac_digest, public, server, force):
+def keygen(key_file, hmac_digest, public, server, force, as_json):
     """Make a random encryption key and HMAC key in `fwknop --key-gen` format,
     or with --public a key pair."""
     if server and not public:
@@ -165,14 +186,20 @@ def keygen(key_file, hmac_digest, public, server, force):
         private = pubkey_keys.write_pair(key_file, kind, force=force)
         click.echo(f"wrote the {kind} private key to {key_file} (mode 0600) and its public key to {key_file}.pub:",
                    err=True)
-        click.echo(pubkey_keys.format_public(kind, private), nl=False)
+        public_line = pubkey_keys.format_public(kind, private)
+        echo_result(as_json, {"kind": kind, "private_key_file": key_file, "public_key_file": f"{key_file}.pub",
+                              "public_key": public_line.split(":", 1)[1].strip()}, public_line.rstrip("\n"))
         return
     keys = generate(hmac_digest)
-    if key_file is None:
-        click.echo(format_keygen(keys), nl=False)
+    if key_file is None:   # printed, as fwknop --key-gen does: the keys are the output
+        echo_result(as_json, {"hmac_digest": hmac_digest, "key_base64": base64.b64encode(keys.key).decode(),
+                              "hmac_key_base64": base64.b64encode(keys.hmac_key).decode()},
+                    format_keygen(keys).rstrip("\n"))
         return
     write_key_file(key_file, keys, force=force)
     click.echo(f"wrote keys to {key_file} (mode 0600)", err=True)
+    if as_json:
+        echo_result(True, {"hmac_digest": hmac_digest, "key_file": key_file}, "")
 
 
 __all__ = ["spa", "keygen"]

@@ -1,6 +1,7 @@
 """`xknock status`: what runs, as a table or JSON."""
 
 import json
+import time
 
 import click
 
@@ -39,9 +40,11 @@ def _render(f):
     ifaces = ", ".join(f"{i['name']} ({i['xdp_mode']}, prog {i['prog_id']})" for i in f["interfaces"])
     lines.append(f"filter on {ifaces}: {f['mode']}" + (", strict" if f.get("strict") else ", lenient")
                  + f", answer {f.get('answer', 'drop')}")
+    lines.append(render_controller(f))
     lines.append(f"guarded: {' '.join(f['guarded']) or 'nothing'}")
     if f.get("spa_ports"):
-        lines.append(f"spa: {' '.join(f['spa_ports'])} (verified by the running controller)")
+        verified = "verified by the controller" if f.get("controller") else "NOT verified: no controller"
+        lines.append(f"spa: {' '.join(f['spa_ports'])} ({verified})")
     for s in f["sequences"]:
         lines.append(f"  sequence {s['name']}: {' '.join(s['knock'])} -> {' '.join(s['open'])} "
                      f"(step {s['step_timeout_s']:g}s, open {s['open_for_s']:g}s, idle {s['idle_timeout_s']:g}s)")
@@ -64,6 +67,27 @@ def _render(f):
 
         lines += cluster_cli.render_status(f["cluster"])
     return "\n".join(lines)
+
+
+def render_controller(f):
+    """The controller line: who serves the filter, or plainly that nobody does."""
+    from xknock.controller.state.controller_record import NO_CONTROLLER
+
+    c = f.get("controller")
+    if not c:
+        ignored = f" ({f['controller_record_ignored']}, not trusted)" if f.get("controller_record_ignored") else ""
+        return NO_CONTROLLER + ignored
+    line = (f"controller: PID {c['pid']}, xknock {c['version']}, since {_clock(c['started_at'])}, "
+            f"config {c['config']} (hash {c['config_hash']})")
+    last = c.get("last_reload")
+    if last:
+        line += (f", last reload ok at {_clock(last['at'])}" if last.get("ok")
+                 else f", last reload REFUSED at {_clock(last['at'])} (the running policy is unchanged)")
+    return line
+
+
+def _clock(wall):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) if isinstance(wall, (int, float)) else "?"
 
 
 def render_grant(g):

@@ -20,6 +20,7 @@ The screen is redrawn with ANSI escapes (home, clear to the end), no curses.
 """
 
 import ctypes
+import json
 import os
 import sys
 import time
@@ -179,6 +180,39 @@ class FilterView:
         return lines
 
 
+    def snapshot(self):
+        """The frame's numbers as a dict (--json): rates per second over the interval, totals, lists."""
+        cur, prev = self.current, self.previous
+        elapsed = cur.at - prev.at if prev else 0.0
+        before = prev.counters if prev else {}
+        rates = {r: per_second(cur.counters[r], before.get(r), elapsed) for r in layout.Reason}
+        old = prev.sequences if prev else {}
+        sequences = {}
+        for uid, (name, stats) in cur.sequences.items():
+            earlier = old.get(uid, (None, None))[1]
+            sequences[name] = {k: per_second(getattr(stats, k), getattr(earlier, k) if earlier else None, elapsed)
+                               for k in KNOCK_RESULTS}
+        lists = self.lists
+        return {
+            "interfaces": [{"name": a.ifname, "xdp_mode": a.mode, "prog_id": a.prog_id} for a in self.atts],
+            "mode": cur.mode,
+            "over_s": round(elapsed, 3),
+            "packets_per_s": {"passed": _sum_rates(rates[r] for r in VERDICTS if not layout.is_drop(r)),
+                              "dropped": _sum_rates(rates[r] for r in VERDICTS if layout.is_drop(r))},
+            "reasons": {r.name.lower(): {"per_s": rates[r], "total": cur.counters[r]} for r in layout.Reason},
+            "knocks_per_s": sequences,
+            "grants_live": live_grants(cur.counters),
+            "grants": [] if lists is None else [
+                {"source": str(g.source), "port": f"{g.proto}:{g.port}", "sequence": g.sequence,
+                 "window_left_s": round(g.window_left_s, 1), "idle_left_s": round(g.idle_left_s, 1)}
+                for g in lists.grants],
+            "knocks_in_progress": None if lists is None else lists.in_progress,
+            "knocks": [] if lists is None else [
+                {"source": str(source), "sequence": name, "next_step": step, "since_s": round(since, 1)}
+                for source, name, step, since in lists.knocks],
+        }
+
+
 def _sum_rates(values):
     values = list(values)
     return None if any(v is None for v in values) else sum(values)
@@ -227,19 +261,28 @@ class Top:
         self.views = {}
 
 
-def run(iface, interval, once, out=sys.stdout):
-    """Show frames until Ctrl-C (or one, with once)."""
+def run(iface, interval, once, out=sys.stdout, as_json=False):
+    """Show frames until Ctrl-C (or one, with once); as_json: one snapshot as JSON."""
     view = Top(iface)
+    once = once or as_json
     clear = not once and out.isatty()
     try:
         view.refresh(interval, lists=False)    # the first counters; the lists come with the first frame
         if not view.views and not iface:
+            if as_json:
+                out.write(json.dumps({"interval_s": interval, "filters": []}) + "\n")
+                return
             click.echo("no xknock filter is attached in this network namespace", file=out)
             return
         next_at = time.monotonic() + interval
         while True:
             time.sleep(max(0.0, next_at - time.monotonic()))
             view.refresh(interval)
+            if as_json:
+                snapshot = [v.snapshot() for v in sorted(view.views.values(), key=lambda v: v.atts[0].ifname)]
+                out.write(json.dumps({"at": time.time(), "interval_s": interval, "filters": snapshot}, indent=2) + "\n")
+                out.flush()
+                return
             text = view.frame(interval)
             out.write((CLEAR if clear else "") + text + "\n" + ("" if clear or once else "\n"))
             out.flush()
@@ -255,13 +298,16 @@ def run(iface, interval, once, out=sys.stdout):
 Examples:
   xknock top                        # every filter in this network namespace, redrawn every second
   xknock top eth0 --interval 5      # rates over 5 s
-  xknock top eth0 --once            # one frame after one interval, then exit (scripts)""")
+  xknock top eth0 --once            # one frame after one interval, then exit (scripts)
+  xknock top eth0 --json            # one snapshot after one interval, as JSON""")
 @click.argument("iface", required=False, type=IFACE)
 @click.option("--interval", "interval_ns", type=SECONDS_OR_DURATION, default="1s", show_default=True,
               help="Time between frames (500ms, 2s; a bare number is seconds); rates are counted over this time.")
 @click.option("--once", is_flag=True, help="Print one frame after one interval and exit.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One snapshot after one interval as JSON (rates per second, totals, lists), then exit.")
 @fail_cleanly
-def top(iface, interval_ns, once):
+def top(iface, interval_ns, once, as_json):
     """Live packet rates by reason, knocks per sequence, grants, knocks in progress."""
     if interval_ns < 100_000_000:
         raise click.BadParameter("at least 100ms", param_hint="--interval")
@@ -270,7 +316,7 @@ def top(iface, interval_ns, once):
         lifecycle.require_root()
         if iface:
             lifecycle.open_filter(iface).close()   # a clear error when nothing runs there
-        run(iface, interval, once)
+        run(iface, interval, once, as_json=as_json)
     except KeyboardInterrupt:   # Ctrl-C is how one leaves top: no traceback, status 0
         click.echo("")
     except BrokenPipeError:     # `xknock top | head`: the reader is gone

@@ -12,13 +12,14 @@ import signal
 import sys
 import time
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, config_hash, load_config
 from ..config.cluster_config import reload_refusal
 from ..errors import XknockError
 from ..kernel import layout
 from ..policy import policy, totp
 from ..spa.spa import SpaReceiver
-from ..state import bans, grants
+from ..state import bans, controller_record, grants
+from . import build
 from .hooks import HookDispatcher
 from .sdnotify import Notifier
 
@@ -68,25 +69,38 @@ class Controller:
         self.next_rotation_ns = self.rotation.next_change_ns() if self.rotation.active else None
         self.rotate_now = False
         self.full_bans = bans.FullBansWatch(attached.maps)
+        # Who serves this filter, for `xknock reload` and `status` (state/controller_record.py).
+        self.record = controller_record.Record(attached.maps.control.id, ifnames, config_path, build.version())
+        self.notifier = None
+        self.last_reload = None
 
     def reload(self):
-        """Validate the file, then switch policy; a bad file changes nothing."""
+        """Validate the file, then switch policy; a bad file changes nothing.
+        The result is recorded for `xknock reload` and told to systemd."""
+        started_ns = time.monotonic_ns()
+        ok, message, warnings = self._reload()
+        self.last_reload = controller_record.reload_result(ok, started_ns, message, warnings)
+        self._publish()
+        return ok
+
+    def _reload(self):
+        """(ok, what went wrong, the new config's warnings)."""
         try:
             config = load_config(self.config_path)
         except ConfigError as err:
             log.error("reload refused: the running policy is unchanged", extra={"fields": {"errors": str(err)}})
-            return False
+            return False, str(err), []
         for warning in config.warnings:
             log.warning(warning)
         refusal = reload_refusal(self.config.cluster, config.cluster)
         if refusal:
             log.error("reload refused: the running policy is unchanged", extra={"fields": {"errors": refusal}})
-            return False
+            return False, refusal, config.warnings
         try:
             replay_cache = self._prepare_spa(config)   # a cache we cannot trust refuses the reload
         except (XknockError, OSError) as err:
             log.error("reload failed: the running policy is unchanged", extra={"fields": {"error": str(err)}})
-            return False
+            return False, str(err), config.warnings
         try:
             rotation = totp.Rotation(config)
             rotation.spent = self.rotation.spent
@@ -95,7 +109,7 @@ class Controller:
             if self.spa:
                 self.spa.abandon(replay_cache)
             log.error("reload failed: the running policy is unchanged", extra={"fields": {"error": str(err)}})
-            return False
+            return False, str(err), config.warnings
         if self.spa:   # only now: a refused reload leaves SPA as it was
             self.spa.switch(config.spa, replay_cache)
         if self.cluster is not None:   # the replay claims' lease follows max_age
@@ -107,7 +121,32 @@ class Controller:
             self.events.refresh_names()
         self.hooks.set_config(config)
         log.info("reloaded", extra={"fields": {"config": self.config_path, "sequences": len(config.sequences)}})
-        return True
+        return True, "", config.warnings
+
+    def status_line(self):
+        """systemd's STATUS=: the mode, and the last reload's result."""
+        where = ",".join(self.ifnames)
+        if self.config.mode == "monitor":
+            line = f"monitor on {where}: counting, refusing nothing"
+        else:
+            line = f"enforce on {where}"
+        line += f", {len(self.config.sequences)} sequence(s), config {config_hash(self.config)}"
+        last = self.last_reload
+        if last is not None:
+            at = time.strftime("%H:%M:%S", time.localtime(last["at"]))
+            line += (f"; last reload ok at {at}" if last["ok"]
+                     else f"; last reload at {at} REFUSED, the running policy is unchanged")
+        return line
+
+    def _publish(self):
+        """The record for the CLI and STATUS= for systemd, after a start or reload."""
+        try:
+            self.record.publish(self.config, config_hash(self.config), self.last_reload)
+        except (XknockError, OSError) as err:   # /run/xknock not ours, or full: the filter runs all the same
+            log.error("writing the controller record failed: `xknock reload` and `status` will not find this "
+                      "controller", extra={"fields": {"event": "controller_record_failed", "error": str(err)}})
+        if self.notifier:
+            self.notifier.status(self.status_line())
 
     def _observe(self, record):
         if record.type != layout.Event.GRANTED:
@@ -148,7 +187,9 @@ class Controller:
 
     def run(self, notifier=None):
         notifier = notifier or Notifier()
-        notifier.ready(f"enforcing on {','.join(self.ifnames)}")
+        self._publish()
+        notifier.ready(self.status_line())
+        self.notifier = notifier
         log.info("controller running", extra={"fields": {"event": "controller_running", "iface": ",".join(self.ifnames),
                                                           "bcc": "bcc" in sys.modules}})
         next_sweep = time.monotonic() + SWEEP_EVERY_S
@@ -188,6 +229,7 @@ class Controller:
                     except OSError as err:
                         log.error("hook sweep failed", extra={"fields": {"error": str(err)}})
         finally:
+            self.record.remove()
             notifier.stopping()
             if self.spa:
                 self.spa.stop()   # counts what it judged

@@ -1,7 +1,7 @@
 """systemd's notify protocol, for Type=notify units with a watchdog.
 
 A datagram on the socket named by $NOTIFY_SOCKET: READY=1 once the filter is
-attached, WATCHDOG=1 from the controller's loop at least twice per
+attached, STATUS= with the mode and the last reload's result, WATCHDOG=1 from the controller's loop at least twice per
 $WATCHDOG_USEC, so that systemd restarts a controller that hangs. Without
 $NOTIFY_SOCKET every call does nothing."""
 
@@ -32,6 +32,10 @@ class Notifier:
 
     def ready(self, status=""):
         return self.send("READY=1" + (f"\nSTATUS={status}" if status else ""))
+
+    def status(self, status):
+        """STATUS=: the line `systemctl status` shows (the mode, the last reload's result)."""
+        return self.send(f"STATUS={status}")
 
     def stopping(self):
         return self.send("STOPPING=1")

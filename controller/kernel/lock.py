@@ -32,7 +32,7 @@ def map_lock(maps, timeout=LOCK_TIMEOUT):
 @contextlib.contextmanager
 def control_lock(control_map_id, timeout=LOCK_TIMEOUT):
     """map_lock() for a filter known by its control map's id alone."""
-    _private_dir(LOCK_DIR)
+    private_dir(LOCK_DIR)
     path = os.path.join(LOCK_DIR, f"filter-{control_map_id}.lock")
     fd = _private_file(path)
     try:
@@ -54,7 +54,7 @@ def control_lock(control_map_id, timeout=LOCK_TIMEOUT):
         os.close(fd)
 
 
-def _private_dir(path):
+def private_dir(path):
     """path as a directory of our own, mode 0700 (made, or fixed if we own it)."""
     os.makedirs(path, mode=0o700, exist_ok=True)
     info = os.lstat(path)

@@ -9,7 +9,7 @@ from ..kernel import layout
 from ..kernel.lock import LOCK_DIR
 from ..kernel.datapath import attached_filters
 from ..kernel.maps import FilterMaps, live_sequences
-from . import bans, grants
+from . import bans, controller_record, grants
 
 
 def live_policy(maps):
@@ -104,7 +104,18 @@ def filter_status(maps, interfaces, now=None):
         ],
         "maps": {m.name: {"max_entries": m.max_entries} for m in maps},
         "cluster": cluster_status(maps),
+        **controller_status(maps),
     }
+
+
+def controller_status(maps):
+    """{"controller": the live controller's record, or None}; with a record
+    not trusted (stale, a recycled PID), "controller_record_ignored" says why."""
+    found, distrust = controller_record.serving(maps.control.id)
+    if found is None:
+        return {"controller": None, **({"controller_record_ignored": distrust} if distrust else {})}
+    keys = ("pid", "version", "interfaces", "config", "config_hash", "mode", "sequences", "started_at", "last_reload")
+    return {"controller": {key: found.get(key) for key in keys}}
 
 
 def live_grants(maps, now=None):

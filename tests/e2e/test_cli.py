@@ -13,6 +13,7 @@ from xknock_dev.e2e import (
     XKNOCK, attach_foreign_xdp, check, config_text, remove_xdp, status_json, write_config, xdp_prog_id, xknock,
 )
 from xknock_dev.lab import lab
+from xknock.controller.state.controller_record import NO_CONTROLLER
 
 COMMANDS = ["attach", "detach", "status", "reload", "grant", "revoke", "grants", "ban", "unban", "bans", "knock", "top",
             "import", "spa", "keygen",
@@ -102,14 +103,29 @@ def test_every_command_help_has_an_example(command):
     assert f"xknock {command} " in result.stdout.split("Example")[1]
 
 
-# Commands with no --json: attach (a controller: --log-format json), top (a live
-# view), import (its output is a TOML file), and spa and keygen (cli/spa.py, not yet).
-NO_JSON = {"attach", "top", "import", "spa", "keygen"}
+# `import` is a group: its commands have --json.
+NO_JSON = {"import"}
 
 
-@pytest.mark.parametrize("command", sorted(set(COMMANDS) - NO_JSON))
+@pytest.mark.parametrize("command", [*sorted(set(COMMANDS) - NO_JSON), "import knockd", "import fwknop"])
 def test_every_command_answers_in_json(command):
-    assert "--json" in run_host(command, "--help").stdout
+    assert "--json" in run_host(*command.split(), "--help").stdout
+
+
+def test_ssh_proxy_has_no_json():
+    """Its stdout is the SSH connection itself: a JSON line there would corrupt it."""
+    result = run_host("ssh-proxy", "--help")
+    assert result.returncode == 0 and "--json" not in result.stdout
+
+
+def test_attach_says_each_interface_attached_in_a_json_line(bare, good_config):
+    result = check(xknock(bare.server, "attach", bare.server_iface, "-c", good_config, "--once", "--json"))
+    [line] = result.stdout.splitlines()
+    attached = json.loads(line)
+    assert attached["attached"] == bare.server_iface and attached["prog_id"] == xdp_prog_id(bare.server,
+                                                                                         bare.server_iface)
+    assert attached["xdp_mode"] in ("native", "generic") and attached["mode"] == "enforce"
+    assert attached["sequences"] == 1 and attached["replaced"] is None and attached["pins"].startswith("/sys/fs/bpf/")
 
 
 def test_reload_diff_and_detach_answer_in_json(attached, good_config):
@@ -119,7 +135,8 @@ def test_reload_diff_and_detach_answer_in_json(attached, good_config):
     dry = json.loads(check(xknock(server, "reload", iface, "-c", good_config, "--dry-run", "--json")).stdout)
     assert dry == diffed
     reloaded = json.loads(check(xknock(server, "reload", iface, "-c", good_config, "--json")).stdout)
-    assert reloaded == {"reloaded": iface, "config": good_config, "sequences": 1, "mode": "enforce"}
+    assert reloaded == {"reloaded": iface, "config": good_config, "sequences": 1, "mode": "enforce",
+                        "controller": None, "note": NO_CONTROLLER}   # attached --once: nobody else to ask
     prog_id = xdp_prog_id(server, iface)
     [detached] = json.loads(check(xknock(server, "detach", iface, "--json")).stdout)["detached"]
     assert detached == {"iface": iface, "failsafe_removed": False, "prog_id": prog_id,

@@ -8,6 +8,7 @@ or later, as xknock's GPL-2.0), copied unchanged. The other files are written
 in the style of real ones.
 """
 
+import json
 import os
 import shutil
 import stat
@@ -284,6 +285,19 @@ def test_cli_prints_toml_and_lists_notes_on_stderr():
     assert lines[:len(expected.notes)] == [note.located(data("debian-knockd.conf")) for note in expected.notes]
     assert f"{data('debian-knockd.conf')}:13: door closeSSH: " in result.stderr
     assert lines[-1].startswith("xknock: converted 2 of 3 knockd door(s) (openSSH, openHTTPS) to stdout")
+
+
+def test_cli_answers_in_json(tmp_path):
+    result = run_import(data("debian-knockd.conf"), "--json")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    expected = convert(read("debian-knockd.conf"), source=data("debian-knockd.conf"))
+    assert shown["converted"] == ["openSSH", "openHTTPS"] and shown["of"] == 3 and shown["output"] is None
+    assert shown["toml"] == expected.toml and shown["interface"] == expected.interface
+    assert shown["notes"] == [note.located(data("debian-knockd.conf")) for note in expected.notes]
+    out = tmp_path / "xknock.toml"
+    written = json.loads(run_import(data("debian-knockd.conf"), "-o", str(out), "--json").stdout)
+    assert written["output"] == str(out) and written["toml"] is None and out.read_text() == expected.toml
 
 
 def test_cli_writes_output_file_private_and_never_overwrites_silently(tmp_path):

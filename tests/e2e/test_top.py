@@ -1,6 +1,7 @@
 """`xknock top`: rates computed from two reads of the counters, and the real
 command in a namespace lab while an attacker hammers a guarded port."""
 
+import json
 import re
 import signal
 import subprocess

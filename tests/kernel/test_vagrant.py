@@ -125,10 +125,9 @@ def test_unit_runs_the_documented_command():
         "EnvironmentFile=-/etc/xknock/xknock.env", "EnvironmentFile=-/etc/xknock/%i.env"]
     assert "StateDirectory=xknock xknock/%i" in settings
     assert any(line.startswith("Documentation=man:xknock-attach(1)") for line in settings)
-    # systemctl reload checks the file before the controller hears of it; a bad file is not restarted on.
+    # systemctl reload is `xknock reload`: through this controller, failing when it refuses the file.
     reloads = [line for line in settings if line.startswith("ExecReload=")]
-    assert reloads == ["ExecReload=/opt/xknock/venv/bin/xknock check -c ${XKNOCK_CONFIG}",
-                       "ExecReload=/bin/kill -HUP $MAINPID"]
+    assert reloads == ["ExecReload=/opt/xknock/venv/bin/xknock reload %i"]
     assert "RestartPreventExitStatus=78" in settings
     assert "Restart=on-failure" in settings
     [bounding] = [line for line in settings if line.startswith("CapabilityBoundingSet=")]

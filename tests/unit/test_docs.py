@@ -184,15 +184,27 @@ STATUS_EXAMPLE = {
     "grants": [{"source": "10.77.0.2", "port": "tcp:22", "sequence": "ssh", "window_left_s": 27.9,
                 "idle_left_s": 57.9}],
     "bans": [], "knocks_in_progress": 0, "knocks": [],
+    "controller": {"pid": 812, "version": "0.1.0", "config": "/etc/xknock/xknock.toml",
+                   "config_hash": "3f9c2a7d1e8b4c60", "started_at": 1795511523,
+                   "last_reload": {"ok": True, "at": 1795530641}},
 }
 
 
-def test_the_status_shown_in_operations_md_is_what_status_prints():
+def test_the_status_shown_in_operations_md_is_what_status_prints(monkeypatch):
+    import time
+
     from xknock.cli.status import _render
 
     text = read(os.path.join(REPO, "docs", "operations.md")).split("## Reading status")[1]
     shown = re.search(r"^```\n(.*?)^```", text, re.DOTALL | re.MULTILINE).group(1)
-    assert shown == _render(STATUS_EXAMPLE) + "\n"
+    monkeypatch.setenv("TZ", "UTC")   # the times as the docs show them
+    time.tzset()
+    try:
+        rendered = _render(STATUS_EXAMPLE)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert shown == rendered + "\n"
 
 
 def test_the_runbook_fixes_the_service_with_systemd():

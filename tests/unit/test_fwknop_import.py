@@ -3,6 +3,7 @@ access.conf with convertible and unconvertible stanzas; every setting that is
 not carried over is reported, and the keys still verify real fwknop packets."""
 
 import base64
+import json
 import os
 import subprocess
 import tomllib
@@ -163,6 +164,20 @@ def test_cli(tmp_path):
     missing = subprocess.run([XKNOCK, "import", "fwknop", str(tmp_path / "nope")], capture_output=True,
                              text=True, timeout=60)
     assert missing.returncode == 1 and missing.stderr.strip().endswith("no such file")
+
+
+def test_cli_answers_in_json(tmp_path):
+    conf = tmp_path / "access.conf"
+    conf.write_text(ACCESS_CONF)
+    keys_dir = tmp_path / "keys"
+    result = subprocess.run([XKNOCK, "import", "fwknop", str(conf), "--keys-dir", str(keys_dir), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["converted"] == ["alice", "stanza2", "alice-2"] and shown["of"] == 7 and shown["output"] is None
+    assert tomllib.loads(shown["toml"])["spa"]["user"][0]["name"] == "alice" and not shown["inline_keys"]
+    assert sorted(shown["key_files"]) == sorted(str(p) for p in keys_dir.iterdir())
+    assert any("stanza dropped" in note for note in shown["notes"]), shown["notes"]
 
 
 FWKNOPD_CONF = """\

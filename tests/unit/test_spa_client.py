@@ -3,6 +3,7 @@ real UDP sockets on loopback receive the packet; our decoder and the real
 fwknopd both accept it."""
 
 import base64
+import json
 import os
 import socket
 import subprocess
@@ -13,7 +14,7 @@ from xknock_dev.e2e import XKNOCK
 from fwknop_helpers import access_stanza, fwknopd_verdicts, have_fwknopd
 from xknock.controller.wire import spa_message as spa
 from xknock.controller.client.spa_client import SpaClientError, parse_access, send_spa
-from xknock.controller.wire.spa_keys import generate, load_key_file
+from xknock.controller.wire.spa_keys import generate, keys_from_base64, load_key_file
 
 
 def listener(family, address):
@@ -98,6 +99,34 @@ def test_cli_keygen_and_spa(tmp_path):
         assert "open tcp/22 udp/53 for 127.0.0.1" in result.stdout
         message = received(sock, keys)[1]
     assert message.username == "bob" and message.access_ports == (("tcp", 22), ("udp", 53))
+
+
+def test_cli_keygen_and_spa_answer_in_json(tmp_path):
+    printed = json.loads(run("keygen", "--json", "--hmac-digest", "sha512").stdout)
+    keys = keys_from_base64(printed["key_base64"], printed["hmac_key_base64"], "printed")
+    assert printed["hmac_digest"] == "sha512" and len(keys.hmac_key) == 128
+    path = str(tmp_path / "bob.keys")
+    assert json.loads(run("keygen", "--key-file", path, "--json").stdout) == {"hmac_digest": "sha256", "key_file": path}
+    with listener(socket.AF_INET, "127.0.0.1") as sock:
+        port = sock.getsockname()[1]
+        result = run("spa", "127.0.0.1", "-A", "tcp/22", "--key-file", path, "--port", str(port), "--json")
+        assert result.returncode == 0, result.stderr
+        assert received(sock, load_key_file(path))[1].access_ports == (("tcp", 22),)
+    sent = json.loads(result.stdout)
+    assert sent["sent"] == "fwknop" and sent["server"] == "127.0.0.1" and sent["port"] == port
+    assert sent["open"] == ["tcp/22"] and sent["for"] == "127.0.0.1" and sent["bytes"] > 0
+
+    user, server = str(tmp_path / "me.key"), str(tmp_path / "srv.key")
+    pair = json.loads(run("keygen", "--public", "--key-file", user, "--json").stdout)
+    assert pair["private_key_file"] == user and pair["public_key_file"] == user + ".pub"
+    assert pair["public_key"] in open(user + ".pub").read()
+    assert run("keygen", "--public", "--server", "--key-file", server).returncode == 0
+    with listener(socket.AF_INET, "127.0.0.1") as sock:   # nothing answers there
+        unanswered = run("spa", "127.0.0.1", "-A", "tcp/22", "--identity", user, "--server-key", server + ".pub",
+                         "--port", str(sock.getsockname()[1]), "--tries", "1", "--json")
+    assert unanswered.returncode == 2, unanswered.stderr
+    shown = json.loads(unanswered.stdout)
+    assert shown["sent"] == "public-key" and shown["answer"] is None and shown["tries"] == 1 and shown["waited"]
 
 
 @pytest.mark.parametrize("args, pattern", [
