@@ -96,7 +96,7 @@ class _Steps:
         try:
             if adopt:
                 datapath.repin(adopt, directory)
-            loaded = datapath.compile_and_load(directory, cflags=self.cflags)
+            loaded = datapath.compile_and_load(directory, cflags=self.cflags, reuse=True)
             maps = FilterMaps.from_prog(loaded.prog_id, loaded.layout)
             modes, replaced = {}, {}
             policy.apply_policy(maps, self.config)
