@@ -76,11 +76,11 @@ def unban(maps, source):
 def expire_bans(maps, now=None):
     """Delete bans that are over. Returns how many."""
     now = monotonic_ns() if now is None else now
+    over = [key for key, ban in maps.bans.items() if ban.until_ns <= now]
     removed = 0
     with map_lock(maps):
-        for raw in [bytes(k) for k in maps.bans.keys()]:
-            key = layout.Addr.from_buffer_copy(raw)
-            ban = maps.bans.lookup(key)
+        for key in over:
+            ban = maps.bans.lookup(key)     # again: the data path may have banned the source anew
             if ban is not None and ban.until_ns <= now and maps.bans.delete(key):
                 removed += 1
         maps.count_by_controller(layout.Reason.BAN_REMOVED, removed)

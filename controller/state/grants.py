@@ -5,7 +5,9 @@ meets; the controller writes the operator's grants, revokes, and sweeps the
 dead grants nobody touched again, so the map does not fill with them.
 """
 
+import ctypes
 import ipaddress
+import struct
 from dataclasses import dataclass
 
 from ..errors import XknockError
@@ -115,17 +117,24 @@ def revoke(maps, source):
     wanted = bytes(to_addr(ipaddress.ip_address(source)).b)
     removed = 0
     with map_lock(maps):
-        for raw in [bytes(k) for k in maps.grants.keys()]:
-            key = layout.GrantKey.from_buffer_copy(raw)
-            if bytes(key.src.b) == wanted and maps.grants.delete(key):
+        for key in _keys_of_source(maps.grants, wanted):
+            if maps.grants.delete(layout.GrantKey.from_buffer_copy(key)):
                 removed += 1
-        for raw in [bytes(k) for k in maps.progress.keys()]:
-            key = layout.ProgressKey.from_buffer_copy(raw)
-            if bytes(key.src.b) == wanted:
-                maps.progress.delete(key)
+        for key in _keys_of_source(maps.progress, wanted):
+            maps.progress.delete(layout.ProgressKey.from_buffer_copy(key))
         firsts.forget(maps, source, [seq.uid for seq in live_sequences(maps).values()])
         maps.count_by_controller(layout.Reason.GRANT_REMOVED, removed)
     return removed
+
+
+def _keys_of_source(m, wanted):
+    """The keys (bytes) of m, a map keyed by source first, whose source is wanted."""
+    size = ctypes.sizeof(m.key_type)
+    found = []
+    for n, keys, _ in m.chunks():
+        raw = bytes(memoryview(keys).cast("B")[: n * size])
+        found += [raw[i:i + size] for i in range(0, n * size, size) if raw[i:i + 16] == wanted]
+    return found
 
 
 def list_grants(maps, now=None):
@@ -155,18 +164,22 @@ def _grant_origin(val, names):
 def expire_grants(maps, now=None):
     """Delete grants dead on both clocks. Returns how many."""
     now = monotonic_ns() if now is None else now
+    dead = [key for key, val in maps.grants.items() if _dead(val, now)]
     removed = 0
     with map_lock(maps):
-        for raw in [bytes(k) for k in maps.grants.keys()]:
-            key = layout.GrantKey.from_buffer_copy(raw)
-            val = maps.grants.lookup(key)
-            if val is None:
-                continue
-            if now >= val.window_end_ns and now >= val.last_seen_ns + val.idle_timeout_ns:
-                if maps.grants.delete(key):
-                    removed += 1
+        for key in dead:
+            val = maps.grants.lookup(key)      # again: the data path may have seen traffic since
+            if val is not None and _dead(val, now) and maps.grants.delete(key):
+                removed += 1
         maps.count_by_controller(layout.Reason.GRANT_REMOVED, removed)
     return removed
+
+
+def _dead(val, now):
+    return now >= val.window_end_ns and now >= val.last_seen_ns + val.idle_timeout_ns
+
+
+_PROGRESS_UID = struct.Struct("<16xI")    # layout.ProgressKey: src, uid
 
 
 def knocks_in_progress(maps, limit=50, now=None):
@@ -178,16 +191,23 @@ def knocks_in_progress(maps, limit=50, now=None):
     seqs = {seq.uid: seq for seq in live_sequences(maps).values()}
     longest_us = max((seq.step_timeout_ns // 1000 for seq in seqs.values() if seq.nsteps > 1), default=0)
     total, shown = firsts.fresh(maps, longest_us, now_us), []
-    for key in maps.progress.keys():
-        state = maps.progress.lookup(key)
-        seq = seqs.get(key.uid)
-        if state is None or seq is None:
-            continue
-        value = state.value
-        step, ts_us = layout.progress_step(value), layout.progress_ts_us(value)
-        if not 0 < step < seq.nsteps or now_us - ts_us > seq.step_timeout_ns // 1000:
-            continue
-        total += 1
-        if len(shown) < limit:
-            shown.append((from_addr(key.src), seq.name.decode(errors="replace"), step, (now_us - ts_us) / 1e6))
+    limits = {uid: (seq.nsteps, seq.step_timeout_ns // 1000) for uid, seq in seqs.items()}
+    key_size = ctypes.sizeof(layout.ProgressKey)
+    # Read from the batches' buffers: a million entries as ctypes objects would take seconds.
+    for n, keys, values in maps.progress.chunks():
+        raw_keys = memoryview(keys).cast("B")[: n * key_size]
+        states = memoryview(values).cast("B")[: n * 8].cast("Q")
+        for i, (uid,) in enumerate(_PROGRESS_UID.iter_unpack(raw_keys)):
+            limit_of = limits.get(uid)
+            if limit_of is None:
+                continue
+            state = states[i]
+            step, ts_us = layout.progress_step(state), layout.progress_ts_us(state)
+            if not 0 < step < limit_of[0] or now_us - ts_us > limit_of[1]:
+                continue
+            total += 1
+            if len(shown) < limit:
+                key = layout.ProgressKey.from_buffer_copy(raw_keys, i * key_size)
+                shown.append((from_addr(key.src), seqs[uid].name.decode(errors="replace"), step,
+                              (now_us - ts_us) / 1e6))
     return total, shown
