@@ -364,6 +364,8 @@ def run_controlplane(quick):
         f"# xknock control plane benchmark ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
         *common.machine(),
+        "- load average at the end: %.1f %.1f %.1f (other work on the machine inflates every absolute time; "
+        "compare rows measured side by side)" % os.getloadavg(),
         "- attach, reload, VmRSS: wall time of the whole `xknock` process (Python start-up included, bytecode "
         "cached), on a veth in a fresh netns entered with nsenter (the host's bpffs, as a host's service has)" + (" — QUICK run, numbers are not meaningful" if quick else ""),
         "- metrics scrape and sampler: in the bench process, on the program loaded with XK_TEST_CLOCK"
