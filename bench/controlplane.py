@@ -35,19 +35,24 @@ class Namespace:
             self.ip("link", "add", self.iface, "type", "veth", "peer", "name", self.iface + "p")
             self.ip("link", "set", self.iface, "up")
             self.ip("link", "set", self.iface + "p", "up")
+            self.ip("link", "set", "lo", "up")     # the metrics endpoint is scraped on loopback
         except Exception:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc):
+        # pins live in the host's bpffs (nsenter): detach removes them and the kept program
+        subprocess.run(self.command("detach", self.iface), capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", self.name], check=False)
 
     def ip(self, *args):
         subprocess.run(["ip", "-n", self.name, *args], check=True)
 
     def command(self, *args):
-        return ["ip", "netns", "exec", self.name, XKNOCK, *args]
+        # nsenter, not `ip netns exec`: that gives each command a bpffs of its
+        # own, so no pin (and no kept program) would outlive it; a host's has one.
+        return ["nsenter", f"--net=/run/netns/{self.name}", XKNOCK, *args]
 
     def xknock(self, *args, check=True):
         """Run xknock in the namespace; returns seconds taken."""
@@ -59,6 +64,53 @@ class Namespace:
         return took
 
 
+def attach_breakdown(config_path):
+    """[(phase, seconds)] of a first attach: Python and the CLI's imports (a
+    process of its own), BCC's import, the compile, the verifier, the policy;
+    and what the kept program costs instead of the middle three."""
+    from xknock.controller.config import load_config
+    from xknock.controller.kernel import datapath, progcache
+    from xknock.controller.kernel.maps import FilterMaps
+    from xknock.controller.policy import policy
+
+    def wall(code):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        return time.perf_counter() - started
+
+    bare = wall("pass")
+    phases = [("python start-up", bare),
+              ("the CLI's imports (cli.main, lifecycle)", wall("import xknock.cli.main, xknock.controller.daemon.lifecycle") - bare),
+              ("import bcc", wall("import bcc") - bare)]
+    directory = f"{datapath.PIN_ROOT}/bench-{uuid.uuid4().hex[:8]}"
+    from bcc import BPF
+
+    try:
+        datapath.make_private_dirs(directory)
+        started = time.perf_counter()
+        bpf = BPF(text=datapath.bpf_source().encode(), cflags=[f'-DXK_PIN_DIR="{directory}"'])
+        compiled = time.perf_counter()
+        fn = bpf.load_func(datapath.PROG_NAME.encode(), BPF.XDP)
+        verified = time.perf_counter()
+        phases += [("compile (clang inside BCC)", compiled - started), ("verify and load", verified - compiled)]
+        wanted = progcache.key(datapath.bpf_source(), [])
+        progcache.keep(directory, wanted, fn.fd)
+        started = time.perf_counter()
+        kept = progcache.find(directory, wanted, datapath.PROG_NAME)
+        loaded = datapath.open_loaded_fd(kept)
+        phases.append(("the kept program instead: found, checked, opened", time.perf_counter() - started))
+        with FilterMaps.from_prog(loaded.prog_id) as maps:
+            config = load_config(config_path)
+            started = time.perf_counter()
+            policy.apply_policy(maps, config)
+            phases.append(("policy written (example config)", time.perf_counter() - started))
+        os.close(kept)
+        bpf.cleanup()
+    finally:
+        datapath.remove_pins(directory)
+    return phases
+
+
 def allow_config_text(count):
     sources = [f"10.{128 + i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(count)]
     head, _, tail = EXAMPLE_CONFIG.partition("[allow]")
@@ -66,21 +118,26 @@ def allow_config_text(count):
     return head + "[allow]\nsources = [" + ", ".join(f'"{s}"' for s in sources) + "]\n\n" + tail
 
 
-def controller_rss_kib(ns, config, timeout=120):
-    """Start the foreground controller, wait for "attached" on its stderr, read
-    VmRSS, then SIGTERM it."""
-    proc = subprocess.Popen(ns.command("attach", ns.iface, "-c", config), stderr=subprocess.PIPE, text=True)
+def controller_rss_kib(ns, config, timeout=120, detach=True):
+    """Start the foreground controller with metrics, wait until it runs (after
+    its hand-over to a process without BCC), scrape it once, read VmRSS, then
+    SIGTERM it (the filter stays attached unless detach)."""
+    port = 20000 + random.randrange(20000)
+    proc = subprocess.Popen(ns.command("attach", ns.iface, "-c", config, "--metrics-addr", f"127.0.0.1:{port}"),
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + timeout
         seen = []
         for line in proc.stderr:
             seen.append(line)
-            if "attached" in line:
+            if "controller running" in line:
                 break
             if time.monotonic() > deadline:
                 break
         else:
-            raise SystemExit(f"bench: the controller exited before attaching: {''.join(seen)}")
+            raise SystemExit(f"bench: the controller exited before running: {''.join(seen)}")
+        scrape = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read()"
+        subprocess.run(["nsenter", f"--net=/run/netns/{ns.name}", sys.executable, "-c", scrape], check=True)
         with open(f"/proc/{proc.pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
@@ -93,7 +150,8 @@ def controller_rss_kib(ns, config, timeout=120):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        ns.xknock("detach", ns.iface, check=False)
+        if detach:
+            ns.xknock("detach", ns.iface, check=False)
 
 
 # --- the metrics scrape with full maps -------------------------------------------
@@ -148,6 +206,7 @@ def bench_scrape(quick):
     from xknock.controller.daemon import metrics
     from xknock.controller.kernel.maps import live_sequences
     from xknock.controller.state import grants
+    from xknock.controller.state.status import filter_status
 
     sizes = ScrapeSizes(quick)
     rng = random.Random(11)
@@ -183,11 +242,14 @@ def bench_scrape(quick):
         finally:
             httpd.shutdown()
             httpd.server_close()
-        # What one `xknock top` frame costs when it walks the maps for its lists.
-        started = time.perf_counter()
-        grants.list_grants(h.maps, now=h.now_ns)
-        grants.knocks_in_progress(h.maps, limit=10, now=h.now_ns)
-        top_walk_s = time.perf_counter() - started
+        # What one `xknock top` frame's lists and one `xknock status` cost, in
+        # batches and walked (get_next_key + lookup per entry: the fallback, as before batches).
+        lists = {}
+        for how in ("batch", "walked"):
+            with _batches(how == "batch"):
+                lists[how] = (_timed(lambda: (grants.list_grants(h.maps, now=h.now_ns),
+                                              grants.knocks_in_progress(h.maps, limit=10, now=h.now_ns)), 1)[0],
+                              _timed(lambda: filter_status(h.maps, [], now=h.now_ns), 1)[0])
         cap = {name: getattr(h.maps, name).max_entries for name in ("progress", "grants")}
     if b'xknock_scrape_success 1.0' not in exposition:
         raise SystemExit("bench: the scrape did not read the maps (xknock_scrape_success is not 1)")
@@ -196,7 +258,7 @@ def bench_scrape(quick):
         "grants": sample.entries.get("grants"), "grants_cap": cap["grants"], "granted": granted,
         "in_progress": sample.knocks_in_progress, "fill_s": fill_s,
         "sample_s": sample_s, "collect_s": collect_s, "expose_s": expose_s, "http_s": http_s,
-        "exposition_bytes": len(exposition), "top_walk_s": top_walk_s,
+        "exposition_bytes": len(exposition), "lists": lists,
     }
 
 
@@ -220,12 +282,39 @@ def scrape_rows(r):
         ("map sampler, one pass (every sampled map, knocks in progress)", ms(r["sample_s"]),
          f"median of {len(r['sample_s'])}: " + ", ".join(f"{s * 1000:.0f}" for s in r["sample_s"]) + " ms"
          + f"; counted {r['progress']:,} progress ({r['in_progress']:,} knocks in progress), {r['grants']:,} grants"),
-        ("`xknock top` lists: grants.list_grants + grants.knocks_in_progress", ms([r["top_walk_s"]]),
-         "one run; get_next_key + lookup per entry, so top repeats it at most every 10x its cost"),
+        ("`xknock top` lists (list_grants + knocks_in_progress), BPF_MAP_LOOKUP_BATCH",
+         ms([r["lists"]["batch"][0]]), f"one run; walked the old way in the same run: {ms([r['lists']['walked'][0]])}"),
+        ("`xknock status` of the filter (state.status.filter_status), BPF_MAP_LOOKUP_BATCH",
+         ms([r["lists"]["batch"][1]]), f"one run; walked the old way in the same run: {ms([r['lists']['walked'][1]])}"),
     ]
 
 
+class _batches:
+    """With on False, every batch lookup is refused as by a kernel without
+    them: the maps are walked with get_next_key + lookup per entry."""
+
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        from xknock.controller.kernel import batch
+
+        self.saved = batch._lookup_batch
+        if not self.on:
+            def refused(*args):
+                ctypes.set_errno(22)
+                return -22
+            batch._lookup_batch = lambda: refused
+
+    def __exit__(self, *exc):
+        from xknock.controller.kernel import batch
+
+        batch._lookup_batch = self.saved
+
+
 def run_controlplane(quick):
+    # An installed package has its bytecode; a checkout run with this set would compile every module every time.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     repeats = 1 if quick else 5
     allow_entries = 100 if quick else 10_000
     with tempfile.TemporaryDirectory(prefix="xkbench-") as tmp:
@@ -236,32 +325,49 @@ def run_controlplane(quick):
         with open(big, "w") as f:
             f.write(allow_config_text(allow_entries))
         with Namespace() as ns:
-            attach_s = []
+            ns.xknock("attach", ns.iface, "-c", small, "--once")   # warm-up: bytecode written
+            ns.xknock("detach", ns.iface)
+            attach_s, warm_s = [], []
             for _ in range(repeats):
                 attach_s.append(ns.xknock("attach", ns.iface, "-c", small, "--once"))
+                warm_s.append(ns.xknock("attach", ns.iface, "-c", small, "--once"))   # the kept program
                 ns.xknock("detach", ns.iface)
             ns.xknock("attach", ns.iface, "-c", small, "--once")
+            breakdown = attach_breakdown(small)
             reload_s = [ns.xknock("reload", ns.iface, "-c", big) for _ in range(repeats)]
             reload_back_s = ns.xknock("reload", ns.iface, "-c", small)
             ns.xknock("detach", ns.iface)
-            rss_kib = controller_rss_kib(ns, small)
+            try:
+                rss_kib = controller_rss_kib(ns, small, detach=False)      # compiled, then handed over
+                rss_warm_kib = controller_rss_kib(ns, small)               # the kept program: no BCC at all
+            finally:
+                ns.xknock("detach", ns.iface, check=False)
     scrape = bench_scrape(quick)
 
     rows = [
-        ("attach --once, example config (compile + load + attach + policy)",
+        ("attach --once, first (compile + verify + load + attach + policy)",
          f"{common.median(attach_s):.2f} s", f"median of {repeats}: " + ", ".join(f"{s:.2f}" for s in attach_s)),
+        ("attach --once again, the kept program re-used (kernel/progcache.py)",
+         f"{common.median(warm_s):.2f} s", f"median of {repeats}, each right after a first one: "
+         + ", ".join(f"{s:.2f}" for s in warm_s)),
+        *[(f"attach breakdown: {what}", f"{took:.2f} s", "one run, in the bench process") for what, took in breakdown],
         (f"reload to {allow_entries} allow entries",
          f"{common.median(reload_s):.2f} s", f"median of {repeats}: " + ", ".join(f"{s:.2f}" for s in reload_s)),
         (f"reload from {allow_entries} back to the example", f"{reload_back_s:.2f} s", "one run"),
-        ("foreground controller VmRSS after attach", f"{rss_kib / 1024:.1f} MiB", f"{rss_kib} KiB"),
+        ("foreground controller VmRSS after its first attach (handed over) and a scrape", f"{rss_kib / 1024:.1f} MiB",
+         f"{rss_kib} KiB"),
+        ("foreground controller VmRSS attached again (kept program, no BCC loaded) and a scrape",
+         f"{rss_warm_kib / 1024:.1f} MiB", f"{rss_warm_kib} KiB"),
         *scrape_rows(scrape),
     ]
     text = "\n".join([
         f"# xknock control plane benchmark ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
         *common.machine(),
-        "- attach, reload, VmRSS: wall time of the whole `xknock` process (Python start-up included), on a veth "
-        "in a fresh netns" + (" — QUICK run, numbers are not meaningful" if quick else ""),
+        "- load average at the end: %.1f %.1f %.1f (other work on the machine inflates every absolute time; "
+        "compare rows measured side by side)" % os.getloadavg(),
+        "- attach, reload, VmRSS: wall time of the whole `xknock` process (Python start-up included, bytecode "
+        "cached), on a veth in a fresh netns entered with nsenter (the host's bpffs, as a host's service has)" + (" — QUICK run, numbers are not meaningful" if quick else ""),
         "- metrics scrape and sampler: in the bench process, on the program loaded with XK_TEST_CLOCK"
         + ("" if quick else " and XK_PROGRESS_ENTRIES=1048576")
         + f", maps filled with bpf_map_update_batch in {scrape['fill_s']:.1f} s; wall time per call",

@@ -152,7 +152,12 @@ def _say_attached(ifnames, config, attached, as_json=False):
     for warning in [*attach_warnings(config, attached.modes), *ipsec_warnings(config)]:
         log.warning(warning)
     for name in ifnames:
-        how = "replaced program %d" % attached.replaced[name] if name in attached.replaced else "attached"
+        if attached.replaced.get(name) == attached.loaded.prog_id:
+            how = "kept program %d" % attached.loaded.prog_id   # the one kept by the last attach: nothing compiled
+        elif name in attached.replaced:
+            how = "replaced program %d" % attached.replaced[name]
+        else:
+            how = "attached"
         fields = {"iface": name, "xdp_mode": attached.modes[name], "prog_id": attached.loaded.prog_id,
                   "mode": config.mode, "sequences": len(config.sequences), "pins": attached.pin_dir}
         log.info(f"{how} on {name}", extra={"fields": fields})

@@ -9,12 +9,12 @@ are counted from the counters as the metrics do (created + operator - expired -
 removed).
 
 The lists (up to LISTED live grants with their time left, knocks in progress)
-need a walk of the grants and progress maps, which costs about 3 us per entry
-(3.5 s with a million sources tracked and 65,536 grants). So the walk is
-repeated only when at least its own duration times WALK_EVERY_X_ITS_COST has
-passed: with small maps every frame, with full ones every half minute or so,
-while the rates keep coming every interval. A frame says how old its lists are
-when they are not fresh.
+need a read of the grants and progress maps, in batches (kernel/batch.py:
+a quarter of a second with a million sources tracked, bench/run controlplane).
+So the read is repeated only when at least its own duration times
+WALK_EVERY_X_ITS_COST has passed: every frame as a rule, less often on a
+kernel without batch lookup, while the rates keep coming every interval. A
+frame says how old its lists are when they are not fresh.
 
 The screen is redrawn with ANSI escapes (home, clear to the end), no curses.
 """

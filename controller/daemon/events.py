@@ -111,7 +111,7 @@ FORMATS = ("text", "logfmt", "json")
 # that none of these names: add a row here for a new message.
 MESSAGE_EVENTS = tuple((re.compile(pattern), name) for pattern, name in (
     # cli/main.py: attach, its fail-safe, sessions, --once
-    (r"(attached|replaced program \d+) on ", "attached"),
+    (r"(attached|replaced program \d+|kept program \d+) on ", "attached"),
     (r"\[spa\] with --once", "spa_once"),
     (r"--metrics-addr is ignored with --once", "metrics_once"),
     (r"--force is deprecated", "force_deprecated"),

@@ -110,7 +110,7 @@ class _Steps:
         try:
             if adopt:
                 datapath.repin(adopt, directory)
-            loaded = datapath.compile_and_load(directory, cflags=self.cflags)
+            loaded = datapath.compile_and_load(directory, cflags=self.cflags, reuse=True)
             if self.share:
                 loaded = sharing.component_of(loaded)
             maps = FilterMaps.from_prog(loaded.prog_id, loaded.layout)

@@ -1,6 +1,8 @@
 """BPF_MAP_LOOKUP_BATCH through libbpf: a whole map in thousands of entries per
-system call (the metrics sampler counts entries with it; firsts.fresh() reads
-the first-step filter with it)."""
+system call. chunks() is the one reader of whole maps (Map.items() and keys(),
+the metrics sampler, the first-step filter, an upgrade's carry): batches where
+the map type has them, get_next_key and a lookup per entry where not (LPM
+tries, a kernel without batch operations)."""
 
 import ctypes
 import errno
@@ -75,3 +77,37 @@ def batches(fd, key_size, value_size, deadline=None, chunk=BATCH_ENTRIES):
             raise OverBudget()
         ctypes.memmove(token_in, token_out, len(token_in))
         first = False
+
+
+def walk(fd, key_size, value_size, chunk=BATCH_ENTRIES):
+    """The chunks of batches(), read with get_next_key and one lookup per entry.
+    A key deleted under the walk restarts it (BPF hash iteration does): keys
+    may repeat."""
+    key_type, value_type = ctypes.c_uint8 * key_size, ctypes.c_uint8 * value_size
+    keys, values, n = bytearray(key_size * chunk), bytearray(value_size * chunk), 0
+    key = None
+    while True:
+        next_key = key_type()
+        if not bpfsys.map_next_key(fd, key, next_key):
+            break
+        value = value_type()
+        if bpfsys.map_lookup(fd, next_key, value):   # gone meanwhile: skipped
+            keys[n * key_size:(n + 1) * key_size] = bytes(next_key)
+            values[n * value_size:(n + 1) * value_size] = bytes(value)
+            n += 1
+            if n == chunk:
+                yield n, keys, values
+                keys, values, n = bytearray(key_size * chunk), bytearray(value_size * chunk), 0
+        key = next_key
+    if n:
+        yield n, keys, values
+
+
+def chunks(fd, key_size, value_size, deadline=None):
+    """Yield (n, keys buffer, values buffer) for every entry of a map: in
+    batches (batches()), or walked (walk()) where the map type or the kernel
+    has no batch lookup. value_size as batches() says."""
+    try:
+        yield from batches(fd, key_size, value_size, deadline)
+    except NoBatch:    # raised before the first chunk, never after
+        yield from walk(fd, key_size, value_size)

@@ -23,7 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from ..errors import LoadError, XknockError
-from . import bpfsys, layout, libxdp, stamp
+from . import bpfsys, layout, libxdp, progcache, stamp
 
 # pyroute2 before 0.7.3 (Debian bookworm's python3-pyroute2 is 0.7.2) encodes
 # IFLA_XDP_FLAGS as a big-endian u16, which the kernel refuses with ERANGE
@@ -318,18 +318,44 @@ class Loaded:
 def open_loaded(prog_id):
     """The running program prog_id as a Loaded, without BCC: what a controller
     needs of it (its fd, its maps by name)."""
-    fd = bpfsys.prog_fd_by_id(prog_id)
-    control = bpfsys.map_fd_by_id(running_map_ids(prog_id)["control"])
+    return open_loaded_fd(bpfsys.prog_fd_by_id(prog_id))
+
+
+def compile_and_load(directory, cflags=(), test_clock=False, reuse=False):
+    """Compile the program with its maps pinned in directory (existing pins are
+    re-adopted) and load it. With reuse, the program a previous attach kept
+    in directory for the same source, flags, BCC and kernel is re-used
+    instead (kernel/progcache.py: no compiler, no BCC), and the one compiled
+    is kept for the next. Raises XknockError with what to do next."""
+    ensure_bpffs()
+    make_private_dirs(directory)
+    check_pinned_layout(directory)
+    flags = [*cflags, *(["-DXK_TEST_CLOCK"] if test_clock else [])]
+    source = bpf_source()
+    if reuse:
+        wanted = progcache.key(source, flags)
+        fd = progcache.find(directory, wanted, PROG_NAME)
+        if fd is not None:
+            return open_loaded_fd(fd)
+    loaded = _compile(directory, source, flags)
+    if reuse:
+        progcache.keep(directory, wanted, loaded.fd)
+    return loaded
+
+
+def open_loaded_fd(fd):
+    """A Loaded of the program open as fd (kept: closed with the process)."""
+    info = bpfsys.prog_info(fd)
+    control = bpfsys.map_fd_by_id(running_map_ids(info.id)["control"])
     try:
         built = stamp.read(control)
     finally:
         os.close(control)
-    return Loaded(None, fd, prog_id, built)
+    return Loaded(None, fd, info.id, built)
 
 
-def compile_and_load(directory, cflags=(), test_clock=False):
-    """Compile the program with its maps pinned in directory (existing pins are
-    re-adopted) and load it. Raises XknockError with what to do next."""
+def _compile(directory, source, flags):
+    """BCC's compile and load of source, its maps pinned in directory, stamped."""
     # bcc here, not at the top: importing it takes a while (it loads libbcc
     # and LLVM), and only attach compiles; status, grant, knock... never do.
     try:
@@ -339,14 +365,8 @@ def compile_and_load(directory, cflags=(), test_clock=False):
             "BCC's Python module is missing: install python3-bpfcc and use a venv made with "
             "--system-site-packages (scripts/setup does both)"
         ) from err
-    ensure_bpffs()
-    make_private_dirs(directory)
-    check_pinned_layout(directory)
-    flags = [f'-DXK_PIN_DIR="{directory}"', *cflags]
-    if test_clock:
-        flags.append("-DXK_TEST_CLOCK")
     try:
-        bpf = BPF(text=bpf_source().encode(), cflags=flags)
+        bpf = BPF(text=source.encode(), cflags=[f'-DXK_PIN_DIR="{directory}"', *flags])
         fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
     except Exception as err:   # BCC raises bare Exception for every failure
         raise LoadError(_explain_bcc_failure(err, directory)) from err

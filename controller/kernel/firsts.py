@@ -5,7 +5,7 @@ can read it."""
 
 import ctypes
 
-from .batch import batches
+from .batch import chunks
 from .maps import to_addr
 
 MASK32 = 0xFFFFFFFF
@@ -50,7 +50,7 @@ def fresh(maps, longest_timeout_us, now_us):
     longest_timeout_us (a slot does not say its sequence)."""
     now_low = now_us & MASK32
     count = 0
-    for n, _, values in batches(maps.firsts.fd, 4, 8):
+    for n, _, values in chunks(maps.firsts.fd, 4, 8):
         for word in memoryview(values).cast("B")[: n * 8].cast("Q"):
             if word and ((now_low - word) & MASK32) <= longest_timeout_us:
                 count += 1

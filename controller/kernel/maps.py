@@ -10,7 +10,7 @@ import ipaddress
 import os
 
 from ..errors import XknockError
-from . import bpfsys, layout, stamp
+from . import batch, bpfsys, layout, stamp
 from .datapath import running_map_ids
 
 
@@ -60,16 +60,16 @@ class Map:
     def delete(self, key):
         return bpfsys.map_delete(self.fd, key)
 
-    def keys(self):
-        """Every key; keys deleted while iterating may restart the walk, as
-        BPF hash iteration does, so callers must tolerate repeats."""
-        key = None
-        while True:
-            next_key = self.key_type()
-            if not bpfsys.map_next_key(self.fd, key, next_key):
-                return
-            yield next_key
-            key = next_key
+    def chunks(self):
+        """(n, keys, values) buffers of every entry, thousands per system call
+        (kernel/batch.py); values laid out as the system calls do."""
+        return batch.chunks(self.fd, ctypes.sizeof(self.key_type), self.element_size())
+
+    def element_size(self):
+        return ctypes.sizeof(self.value_type)
+
+    def value_at(self, values, offset):
+        return self.value_type.from_buffer_copy(values, offset)
 
     def delete_where(self, doomed):
         """Delete every entry whose key doomed(key) picks; returns how many
@@ -83,18 +83,38 @@ class Map:
         return removed
 
     def items(self):
-        for key in self.keys():
-            value = self.lookup(key)
-            if value is not None:
-                yield key, value
+        """Every (key, value) now. Entries written or deleted meanwhile may
+        be seen or not; on a map without batch lookup (LPM tries) a key
+        deleted meanwhile restarts the walk, so callers must tolerate repeats."""
+        key_size, element = ctypes.sizeof(self.key_type), self.element_size()
+        for n, keys, values in self.chunks():
+            for i in range(n):
+                yield self.key_type.from_buffer_copy(keys, i * key_size), self.value_at(values, i * element)
+
+    def keys(self):
+        """Every key (as items())."""
+        for key, _ in self.items():
+            yield key
 
 
-class PerCpuArray(Map):
-    """A per-CPU array of u64: lookup returns the sum over CPUs."""
+class _PerCpu:
+    """Per-CPU values as the system calls lay them out: each rounded up to 8 bytes."""
+
+    def element_size(self):
+        return (ctypes.sizeof(self.cpu_value_type) + 7) // 8 * 8 * self.cpus
+
+    def value_at(self, values, offset):
+        stride = (ctypes.sizeof(self.cpu_value_type) + 7) // 8 * 8
+        return [self.cpu_value_type.from_buffer_copy(values, offset + cpu * stride) for cpu in range(self.cpus)]
+
+
+class PerCpuArray(_PerCpu, Map):
+    """A per-CPU array of u64: total() sums over CPUs."""
 
     def __init__(self, fd, name):
         super().__init__(fd, name, ctypes.c_uint32, ctypes.c_uint64)
         self.cpus = bpfsys.possible_cpus()
+        self.cpu_value_type = ctypes.c_uint64
 
     def per_cpu(self, index):
         values = (ctypes.c_uint64 * self.cpus)()
@@ -108,7 +128,7 @@ class PerCpuArray(Map):
         bpfsys.map_update(self.fd, ctypes.c_uint32(index), (ctypes.c_uint64 * self.cpus)())
 
 
-class PerCpuHash(Map):
+class PerCpuHash(_PerCpu, Map):
     """A per-CPU hash: lookup returns one value per CPU."""
 
     def __init__(self, fd, name, key_type, value_type):

@@ -47,31 +47,14 @@ class OldMap:
         self.stride = (self.value_size + 7) & ~7 if name in PER_CPU else self.value_size
 
     def items(self):
-        """(key bytes, [value bytes per CPU]) of every entry, in batches where
-        the map type has them."""
+        """(key bytes, [value bytes per CPU]) of every entry (kernel/batch.py chunks())."""
         element = self.stride * self.cpus
-        try:
-            for n, keys, values in batch.batches(self.fd, self.key_size, element):
-                all_keys, all_values = keys.raw, values.raw   # .raw copies the whole buffer: once per batch
-                for i in range(n):
-                    raw = all_values[i * element:(i + 1) * element]
-                    yield all_keys[i * self.key_size:(i + 1) * self.key_size], \
-                        [raw[c * self.stride:c * self.stride + self.value_size] for c in range(self.cpus)]
-            return
-        except batch.NoBatch:
-            pass
-        key_type = ctypes.c_uint8 * self.key_size
-        key = None
-        while True:
-            next_key = key_type()
-            if not bpfsys.map_next_key(self.fd, key, next_key):
-                return
-            value = (ctypes.c_uint8 * (self.stride * self.cpus))()
-            if bpfsys.map_lookup(self.fd, next_key, value):
-                raw = bytes(value)
-                yield bytes(next_key), [raw[i * self.stride:i * self.stride + self.value_size]
-                                        for i in range(self.cpus)]
-            key = next_key
+        for n, keys, values in batch.chunks(self.fd, self.key_size, element):
+            all_keys, all_values = bytes(keys), bytes(values)   # one copy per batch
+            for i in range(n):
+                raw = all_values[i * element:(i + 1) * element]
+                yield all_keys[i * self.key_size:(i + 1) * self.key_size], \
+                    [raw[c * self.stride:c * self.stride + self.value_size] for c in range(self.cpus)]
 
 
 def convert(old_leaves, raw, new_type):

@@ -5,7 +5,9 @@ meets; the controller writes the operator's grants, revokes, and sweeps the
 dead grants nobody touched again, so the map does not fill with them.
 """
 
+import ctypes
 import ipaddress
+import struct
 from dataclasses import dataclass
 
 from ..errors import XknockError
@@ -160,6 +162,9 @@ def expire_grants(maps, now=None):
     return removed
 
 
+_PROGRESS_UID = struct.Struct("<16xI")    # layout.ProgressKey: src, uid
+
+
 def knocks_in_progress(maps, limit=50, now=None):
     """(total, [(source, sequence name, next step, seconds since last step)]) for
     progress not yet completed or timed out, at most `limit` listed. Sources
@@ -169,16 +174,23 @@ def knocks_in_progress(maps, limit=50, now=None):
     seqs = {seq.uid: seq for seq in live_sequences(maps).values()}
     longest_us = max((seq.step_timeout_ns // 1000 for seq in seqs.values() if seq.nsteps > 1), default=0)
     total, shown = firsts.fresh(maps, longest_us, now_us), []
-    for key in maps.progress.keys():
-        state = maps.progress.lookup(key)
-        seq = seqs.get(key.uid)
-        if state is None or seq is None:
-            continue
-        value = state.value
-        step, ts_us = layout.progress_step(value), layout.progress_ts_us(value)
-        if not 0 < step < seq.nsteps or now_us - ts_us > seq.step_timeout_ns // 1000:
-            continue
-        total += 1
-        if len(shown) < limit:
-            shown.append((from_addr(key.src), seq.name.decode(errors="replace"), step, (now_us - ts_us) / 1e6))
+    limits = {uid: (seq.nsteps, seq.step_timeout_ns // 1000) for uid, seq in seqs.items()}
+    key_size = ctypes.sizeof(layout.ProgressKey)
+    # Read from the batches' buffers: a million entries as ctypes objects would take seconds.
+    for n, keys, values in maps.progress.chunks():
+        raw_keys = memoryview(keys).cast("B")[: n * key_size]
+        states = memoryview(values).cast("B")[: n * 8].cast("Q")
+        for i, (uid,) in enumerate(_PROGRESS_UID.iter_unpack(raw_keys)):
+            limit_of = limits.get(uid)
+            if limit_of is None:
+                continue
+            state = states[i]
+            step, ts_us = layout.progress_step(state), layout.progress_ts_us(state)
+            if not 0 < step < limit_of[0] or now_us - ts_us > limit_of[1]:
+                continue
+            total += 1
+            if len(shown) < limit:
+                key = layout.ProgressKey.from_buffer_copy(raw_keys, i * key_size)
+                shown.append((from_addr(key.src), seqs[uid].name.decode(errors="replace"), step,
+                              (now_us - ts_us) / 1e6))
     return total, shown

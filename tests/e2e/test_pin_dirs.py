@@ -4,6 +4,7 @@ on a directory tree of the test's own, standing for /sys/fs/bpf."""
 
 import os
 import stat
+import time
 
 import pytest
 
@@ -136,7 +137,9 @@ def test_detach_removes_the_pins_of_an_interface_with_no_program(server_ns):
         os.close(fd)
     result = CliRunner().invoke(main, ["detach", net.server_iface])
     assert result.exit_code == 0, result.output
-    assert f"no program on {net.server_iface}: removed the 16 pins" in result.output and directory in result.output
+    # 15 maps, the program kept for the next attach (kernel/progcache.py) and the staging pin
+    assert f"no program on {net.server_iface}: removed the 17 pins" in result.output and directory in result.output
+    assert "program-" in result.output
     assert "upgrade/grants" in result.output
     assert not os.path.exists(directory)
     again = CliRunner().invoke(main, ["detach", net.server_iface])
@@ -158,3 +161,32 @@ def test_detach_leaves_the_pins_of_a_filter_still_attached_elsewhere(server_ns):
     finally:
         remove_xdp(net.server, "lo")
         datapath.remove_pins(datapath.pin_dir(sorted([net.server_iface, "lo"])))
+
+
+def test_attaching_again_re_uses_the_kept_program_and_detach_removes_it(server_ns):
+    from xknock.controller.daemon import lifecycle
+    from xknock.controller.kernel import progcache
+
+    net = server_ns
+    first = lifecycle.attach([net.server_iface], _config())
+    first.maps.close()
+    directory = datapath.pin_dir([net.server_iface])
+    assert first.loaded.bpf is not None and len(progcache.cached(directory)) == 1
+    again = lifecycle.attach([net.server_iface], _config())
+    again.maps.close()
+    assert again.loaded.bpf is None, "compiled again"
+    assert again.loaded.prog_id == first.loaded.prog_id == datapath.attachment(net.server_iface).prog_id
+    assert again.replaced == {net.server_iface: first.loaded.prog_id}
+    first.loaded.bpf.cleanup()
+    os.close(again.loaded.fd)
+    lifecycle.detach(net.server_iface)
+    assert not os.path.exists(directory)
+    deadline = time.monotonic() + 5     # nothing holds the program any more: the kernel frees it (after RCU)
+    while time.monotonic() < deadline:
+        try:
+            os.close(bpfsys.prog_fd_by_id(first.loaded.prog_id))
+        except bpfsys.BpfError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"program {first.loaded.prog_id} outlived its detach")

@@ -425,3 +425,32 @@ def test_a_flood_beyond_what_the_verifier_can_judge_starves_nothing(net, tmp_pat
             stop_process(flood)
         stop_process(controller)
         sock.close()
+
+
+def test_the_controller_serving_metrics_events_hooks_and_spa_never_loads_bcc(net, setup):
+    """After a scrape, a knock whose grant runs a hook, and an SPA grant, the
+    controller has still not loaded BCC or LLVM (its memory: bench/run controlplane)."""
+    from xknock_dev.e2e import SEQUENCE, knock
+
+    path, tmp = setup
+    marker = tmp / "hook-ran"
+    with open(path, "a") as f:
+        f.write(f'\n[[sequence]]\nname = "web"\nknock = {list(SEQUENCE)!r}\nopen = ["tcp:{GUARDED}"]\n'
+                f'on_open = ["/usr/bin/touch", "{marker}"]\n'.replace("'", '"'))
+    keys = tmp / "alice.keys"
+    keys.write_text(f"KEY_BASE64: {KEY_B64}\nHMAC_KEY_BASE64: {HMAC_B64}\n")
+    keys.chmod(0o600)
+    scrape = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9799/metrics').read().decode())"
+    with Foreground(net, path, "--metrics-addr", "127.0.0.1:9799") as controller:
+        controller.wait_ready()
+        assert "xknock_scrape_success 1.0" in check(net.server.run([HELPER_PYTHON, "-c", scrape])).stdout
+        knock(net.client, net.server.ipv4, *SEQUENCE)
+        assert wait_for(marker.exists, timeout=5), controller.log.read_all(0.5)
+        check(xknock(net.attacker, "spa", net.server.ipv4, "-A", f"tcp/{GUARDED}", "--key-file", str(keys),
+                     "--user", "alice"))
+        assert opens(net.attacker, net.server.ipv4), controller.log.read_all(0.5)
+        assert "xknock_scrape_success 1.0" in check(net.server.run([HELPER_PYTHON, "-c", scrape])).stdout
+        pid = controller.process.pid
+        with open(f"/proc/{pid}/maps") as maps:
+            loaded = maps.read()
+        assert "libbcc" not in loaded and "libLLVM" not in loaded

@@ -110,6 +110,7 @@ def test_an_unknown_format_is_refused():
     ("eth0 was renamed to eth9: ...", {"event": "renamed"}, "renamed"),       # named by the caller
     ("reload refused: the running policy is unchanged", {}, "reload_refused"),
     ("replaced program 17 on eth0", {}, "attached"),
+    ("kept program 17 on eth0", {}, "attached"),
     ("attached on eth0", {}, "attached"),
     ("eth0 is back, with the filter", {}, "back"),
     ("the bans map is full (4096 entries): 3 ban(s) could not be written", None, "bans_full"),
