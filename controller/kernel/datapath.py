@@ -25,6 +25,8 @@ from ..errors import LoadError, XknockError
 from . import bpfsys, layout, stamp
 
 PROG_NAME = "xdp_knock"
+TC_PROG_NAME = "tc_knock"   # the same program built for TC (bpf/xknock_hook.h, kernel/tc.py)
+TC_MODE = "tc"              # an Attachment's mode when the filter runs at TC ingress
 BPFFS = "/sys/fs/bpf"
 PIN_ROOT = BPFFS + "/xknock"
 
@@ -187,7 +189,7 @@ def prog_fd(prog_id):
 
 
 def is_xknock(att):
-    return att.prog_id != 0 and att.prog_name == PROG_NAME
+    return att.prog_id != 0 and att.prog_name in (PROG_NAME, TC_PROG_NAME)
 
 
 def running_map_ids(prog_id):
@@ -310,9 +312,10 @@ def open_loaded(prog_id):
     return Loaded(None, fd, prog_id, built)
 
 
-def compile_and_load(directory, cflags=(), test_clock=False):
+def compile_and_load(directory, cflags=(), test_clock=False, hook="xdp"):
     """Compile the program with its maps pinned in directory (existing pins are
-    re-adopted) and load it. Raises XknockError with what to do next."""
+    re-adopted) and load it, for the XDP hook or (hook "tc") as a TC
+    classifier. Raises XknockError with what to do next."""
     # bcc here, not at the top: importing it takes a while (it loads libbcc
     # and LLVM), and only attach compiles; status, grant, knock... never do.
     try:
@@ -328,9 +331,12 @@ def compile_and_load(directory, cflags=(), test_clock=False):
     flags = [f'-DXK_PIN_DIR="{directory}"', *cflags]
     if test_clock:
         flags.append("-DXK_TEST_CLOCK")
+    if hook == TC_MODE:
+        flags.append("-DXK_TC")
+    name, kind = (TC_PROG_NAME, BPF.SCHED_CLS) if hook == TC_MODE else (PROG_NAME, BPF.XDP)
     try:
         bpf = BPF(text=bpf_source().encode(), cflags=flags)
-        fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+        fn = bpf.load_func(name.encode(), kind)
     except Exception as err:   # BCC raises bare Exception for every failure
         raise LoadError(_explain_bcc_failure(err, directory)) from err
     fds = {name: bpf[name.encode()].map_fd for name in layout.MAPS}
