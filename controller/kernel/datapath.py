@@ -4,8 +4,9 @@ BCC compiles bpf/xknock.bpf.c. Its rewriter only turns `map.lookup()` into
 BPF calls in the main file, so our headers are inlined into one text first,
 with #line markers so that compiler errors still name the real file and line.
 
-A running filter is found from its interface: netlink gives the program id,
-the program's info gives its map ids. Pins under /sys/fs/bpf/xknock/ are made
+A running filter is found from its interface: netlink gives the program id
+(the XDP program, or an xknock program at the TC ingress: kernel/tc.py), the
+program's info gives its map ids. Pins under /sys/fs/bpf/xknock/ are made
 from those ids whenever they are missing, so a new program re-adopts the maps
 (BCC's pinned tables open an existing pin instead of creating a map).
 """
@@ -22,7 +23,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import LoadError, XknockError
-from . import bpfsys, layout, stamp
+from . import bpfsys, layout, stamp, tc
 
 PROG_NAME = "xdp_knock"
 TC_PROG_NAME = "tc_knock"   # the same program built for TC (bpf/xknock_hook.h, kernel/tc.py)
@@ -160,9 +161,13 @@ def interface_index(ifname):
     return found[0]
 
 
-def attachment(ifname):
-    """What XDP program, if any, runs on ifname."""
+def attachment(ifname, hook=None):
+    """What program, if any, runs on ifname: its XDP program, or, when that
+    is not xknock's, xknock's at its TC ingress (mode "tc"). hook "tc": only
+    xknock's at the TC ingress (the programs of others there run beside it)."""
     index = interface_index(ifname)
+    if hook == TC_MODE:
+        return _tc_attachment(ifname, index)
     with IPRoute() as ipr:
         link = ipr.link("get", index=index)[0]
     xdp = link.get_attr("IFLA_XDP")
@@ -175,7 +180,19 @@ def attachment(ifname):
     if prog_id:
         with prog_fd(prog_id) as fd:
             name = bpfsys.prog_info(fd).name.decode(errors="replace")
-    return Attachment(ifname, index, prog_id, mode if prog_id else None, name)
+    found = Attachment(ifname, index, prog_id, mode if prog_id else None, name)
+    if is_xknock(found):
+        return found
+    at_tc = _tc_attachment(ifname, index)
+    return at_tc if at_tc.prog_id else found
+
+
+def _tc_attachment(ifname, index):
+    for prog_id in tc.programs(index):
+        with contextlib.suppress(OSError), prog_fd(prog_id) as fd:
+            if bpfsys.prog_info(fd).name.decode(errors="replace") == TC_PROG_NAME:
+                return Attachment(ifname, index, prog_id, TC_MODE, TC_PROG_NAME)
+    return Attachment(ifname, index, 0, None, None)
 
 
 @contextlib.contextmanager
@@ -393,8 +410,11 @@ def _explain_bcc_failure(err, directory):
 
 
 def xdp_attach(ifindex, prog_fd, mode, replace_fd=None):
-    """Attach prog_fd in mode ('native' or 'generic'). With replace_fd the swap
-    is atomic and fails if anything else was attached meanwhile."""
+    """Attach prog_fd in mode ('native' or 'generic', or 'tc': at the TC
+    ingress, kernel/tc.py). With replace_fd the swap is atomic and fails if
+    anything else was attached meanwhile."""
+    if mode == TC_MODE:
+        return tc.attach(ifindex, prog_fd, replace_fd=replace_fd)
     flags = MODE_FLAGS[mode]
     attrs = [("IFLA_XDP_FD", prog_fd)]
     if replace_fd is not None:
@@ -408,6 +428,13 @@ def xdp_attach(ifindex, prog_fd, mode, replace_fd=None):
 
 
 def xdp_detach(ifindex, mode):
+    """Detach the XDP program, or in mode 'tc' xknock's at the TC ingress (only those)."""
+    if mode == TC_MODE:
+        for prog_id in tc.programs(ifindex):
+            with prog_fd(prog_id) as fd:
+                if bpfsys.prog_info(fd).name.decode(errors="replace") == TC_PROG_NAME:
+                    tc.detach(ifindex, prog_id)
+        return
     flags = MODE_FLAGS.get(mode, 0)
     with IPRoute() as ipr:
         ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})
