@@ -1,7 +1,8 @@
-/* xknock.bpf.c: the XDP entry. Parse, check the deny-list, classify the
- * destination with one lookup, then judge guarded and knock ports. One exit,
- * where the verdict is counted, monitor mode applied and a refused packet
- * answered as an unused port would be (answer = "closed"). */
+/* xknock.bpf.c: the entry (XDP; TC with -DXK_TC, see xknock_hook.h). Parse,
+ * check the deny-list, classify the destination with one lookup, then judge
+ * guarded and knock ports. One exit, where the verdict is counted, monitor
+ * mode applied and a refused packet answered as an unused port would be
+ * (answer = "closed"). */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
@@ -14,6 +15,7 @@
 #include <uapi/linux/icmpv6.h>
 
 #include "xknock_consts.h"
+#include "xknock_hook.h"
 #include "xknock_structs.h"
 #include "xknock_parsing.h"
 #include "xknock_maps.h"
@@ -38,7 +40,7 @@ static __always_inline int is_drop(__u32 reason)
 	       reason == XK_DROP_TRANSPORT;
 }
 
-static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set_out)
+static __always_inline __u32 decide(struct xk_ctx *ctx, struct xk_settings **set_out)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -135,20 +137,33 @@ static __always_inline __u32 decide(struct xdp_md *ctx, struct xk_settings **set
 	return XK_PASS_UNGUARDED;
 }
 
-int xdp_knock(struct xdp_md *ctx)
+static __always_inline int knock(struct xk_ctx *ctx)
 {
 	struct xk_settings *set = NULL;
 	__u32 reason = decide(ctx, &set);
 	count(reason);
 	if (!is_drop(reason))
-		return XDP_PASS;
+		return XK_VERDICT_PASS;
 	if (!set)
-		return XDP_DROP;
+		return XK_VERDICT_DROP;
 	if (set->mode == XK_MODE_MONITOR) {
 		count(XK_MONITOR_PASSED);
-		return XDP_PASS;
+		return XK_VERDICT_PASS;
 	}
 	if (set->flags & XK_SET_ANSWER)
 		return answer(ctx, set);
-	return XDP_DROP;
+	return XK_VERDICT_DROP;
 }
+
+#ifdef XK_TC
+int tc_knock(struct __sk_buff *ctx)
+{
+	xk_pull_headers(ctx);
+	return knock(ctx);
+}
+#else
+int xdp_knock(struct xdp_md *ctx)
+{
+	return knock(ctx);
+}
+#endif

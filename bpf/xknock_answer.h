@@ -1,6 +1,6 @@
 /* xknock_answer.h: answer = "closed". A packet refused on a guarded, knock or
  * SPA port is turned, in place, into what this host's kernel sends for a port
- * nobody listens on, and sent back (XDP_TX):
+ * nobody listens on, and sent back (xk_transmit: XDP_TX, or a TC redirect):
  *   TCP  a reset as tcp_v4_send_reset / tcp_v6_send_reset build it: to a
  *        segment with ACK, RST with seq = its ack; to one without, RST|ACK
  *        with seq 0 and ack = seq + SYN + FIN + payload; to a RST, nothing.
@@ -100,7 +100,7 @@ static __always_inline __s64 csum_scratch(struct xk_answer_scratch *s, __u32 n, 
 }
 
 /* Copies n bytes of the frame at off into the scratch (1 <= n <= XK_ANSWER_MAX_L4). */
-static __always_inline int load_scratch(struct xdp_md *ctx, struct xk_answer_scratch *s, __u32 off, __u32 n)
+static __always_inline int load_scratch(struct xk_ctx *ctx, struct xk_answer_scratch *s, __u32 off, __u32 n)
 {
 	__u64 len = n;   /* 64 bits: the verifier checks the whole register */
 	asm volatile("" : "+r"(len));
@@ -109,7 +109,7 @@ static __always_inline int load_scratch(struct xdp_md *ctx, struct xk_answer_scr
 	asm volatile("" : "+r"(len));
 	if (len < 1)
 		return -1;
-	return bpf_xdp_load_bytes(ctx, off, s->buf, len);
+	return xk_load_bytes(ctx, off, s->buf, len);
 }
 
 static __always_inline int mac_unicast(__u8 *mac)
@@ -251,7 +251,7 @@ static __always_inline int l4_length(void *data, void *data_end, struct xk_packe
 }
 
 /* Is the IPv4 header checksum right (Linux drops the datagram if not)? */
-static __always_inline int ipv4_header_ok(struct xdp_md *ctx, struct xk_answer_scratch *s, __u32 l3, __u32 ihl)
+static __always_inline int ipv4_header_ok(struct xk_ctx *ctx, struct xk_answer_scratch *s, __u32 l3, __u32 ihl)
 {
 	if (load_scratch(ctx, s, l3, ihl) < 0)
 		return 0;
@@ -259,7 +259,7 @@ static __always_inline int ipv4_header_ok(struct xdp_md *ctx, struct xk_answer_s
 }
 
 /* Is the L4 checksum right, over n bytes at l4 with the pseudo-header? */
-static __always_inline int l4_checksum_ok(struct xdp_md *ctx, struct xk_answer_scratch *s, struct xk_packet *pkt,
+static __always_inline int l4_checksum_ok(struct xk_ctx *ctx, struct xk_answer_scratch *s, struct xk_packet *pkt,
 					  __u8 *saddr, __u8 *daddr, __u32 l4, __u32 n, __u8 proto)
 {
 	__s64 seed;
@@ -285,7 +285,7 @@ static __always_inline int l4_checksum_ok(struct xdp_md *ctx, struct xk_answer_s
 
 /* Reads the addresses and checks everything Linux checks before it answers.
  * Returns 1 if an answer is due, 0 if none is. */
-static __always_inline int read_asked(struct xdp_md *ctx, struct xk_packet *pkt, struct xk_asked *q)
+static __always_inline int read_asked(struct xk_ctx *ctx, struct xk_packet *pkt, struct xk_asked *q)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -367,7 +367,7 @@ static __always_inline int read_asked(struct xdp_md *ctx, struct xk_packet *pkt,
 
 /* Would a socket take this packet? (The listener of a guarded port, or
  * something an operator started on a knock port.) */
-static __always_inline int someone_listens(struct xdp_md *ctx, struct xk_packet *pkt, struct xk_asked *q)
+static __always_inline int someone_listens(struct xk_ctx *ctx, struct xk_packet *pkt, struct xk_asked *q)
 {
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *sk;
@@ -398,18 +398,18 @@ static __always_inline int someone_listens(struct xdp_md *ctx, struct xk_packet 
 }
 
 /* Shrinks or grows the frame's tail to len bytes. */
-static __always_inline int set_length(struct xdp_md *ctx, __u32 len)
+static __always_inline int set_length(struct xk_ctx *ctx, __u32 len)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	int delta = (int)len - (int)(data_end - data);
 	if (delta == 0)
 		return 0;
-	return bpf_xdp_adjust_tail(ctx, delta);
+	return xk_adjust_tail(ctx, delta);
 }
 
 /* The reset, written over the frame from the IP header on. */
-static __always_inline int answer_tcp(struct xdp_md *ctx, struct xk_packet *pkt, struct xk_settings *set,
+static __always_inline int answer_tcp(struct xk_ctx *ctx, struct xk_packet *pkt, struct xk_settings *set,
 				      struct xk_asked *q)
 {
 	__u32 l3 = pkt->l3_off & 31;
@@ -493,7 +493,7 @@ static __always_inline int answer_tcp(struct xdp_md *ctx, struct xk_packet *pkt,
 
 /* The port unreachable: room made in front of the datagram for a new IP and
  * ICMP header, the Ethernet header moved to the front, the quote cut to size. */
-static __always_inline int answer_udp(struct xdp_md *ctx, struct xk_packet *pkt, struct xk_settings *set,
+static __always_inline int answer_udp(struct xk_ctx *ctx, struct xk_packet *pkt, struct xk_settings *set,
 				      struct xk_asked *q, __u64 now)
 {
 	__u32 zero = 0;
@@ -513,7 +513,7 @@ static __always_inline int answer_udp(struct xdp_md *ctx, struct xk_packet *pkt,
 	if (quote_sum < 0)
 		return -1;
 
-	if (bpf_xdp_adjust_head(ctx, -(int)room) < 0)
+	if (xk_grow_head(ctx, room) < 0)
 		return -1;
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -585,42 +585,42 @@ static __always_inline int answer_udp(struct xdp_md *ctx, struct xk_packet *pkt,
 	return 0;
 }
 
-/* The action for a packet the filter refused (answer = "closed"): XDP_TX with
- * the frame rewritten, or XDP_DROP where Linux sends nothing. */
-static __always_inline int answer(struct xdp_md *ctx, struct xk_settings *set)
+/* The action for a packet the filter refused (answer = "closed"): the frame
+ * rewritten and sent back, or dropped where Linux sends nothing. */
+static __always_inline int answer(struct xk_ctx *ctx, struct xk_settings *set)
 {
 	__u32 zero = 0;
 	struct xk_packet *pkt = scratch.lookup(&zero);
 	if (!pkt || !*(volatile __u8 *)&pkt->answerable)
-		return XDP_DROP;   /* deny-listed, banned everywhere, malformed: dropped */
+		return XK_VERDICT_DROP;   /* deny-listed, banned everywhere, malformed: dropped */
 	__u64 now = *(volatile __u64 *)&pkt->now;
 	struct xk_asked q = {};
-	if (!read_asked(ctx, pkt, &q)) {
+	if (xk_make_linear(ctx) < 0 || !read_asked(ctx, pkt, &q)) {
 		count(XK_ANSWER_NONE);
-		return XDP_DROP;
+		return XK_VERDICT_DROP;
 	}
 	if (*(volatile __u8 *)&pkt->answerable == XK_ANSWERED_BY_HOST && !someone_listens(ctx, pkt, &q)) {
 		count(XK_ANSWER_BY_HOST);
-		return XDP_PASS;
+		return XK_VERDICT_PASS;
 	}
 	if (pkt->proto == XK_PROTO_TCP) {
 		if (answer_tcp(ctx, pkt, set, &q) < 0) {
 			count(XK_ANSWER_NONE);
-			return XDP_DROP;
+			return XK_VERDICT_DROP;
 		}
 		count(XK_ANSWER_RST);
-		return XDP_TX;
+		return xk_transmit(ctx);
 	}
 	if (!icmp_allowed(pkt, set, now)) {
 		count(XK_ANSWER_RATE_LIMITED);
-		return XDP_DROP;
+		return XK_VERDICT_DROP;
 	}
 	if (answer_udp(ctx, pkt, set, &q, now) < 0) {
 		count(XK_ANSWER_NONE);
-		return XDP_DROP;
+		return XK_VERDICT_DROP;
 	}
 	count(XK_ANSWER_UNREACH);
-	return XDP_TX;
+	return xk_transmit(ctx);
 }
 
 #endif

@@ -74,7 +74,7 @@ static __always_inline int spa_admit(struct xk_packet *pkt, struct xk_settings *
 	return XK_SPA_OVERLOADED;
 }
 
-static __always_inline __u32 handle_spa(struct xdp_md *ctx, struct xk_packet *pkt, struct xk_settings *set, __u64 now)
+static __always_inline __u32 handle_spa(struct xk_ctx *ctx, struct xk_packet *pkt, struct xk_settings *set, __u64 now)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -105,7 +105,7 @@ static __always_inline __u32 handle_spa(struct xdp_md *ctx, struct xk_packet *pk
 	if (n > XK_SPA_MAX_PAYLOAD)
 		n = 0;
 	asm volatile("" : "+r"(n));
-	if (n < XK_SPA_MIN_PAYLOAD || bpf_xdp_load_bytes(ctx, off, ev->payload, n) < 0) {
+	if (n < XK_SPA_MIN_PAYLOAD || xk_load_bytes(ctx, off, ev->payload, n) < 0) {
 		/* The IP header claimed more than the frame holds. */
 		count(XK_SPA_NOT_CANDIDATE);
 		return XK_DROP_SPA;
@@ -113,7 +113,7 @@ static __always_inline __u32 handle_spa(struct xdp_md *ctx, struct xk_packet *pk
 	/* The source port, for the public-key SPA's answer (past NAT, the one
 	 * the client's packet really came from). parse_l4 saw the UDP header. */
 	__u16 sport = 0;
-	bpf_xdp_load_bytes(ctx, off - sizeof(struct udphdr), &sport, sizeof(sport));
+	xk_load_bytes(ctx, off - sizeof(struct udphdr), &sport, sizeof(sport));
 	ev->sport = bpf_ntohs(sport);
 	ev->ts_ns = now;
 	ev->src = pkt->src;

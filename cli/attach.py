@@ -23,12 +23,17 @@ Examples:
   xknock attach eth0                       # /etc/xknock/xknock.toml, foreground controller
   xknock attach eth0 -c lab.toml --once    # attach, write the policy, exit
   xknock attach eth0 eth1                  # one set of maps: a knock on one opens both
+  xknock attach eth0 --hook tc             # at TC ingress, where XDP cannot run
   xknock attach eth0 --metrics-addr 127.0.0.1:9798   # and Prometheus metrics at /metrics
   xknock attach eth0 --priority 10         # share eth0: a slot of libxdp's dispatcher, run first""")
 @click.argument("ifaces", nargs=-1, required=True, type=IFACE)
 @click.option("-c", "--config", "config_path", type=CONFIG_FILE, default=DEFAULT_PATH, show_default=True, help="The TOML config.")
 @click.option("--xdp-mode", type=click.Choice(lifecycle.XDP_MODES), default="auto", show_default=True,
               help="native needs driver support; auto tries native, then generic.")
+@click.option("--hook", type=click.Choice(lifecycle.HOOKS), default=None,
+              help="Where the filter runs: xdp (the default), or tc (tcx, or clsact on older kernels) where XDP "
+                   "is not available or not allowed; it costs more per packet (docs/operations.md). Attaching "
+                   "again keeps the hook that runs.")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; e.g. "
                    "127.0.0.1:9798, [::1]:9798, or :9798 for every IPv4 address: 9798 is the docs' choice, "
@@ -53,8 +58,8 @@ Examples:
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON line on stdout per interface attached (the controller then runs on, logging to stderr).")
 @fail_cleanly(config_status=EX_CONFIG)   # systemd does not restart a unit whose file is bad
-def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_web_config, once, keep_sessions,
-           replace, cut_sessions, force, priority, as_json):
+def attach(ifaces, config_path, xdp_mode, hook, metrics_addr, metrics_public, metrics_web_config, once,
+           keep_sessions, replace, cut_sessions, force, priority, as_json):
     """Load the filter, attach it to IFACES and run the controller."""
     replace, cut_sessions = _deprecated_force(force, replace, cut_sessions, keep_sessions)
     if replace and priority is not None:
@@ -99,7 +104,7 @@ def attach(ifaces, config_path, xdp_mode, metrics_addr, metrics_public, metrics_
         if handed:
             attached = lifecycle.adopt(list(ifaces), handed["prog_id"], handed["pin_dir"], handed["modes"])
         else:
-            attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=replace,
+            attached = lifecycle.attach(list(ifaces), config, xdp_mode=xdp_mode, force=replace, hook=hook,
                                         before_attach=_session_guard(config, keep_sessions, cut_sessions),
                                         priority=priority)
     except LoadError as err:

@@ -90,7 +90,12 @@ def fresh_attach(net, config_path):
     """Detach whatever a previous test left (its pins and state go with it),
     then attach with config_path: a filter with no grant and no knock."""
     xknock(net.server, "detach", net.server_iface)
-    return check(xknock(net.server, "attach", net.server_iface, "-c", config_path, "--once"))
+    return check(xknock(net.server, "attach", net.server_iface, "-c", config_path, "--once", *attach_options(net)))
+
+
+def attach_options(net):
+    """The options every attach in net is given: its hook, when not the default."""
+    return ("--hook", net.hook) if net.hook else ()
 
 
 def knock(host, addr, *steps, delay=None):
@@ -244,7 +249,8 @@ class Foreground:
     """`xknock attach` as a foreground controller in the server's namespace."""
 
     def __init__(self, net, config_path, *args):
-        self.process = net.server.popen([XKNOCK, "attach", net.server_iface, "-c", config_path, *args],
+        self.process = net.server.popen([XKNOCK, "attach", net.server_iface, "-c", config_path, *attach_options(net),
+                                         *args],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE)
         self.log = LineReader(self.process.stderr)
@@ -354,6 +360,23 @@ def xdp_prog_id(host, iface):
     """The id of the XDP program on iface (0 for none), as `ip link` sees it."""
     out = json.loads(check(host.run(["ip", "-j", "-d", "link", "show", "dev", iface])).stdout)[0]
     return (out.get("xdp") or {}).get("prog", {}).get("id", 0)
+
+
+# xknock's program at an interface's TC ingress, read with BPF_PROG_QUERY (or
+# from clsact) inside the namespace: tc(8) shows no tcx programs.
+TC_PROG_ID = r"""
+import sys
+from xknock.controller.kernel import datapath
+print(datapath.attachment(sys.argv[1], hook="tc").prog_id)
+"""
+
+
+def filter_prog_id(net, iface=None):
+    """The id of xknock's program on the server's iface at the lab's hook (0 for none)."""
+    iface = iface or net.server_iface
+    if net.hook != "tc":
+        return xdp_prog_id(net.server, iface)
+    return int(check(net.server.run([sys.executable, "-c", TC_PROG_ID, iface])).stdout)
 
 
 def remove_xdp(host, iface):

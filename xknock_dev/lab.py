@@ -134,6 +134,9 @@ class Lab:
         self.switch = f"{stem}-{SWITCH}"
         self.bridge = f"br-{self.token}"
         self._namespaces = []  # made so far: what teardown removes
+        # The hook every `xknock attach` of the e2e helpers (e2e.py) asks
+        # for: None for the default (XDP), "tc" to run a module's cases at TC.
+        self.hook = None
         self._unplugged_macs = {}  # iface -> its MAC, between unplug() and replug()
 
     server = property(lambda self: self.hosts["srv"])

@@ -18,6 +18,11 @@ from xknock.controller.policy import policy
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICT_NAMES = {XDP_ABORTED: "ABORTED", XDP_DROP: "DROP", XDP_PASS: "PASS", XDP_TX: "TX", XDP_REDIRECT: "REDIRECT"}
 
+# A TC build's verdicts (bpf/xknock_hook.h) as the XDP ones they stand for, so
+# that one table of cases serves both builds: TC_ACT_UNSPEC (-1, read back as
+# an unsigned word), TC_ACT_SHOT, TC_ACT_REDIRECT (the answer sent back).
+TC_VERDICTS = {0xFFFFFFFF: XDP_PASS, 2: XDP_DROP, 7: XDP_TX}
+
 
 # A build whose maps have another layout (bpf/xknock_structs.h): grants with
 # two fields of the same size swapped, as another version of xknock might.
@@ -30,14 +35,17 @@ TEST_RECENT_SLOTS = 1 << 12
 
 
 class Harness:
-    def __init__(self, test_clock=True, cflags=(), pin_dir=None):
+    """hook "tc": the TC build (SCHED_CLS), its verdicts read as XDP's."""
+
+    def __init__(self, test_clock=True, cflags=(), pin_dir=None, hook="xdp"):
+        self.hook = hook
         if not any(flag.startswith("-DXK_FIRST_SLOTS=") for flag in cflags):
             cflags = [*cflags, f"-DXK_FIRST_SLOTS={TEST_FIRST_SLOTS}"]
         if not any(flag.startswith("-DXK_RECENT_SLOTS=") for flag in cflags):
             cflags = [*cflags, f"-DXK_RECENT_SLOTS={TEST_RECENT_SLOTS}"]
         self.pin_dir = pin_dir or f"{datapath.PIN_ROOT}/test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            self.loaded = datapath.compile_and_load(self.pin_dir, cflags=cflags, test_clock=test_clock)
+            self.loaded = datapath.compile_and_load(self.pin_dir, cflags=cflags, test_clock=test_clock, hook=hook)
             self.maps = FilterMaps.from_prog(self.loaded.prog_id, self.loaded.layout)
         except BaseException:
             datapath.remove_pins(self.pin_dir)   # a failed start leaves nothing behind
@@ -73,15 +81,26 @@ class Harness:
     def apply(self, config):
         return policy.apply_policy(self.maps, config)
 
+    def verdict(self, retval):
+        """The program's return value as an XDP verdict (a TC build's translated)."""
+        if self.hook == datapath.TC_MODE:
+            return TC_VERDICTS.get(retval, f"TC action {retval}")
+        return retval
+
     def run(self, frame, repeat=1):
         """The verdict (XDP_PASS, XDP_DROP...) for one frame."""
         retval, _, _ = bpfsys.test_run(self.fd, bytes(frame), repeat=repeat)
-        return retval
+        return self.verdict(retval)
+
+    def run_out(self, frame, data_out_size=4096):
+        """(verdict, the frame as the program left it) of one run."""
+        retval, _, out = bpfsys.test_run(self.fd, bytes(frame), data_out_size=data_out_size)
+        return self.verdict(retval), out
 
     def timed(self, frame, repeat):
         """(verdict, mean ns per run) over repeat runs in the kernel."""
         retval, duration, _ = bpfsys.test_run(self.fd, bytes(frame), repeat=repeat)
-        return retval, duration
+        return self.verdict(retval), duration
 
     def counters(self):
         return self.maps.counters_by_reason()

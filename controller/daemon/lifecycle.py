@@ -24,6 +24,7 @@ from . import sharing
 log = logging.getLogger("xknock")
 
 XDP_MODES = ("auto", "native", "generic")
+HOOKS = ("xdp", "tc")   # tc: the same program as a TC classifier (kernel/tc.py), where XDP cannot run
 
 
 def require_root():
@@ -42,9 +43,12 @@ class Attached:
     replaced: dict       # ifname -> old program id, where one was replaced
 
 
-def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cflags=(), priority=None):
+def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cflags=(), hook=None,
+           priority=None):
     """Attach one filter, sharing one set of maps, to every interface in
     ifnames: all of them or, when one fails, none (each is put back as it was).
+    hook: "xdp" or "tc"; None keeps the hook of the filter running there
+    (xdp where none runs).
     before_attach(maps) runs once the policy is written and before any
     interface is touched; raising there attaches nothing. cflags: extra
     compiler flags, such as -DXK_PROGRESS_ENTRIES=... (benchmarks); the CLI
@@ -57,6 +61,7 @@ def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cf
     if repeated:
         raise XknockError(f"{', '.join(repeated)} named twice")
     current = {name: datapath.attachment(name) for name in ifnames}
+    hook, xdp_mode, current = _choose_hook(hook, xdp_mode, current)
     share = sharing.wanted(current, priority)
     if share:
         sharing.check(current, priority)
@@ -87,6 +92,25 @@ def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cf
     return attached
 
 
+def _choose_hook(hook, xdp_mode, current):
+    """(hook, mode to attach in, what runs at that hook): re-attaching keeps
+    the hook that runs, a change of hook is refused (detach first)."""
+    if hook not in (None, *HOOKS):
+        raise XknockError(f"--hook must be one of {', '.join(HOOKS)}")
+    running = {a.ifname: "tc" if a.mode == datapath.TC_MODE else "xdp"
+               for a in current.values() if datapath.is_xknock(a)}
+    hook = hook or next(iter(running.values()), "xdp")
+    for name, was in sorted(running.items()):
+        if was != hook:
+            raise XknockError(f"{name} runs xknock at the {was} hook; detach it before attaching at the {hook} hook")
+    if hook == "xdp":
+        return hook, xdp_mode, current
+    if xdp_mode != "auto":
+        raise XknockError(f"--xdp-mode {xdp_mode} is for the xdp hook and this filter is at the tc hook: "
+                          "leave --xdp-mode out")
+    return hook, datapath.TC_MODE, {name: datapath.attachment(name, hook=datapath.TC_MODE) for name in current}
+
+
 @dataclass
 class _Steps:
     """Load, write the policy, check, swap: what every attach does, with
@@ -110,7 +134,8 @@ class _Steps:
         try:
             if adopt:
                 datapath.repin(adopt, directory)
-            loaded = datapath.compile_and_load(directory, cflags=self.cflags, reuse=True)
+            hook = "tc" if self.xdp_mode == datapath.TC_MODE else "xdp"
+            loaded = datapath.compile_and_load(directory, cflags=self.cflags, reuse=True, hook=hook)
             if self.share:
                 loaded = sharing.component_of(loaded)
             maps = FilterMaps.from_prog(loaded.prog_id, loaded.layout)
@@ -216,7 +241,7 @@ def _attach_one(att, prog_fd, xdp_mode):
         with datapath.prog_fd(att.prog_id) as old_fd:
             try:
                 datapath.xdp_attach(att.ifindex, prog_fd, mode, replace_fd=old_fd)
-            except NetlinkError as err:
+            except (NetlinkError, OSError) as err:
                 raise LoadError(f"replacing the program on {att.ifname} failed: {datapath.netlink_reason(err)}")
         return mode, att.prog_id
     tried = ["native", "generic"] if xdp_mode == "auto" else [xdp_mode]
@@ -225,7 +250,7 @@ def _attach_one(att, prog_fd, xdp_mode):
         try:
             datapath.xdp_attach(att.ifindex, prog_fd, mode)
             return mode, None
-        except NetlinkError as err:
+        except (NetlinkError, OSError) as err:
             reasons.append(f"{mode}: {datapath.netlink_reason(err)}")
     raise LoadError(f"attaching to {att.ifname} failed ({'; '.join(reasons)})")
 
@@ -319,7 +344,7 @@ def _detach_program(att):
             libxdp.leave(att.ifindex, att.prog_id, att.mode)   # the dispatcher's other programs stay
         else:
             datapath.xdp_detach(att.ifindex, att.mode)
-    except NetlinkError as err:
+    except (NetlinkError, OSError) as err:
         raise XknockError(f"detaching from {att.ifname} failed: {datapath.netlink_reason(err)}")
     still_used = any(control == cid for cid, _ in datapath.attached_filters())
     if not still_used:

@@ -72,6 +72,9 @@ def _declare(l):
         "bpf_prog_test_run_opts": ([c_int, vp], c_int),
         "bpf_map_update_batch": ([c_int, vp, vp, ctypes.POINTER(ctypes.c_uint32), vp], c_int),
         "libbpf_num_possible_cpus": ([], c_int),
+        "bpf_prog_attach_opts": ([c_int, c_int, c_uint, vp], c_int),
+        "bpf_prog_detach2": ([c_int, c_int, c_uint], c_int),
+        "bpf_prog_query_opts": ([c_int, c_uint, vp], c_int),
     }
     for name, (args, res) in signatures.items():
         fn = getattr(l, name)
@@ -230,6 +233,51 @@ def obj_pin(fd, path):
 
 def obj_get(path):
     return _check(lib().bpf_obj_get(os.fsencode(path)), f"open pinned {path}")
+
+
+class ProgAttachOpts(ctypes.Structure):
+    """struct bpf_prog_attach_opts as libbpf 1.1 has it (the fields tcx adds
+    in 1.3 are left out: opts are versioned by size, so newer ones take it)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32), ("replace_prog_fd", ctypes.c_int)]
+
+
+class ProgQueryOpts(ctypes.Structure):
+    """struct bpf_prog_query_opts (libbpf 1.0)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("query_flags", ctypes.c_uint32),
+        ("attach_flags", ctypes.c_uint32),
+        ("prog_ids", ctypes.c_void_p),
+        ("prog_cnt", ctypes.c_uint32),
+        ("prog_attach_flags", ctypes.c_void_p),
+    ]
+
+
+BPF_F_REPLACE = 1 << 2
+
+
+def prog_attach(prog_fd, target, attach_type, replace_fd=None):
+    """BPF_PROG_ATTACH (not a link: it stays until detached). With replace_fd
+    (BPF_F_REPLACE) prog_fd takes that program's place, or nothing changes."""
+    opts = ProgAttachOpts(sz=ctypes.sizeof(ProgAttachOpts))
+    if replace_fd is not None:
+        opts.flags, opts.replace_prog_fd = BPF_F_REPLACE, replace_fd
+    _check(lib().bpf_prog_attach_opts(prog_fd, target, attach_type, ctypes.byref(opts)), "attach program")
+
+
+def prog_detach(prog_fd, target, attach_type):
+    """BPF_PROG_DETACH of that one program."""
+    _check(lib().bpf_prog_detach2(prog_fd, target, attach_type), "detach program")
+
+
+def prog_query(target, attach_type, most=64):
+    """BPF_PROG_QUERY: the ids of the programs attached, in the order they run."""
+    ids = (ctypes.c_uint32 * most)()
+    opts = ProgQueryOpts(sz=ctypes.sizeof(ProgQueryOpts), prog_ids=ctypes.addressof(ids), prog_cnt=most)
+    _check(lib().bpf_prog_query_opts(target, attach_type, ctypes.byref(opts)), "query programs")
+    return list(ids[: min(opts.prog_cnt, most)])
 
 
 def possible_cpus():

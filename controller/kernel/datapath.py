@@ -4,8 +4,9 @@ BCC compiles bpf/xknock.bpf.c. Its rewriter only turns `map.lookup()` into
 BPF calls in the main file, so our headers are inlined into one text first,
 with #line markers so that compiler errors still name the real file and line.
 
-A running filter is found from its interface: netlink gives the program id,
-the program's info gives its map ids. Pins under /sys/fs/bpf/xknock/ are made
+A running filter is found from its interface: netlink gives the program id
+(the XDP program, or an xknock program at the TC ingress: kernel/tc.py), the
+program's info gives its map ids. Pins under /sys/fs/bpf/xknock/ are made
 from those ids whenever they are missing, so a new program re-adopts the maps
 (BCC's pinned tables open an existing pin instead of creating a map).
 """
@@ -23,7 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from ..errors import LoadError, XknockError
-from . import bpfsys, layout, libxdp, progcache, stamp
+from . import bpfsys, layout, libxdp, progcache, stamp, tc
 
 # pyroute2 before 0.7.3 (Debian bookworm's python3-pyroute2 is 0.7.2) encodes
 # IFLA_XDP_FLAGS as a big-endian u16, which the kernel refuses with ERANGE
@@ -35,6 +36,8 @@ if ifinfmsg.xdp.xdp_flags.fields != U32_FIELDS:
     ifinfmsg.xdp.xdp_flags.fields = U32_FIELDS
 
 PROG_NAME = "xdp_knock"
+TC_PROG_NAME = "tc_knock"   # the same program built for TC (bpf/xknock_hook.h, kernel/tc.py)
+TC_MODE = "tc"              # an Attachment's mode when the filter runs at TC ingress
 BPFFS = "/sys/fs/bpf"
 PIN_ROOT = BPFFS + "/xknock"
 
@@ -170,9 +173,13 @@ def interface_index(ifname):
     return found[0]
 
 
-def attachment(ifname):
-    """What XDP program, if any, runs on ifname."""
+def attachment(ifname, hook=None):
+    """What program, if any, runs on ifname: its XDP program, or, when that
+    is not xknock's, xknock's at its TC ingress (mode "tc"). hook "tc": only
+    xknock's at the TC ingress (the programs of others there run beside it)."""
     index = interface_index(ifname)
+    if hook == TC_MODE:
+        return _tc_attachment(ifname, index)
     with IPRoute() as ipr:
         link = ipr.link("get", index=index)[0]
     xdp = link.get_attr("IFLA_XDP")
@@ -190,7 +197,19 @@ def attachment(ifname):
         ours = libxdp.component(prog_id, PROG_NAME)
         if ours:
             return Attachment(ifname, index, ours[1], mode, PROG_NAME, dispatcher=prog_id, slot=ours[0])
-    return Attachment(ifname, index, prog_id, mode if prog_id else None, name)
+    found = Attachment(ifname, index, prog_id, mode if prog_id else None, name)
+    if is_xknock(found):
+        return found
+    at_tc = _tc_attachment(ifname, index)
+    return at_tc if at_tc.prog_id else found
+
+
+def _tc_attachment(ifname, index):
+    for prog_id in tc.programs(index):
+        with contextlib.suppress(OSError), prog_fd(prog_id) as fd:
+            if bpfsys.prog_info(fd).name.decode(errors="replace") == TC_PROG_NAME:
+                return Attachment(ifname, index, prog_id, TC_MODE, TC_PROG_NAME)
+    return Attachment(ifname, index, 0, None, None)
 
 
 @contextlib.contextmanager
@@ -204,7 +223,7 @@ def prog_fd(prog_id):
 
 
 def is_xknock(att):
-    return att.prog_id != 0 and att.prog_name == PROG_NAME
+    return att.prog_id != 0 and att.prog_name in (PROG_NAME, TC_PROG_NAME)
 
 
 def running_map_ids(prog_id):
@@ -321,23 +340,26 @@ def open_loaded(prog_id):
     return open_loaded_fd(bpfsys.prog_fd_by_id(prog_id))
 
 
-def compile_and_load(directory, cflags=(), test_clock=False, reuse=False):
+def compile_and_load(directory, cflags=(), test_clock=False, reuse=False, hook="xdp"):
     """Compile the program with its maps pinned in directory (existing pins are
-    re-adopted) and load it. With reuse, the program a previous attach kept
-    in directory for the same source, flags, BCC and kernel is re-used
-    instead (kernel/progcache.py: no compiler, no BCC), and the one compiled
-    is kept for the next. Raises XknockError with what to do next."""
+    re-adopted) and load it, for the XDP hook or (hook "tc") as a TC
+    classifier. With reuse, the XDP program a previous attach kept in
+    directory for the same source, flags, BCC and kernel is re-used instead
+    (kernel/progcache.py: no compiler, no BCC), and the one compiled is kept
+    for the next; a TC program is compiled every time. Raises XknockError
+    with what to do next."""
     ensure_bpffs()
     make_private_dirs(directory)
     check_pinned_layout(directory)
-    flags = [*cflags, *(["-DXK_TEST_CLOCK"] if test_clock else [])]
+    flags = [*cflags, *(["-DXK_TEST_CLOCK"] if test_clock else []), *(["-DXK_TC"] if hook == TC_MODE else [])]
     source = bpf_source()
+    reuse = reuse and hook != TC_MODE
     if reuse:
         wanted = progcache.key(source, flags)
         fd = progcache.find(directory, wanted, PROG_NAME)
         if fd is not None:
             return open_loaded_fd(fd)
-    loaded = _compile(directory, source, flags)
+    loaded = _compile(directory, source, flags, hook)
     if reuse:
         progcache.keep(directory, wanted, loaded.fd)
     return loaded
@@ -354,7 +376,7 @@ def open_loaded_fd(fd):
     return Loaded(None, fd, info.id, built)
 
 
-def _compile(directory, source, flags):
+def _compile(directory, source, flags, hook):
     """BCC's compile and load of source, its maps pinned in directory, stamped."""
     # bcc here, not at the top: importing it takes a while (it loads libbcc
     # and LLVM), and only attach compiles; status, grant, knock... never do.
@@ -365,9 +387,10 @@ def _compile(directory, source, flags):
             "BCC's Python module is missing: install python3-bpfcc and use a venv made with "
             "--system-site-packages (scripts/setup does both)"
         ) from err
+    name, kind = (TC_PROG_NAME, BPF.SCHED_CLS) if hook == TC_MODE else (PROG_NAME, BPF.XDP)
     try:
         bpf = BPF(text=source.encode(), cflags=[f'-DXK_PIN_DIR="{directory}"', *flags])
-        fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+        fn = bpf.load_func(name.encode(), kind)
     except Exception as err:   # BCC raises bare Exception for every failure
         raise LoadError(_explain_bcc_failure(err, directory)) from err
     fds = {name: bpf[name.encode()].map_fd for name in layout.MAPS}
@@ -424,8 +447,11 @@ def _explain_bcc_failure(err, directory):
 
 
 def xdp_attach(ifindex, prog_fd, mode, replace_fd=None):
-    """Attach prog_fd in mode ('native' or 'generic'). With replace_fd the swap
-    is atomic and fails if anything else was attached meanwhile."""
+    """Attach prog_fd in mode ('native' or 'generic', or 'tc': at the TC
+    ingress, kernel/tc.py). With replace_fd the swap is atomic and fails if
+    anything else was attached meanwhile."""
+    if mode == TC_MODE:
+        return tc.attach(ifindex, prog_fd, replace_fd=replace_fd)
     flags = MODE_FLAGS[mode]
     attrs = [("IFLA_XDP_FD", prog_fd)]
     if replace_fd is not None:
@@ -439,6 +465,13 @@ def xdp_attach(ifindex, prog_fd, mode, replace_fd=None):
 
 
 def xdp_detach(ifindex, mode):
+    """Detach the XDP program, or in mode 'tc' xknock's at the TC ingress (only those)."""
+    if mode == TC_MODE:
+        for prog_id in tc.programs(ifindex):
+            with prog_fd(prog_id) as fd:
+                if bpfsys.prog_info(fd).name.decode(errors="replace") == TC_PROG_NAME:
+                    tc.detach(ifindex, prog_id)
+        return
     flags = MODE_FLAGS.get(mode, 0)
     with IPRoute() as ipr:
         ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})

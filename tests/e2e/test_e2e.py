@@ -15,7 +15,8 @@ import time
 import pytest
 
 from xknock_dev.e2e import (
-    ACCEPTED, DROPPED, Foreground, HeldConnection, LineReader, SEQUENCE, XKNOCK, addr_of, check, config_text,
+    ACCEPTED, DROPPED, Foreground, HeldConnection, LineReader, SEQUENCE, XKNOCK, addr_of, attach_options, check,
+    config_text,
     fresh_attach, full_pipe, knock, plain_knock, served_lab, status_json, write_config, writing_to_stderr, xknock,
 )
 from xknock_dev.lab import can_connect, stop_process, wait_for
@@ -215,7 +216,7 @@ def test_filter_outlives_a_killed_controller_and_attach_readopts_its_grants(net,
     assert blocked(net.attacker, server), "the filter stopped enforcing with its controller"
     assert connects(net.client, server), "the grant died with the controller"
 
-    out = check(xknock(net.server, "attach", net.server_iface, "-c", config, "--once"))
+    out = check(xknock(net.server, "attach", net.server_iface, "-c", config, "--once", *attach_options(net)))
     assert "replaced program" in out.stderr
     [grant] = status_json(net.server)[0]["grants"]
     assert (grant["source"], grant["port"], grant["sequence"]) == (client, "tcp:22", "ssh")

@@ -16,7 +16,6 @@ from xknock_dev.packets import (
 from scapy.layers.inet import IPOption_NOP
 from scapy.layers.l2 import Ether
 
-from xknock.controller.kernel import bpfsys
 from xknock.controller.kernel.layout import Reason
 from xknock_dev.testrun import XDP_DROP, XDP_PASS, XDP_TX
 
@@ -42,8 +41,7 @@ def closed(xk, example_config):
 
 def answered(xk, frame):
     """(verdict, frame out) of one run."""
-    verdict, _, out = bpfsys.test_run(xk.fd, bytes(frame), data_out_size=4096)
-    return verdict, out
+    return xk.run_out(frame)
 
 
 def masked(frame):
