@@ -3,6 +3,10 @@
 #ifndef XKNOCK_MAPS_H
 #define XKNOCK_MAPS_H
 
+#include "xknock_consts.h"
+#include "xknock_structs.h"
+#include "xknock_parsing.h"
+
 #ifndef XK_PIN_DIR
 #error "XK_PIN_DIR must name the bpffs directory for the maps"
 #endif

@@ -2,6 +2,10 @@
 #ifndef XKNOCK_STATS_H
 #define XKNOCK_STATS_H
 
+#include "xknock_structs.h"
+#include "xknock_parsing.h"
+#include "xknock_maps.h"
+
 static __always_inline void count(__u32 reason)
 {
 	u64 *value = counters.lookup(&reason);
