@@ -48,13 +48,16 @@ def ipv6_bits(address):
 def list_bitmaps(networks):
     """[IPv4 bitmap, IPv6 /32 bitmap, IPv6 /48 bitmap] of the networks of one list."""
     v4 = v6_32 = v6_48 = 0
+    v4_units = set()   # the /16s of entries of /16 and longer, set at once: one OR per entry is slow
     budget = IPV6_ENUMERATION
     for network in networks:
-        network = ipaddress.ip_network(network)
+        if not isinstance(network, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            network = ipaddress.ip_network(network)   # ip_network() of a network is slow: not called on those
         top = int(network.network_address)
-        if network.version == 4:
-            width = 16 - min(network.prefixlen, 16)
-            v4 |= ((1 << (1 << width)) - 1) << (top >> 16)
+        if network.version == 4 and network.prefixlen >= 16:
+            v4_units.add(top >> 16)
+        elif network.version == 4:
+            v4 |= ((1 << (1 << (16 - network.prefixlen))) - 1) << (top >> 16)
         elif network.prefixlen >= 48:
             v6_48 |= 1 << ipv6_bits(network.network_address)[1]
         else:
@@ -65,7 +68,10 @@ def list_bitmaps(networks):
             budget -= count
             for first32 in range(top >> 96, (top >> 96) + count):
                 v6_32 |= 1 << ipv6_bits(first32 << 96)[0]
-    return [v4, v6_32, v6_48]
+    units = bytearray(BITS // 8)
+    for unit in v4_units:
+        units[unit >> 3] |= 1 << (unit & 7)
+    return [v4 | int.from_bytes(units, "little"), v6_32, v6_48]
 
 
 def _words(bitmaps):
