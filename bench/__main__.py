@@ -1,5 +1,5 @@
 """bench/run's entry: `python -m bench [datapath|controlplane|flood|knockd|nft|spa|spa-verify|answers|report|all]
-[--quick]`."""
+[--quick] [--against=REV]` (REV: a git revision whose data path `datapath` times side by side, bench/against.py)."""
 
 import sys
 
@@ -10,12 +10,13 @@ COMMANDS = ("datapath", "controlplane", "flood", "knockd", "nft", "spa", "spa-ve
 
 def main(argv):
     quick = "--quick" in argv
+    against = next((a.partition("=")[2] for a in argv if a.startswith("--against=")), None)
     which = [a for a in argv if not a.startswith("-")] or ["datapath"]
     if len(which) != 1 or which[0] not in COMMANDS:
-        raise SystemExit(f"usage: bench/run [{'|'.join(COMMANDS)}] [--quick]")
+        raise SystemExit(f"usage: bench/run [{'|'.join(COMMANDS)}] [--quick] [--against=REV]")
     which = which[0]
     if which in ("datapath", "all"):
-        datapath.run_datapath(quick)
+        datapath.run_datapath(quick, against)
     if which in ("controlplane", "all"):
         controlplane.run_controlplane(quick)
     if which == "flood":

@@ -7,6 +7,9 @@ Reference points, timed the same way on the same frame in the same rounds:
 - floor: a BCC-loaded XDP program that only returns XDP_DROP;
 - xdp-filter: xdp-tools' stateless filter with the rule "drop dst tcp port 22".
 
+With `--against=REV`, the same paths also run through the data path of the
+git revision REV on the same maps, in the same rounds (bench/against.py).
+
 Also the entry point of bench/run: `bench/run [datapath|controlplane|flood|knockd|nft|spa|answers|report|all] [--quick]`.
 """
 
@@ -22,6 +25,7 @@ from xknock.controller.kernel.maps import live_sequences, to_addr
 from xknock.controller.state import grants
 from xknock_dev.testrun import VERDICT_NAMES, XDP_DROP, XDP_PASS, Harness
 
+from . import against as revisions
 from . import common, xdpfilter
 
 from xknock_dev.example import EXAMPLE_CONFIG
@@ -119,6 +123,33 @@ def bench_paths(h, floor_fd, xf, settings):
         check(row, got["xknock"][0], expected)
         rows.append((row, got, what))
     return rows
+
+
+def bench_against(h, floor_fd, rev, settings):
+    """PATHS through this build, revision rev's build on the same maps and the
+    floor, in the same rounds; (rows, note). Run after bench_paths (its state)."""
+    try:
+        old = revisions.Revision(rev, h)
+    except Exception as err:   # another layout, a revision git does not know, a build that fails
+        return [], f"not measured: {rev}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    try:
+        rows = []
+        for row, build, expected, what in PATHS:
+            frame = build()
+            got = measure_group({"before": old.fd, "after": h.fd, "floor": floor_fd}, frame, settings)
+            check(row, got["after"][0], expected)
+            check(row + f" ({rev})", got["before"][0], expected)
+            rows.append((row, got))
+        return rows, f"{rev} (`git describe`: {describe(rev)})"
+    finally:
+        old.close()
+
+
+def describe(rev):
+    import subprocess
+
+    found = subprocess.run(["git", "describe", "--always", rev], capture_output=True, text=True)
+    return found.stdout.strip() or rev
 
 
 def bench_single_advance(h, floor_fd, settings):
@@ -296,7 +327,8 @@ def ns(value):
     return f"{value:.0f}"
 
 
-def report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence_rows=(), strict_rows=()):
+def report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence_rows=(), strict_rows=(),
+           against=((), "")):
     out = [f"# xknock data path benchmark ({time.strftime('%Y-%m-%d %H:%M')})", ""]
     out += common.machine()
     out += [
@@ -327,6 +359,22 @@ def report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence
                  f"progress deleted before each run; median of {settings.single_runs} single runs, "
                  "each including the fixed cost of one BPF_PROG_TEST_RUN"))
     out += [common.markdown_table(header, rows), ""]
+
+    against_rows, against_note = against
+    if against_note and not against_rows:
+        out += ["## Before and after", "", against_note, ""]
+    elif against_note:
+        out += ["## Before and after",
+                "",
+                f"The paths above through the data path of {against_note} ('before') and this build ('after'), "
+                "on the same maps, with the floor, in the same rounds.",
+                ""]
+        header = ["path", "before ns", "after ns", "floor ns", "before vs floor", "after vs floor", "after / before"]
+        rows = []
+        for row, got in against_rows:
+            b, a, f = got["before"][1], got["after"][1], got["floor"][1]
+            rows.append((row, ns(b), ns(a), ns(f), common.ratio(b, f), common.ratio(a, f), f"{a / b:.2f}"))
+        out += [common.markdown_table(header, rows), ""]
 
     out += ["## Strict mode",
             "",
@@ -385,7 +433,7 @@ def report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence
     return "\n".join(out)
 
 
-def run_datapath(quick):
+def run_datapath(quick, against=None):
     settings = Settings(quick)
     floor_bpf, floor_fd = load_floor()
     xf, xf_note = None, ""
@@ -398,6 +446,7 @@ def run_datapath(quick):
     try:
         with example_harness() as h:
             paths = bench_paths(h, floor_fd, xf, settings)
+            against_result = bench_against(h, floor_fd, against, settings) if against else ((), "")
             single = bench_single_advance(h, floor_fd, settings)
             strict_rows = bench_strict(h, floor_fd, settings)
             allow_rows = bench_allow_scaling(h, floor_fd, settings)
@@ -407,7 +456,8 @@ def run_datapath(quick):
         if xf:
             xf.close()
         floor_bpf.cleanup()
-    text = report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence_rows, strict_rows)
+    text = report(settings, paths, single, progress_rows, allow_rows, xf_note, sequence_rows, strict_rows,
+                  against_result)
     print(text)
     print(f"written to {common.write_results('datapath', text)}")
     return {"settings": vars(settings), "paths": paths, "single": single, "progress": progress_rows,

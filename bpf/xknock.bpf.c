@@ -20,6 +20,7 @@
 #include "xknock_parsing.h"
 #include "xknock_maps.h"
 #include "xknock_hash.h"
+#include "xknock_hints.h"
 #include "xknock_stats.h"
 #include "xknock_policy.h"
 #include "xknock_strict.h"
@@ -82,7 +83,7 @@ static __always_inline __u32 decide(struct xk_ctx *ctx, struct xk_settings **set
 	 * source's state, list entries and bans; or multicast) touches nothing. */
 	if (!pkt->ipv4 && source_invalid6(&pkt->src))
 		return XK_DROP_MALFORMED;
-	if ((set->flags & XK_SET_HAS_DENY) && source_listed(1, bank, pkt))
+	if (source_denied(set, bank, pkt))
 		return XK_DROP_DENYLIST;
 	int banned = (set->flags & XK_SET_BANS) && source_banned(pkt, now);
 	if (banned && set->ban_scope == XK_BAN_EVERYWHERE)
@@ -102,7 +103,7 @@ static __always_inline __u32 decide(struct xk_ctx *ctx, struct xk_settings **set
 	pkey.bank = bank;
 	pkey.proto = pkt->proto;
 	pkey.port = pkt->dport;
-	struct xk_port_val *port = ports.lookup(&pkey);
+	struct xk_port_val *port = port_may_be_classified(bank, pkt) ? ports.lookup(&pkey) : NULL;
 	/* Strict mode: a new connection anywhere but a knock port intervenes
 	 * (knock ports judge their own packets, in handle_knock). */
 	if ((set->flags & XK_SET_STRICT) && opens_connection(pkt) &&

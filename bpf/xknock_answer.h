@@ -16,6 +16,21 @@
 #ifndef XKNOCK_ANSWER_H
 #define XKNOCK_ANSWER_H
 
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/icmpv6.h>
+
+#include "xknock_consts.h"
+#include "xknock_structs.h"
+#include "xknock_parsing.h"
+#include "xknock_maps.h"
+#include "xknock_stats.h"
+
 #define XK_ETH_ALEN 6
 #define XK_IP_DF 0x4000
 #define XK_IPTOS_TOS_MASK 0x1e

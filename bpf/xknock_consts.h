@@ -104,6 +104,17 @@
 #define XK_PORT_KNOCK   (1U << 1)   /* a step of one or more sequences */
 #define XK_PORT_SPA     (1U << 2)   /* the SPA port: candidates go to the controller */
 
+/* port_bits and list_bits: bitmaps of 65536 bits, XK_BITMAP_WORDS words each,
+ * that say where a lookup could find something (xknock_hints.h). */
+#define XK_BITMAP_WORDS 1024
+#define XK_PORT_CLASSES 3            /* port_bits' bitmaps per bank: tcp, udp, icmp */
+#define XK_LIST_ALLOW 0              /* list_bits' bitmaps per bank: list * 3 + kind */
+#define XK_LIST_DENY 1
+#define XK_BITS_IPV4 0               /* kinds: an IPv4 /16 */
+#define XK_BITS_IPV6_32 1            /* the hash of an IPv6 /32: entries shorter than /48 */
+#define XK_BITS_IPV6_48 2            /* the hash of an IPv6 /48: entries of /48 and longer */
+#define XK_LIST_BITMAPS 6
+
 /* xk_settings.mode */
 #define XK_MODE_ENFORCE 0
 #define XK_MODE_MONITOR 1

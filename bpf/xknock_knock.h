@@ -12,6 +12,15 @@
 #ifndef XKNOCK_KNOCK_H
 #define XKNOCK_KNOCK_H
 
+#include "xknock_consts.h"
+#include "xknock_structs.h"
+#include "xknock_parsing.h"
+#include "xknock_maps.h"
+#include "xknock_hash.h"
+#include "xknock_stats.h"
+#include "xknock_policy.h"
+#include "xknock_strict.h"
+
 #define XK_STATE(step, ts_us) ((((__u64)(ts_us)) << 8) | ((__u64)(step) & 0xff))
 #define XK_STATE_STEP(s) ((__u32)((s) & 0xff))
 #define XK_STATE_TS_US(s) ((s) >> 8)

@@ -3,6 +3,10 @@
 #ifndef XKNOCK_MAPS_H
 #define XKNOCK_MAPS_H
 
+#include "xknock_consts.h"
+#include "xknock_structs.h"
+#include "xknock_parsing.h"
+
 #ifndef XK_PIN_DIR
 #error "XK_PIN_DIR must name the bpffs directory for the maps"
 #endif
@@ -14,6 +18,9 @@ BPF_TABLE_PINNED("array", u32, struct xk_settings, settings, 2, XK_PIN_DIR "/set
 /* (bank, protocol, port) -> guarded, or which steps of which sequences */
 BPF_TABLE_PINNED("hash", struct xk_port_key, struct xk_port_val, ports, XK_PORT_ENTRIES,
 		 XK_PIN_DIR "/ports");
+/* per bank and transport (tcp, udp, icmp), a bit for every port with an entry
+ * in `ports`: a clear bit spares the hash lookup (xknock_hints.h) */
+BPF_TABLE_PINNED("array", u32, u64, port_bits, 2 * XK_PORT_CLASSES * XK_BITMAP_WORDS, XK_PIN_DIR "/port_bits");
 /* sequence definitions: slot = bank * XK_MAX_SEQUENCES + index */
 BPF_TABLE_PINNED("array", u32, struct xk_seq, seqs, 2 * XK_MAX_SEQUENCES, XK_PIN_DIR "/seqs");
 /* knock progress per (source, sequence uid); the least recently used goes first */
@@ -30,6 +37,9 @@ BPF_TABLE_PINNED7("lpm_trie", struct xk_lpm_key, u32, allow, XK_LIST_ENTRIES, XK
 		  BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED7("lpm_trie", struct xk_lpm_key, u32, deny, XK_LIST_ENTRIES, XK_PIN_DIR "/deny",
 		  BPF_F_NO_PREALLOC);
+/* per bank, list and family, a bit for every IPv4 /16 (or hash of an IPv6
+ * /32) that an entry of `allow` or `deny` covers: a clear bit spares the trie */
+BPF_TABLE_PINNED("array", u32, u64, list_bits, 2 * XK_LIST_BITMAPS * XK_BITMAP_WORDS, XK_PIN_DIR "/list_bits");
 /* failed sequences per source, for bans */
 BPF_TABLE_PINNED("lru_hash", struct xk_addr, struct xk_failures, failures, XK_FAILURE_ENTRIES,
 		 XK_PIN_DIR "/failures");

@@ -3,6 +3,19 @@
 #ifndef XKNOCK_PARSING_H
 #define XKNOCK_PARSING_H
 
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/icmpv6.h>
+
+#include "xknock_consts.h"
+#include "xknock_structs.h"
+
 /* What the policy needs to know about a packet. It lives in the per-CPU
  * scratch map, not on the stack: the verifier does not track values in map
  * memory, so the many paths through the headers join into one state at each

@@ -3,15 +3,41 @@
 #ifndef XKNOCK_POLICY_H
 #define XKNOCK_POLICY_H
 
-static __always_inline int source_listed(int deny_list, __u32 bank, struct xk_packet *pkt)
+#include <uapi/asm-generic/errno-base.h>
+
+#include "xknock_consts.h"
+#include "xknock_structs.h"
+#include "xknock_parsing.h"
+#include "xknock_maps.h"
+#include "xknock_stats.h"
+#include "xknock_hints.h"
+
+/* The trie's key for the packet's source, as long as it can be. */
+static __always_inline void source_key(struct xk_lpm_key *key, __u32 bank, struct xk_packet *pkt)
 {
+	key->prefixlen = 8 + 128;
+	key->bank = bank | (pkt->ipv4 ? XK_LPM_IPV4 : 0);
+	__builtin_memcpy(key->addr, pkt->src.b, sizeof(key->addr));
+}
+
+/* Is the source on the bank's allow-list? The flag and the bitmap answer
+ * most packets before the trie is walked. */
+static __always_inline int source_allowed(struct xk_settings *set, __u32 bank, struct xk_packet *pkt)
+{
+	if (!(set->flags & XK_SET_HAS_ALLOW) || !source_may_be_listed(bank, XK_LIST_ALLOW, pkt))
+		return 0;
 	struct xk_lpm_key key = {};
-	key.prefixlen = 8 + 128;
-	key.bank = bank | (pkt->ipv4 ? XK_LPM_IPV4 : 0);
-	__builtin_memcpy(key.addr, pkt->src.b, sizeof(key.addr));
-	if (deny_list)
-		return deny.lookup(&key) != NULL;
+	source_key(&key, bank, pkt);
 	return allow.lookup(&key) != NULL;
+}
+
+static __always_inline int source_denied(struct xk_settings *set, __u32 bank, struct xk_packet *pkt)
+{
+	if (!(set->flags & XK_SET_HAS_DENY) || !source_may_be_listed(bank, XK_LIST_DENY, pkt))
+		return 0;
+	struct xk_lpm_key key = {};
+	source_key(&key, bank, pkt);
+	return deny.lookup(&key) != NULL;
 }
 
 /* Is the source banned now? A ban found over is removed on the way. */
@@ -26,8 +52,6 @@ static __always_inline int source_banned(struct xk_packet *pkt, __u64 now)
 		count(XK_BAN_EXPIRED);
 	return 0;
 }
-
-#define XK_EEXIST 17
 
 /* One more failed sequence (a reset or a time-out) for the packet's source;
  * at the configured count within the window, the source is banned. Counting
@@ -51,7 +75,7 @@ static __always_inline void record_failure(struct xk_packet *pkt, struct xk_sett
 	}
 	if (failed < set->ban_after)
 		return;
-	if ((set->flags & XK_SET_HAS_ALLOW) && source_listed(0, bank, pkt)) {
+	if (source_allowed(set, bank, pkt)) {
 		count(XK_BAN_SPARED);   /* the allow-list is never banned */
 		return;
 	}
@@ -63,7 +87,7 @@ static __always_inline void record_failure(struct xk_packet *pkt, struct xk_sett
 		count(XK_BAN_ISSUED);
 		emit(XK_EV_BANNED, now, pkt, 0, 0);
 		failures.delete(&pkt->src);   /* after the ban, counting starts afresh */
-	} else if (err != -XK_EEXIST) {
+	} else if (err != -EEXIST) {
 		count(XK_BAN_FAILED);
 	}
 }
@@ -81,7 +105,7 @@ static __always_inline __u32 unseen_verdict(struct xk_packet *pkt, struct xk_set
 		reason = XK_DROP_TRANSPORT;
 	if (!reason)
 		return 0;
-	if ((set->flags & XK_SET_HAS_ALLOW) && source_listed(0, bank, pkt))
+	if (source_allowed(set, bank, pkt))
 		return XK_PASS_ALLOWLIST;
 	return reason;
 }
@@ -91,7 +115,7 @@ static __always_inline __u32 unseen_verdict(struct xk_packet *pkt, struct xk_set
 static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_settings *set, __u32 bank,
 					     __u64 now)
 {
-	if ((set->flags & XK_SET_HAS_ALLOW) && source_listed(0, bank, pkt))
+	if (source_allowed(set, bank, pkt))
 		return XK_PASS_ALLOWLIST;
 
 	struct xk_grant_key key = {};

@@ -5,6 +5,15 @@
 #ifndef XKNOCK_SPA_H
 #define XKNOCK_SPA_H
 
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/udp.h>
+
+#include "xknock_consts.h"
+#include "xknock_structs.h"
+#include "xknock_parsing.h"
+#include "xknock_maps.h"
+#include "xknock_stats.h"
+
 /* A token bucket kept as credit in ns: takes one candidate if credit allows. */
 static __always_inline int bucket_take(struct xk_bucket *b, __u64 now, __u64 cost, __u64 burst)
 {

@@ -2,18 +2,15 @@
 #ifndef XKNOCK_STATS_H
 #define XKNOCK_STATS_H
 
+#include "xknock_structs.h"
+#include "xknock_parsing.h"
+#include "xknock_maps.h"
+
 static __always_inline void count(__u32 reason)
 {
 	u64 *value = counters.lookup(&reason);
 	if (value)
 		*value += 1;   /* per-CPU: no atomics needed */
-}
-
-static __always_inline void count_n(__u32 reason, __u64 n)
-{
-	u64 *value = counters.lookup(&reason);
-	if (value)
-		*value += n;
 }
 
 static __always_inline void emit(__u8 type, __u64 now, struct xk_packet *pkt, __u32 seq_uid, __u8 step)

@@ -12,6 +12,12 @@
 #ifndef XKNOCK_STRICT_H
 #define XKNOCK_STRICT_H
 
+#include "xknock_consts.h"
+#include "xknock_structs.h"
+#include "xknock_parsing.h"
+#include "xknock_maps.h"
+#include "xknock_hash.h"
+
 #define XK_RECENT_TIME_BITS 40
 #define XK_RECENT_TIME_MASK ((1ULL << XK_RECENT_TIME_BITS) - 1)
 #define XK_RECENT_WORD(tag, us) ((((__u64)(tag)) << XK_RECENT_TIME_BITS) | ((us) & XK_RECENT_TIME_MASK))

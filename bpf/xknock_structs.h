@@ -3,6 +3,10 @@
 #ifndef XKNOCK_STRUCTS_H
 #define XKNOCK_STRUCTS_H
 
+#include <uapi/linux/bpf.h>
+
+#include "xknock_consts.h"
+
 /* Every address is 16 bytes; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d). */
 struct xk_addr {
 	__u8 b[16];

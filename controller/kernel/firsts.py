@@ -11,7 +11,8 @@ from .maps import to_addr
 MASK32 = 0xFFFFFFFF
 
 
-def _mix32(h):
+def mix32(h):
+    """xk_mix32 of bpf/xknock_hash.h (murmur3's finaliser)."""
     h ^= h >> 16
     h = (h * 0x85EBCA6B) & MASK32
     h ^= h >> 13
@@ -24,14 +25,14 @@ def first_hash(source, uid):
     words = [int.from_bytes(bytes(to_addr(source).b)[i:i + 4], "little") for i in range(0, 16, 4)]
     h = (uid * 0x9E3779B1) & MASK32
     for word in words:
-        h = _mix32(h ^ word)
+        h = mix32(h ^ word)
     return h
 
 
 def placement(source, uid, slots):
     """(tag, slot1, slot2) of a source's first step of the sequence uid."""
     h = first_hash(source, uid)
-    return _mix32((h + 0x27D4EB2F) & MASK32) | 1, h & (slots - 1), _mix32(h ^ 0x5BD1E995) & (slots - 1)
+    return mix32((h + 0x27D4EB2F) & MASK32) | 1, h & (slots - 1), mix32(h ^ 0x5BD1E995) & (slots - 1)
 
 
 def held(maps, source, uid):

@@ -18,7 +18,7 @@ from ..errors import XknockError
 from ..kernel import bpfsys, layout
 from ..kernel.lock import map_lock
 from ..kernel.maps import to_addr
-from . import answers, totp
+from . import answers, hints, totp
 from .uid import sequence_uid
 
 # After the flip, programs already running may still read the old bank. XDP
@@ -36,6 +36,8 @@ class Policy:
     ports: dict = field(default_factory=dict)   # (proto, port) -> layout.PortVal
     allow: list = field(default_factory=list)   # layout.LpmKey
     deny: list = field(default_factory=list)
+    port_bits: list = field(default_factory=list)   # words of the bank's bitmaps (policy/hints.py)
+    list_bits: list = field(default_factory=list)
 
 
 def lpm_key(network, bank):
@@ -116,6 +118,7 @@ def compile_policy(config, bank, cpus=None, host=None):
     settings.knock_window_us = max((seq.step_timeout_ns // 1000 for seq in config.sequences), default=0)
     policy.allow = [lpm_key(net, bank) for net in config.allow]
     policy.deny = [lpm_key(net, bank) for net in config.deny]
+    policy.port_bits, policy.list_bits = hints.bank_words(policy.ports, config.allow, config.deny)
     return policy
 
 
@@ -165,6 +168,8 @@ def _write_bank(maps, policy):
         maps.allow.update(key, one)
     for key in policy.deny:
         maps.deny.update(key, one)
+    hints.write(maps.port_bits, policy.bank, policy.port_bits)
+    hints.write(maps.list_bits, policy.bank, policy.list_bits)
     # Per-sequence counters: created before the sequence goes live; kept when
     # an unchanged sequence (same uid) survives the reload.
     for seq in policy.seqs.values():
@@ -179,6 +184,7 @@ def _write_bank(maps, policy):
 def _clear_bank(maps, bank):
     for m in (maps.ports, maps.allow, maps.deny):
         m.delete_where(lambda key: key.bank & 1 == bank)
+    hints.clear(maps, bank)
     for i in range(layout.MAX_SEQUENCES):
         maps.seqs.update(ctypes.c_uint32(bank * layout.MAX_SEQUENCES + i), layout.Seq())
 

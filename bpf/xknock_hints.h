@@ -1,0 +1,50 @@
+/* xknock_hints.h: bitmaps that spare the common packet its lookups. A clear
+ * bit in port_bits: the port has no entry in `ports`. A clear bit in
+ * list_bits: no entry of the list covers the source's IPv4 /16 (or the hash
+ * of its IPv6 /32 or /48). A set bit only says "look": the lookup decides, so the
+ * verdicts are those of the lookups alone. controller/policy/hints.py
+ * mirrors the indexing and writes the bitmaps with the bank they describe. */
+#ifndef XKNOCK_HINTS_H
+#define XKNOCK_HINTS_H
+
+#include "xknock_consts.h"
+#include "xknock_hash.h"
+#include "xknock_parsing.h"
+#include "xknock_maps.h"
+
+static __always_inline int bit_set(u64 *word, __u32 bit)
+{
+	return word && ((*word >> (bit & 63)) & 1);
+}
+
+/* May (bank, protocol, port) have an entry in `ports`? */
+static __always_inline int port_may_be_classified(__u32 bank, struct xk_packet *pkt)
+{
+	__u32 class = pkt->proto == XK_PROTO_TCP ? 0 : (pkt->proto == XK_PROTO_UDP ? 1 : 2);
+	__u32 port = pkt->dport;
+	__u32 idx = (bank * XK_PORT_CLASSES + class) * XK_BITMAP_WORDS + (port >> 6);
+	return bit_set(port_bits.lookup(&idx), port);
+}
+
+static __always_inline int list_bit(__u32 bank, __u32 list, __u32 kind, __u32 bit)
+{
+	__u32 idx = (bank * XK_LIST_BITMAPS + list * 3 + kind) * XK_BITMAP_WORDS + (bit >> 6);
+	return bit_set(list_bits.lookup(&idx), bit);
+}
+
+/* May an entry of the list (XK_LIST_ALLOW, XK_LIST_DENY) cover the source?
+ * IPv4: the bit of the address's /16. IPv6: the bit of the hash of its /32
+ * (entries shorter than /48) or of its /48 (the others): a site's /48 then
+ * says nothing of its neighbours in the provider's /32. */
+static __always_inline int source_may_be_listed(__u32 bank, __u32 list, struct xk_packet *pkt)
+{
+	if (pkt->ipv4)
+		return list_bit(bank, list, XK_BITS_IPV4, ((__u32)pkt->src.b[12] << 8) | pkt->src.b[13]);
+	__u32 w[2];
+	__builtin_memcpy(w, pkt->src.b, sizeof(w));
+	__u32 h32 = xk_mix32(w[0]);
+	__u32 h48 = xk_mix32(h32 ^ (w[1] & 0xffff));   /* bytes 4 and 5 of the address */
+	return list_bit(bank, list, XK_BITS_IPV6_32, h32 >> 16) || list_bit(bank, list, XK_BITS_IPV6_48, h48 >> 16);
+}
+
+#endif
