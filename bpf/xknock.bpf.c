@@ -91,8 +91,9 @@ static __always_inline __u32 decide(struct xk_ctx *ctx, struct xk_settings **set
 	if (parsed == XK_PARSED_FRAGMENT)
 		return XK_PASS_FRAGMENT;
 	/* ESP, AH and SCTP, DCCP, UDP-Lite: what the kernel decrypts or delivers
-	 * there is out of XDP's sight or out of any grant's reach. Dropped
-	 * silently (no answer is made for them). */
+	 * there is out of XDP's sight or out of any grant's reach. Refused on
+	 * every port; answered only where the kernel lacks the protocol, as it
+	 * would answer (answer_unknown). */
 	__u32 unseen = unseen_verdict(pkt, set, bank);
 	if (unseen)
 		return unseen;

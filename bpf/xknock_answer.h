@@ -8,6 +8,11 @@
  *   UDP  an ICMP / ICMPv6 port unreachable quoting the datagram as icmp_send
  *        and icmp6_send do, within Linux's rate limits (per destination and
  *        for the host, read from its sysctls).
+ *   ESP, AH, DCCP, SCTP (refused on every port) where this host's kernel
+ *        lacks the protocol: an ICMP protocol unreachable / ICMPv6 parameter
+ *        problem (unrecognized next header), quoting the packet, as
+ *        ip_local_deliver and ip6_protocol_deliver_rcu send; where the
+ *        kernel has it, nothing (it would answer from a socket, or not).
  * and nothing wherever Linux sends nothing: a bad checksum, a short or
  * inconsistent header, a fragment, a source or destination that is not
  * unicast. Knock and SPA ports, where nobody listens as a rule, are passed to
@@ -37,8 +42,12 @@
 #define XK_IPTOS_PREC_INTERNETCONTROL 0xc0
 #define XK_ICMP_DEST_UNREACH 3
 #define XK_ICMP_PORT_UNREACH 3
+#define XK_ICMP_PROT_UNREACH 2
 #define XK_ICMPV6_DEST_UNREACH 1
 #define XK_ICMPV6_PORT_UNREACH 4
+#define XK_ICMPV6_PARAMPROB 4
+#define XK_ICMPV6_UNK_NEXTHDR 1
+#define XK_IPV6_NEXTHDR_OFFSET 6     /* the pointer to the fixed header's next header field */
 #define XK_FLOWLABEL_TOP_BIT 0x80000
 #define XK_FLOWLABEL_MASK 0xfffff
 
@@ -71,7 +80,7 @@ struct xk_asked {
 	__u8 flags;          /* TCP flags */
 	__u8 tos;            /* IPv4 TOS or IPv6 traffic class */
 	__u8 ipv4;
-	__u8 pad;
+	__u8 unknown;        /* answered as a protocol the kernel lacks (read_unknown) */
 };
 
 static __always_inline __u16 csum_fold(__s64 sum)
@@ -380,6 +389,79 @@ static __always_inline int read_asked(struct xk_ctx *ctx, struct xk_packet *pkt,
 	return 0;   /* a guarded ICMP echo: Linux would answer it, we may not */
 }
 
+/* The settings flag that says the kernel lacks protocol proto (IPv4 or IPv6). */
+static __always_inline __u32 unreach_flag(__u8 proto, int ipv4)
+{
+	switch (proto) {
+	case XK_PROTO_ESP:
+		return ipv4 ? XK_SET_UNREACH_ESP4 : XK_SET_UNREACH_ESP6;
+	case XK_PROTO_AH:
+		return ipv4 ? XK_SET_UNREACH_AH4 : XK_SET_UNREACH_AH6;
+	case XK_PROTO_DCCP:
+		return ipv4 ? XK_SET_UNREACH_DCCP4 : XK_SET_UNREACH_DCCP6;
+	case XK_PROTO_SCTP:
+		return ipv4 ? XK_SET_UNREACH_SCTP4 : XK_SET_UNREACH_SCTP6;
+	}
+	return 0;
+}
+
+/* A refused ESP, AH, DCCP or SCTP packet: an answer is due (1) where the
+ * kernel lacks the protocol the IP header names, and Linux would answer it.
+ * IPv6 is answered only when the fixed header names the protocol: behind
+ * extension headers the kernel's pointer would lie deeper, and we drop. */
+static __always_inline int read_unknown(struct xk_ctx *ctx, struct xk_packet *pkt, struct xk_settings *set,
+					struct xk_asked *q)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 zero = 0;
+	struct xk_answer_scratch *s = answer_scratch.lookup(&zero);
+	if (!s)
+		return 0;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end || !mac_unicast(eth->h_dest) || !mac_unicast(eth->h_source))
+		return 0;
+	if (pkt->first_frag)
+		return 0;   /* Linux answers the reassembled packet; we never see it */
+	__u32 l3 = pkt->l3_off & 31;
+	__u32 total, flag;
+	q->ipv4 = pkt->ipv4;
+	q->unknown = 1;
+	if (pkt->ipv4) {
+		struct iphdr *iph = data + l3;
+		if ((void *)(iph + 1) > data_end)
+			return 0;
+		__builtin_memcpy(q->saddr, &iph->saddr, 4);
+		__builtin_memcpy(q->daddr, &iph->daddr, 4);
+		q->tos = iph->tos;
+		if (!ipv4_answerable(iph->saddr, iph->daddr))
+			return 0;
+		__u32 ihl = iph->ihl * 4;
+		total = bpf_ntohs(iph->tot_len);
+		if (ihl < sizeof(*iph) || total < ihl || !ipv4_header_ok(ctx, s, l3, ihl))
+			return 0;
+		flag = unreach_flag(iph->protocol, 1);
+	} else {
+		struct ipv6hdr *ip6h = data + l3;
+		if ((void *)(ip6h + 1) > data_end)
+			return 0;
+		__builtin_memcpy(q->saddr, &ip6h->saddr, 16);
+		__builtin_memcpy(q->daddr, &ip6h->daddr, 16);
+		q->tos = (ip6h->priority << 4) | (ip6h->flow_lbl[0] >> 4);
+		if (!ipv6_answerable(q->saddr, q->daddr))
+			return 0;
+		total = sizeof(*ip6h) + bpf_ntohs(ip6h->payload_len);
+		flag = unreach_flag(ip6h->nexthdr, 0);
+	}
+	if (!flag || !(set->flags & flag))
+		return 0;
+	if (total > (__u32)(data_end - (data + l3)))
+		return 0;   /* cut short: Linux drops it */
+	__u32 most = pkt->ipv4 ? XK_ICMP_QUOTE : XK_ICMP6_QUOTE;
+	q->quote = total < most ? total : most;
+	return 1;
+}
+
 /* Would a socket take this packet? (The listener of a guarded port, or
  * something an operator started on a knock port.) */
 static __always_inline int someone_listens(struct xk_ctx *ctx, struct xk_packet *pkt, struct xk_asked *q)
@@ -506,9 +588,10 @@ static __always_inline int answer_tcp(struct xk_ctx *ctx, struct xk_packet *pkt,
 	return 0;
 }
 
-/* The port unreachable: room made in front of the datagram for a new IP and
- * ICMP header, the Ethernet header moved to the front, the quote cut to size. */
-static __always_inline int answer_udp(struct xk_ctx *ctx, struct xk_packet *pkt, struct xk_settings *set,
+/* The port unreachable (or, for a protocol the kernel lacks, the protocol
+ * unreachable): room made in front of the datagram for a new IP and ICMP
+ * header, the Ethernet header moved to the front, the quote cut to size. */
+static __always_inline int answer_icmp(struct xk_ctx *ctx, struct xk_packet *pkt, struct xk_settings *set,
 				      struct xk_asked *q, __u64 now)
 {
 	__u32 zero = 0;
@@ -519,7 +602,7 @@ static __always_inline int answer_udp(struct xk_ctx *ctx, struct xk_packet *pkt,
 	__u32 room = q->ipv4 ? sizeof(struct iphdr) + sizeof(struct icmphdr)
 			     : sizeof(struct ipv6hdr) + sizeof(struct icmp6hdr);
 	__u32 quote = q->quote;
-	if (quote > XK_ICMP6_QUOTE || quote < sizeof(struct iphdr) + sizeof(struct udphdr))
+	if (quote > XK_ICMP6_QUOTE || quote < sizeof(struct iphdr))
 		return -1;
 	/* The quote, summed before the frame moves (it does not change). */
 	if (load_scratch(ctx, s, l3, quote) < 0)
@@ -566,7 +649,7 @@ static __always_inline int answer_udp(struct xk_ctx *ctx, struct xk_packet *pkt,
 		__builtin_memcpy(&iph->daddr, q->saddr, 4);
 		iph->check = csum_fold(bpf_csum_diff(NULL, 0, (void *)iph, sizeof(*iph), 0));
 		ich->type = XK_ICMP_DEST_UNREACH;
-		ich->code = XK_ICMP_PORT_UNREACH;
+		ich->code = q->unknown ? XK_ICMP_PROT_UNREACH : XK_ICMP_PORT_UNREACH;
 		ich->checksum = 0;
 		__builtin_memcpy(&ich->un, &unused, 4);
 		__s64 sum = bpf_csum_diff(NULL, 0, (void *)ich, sizeof(*ich), (__u32)quote_sum);
@@ -584,10 +667,11 @@ static __always_inline int answer_udp(struct xk_ctx *ctx, struct xk_packet *pkt,
 		ip6h->hop_limit = set->hop_limit;
 		__builtin_memcpy(&ip6h->saddr, q->daddr, 16);
 		__builtin_memcpy(&ip6h->daddr, q->saddr, 16);
-		ich->icmp6_type = XK_ICMPV6_DEST_UNREACH;
-		ich->icmp6_code = XK_ICMPV6_PORT_UNREACH;
+		ich->icmp6_type = q->unknown ? XK_ICMPV6_PARAMPROB : XK_ICMPV6_DEST_UNREACH;
+		ich->icmp6_code = q->unknown ? XK_ICMPV6_UNK_NEXTHDR : XK_ICMPV6_PORT_UNREACH;
 		ich->icmp6_cksum = 0;
-		__builtin_memcpy(&ich->icmp6_dataun, &unused, 4);
+		__be32 info = q->unknown ? bpf_htonl(XK_IPV6_NEXTHDR_OFFSET) : unused;
+		__builtin_memcpy(&ich->icmp6_dataun, &info, 4);
 		struct xk_pseudo6 ph = {};
 		__builtin_memcpy(ph.saddr, q->daddr, 16);
 		__builtin_memcpy(ph.daddr, q->saddr, 16);
@@ -609,16 +693,19 @@ static __always_inline int answer(struct xk_ctx *ctx, struct xk_settings *set)
 	if (!pkt || !*(volatile __u8 *)&pkt->answerable)
 		return XK_VERDICT_DROP;   /* deny-listed, banned everywhere, malformed: dropped */
 	__u64 now = *(volatile __u64 *)&pkt->now;
+	__u8 how = *(volatile __u8 *)&pkt->answerable;
 	struct xk_asked q = {};
-	if (xk_make_linear(ctx) < 0 || !read_asked(ctx, pkt, &q)) {
+	int due = xk_make_linear(ctx) == 0 &&
+		  (how == XK_ANSWERED_AS_UNKNOWN ? read_unknown(ctx, pkt, set, &q) : read_asked(ctx, pkt, &q));
+	if (!due) {
 		count(XK_ANSWER_NONE);
 		return XK_VERDICT_DROP;
 	}
-	if (*(volatile __u8 *)&pkt->answerable == XK_ANSWERED_BY_HOST && !someone_listens(ctx, pkt, &q)) {
+	if (how == XK_ANSWERED_BY_HOST && !someone_listens(ctx, pkt, &q)) {
 		count(XK_ANSWER_BY_HOST);
 		return XK_VERDICT_PASS;
 	}
-	if (pkt->proto == XK_PROTO_TCP) {
+	if (!q.unknown && pkt->proto == XK_PROTO_TCP) {
 		if (answer_tcp(ctx, pkt, set, &q) < 0) {
 			count(XK_ANSWER_NONE);
 			return XK_VERDICT_DROP;
@@ -630,7 +717,7 @@ static __always_inline int answer(struct xk_ctx *ctx, struct xk_settings *set)
 		count(XK_ANSWER_RATE_LIMITED);
 		return XK_VERDICT_DROP;
 	}
-	if (answer_udp(ctx, pkt, set, &q, now) < 0) {
+	if (answer_icmp(ctx, pkt, set, &q, now) < 0) {
 		count(XK_ANSWER_NONE);
 		return XK_VERDICT_DROP;
 	}

@@ -132,6 +132,16 @@
 #define XK_SET_ANSWER    (1U << 4)   /* refused packets get the answer of an unused port */
 #define XK_SET_DROP_IPSEC      (1U << 5)   /* [filter] ipsec = "drop": ESP, AH, NAT-T refused */
 #define XK_SET_DROP_TRANSPORTS (1U << 6)   /* [filter] other_transports = "drop": SCTP, DCCP, UDP-Lite refused */
+/* Refused, these protocols get the answer this host's kernel gives a protocol
+ * it lacks (the controller asks the kernel: controller/policy/protocols.py). */
+#define XK_SET_UNREACH_ESP4    (1U << 7)
+#define XK_SET_UNREACH_AH4     (1U << 8)
+#define XK_SET_UNREACH_DCCP4   (1U << 9)
+#define XK_SET_UNREACH_SCTP4   (1U << 10)
+#define XK_SET_UNREACH_ESP6    (1U << 11)
+#define XK_SET_UNREACH_AH6     (1U << 12)
+#define XK_SET_UNREACH_DCCP6   (1U << 13)
+#define XK_SET_UNREACH_SCTP6   (1U << 14)
 
 /* Transports whose ports the kernel delivers to sockets that xknock cannot
  * open (grants are TCP and UDP). */
@@ -150,6 +160,7 @@
 /* xk_packet.answerable: how a refused packet is answered (answer = "closed") */
 #define XK_ANSWERED_HERE 1           /* guarded ports (a service listens): the answer is made here */
 #define XK_ANSWERED_BY_HOST 2        /* knock and SPA ports: the host's stack answers, if nobody listens */
+#define XK_ANSWERED_AS_UNKNOWN 3     /* IPsec and other transports: as a protocol the kernel lacks, if it lacks it */
 
 /* xk_settings.flowlabels: how this host labels the IPv6 flows it starts */
 #define XK_FLOWLABEL_AUTO      (1U << 0)   /* a hash of the flow (auto_flowlabels) */

@@ -166,13 +166,16 @@ static __always_inline int parse_iphdr(void *data, void *data_end, struct xk_pac
  * it carries alike. Returns the protocol after it, or -1. */
 static __always_inline int parse_ipv4_ah(void *data, void *data_end, struct xk_packet *pkt)
 {
+	pkt->unseen |= XK_UNSEEN_IPSEC;
 	struct xk_ipv6_opt_hdr *ah = cursor(data, data_end, pkt, sizeof(*ah));
+	/* The packet (not only the frame) ends inside AH: what it carries is
+	 * unseen, the policy judges AH. */
 	if (!ah)
-		return -1;
+		return pkt->l4_room < sizeof(*ah) && data + (pkt->off & XK_MAX_HDR_OFFSET) + pkt->l4_room <= data_end
+		       ? IPPROTO_AH : -1;
 	__u32 size = (ah->hdrlen + 2) * 4;
 	if (size > pkt->l4_room)
-		return -1;
-	pkt->unseen |= XK_UNSEEN_IPSEC;
+		return IPPROTO_AH;
 	pkt->l4_room -= size;
 	int protocol = ah->nexthdr;
 	advance(pkt, size);
@@ -206,6 +209,13 @@ static __always_inline int parse_ipv6hdr(void *data, void *data_end, struct xk_p
 		if (!ipv6_is_ext_hdr(nexthdr))
 			break;
 		struct xk_ipv6_opt_hdr *oh = cursor(data, data_end, pkt, sizeof(struct xk_ipv6_frag_hdr));
+		if (!oh && nexthdr == IPPROTO_AH && pkt->l4_room < sizeof(struct xk_ipv6_frag_hdr) &&
+		    data + (pkt->off & XK_MAX_HDR_OFFSET) + pkt->l4_room <= data_end) {
+			/* the packet (not the frame) ends inside AH: judged as AH,
+			 * what it carries unseen (as IPv4's) */
+			pkt->unseen |= XK_UNSEEN_IPSEC;
+			return IPPROTO_AH;
+		}
 		if (!oh)
 			return -1;
 		__u32 size;
@@ -225,9 +235,9 @@ static __always_inline int parse_ipv6hdr(void *data, void *data_end, struct xk_p
 		} else {
 			size = (oh->hdrlen + 1) * 8;
 		}
-		nexthdr = oh->nexthdr;
 		if (size > pkt->l4_room)
-			return -1;
+			return (pkt->unseen & XK_UNSEEN_IPSEC) && nexthdr == IPPROTO_AH ? IPPROTO_AH : -1;
+		nexthdr = oh->nexthdr;
 		pkt->l4_room -= size;
 		advance(pkt, size);
 		if (pkt->frag)

@@ -107,6 +107,7 @@ static __always_inline __u32 unseen_verdict(struct xk_packet *pkt, struct xk_set
 		return 0;
 	if (source_allowed(set, bank, pkt))
 		return XK_PASS_ALLOWLIST;
+	pkt->answerable = XK_ANSWERED_AS_UNKNOWN;
 	return reason;
 }
 

@@ -7,6 +7,7 @@ import dataclasses
 import os
 
 from ..kernel import layout
+from . import protocols
 
 PROC_SYS = "/proc/sys"
 # inet_peer_xrlim_allow lets a destination save up six intervals (XRLIM_BURST_FACTOR).
@@ -32,11 +33,15 @@ class HostAnswers:
     msgs_burst: int = 50              # net.ipv4.icmp_msgs_burst
     auto_flowlabels: int = 1          # net.ipv6.auto_flowlabels: 1 and 3 label the flows the host starts
     flowlabel_state_ranges: int = 0   # net.ipv6.flowlabel_state_ranges
+    # the refused protocols the kernel would answer as unknown (asked of it:
+    # protocols.probe); none by default, so they stay dropped silently
+    unreachable: protocols.Unreachable = protocols.Unreachable()
 
 
 def read_host(ifname=None, root=PROC_SYS):
     """This network namespace's values; a missing file keeps Linux's default
-    (IPv6 disabled, an older kernel)."""
+    (IPv6 disabled, an older kernel). The kernel of this namespace is asked
+    which protocols it answers as unknown, unless root is another tree."""
     default = HostAnswers()
 
     def number(path, fallback):
@@ -63,6 +68,7 @@ def read_host(ifname=None, root=PROC_SYS):
         msgs_burst=number("net/ipv4/icmp_msgs_burst", default.msgs_burst),
         auto_flowlabels=number("net/ipv6/auto_flowlabels", default.auto_flowlabels),
         flowlabel_state_ranges=number("net/ipv6/flowlabel_state_ranges", default.flowlabel_state_ranges),
+        unreachable=protocols.probe() if root == PROC_SYS else default.unreachable,
     )
 
 
@@ -81,6 +87,7 @@ def fill_settings(settings, config, host):
     """The answer fields of a bank's layout.Settings."""
     if config.answer == "closed":
         settings.flags |= layout.SET_ANSWER
+        settings.flags |= unreachable_flags(host.unreachable)
     settings.ttl = min(max(host.ttl, 1), 255)
     settings.hop_limit = min(max(host.hop_limit, 1), 255)
     settings.hash_seed = int.from_bytes(os.urandom(4), "little")
@@ -102,6 +109,16 @@ def fill_settings(settings, config, host):
     else:   # no host credit ever: Linux sends no ICMP errors then
         settings.icmp_host_cost_ns = 1 << 62
         settings.icmp_host_burst_ns = 0
+
+
+def unreachable_flags(unreachable):
+    """Settings flags for the refused protocols the data path answers as the
+    kernel would (bpf/xknock_answer.h, answer_unknown)."""
+    flags = 0
+    for family, protos in ((layout.SET_UNREACH4, unreachable.ipv4), (layout.SET_UNREACH6, unreachable.ipv6)):
+        for proto in protos:
+            flags |= family.get(proto, 0)
+    return flags
 
 
 def host_drops_unused_ports():

@@ -129,12 +129,13 @@ def _port(policy, step):
     return policy.ports[key]
 
 
-def apply_policy(maps, config):
-    """Make config the live policy. Returns the bank now live."""
+def apply_policy(maps, config, host=None):
+    """Make config the live policy (host: as for compile_policy). Returns the
+    bank now live."""
     with map_lock(maps):
         live = maps.active_bank()
         target = 1 - live
-        policy = compile_policy(config, target)
+        policy = compile_policy(config, target, host=host)
         _clear_bank(maps, target)
         try:
             _write_bank(maps, policy)

@@ -245,3 +245,15 @@ def test_time_based_knock_ports_read_as_unused_and_scans_open_nothing(rotating):
         nmap(net.attacker, net.server.ipv4, "-sS", "--min-rate", "5000", "-p", "20000-20999")
     counters = status_json(net.server)[0]["counters"]
     assert counters["knock_completed"] == 0, counters
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_an_ip_protocol_scan_sees_the_refused_protocols_as_this_kernel_shows_them(attached, family):
+    """nmap -sO: ESP, AH, DCCP and SCTP are refused on every port by default;
+    each must read as protocol 200 does, which this kernel has no handler
+    for either (closed, by a protocol unreachable), and not open|filtered."""
+    result = nmap(attached.attacker, family_addr(attached, family), "-sO", "-p", "33,50,51,132,200")
+    expected = result[("ip", 200)]
+    assert expected[0] == "closed", f"protocol 200 read {expected}"
+    differ = {proto: result[("ip", proto)] for proto in (33, 50, 51, 132) if result[("ip", proto)] != expected}
+    assert not differ, f"these protocols stand out from an unknown one ({expected}): {differ}"

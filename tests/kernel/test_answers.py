@@ -295,3 +295,77 @@ def test_icmp_errors_keep_the_hosts_limit_under_a_flood(closed):
         closed.advance(0.001)   # one error's worth of credit a millisecond
         sent += sum(closed.run(udp(f"2001:db8:99::{i + 1:x}", GUARDED_UDP)) == XDP_TX for i in range(20))
     assert sent == 60
+
+
+# An IP protocol scan (nmap -sO) sends one packet of each protocol. ESP, AH,
+# DCCP and SCTP are refused on every port by default ([filter] ipsec,
+# other_transports); where this kernel lacks them it answers "protocol
+# unreachable", and so must the program, or the scan sees a filter.
+UNKNOWN_CASES = {
+    "ESP": (50, b"\x00\x00\x10\x01" + b"\x00" * 12),
+    "AH carrying TCP": (51, bytes([6, 4, 0, 0]) + b"\x00" * 20
+                        + raw(TCP(sport=46000, dport=GUARDED_TCP, flags="S"))),
+    "SCTP INIT": (132, bytes.fromhex("b0520016" "00000000" "00000000") + bytes.fromhex("0100001400000001000100000001000a00000001")),
+    "DCCP": (33, bytes(16)),
+    "empty payload": (132, b""),
+    "large (quote cut)": (50, b"e" * 1400),
+}
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("case", sorted(UNKNOWN_CASES))
+@pytest.mark.parametrize("family", [4, 6])
+def test_protocols_the_kernel_lacks_are_answered_as_it_answers(closed, kernel, family, case):
+    proto, payload = UNKNOWN_CASES[case]
+    if family == 4:
+        frame = frame4(Raw(payload), proto=proto)
+    else:
+        frame = frame6(Raw(payload), nh=proto)
+    assert_same_answer(closed, kernel, frame)
+
+
+@pytest.mark.netns
+def test_an_unknown_protocol_behind_an_ipv6_extension_header_is_dropped(closed, kernel):
+    """The kernel's pointer would name the extension header's field: not
+    made here, so dropped (counted as no answer)."""
+    frame = frame6(IPv6ExtHdrDestOpt(nh=132) / Raw(bytes(12)))
+    assert answered(closed, frame)[0] == XDP_DROP
+    assert closed.counters()[Reason.ANSWER_NONE] == 1
+
+
+def test_protocols_the_kernel_has_get_no_answer(xk, example_config):
+    """A kernel with SCTP (a module loaded, a raw socket open) answers from a
+    socket or not at all: with no flag for it, the program drops."""
+    from xknock.controller.policy import answers, policy, protocols
+
+    host = answers.HostAnswers(unreachable=protocols.Unreachable(ipv4=frozenset({50}), ipv6=frozenset()))
+    policy.apply_policy(xk.maps, dataclasses.replace(example_config, answer="closed"), host=host)
+    xk.set_clock(xk.now_ns)
+    assert answered(xk, frame4(Raw(b"\x00" * 16), proto=50))[0] == XDP_TX
+    assert answered(xk, frame4(Raw(b"\x00" * 16), proto=132))[0] == XDP_DROP
+    assert answered(xk, frame6(Raw(b"\x00" * 16), nh=50))[0] == XDP_DROP
+    c = xk.counters()
+    assert (c[Reason.ANSWER_UNREACH], c[Reason.ANSWER_NONE]) == (1, 2)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_probe_finds_what_this_kernel_answers(kernel, family):
+    """Asked on loopback, the probe agrees with the kernel's own answers to
+    each protocol from outside (the oracle's namespace, the same kernel)."""
+    from xknock.controller.policy import protocols
+
+    found = protocols.probe()
+    for proto in protocols.PROBED:
+        frame = frame4(Raw(bytes(16)), proto=proto) if family == 4 else frame6(Raw(bytes(16)), nh=proto)
+        answers_it = kernel.reply(frame) is not None
+        assert answers_it == (proto in (found.ipv4 if family == 4 else found.ipv6)), proto
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("family", [4, 6])
+def test_an_ah_header_cut_short_is_answered_as_ah(closed, kernel, family):
+    """nmap -sO sends AH with no room for its header: a kernel without AH
+    answers it as any packet of a protocol it lacks."""
+    frame = frame4(Raw(b"\x06\x04"), proto=51) if family == 4 else frame6(Raw(b"\x06"), nh=51)
+    assert_same_answer(closed, kernel, frame)

@@ -167,6 +167,22 @@ def test_ah_cut_short_is_malformed(xk, example_config, family):
     assert only_verdict(xk) == Reason.DROP_MALFORMED
 
 
+@pytest.mark.parametrize("family", (4, 6))
+def test_an_ah_header_longer_than_its_packet_is_judged_as_ah(xk, example_config, family):
+    """The IP header says the packet ends inside AH (nmap -sO sends such
+    AH): what it carries is unseen, so it is refused as IPsec by default
+    (answered as the kernel answers AH: tests/test_answers.py) and passed
+    with ipsec = "pass" to the kernel, which cannot deliver it."""
+    short = frame(STRANGER[family], AH, b"\x06\x04")
+    xk.apply(example_config)
+    assert xk.run(short) == XDP_DROP
+    assert only_verdict(xk) == Reason.DROP_IPSEC
+    xk.reset_state()
+    xk.apply(dataclasses.replace(example_config, ipsec="pass"))
+    assert xk.run(short) == XDP_PASS
+    assert only_verdict(xk) == Reason.PASS_OTHER_L4
+
+
 def test_a_knock_carried_by_ah_counts_with_ipsec_pass(xk, example_config):
     xk.apply(dataclasses.replace(example_config, ipsec="pass"))
     assert xk.run(frame(STRANGER[4], AH, ah(6, syn(7000)))) == XDP_DROP
@@ -176,8 +192,11 @@ def test_a_knock_carried_by_ah_counts_with_ipsec_pass(xk, example_config):
 
 def test_answers_nat_t_as_an_unused_port_and_drops_the_rest_silently(xk, example_config):
     """answer = "closed": nothing listens on udp:4500 here, so the host's stack
-    answers it (passed, ANSWER_BY_HOST); ESP and SCTP get no answer."""
-    xk.apply(dataclasses.replace(example_config, answer="closed"))
+    answers it (passed, ANSWER_BY_HOST); ESP and SCTP get no answer from a
+    kernel that has them (tests/test_answers.py: one that lacks them)."""
+    from xknock.controller.policy import answers, policy
+
+    policy.apply_policy(xk.maps, dataclasses.replace(example_config, answer="closed"), host=answers.HostAnswers())
     assert xk.run(natt(STRANGER[4])) == XDP_PASS
     assert xk.run(natt(STRANGER[6], vlans=(10,))) == XDP_PASS
     assert xk.run(frame(STRANGER[4], ESP, b"\x00" * 16)) == XDP_DROP
