@@ -307,26 +307,17 @@ static __always_inline int l4_checksum_ok(struct xk_ctx *ctx, struct xk_answer_s
 	return csum_fold(csum_scratch(s, n, (__u32)seed)) == 0;
 }
 
-/* Reads the addresses and checks everything Linux checks before it answers.
- * Returns 1 if an answer is due, 0 if none is. */
-static __always_inline int read_asked(struct xk_ctx *ctx, struct xk_packet *pkt, struct xk_asked *q)
+/* What every answer checks first: unicast MACs, not a first fragment (Linux
+ * answers the reassembled packet, which we never see), addresses Linux
+ * answers; the addresses and TOS read into q. Returns 1 if they allow one. */
+static __always_inline int read_ends(void *data, void *data_end, struct xk_packet *pkt, struct xk_asked *q)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u32 zero = 0;
-	struct xk_answer_scratch *s = answer_scratch.lookup(&zero);
-	if (!s)
-		return 0;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end || !mac_unicast(eth->h_dest) || !mac_unicast(eth->h_source))
 		return 0;
 	if (pkt->first_frag)
-		return 0;   /* Linux answers the reassembled datagram; we never see it */
-	__u32 l3 = pkt->l3_off & 31;
-	__u32 l4 = pkt->l4_off & XK_MAX_HDR_OFFSET;
-	int n = l4_length(data, data_end, pkt);
-	if (n < 0)
 		return 0;
+	__u32 l3 = pkt->l3_off & 31;
 	q->ipv4 = pkt->ipv4;
 	if (pkt->ipv4) {
 		struct iphdr *iph = data + l3;
@@ -335,20 +326,34 @@ static __always_inline int read_asked(struct xk_ctx *ctx, struct xk_packet *pkt,
 		__builtin_memcpy(q->saddr, &iph->saddr, 4);
 		__builtin_memcpy(q->daddr, &iph->daddr, 4);
 		q->tos = iph->tos;
-		if (!ipv4_answerable(iph->saddr, iph->daddr))
-			return 0;
-		if (!ipv4_header_ok(ctx, s, l3, l4 - l3))
-			return 0;
-	} else {
-		struct ipv6hdr *ip6h = data + l3;
-		if ((void *)(ip6h + 1) > data_end)
-			return 0;
-		__builtin_memcpy(q->saddr, &ip6h->saddr, 16);
-		__builtin_memcpy(q->daddr, &ip6h->daddr, 16);
-		q->tos = (ip6h->priority << 4) | (ip6h->flow_lbl[0] >> 4);
-		if (!ipv6_answerable(q->saddr, q->daddr))
-			return 0;
+		return ipv4_answerable(iph->saddr, iph->daddr);
 	}
+	struct ipv6hdr *ip6h = data + l3;
+	if ((void *)(ip6h + 1) > data_end)
+		return 0;
+	__builtin_memcpy(q->saddr, &ip6h->saddr, 16);
+	__builtin_memcpy(q->daddr, &ip6h->daddr, 16);
+	q->tos = (ip6h->priority << 4) | (ip6h->flow_lbl[0] >> 4);
+	return ipv6_answerable(q->saddr, q->daddr);
+}
+
+/* Reads the addresses and checks everything Linux checks before it answers.
+ * Returns 1 if an answer is due, 0 if none is. */
+static __always_inline int read_asked(struct xk_ctx *ctx, struct xk_packet *pkt, struct xk_asked *q)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 zero = 0;
+	struct xk_answer_scratch *s = answer_scratch.lookup(&zero);
+	if (!s || !read_ends(data, data_end, pkt, q))
+		return 0;
+	__u32 l3 = pkt->l3_off & 31;
+	__u32 l4 = pkt->l4_off & XK_MAX_HDR_OFFSET;
+	int n = l4_length(data, data_end, pkt);
+	if (n < 0)
+		return 0;
+	if (pkt->ipv4 && !ipv4_header_ok(ctx, s, l3, l4 - l3))
+		return 0;
 
 	if (pkt->proto == XK_PROTO_TCP) {
 		struct tcphdr *th = data + l4;
@@ -416,25 +421,14 @@ static __always_inline int read_unknown(struct xk_ctx *ctx, struct xk_packet *pk
 	void *data_end = (void *)(long)ctx->data_end;
 	__u32 zero = 0;
 	struct xk_answer_scratch *s = answer_scratch.lookup(&zero);
-	if (!s)
+	if (!s || !read_ends(data, data_end, pkt, q))
 		return 0;
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > data_end || !mac_unicast(eth->h_dest) || !mac_unicast(eth->h_source))
-		return 0;
-	if (pkt->first_frag)
-		return 0;   /* Linux answers the reassembled packet; we never see it */
 	__u32 l3 = pkt->l3_off & 31;
 	__u32 total, flag;
-	q->ipv4 = pkt->ipv4;
 	q->unknown = 1;
 	if (pkt->ipv4) {
 		struct iphdr *iph = data + l3;
 		if ((void *)(iph + 1) > data_end)
-			return 0;
-		__builtin_memcpy(q->saddr, &iph->saddr, 4);
-		__builtin_memcpy(q->daddr, &iph->daddr, 4);
-		q->tos = iph->tos;
-		if (!ipv4_answerable(iph->saddr, iph->daddr))
 			return 0;
 		__u32 ihl = iph->ihl * 4;
 		total = bpf_ntohs(iph->tot_len);
@@ -444,11 +438,6 @@ static __always_inline int read_unknown(struct xk_ctx *ctx, struct xk_packet *pk
 	} else {
 		struct ipv6hdr *ip6h = data + l3;
 		if ((void *)(ip6h + 1) > data_end)
-			return 0;
-		__builtin_memcpy(q->saddr, &ip6h->saddr, 16);
-		__builtin_memcpy(q->daddr, &ip6h->daddr, 16);
-		q->tos = (ip6h->priority << 4) | (ip6h->flow_lbl[0] >> 4);
-		if (!ipv6_answerable(q->saddr, q->daddr))
 			return 0;
 		total = sizeof(*ip6h) + bpf_ntohs(ip6h->payload_len);
 		flag = unreach_flag(ip6h->nexthdr, 0);
