@@ -46,3 +46,17 @@ def test_the_spa_cost_benchmark_runs_quick():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
     assert "| 16 | " in result.stdout and "µs per stanza" in result.stdout
+
+
+def test_the_bpftool_harness_runs_quick(tmp_path):
+    """bpftool prog run on the attached program beside the empty one: every
+    common path has its row, with the verdict the policy gives it."""
+    env = dict(os.environ, XKNOCK_VENV=os.path.dirname(os.path.dirname(sys.executable)),
+               XKNOCK_BENCH_RESULTS=str(tmp_path))
+    result = subprocess.run([os.path.join(ROOT, "bench", "run"), "bpftool", "--quick"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (tmp_path / "latest-bpftool.md").read_text()
+    for path, verdict in (("unguarded TCP pass", "PASS"), ("guarded drop", "DROP"), ("granted pass", "PASS"),
+                          ("allow-list pass", "PASS"), ("deny-list drop", "DROP")):
+        assert f"| {path} | " in text and text.split(f"| {path} | ")[1].split("\n")[0].endswith(f"| {verdict} |")
