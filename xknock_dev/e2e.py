@@ -95,7 +95,8 @@ def fresh_attach(net, config_path):
 
 def attach_options(net):
     """The options every attach in net is given: its hook, when not the default."""
-    return ("--hook", net.hook) if net.hook else ()
+    hook = getattr(net, "hook", None)   # a lab, or a bare namespace naming a host
+    return ("--hook", hook) if hook else ()
 
 
 def knock(host, addr, *steps, delay=None):
