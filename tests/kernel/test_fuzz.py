@@ -511,6 +511,9 @@ def never_answered_destination(ip):
     return ip.is_multicast
 
 
+UNKNOWN_PROTOCOLS = {50, 51, 33, 132}   # what this kernel lacks (policy/protocols.py asks it)
+
+
 def answer_problems(frame, verdict, out, granted):
     """What is wrong with this verdict on this frame (answer = "closed"): a
     list of (kind, text), empty when nothing is. granted: the sources the
@@ -524,11 +527,14 @@ def answer_problems(frame, verdict, out, granted):
         problems.append(("verdict", f"verdict {verdict}"))
     if verdict != XDP_TX:
         return problems
-    if target not in ANSWERED:
+    view = ip_view(frame)
+    # ESP, AH, DCCP, SCTP named by the IP header: this kernel lacks them, so
+    # a refusal is answered as a protocol it lacks, whatever they carry
+    as_unknown = view is not None and frame[view[0] + (9 if view[1].version == 4 else 6)] in UNKNOWN_PROTOCOLS
+    if target not in ANSWERED and not as_unknown:
         problems.append(("target", f"answered a frame aimed at {target}"))
     if frame[0] & 1 or frame[6] & 1:
         problems.append(("mac", "answered a frame from or to a MAC address that is not unicast"))
-    view = ip_view(frame)
     if view is None:
         problems.append(("not ip", "answered a frame that is not IP"))
         return problems
@@ -537,7 +543,7 @@ def answer_problems(frame, verdict, out, granted):
         problems.append(("source", f"answered a frame from {s}"))
     if never_answered_destination(d):
         problems.append(("destination", f"answered a frame to {d}"))
-    if s in granted and target in GUARDED:
+    if s in granted and target in GUARDED and not as_unknown:   # IPsec is refused to grants too ([filter] ipsec)
         problems.append(("granted", f"answered {s}, which holds a live grant for {target}"))
     if fragment:
         if first_fragment_header_undone(frame):
@@ -545,7 +551,7 @@ def answer_problems(frame, verdict, out, granted):
                              "offset 0, no more"))
         else:
             problems.append(("fragment", "answered a fragment"))
-    if proto == 6 and len(frame) > l4 + 13 and frame[l4 + 13] & TCP_RST:
+    if proto == 6 and len(frame) > l4 + 13 and frame[l4 + 13] & TCP_RST and not as_unknown:
         problems.append(("rst", "answered a TCP RST"))
     back = ip_view(out)
     if out[0:6] != frame[6:12] or out[6:12] != frame[0:6]:
@@ -554,7 +560,11 @@ def answer_problems(frame, verdict, out, granted):
         problems.append(("returned", "the answer does not go back to the frame's source address"))
     else:
         out_proto, at = back[5], back[4]
-        if target in ANSWERED and target[0] == "tcp":
+        if as_unknown:
+            if (out_proto, out[at:at + 2]) not in ((1, b"\x03\x02"), (58, b"\x04\x01")):
+                problems.append(("kind", "a protocol this kernel lacks answered with something other than "
+                                         "a protocol unreachable"))
+        elif target in ANSWERED and target[0] == "tcp":
             if out_proto != 6 or not out[at + 13] & TCP_RST:
                 problems.append(("kind", "a TCP segment answered with something other than a RST"))
         elif (out_proto, out[at:at + 2]) not in ((1, b"\x03\x03"), (58, b"\x01\x04")):
