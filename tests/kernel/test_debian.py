@@ -75,7 +75,7 @@ def test_the_packaged_unit_runs_the_packaged_command(deb, tmp_path):
     unit = (tmp_path / "lib/systemd/system/xknock@.service").read_text()
     assert "/opt/" not in unit.replace("/opt/xknock/venv", "") and debian.VENV_XKNOCK not in unit
     assert "ExecStart=/usr/bin/xknock $XKNOCK_OPTS attach %i -c ${XKNOCK_CONFIG} $XKNOCK_ATTACH_OPTS" in unit
-    assert "ExecReload=/usr/bin/xknock check -c ${XKNOCK_CONFIG}" in unit
+    assert "ExecReload=/usr/bin/xknock reload %i" in unit
     script = (tmp_path / "usr/bin/xknock").read_text()
     assert script.startswith("#!/usr/bin/python3 -I\n"), "Debian's python, ignoring PYTHONPATH and the working directory"
     if shutil.which("systemd-analyze"):
