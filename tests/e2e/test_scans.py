@@ -136,17 +136,23 @@ TCP_SCANS = {
 }
 
 
+# The dark-port scans run in port order (-r): in nmap's default random order,
+# a scan of these 31 ports sends 7100 right before 7200, completing the
+# two-step "short" sequence, once in about 31 scans (strict mode resets on any
+# other connection between, so that is the only way). That residual is real
+# (docs/threat-model.md) and measured on a wide range by
+# test_random_order_scans_open_nothing; here it would only make the test flaky.
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 @pytest.mark.parametrize("scan", sorted(TCP_SCANS))
 def test_tcp_scans_see_every_dark_port_as_unused(attached, family, scan):
-    result = nmap(attached.attacker, family_addr(attached, family), scan, "-p", f"T:{TCP_SPEC}")
+    result = nmap(attached.attacker, family_addr(attached, family), scan, "-r", "-p", f"T:{TCP_SPEC}")
     assert_like_unused(result, "tcp", DARK_TCP, UNUSED_TCP, TCP_SCANS[scan])
     if scan == "-sS":
         assert result[("tcp", OPEN_TCP)] == ("open", "syn-ack")   # the scan does reach the host
 
 
 def test_connect_scan_sees_every_dark_port_as_unused(attached):
-    result = nmap(attached.attacker, attached.server.ipv4, "-sT", "-p", f"T:{TCP_SPEC}")
+    result = nmap(attached.attacker, attached.server.ipv4, "-sT", "-r", "-p", f"T:{TCP_SPEC}")
     assert_like_unused(result, "tcp", DARK_TCP, UNUSED_TCP, ("closed", "conn-refused"))
     assert result[("tcp", OPEN_TCP)] == ("open", "syn-ack")
 
