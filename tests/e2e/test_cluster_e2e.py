@@ -380,9 +380,9 @@ def test_hooks_run_on_every_node_the_grant_is_written_on(cluster):
                         10), node.controller.log.read_all(0.5)
     a = cluster.nodes[0]
     check(a.xknock("revoke", a.host.iface, client.ipv4, "-c", a.config_path))
-    for node in cluster.nodes:   # each node's sweep sees the grant gone (within 10 s)
+    for node in cluster.nodes:   # each node's sweep sees the grant gone (every 10 s; slower on a loaded machine)
         assert wait_for(lambda: node.hook_lines(cluster.tmp).count(f"close {client.ipv4}") == closed[node.name] + 1,
-                        20), node.controller.log.read_all(0.5)
+                        40), node.controller.log.read_all(0.5)
 
 
 def test_a_reload_that_changes_cluster_is_refused_and_one_that_changes_its_hooks_applies(cluster):
