@@ -1,13 +1,14 @@
 """Interfaces that come and go: the controller's watch over the interfaces
 its filter is attached to.
 
-An XDP program lives on one interface instance. When a veth is recreated, a
+An XDP program, and a TC classifier (tcx or clsact: kernel/tc.py) just as
+well, lives on one interface instance. When a veth is recreated, a
 bond or VLAN rebuilt or a driver reloaded, the new interface of the same name
 starts without a filter: an open host, unless someone attaches again. The
 watcher listens to the kernel's link notifications (rtnetlink, parsed by
 pyroute2) and, when an interface it watches reappears under the same name,
-attaches the same loaded program to it (same maps: grants, bans and knocks in
-progress are kept). A rename, a move to another namespace and a filter that
+attaches the same loaded program to it at the same hook (same maps: grants,
+bans and knocks in progress are kept). A rename, a move to another namespace and a filter that
 someone else removed are reported, never silently left.
 
 It never replaces a program it did not attach: on the same interface
@@ -148,7 +149,7 @@ class LinkWatcher:
         if gap is not None:
             fields["gap_ms"] = round(gap * 1000)
         try:
-            running = datapath.attachment(watched.ifname)
+            running = self._attachment(watched)
             if running.ifindex == index and running.prog_id == self.prog_id:
                 # Renamed back, or moved back: the filter never left it.
                 log.info(f"{watched.ifname} is back, with the filter", extra={"fields": fields})
@@ -159,7 +160,7 @@ class LinkWatcher:
         except (XknockError, NetlinkError, OSError) as err:
             reason = str(err) if isinstance(err, XknockError) else datapath.netlink_reason(err)
             log.error(f"{watched.ifname} appeared again but attaching the filter failed: {reason}; "
-                      f"it is NOT filtered: attach it with `xknock attach {watched.ifname}`",
+                      f"it is NOT filtered: attach it with `{self._attach_command(watched)}`",
                       extra={"fields": {**fields, "event": "reattach_failed"}})
             self.on_event(watched.ifname, "reattach_failed")
             return
@@ -167,9 +168,21 @@ class LinkWatcher:
                     extra={"fields": {**fields, "event": "reattached"}})
         self.on_event(watched.ifname, "reattached")
 
+    @staticmethod
+    def _attachment(watched):
+        # At the TC hook only xknock's program there counts: an XDP program of
+        # another tool runs before it and is none of the watcher's business.
+        hook = datapath.TC_MODE if watched.mode == datapath.TC_MODE else None
+        return datapath.attachment(watched.ifname, hook=hook)
+
+    @staticmethod
+    def _attach_command(watched):
+        hook = " --hook tc" if watched.mode == datapath.TC_MODE else ""
+        return f"xknock attach {watched.ifname}{hook}"
+
     def _still_ours(self, watched):
         try:
-            att = datapath.attachment(watched.ifname)
+            att = self._attachment(watched)
         except (XknockError, NetlinkError, OSError):
             return
         if att.ifindex == watched.ifindex and att.prog_id != self.prog_id:
