@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from xknock_dev.lab import HELPER_PYTHON, lab, stop_process, wait_for
+from xknock_dev.lab import HELPER_PYTHON, in_netns, lab, stop_process, wait_for
 
 # The console script next to the Python running the tests (the venv's).
 XKNOCK = os.path.join(os.path.dirname(sys.executable), "xknock")
@@ -363,21 +363,18 @@ def xdp_prog_id(host, iface):
     return (out.get("xdp") or {}).get("prog", {}).get("id", 0)
 
 
-# xknock's program at an interface's TC ingress, read with BPF_PROG_QUERY (or
-# from clsact) inside the namespace: tc(8) shows no tcx programs.
-TC_PROG_ID = r"""
-import sys
-from xknock.controller.kernel import datapath
-print(datapath.attachment(sys.argv[1], hook="tc").prog_id)
-"""
-
-
 def filter_prog_id(net, iface=None):
     """The id of xknock's program on the server's iface at the lab's hook (0 for none)."""
     iface = iface or net.server_iface
     if net.hook != "tc":
         return xdp_prog_id(net.server, iface)
-    return int(check(net.server.run([sys.executable, "-c", TC_PROG_ID, iface])).stdout)
+    # Read with BPF_PROG_QUERY (or from clsact) by this very process in the
+    # server's namespace: tc(8) and Debian's bpftool 7.1 show no tcx
+    # programs, and a Python child per look is too slow to time a re-attach.
+    from xknock.controller.kernel import datapath
+
+    with in_netns(net.server.name):
+        return datapath.attachment(iface, hook=datapath.TC_MODE).prog_id
 
 
 def remove_xdp(host, iface):

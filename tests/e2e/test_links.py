@@ -2,14 +2,15 @@
 interface deleted and created again under the same name gets the filter
 back, with its maps, within a second; a rename and a filter taken off by
 someone are reported and left alone. End to end in the lab, with the real
-controller and real connections."""
+controller and real connections (at the XDP hook; test_links_tc.py runs
+these cases at the TC hook)."""
 
 import sys
 import time
 
 import pytest
 
-from xknock_dev.e2e import Foreground, check, config_text, served_lab, status_json, write_config, xdp_prog_id, xknock
+from xknock_dev.e2e import Foreground, check, config_text, filter_prog_id, served_lab, status_json, write_config, xknock
 from xknock_dev.lab import can_connect, wait_for
 
 pytestmark = pytest.mark.netns
@@ -54,14 +55,14 @@ def test_an_interface_deleted_and_made_again_gets_the_filter_back_with_its_grant
     check(xknock(net.server, "grant", net.server_iface, net.client.ipv4, "--port", f"tcp:{GUARDED}", "--for", "5m"))
     assert can_connect(net.client, server, GUARDED, timeout=ACCEPTED)
     assert blocked(net.attacker, server)
-    prog_id = xdp_prog_id(net.server, net.server_iface)
+    prog_id = filter_prog_id(net)
 
     net.unplug(net.server)
     assert controller.log.wait_for(lambda l: "the filter comes back if an interface of that name appears again" in l, timeout=5), controller.log.read_all(0.5)
     net.replug(net.server)
     made_again = time.monotonic()
     # Within a second the new interface runs the same program (so the same maps).
-    assert wait_for(lambda: xdp_prog_id(net.server, net.server_iface) == prog_id, timeout=1.0), \
+    assert wait_for(lambda: filter_prog_id(net) == prog_id, timeout=1.0), \
         f"not re-attached within 1 s:\n{controller.log.read_all(0.5)}"
     gap = time.monotonic() - made_again
     line = controller.log.wait_for(lambda l: "appeared again: the filter is attached" in l, timeout=5)
@@ -84,13 +85,13 @@ def test_a_filter_taken_off_by_xknock_detach_is_reported_and_left_off(net, contr
     line = controller.log.wait_for(lambda l: "was removed or replaced" in l, timeout=5)
     assert line, controller.log.read_all(0.5)
     time.sleep(1.5)   # more than a check interval: the controller must not put it back
-    assert xdp_prog_id(net.server, net.server_iface) == 0
+    assert filter_prog_id(net) == 0
     assert "Traceback" not in controller.log.read_all(0.2)
 
 
 def test_a_renamed_interface_is_reported_and_keeps_the_filter(net, controller):
     new_name = "ren-" + net.token
-    prog_id = xdp_prog_id(net.server, net.server_iface)
+    prog_id = filter_prog_id(net)
     try:
         for argv in (["ip", "link", "set", net.server_iface, "down"],
                      ["ip", "link", "set", net.server_iface, "name", new_name],
@@ -98,11 +99,11 @@ def test_a_renamed_interface_is_reported_and_keeps_the_filter(net, controller):
             check(net.server.run(argv))
         line = controller.log.wait_for(lambda l: " was renamed to " in l, timeout=5)
         assert line and f"new_name={new_name}" in line, controller.log.read_all(0.5)
-        assert xdp_prog_id(net.server, new_name) == prog_id
+        assert filter_prog_id(net, new_name) == prog_id
     finally:
         for argv in (["ip", "link", "set", new_name, "down"],
                      ["ip", "link", "set", new_name, "name", net.server_iface],
                      ["ip", "link", "set", net.server_iface, "up"]):
             net.server.run(argv)
     # Back under its name, it is the same interface: no second program, nothing lost.
-    assert wait_for(lambda: xdp_prog_id(net.server, net.server_iface) == prog_id, timeout=2)
+    assert wait_for(lambda: filter_prog_id(net) == prog_id, timeout=2)
