@@ -49,6 +49,20 @@ def has_tcx():
     return _tcx
 
 
+@contextlib.contextmanager
+def without_tcx():
+    """For the length of the block, this process takes the kernel for one
+    without tcx and attaches through clsact: how the suite runs the fallback
+    on a kernel that has tcx. No command or setting reaches it."""
+    global _tcx
+    was = _tcx
+    _tcx = False
+    try:
+        yield
+    finally:
+        _tcx = was
+
+
 def programs(ifindex):
     """The ids of the programs at ifindex's TC ingress, in the order they run:
     tcx's, then clsact filters'."""
