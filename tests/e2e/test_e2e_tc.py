@@ -4,7 +4,10 @@ same commands), imported and run in a lab of their own whose every attach
 asks for the TC hook; and what only this mode has to show: the program runs
 at the TC ingress (tcx here) with no XDP program, a refused connection is
 answered as a closed port is (the client's connect is refused, not timed
-out), and detach takes off ours and no one else's."""
+out), and detach takes off ours and no one else's. SPA end to end too
+(test_spa_e2e.py's cases of the real fwknop client and `xknock spa` against
+the real controller): the classifier hands the SPA packet to the controller,
+whose grant opens the port to the sender."""
 
 import sys
 
@@ -14,6 +17,9 @@ from test_e2e import (  # noqa: F401  (collected here, at the TC hook)
     GUARDED, UNGUARDED, blocked, configs, family, test_a_wrong_step_in_the_middle_opens_nothing,
     test_correct_knock_opens_the_port_to_that_source_only, test_detach_restores_plain_traffic,
     test_guarded_port_is_dark_to_everyone_and_other_ports_are_not, test_the_running_controller_has_left_bcc_behind,
+)
+from test_spa_e2e import (  # noqa: F401  (SPA at the TC hook: fwknop's client and `xknock spa`)
+    setup, test_fwknop_opens_the_port_for_the_sender_only, test_xknock_spa_client_opens_the_port_too,
 )
 from xknock_dev.e2e import (
     SEQUENCE, addr_of, check, config_text, filter_prog_id, fresh_attach, knock, served_lab, status_json,
