@@ -1,17 +1,20 @@
 """Interfaces that come and go (controller/daemon/links.py): an attached
 interface deleted and created again under the same name gets the filter
-back, with its maps, within a second; a rename and a filter taken off by
-someone are reported and left alone. End to end in the lab, with the real
+back, with its maps, within a second; a rename, a move to another namespace and a
+filter taken off by someone are reported, the moved one filtered again when
+it is back. End to end in the lab, with the real
 controller and real connections (at the XDP hook; test_links_tc.py runs
 these cases at the TC hook)."""
 
+import os
+import subprocess
 import sys
 import time
 
 import pytest
 
 from xknock_dev.e2e import Foreground, check, config_text, filter_prog_id, served_lab, status_json, write_config, xknock
-from xknock_dev.lab import can_connect, wait_for
+from xknock_dev.lab import IPV4_PREFIX, can_connect, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -107,3 +110,38 @@ def test_a_renamed_interface_is_reported_and_keeps_the_filter(net, controller):
             net.server.run(argv)
     # Back under its name, it is the same interface: no second program, nothing lost.
     assert wait_for(lambda: filter_prog_id(net) == prog_id, timeout=2)
+
+
+def test_an_interface_moved_to_another_namespace_is_reported_and_filtered_when_back(net, controller, capsys):
+    iface, server = net.server_iface, net.server.ipv4
+    check(xknock(net.server, "grant", iface, net.client.ipv4, "--port", f"tcp:{GUARDED}", "--for", "5m"))
+    prog_id = filter_prog_id(net)
+    elsewhere = f"xkmove-{os.getpid()}-{net.token}"
+    check(subprocess.run(["ip", "netns", "add", elsewhere], capture_output=True, text=True))
+    away = False
+    try:
+        check(net.server.run(["ip", "link", "set", "dev", iface, "netns", elsewhere]))
+        away = True
+        line = controller.log.wait_for(lambda l: "deleted or moved to another network namespace" in l, timeout=5)
+        assert line and f"iface={iface}" in line, controller.log.read_all(0.5)
+        check(subprocess.run(["ip", "-n", elsewhere, "link", "set", "dev", iface, "netns", net.server.name],
+                             capture_output=True, text=True))
+        away = False
+    finally:
+        if away:
+            subprocess.run(["ip", "-n", elsewhere, "link", "set", "dev", iface, "netns", net.server.name])
+        subprocess.run(["ip", "netns", "del", elsewhere])
+    # Back (a move takes the addresses and the up state): filtered again, by
+    # the same program, so the grant holds and no one else gets in.
+    assert wait_for(lambda: filter_prog_id(net) == prog_id, timeout=1.0), controller.log.read_all(0.5)
+    # Whether the program stayed on the device through the move or was put back, it is said.
+    line = controller.log.wait_for(lambda l: "is back, with the filter" in l or "appeared again: the filter" in l)
+    assert line, controller.log.read_all(0.5)
+    with capsys.disabled():
+        print(f"\n  moved back: {line.strip()}")
+    for argv in (["ip", "addr", "add", f"{server}/{IPV4_PREFIX}", "dev", iface], ["ip", "link", "set", iface, "up"]):
+        check(net.server.run(argv))
+    assert wait_for(lambda: can_connect(net.client, server, GUARDED, timeout=ACCEPTED), timeout=10), \
+        controller.log.read_all(0.5)
+    assert blocked(net.attacker, server)
+    assert "Traceback" not in controller.log.read_all(0.2)

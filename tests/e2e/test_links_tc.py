@@ -10,6 +10,7 @@ import pytest
 from test_links import (  # noqa: F401  (collected here, at the TC hook)
     GUARDED, controller, test_a_filter_taken_off_by_xknock_detach_is_reported_and_left_off,
     test_a_renamed_interface_is_reported_and_keeps_the_filter,
+    test_an_interface_moved_to_another_namespace_is_reported_and_filtered_when_back,
     test_an_interface_deleted_and_made_again_gets_the_filter_back_with_its_grants,
 )
 from xknock_dev.e2e import filter_prog_id, served_lab, xdp_prog_id
