@@ -122,21 +122,24 @@ class SharedLeases:
     def __init__(self, client):
         self.client = client
         self.lock = threading.Lock()
-        self.by_second = {}   # deadline's second (wall clock, rounded up) -> lease id
+        # deadline's second (wall clock, rounded up) -> (lease id, when it
+        # ends at the earliest, on this host's monotonic clock: a step of the
+        # wall clock must not hand out a lease about to end)
+        self.by_second = {}
 
     def until(self, deadline_wall_ns, now_wall_ns=None):
         """The id of a lease that lives at least until deadline_wall_ns."""
         now = time.time_ns() if now_wall_ns is None else now_wall_ns
         second = -(-max(deadline_wall_ns, now + LEASE_MARGIN_NS) // SECOND_NS)
         with self.lock:   # held over the grant: one lease per second, never two
-            lease_id = self.by_second.get(second)
-            if lease_id is None:
+            lease_id, ends = self.by_second.get(second, (None, 0))
+            asked = time.monotonic_ns()
+            if lease_id is None or ends - asked < LEASE_MARGIN_NS:
                 ttl = max(2, math.ceil((second * SECOND_NS - now) / SECOND_NS))
                 lease_id = self.client.lease(ttl).id
-                # Seconds too close to hand out again are never asked for: forget them.
-                soonest = -(-(now + LEASE_MARGIN_NS) // SECOND_NS)
-                self.by_second = {s: i for s, i in self.by_second.items() if s >= soonest}
-                self.by_second[second] = lease_id
+                # Leases too close to their end to hand out again: forgotten.
+                self.by_second = {s: (i, e) for s, (i, e) in self.by_second.items() if e - asked >= LEASE_MARGIN_NS}
+                self.by_second[second] = (lease_id, asked + ttl * SECOND_NS)
             return lease_id
 
 
