@@ -20,7 +20,7 @@ COUNTERS = (
     ("bad_records", "xknock_cluster_bad_records", "Keys under the prefix that xknock did not write, ignored."),
     ("publish_failed", "xknock_cluster_publish_failed", "Publications that failed and were kept to retry."),
     ("publish_txns", "xknock_cluster_publish_transactions",
-     "etcd transactions this node's publications went out in (several grants each under load)."),
+     "Transactions in etcd that this node's publications went out in (several grants each under load)."),
     ("grants_full", "xknock_cluster_grants_refused_full",
      "Grants of other nodes not written here because this node's grants map was full."),
 )
