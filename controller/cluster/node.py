@@ -4,9 +4,9 @@ grant is made here, an SPA digest is about to be accepted, or a source is
 banned (docs/cluster.md).
 
 The kernel never waits on it: grants made here are written to the maps first
-and published after, from a queue, whatever waits there in one etcd
-transaction (bounded; docs/cluster.md, "Publishing"); what other nodes publish is written into
-the maps by this thread through state/grants.py. When etcd is away the node
+and published after, from a queue, whatever waits there together in one etcd
+transaction (bounded; docs/cluster.md, "Publishing"); what other nodes
+publish is written into the maps by this thread through state/grants.py. When etcd is away the node
 keeps deciding alone, counts the outage, keeps what it made meanwhile to
 publish later, and on return resyncs the whole prefix, then watches from that
 revision.
