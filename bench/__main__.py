@@ -1,11 +1,11 @@
-"""bench/run's entry: `python -m bench [datapath|bpftool|controlplane|flood|knockd|nft|spa|spa-verify|answers|report|all]
+"""bench/run's entry: `python -m bench [datapath|bpftool|controlplane|flood|knockd|nft|spa|spa-verify|answers|cluster|report|all]
 [--quick] [--against=REV]` (REV: a git revision whose data path `datapath` times side by side, bench/against.py)."""
 
 import sys
 
-from . import answers, bpftool_run, controlplane, datapath, flood, fwknop, knockd, nftingress, report, spa_verify
+from . import answers, bpftool_run, cluster, controlplane, datapath, flood, fwknop, knockd, nftingress, report, spa_verify
 
-COMMANDS = ("datapath", "bpftool", "controlplane", "flood", "knockd", "nft", "spa", "spa-verify", "answers", "report", "all")
+COMMANDS = ("datapath", "bpftool", "controlplane", "flood", "knockd", "nft", "spa", "spa-verify", "answers", "cluster", "report", "all")
 
 
 def main(argv):
@@ -25,6 +25,8 @@ def main(argv):
         flood.run_flood(quick)
     if which == "answers":
         answers.run_answers(quick)
+    if which == "cluster":   # three nodes and a real etcd: grant latency under churn, writes, resync
+        cluster.run_cluster(quick)
     if which == "spa-verify":   # the verifier's cost per candidate, in process: no lab, no root
         print(fwknop.cost_markdown(fwknop.candidate_costs(0.5 if quick else 3.0)))
         print()   # and both protocols side by side: junk, forged, authentic

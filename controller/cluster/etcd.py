@@ -31,6 +31,12 @@ threading.excepthook = _quiet_watch_threads
 # Keys per range read of a resync: well under gRPC's 4 MB message limit
 # (a grant's key and value are some 200 bytes).
 RANGE_PAGE = 2000
+# Puts per transaction: etcd's default --max-txn-ops (a bigger one is refused whole).
+MAX_TXN_OPS = 128
+SECOND_NS = 1_000_000_000
+# A shared lease is handed out only while it outlives the transaction using
+# it by this much: a lease that expired on the way would fail the whole txn.
+LEASE_MARGIN_NS = 2 * SECOND_NS
 
 
 class ClusterUnavailable(XknockError):
@@ -102,12 +108,48 @@ def describe(err):
     return (text[0] if text else type(err).__name__)[:300]
 
 
+class SharedLeases:
+    """One lease per wall-clock second of deadline, shared by every key whose
+    deadline falls in that second (docs/cluster.md, "Publishing"): a lease
+    grant is a raft commit of its own, so a lease per key would double the
+    writes. The lease is granted to end at or after the second's end, so a
+    key lives past its own deadline by under two seconds (the second it is
+    rounded up to, and the TTL's rounding), longer only when etcd's leader
+    changes (etcd then renews every lease). The nodes enforce the wall-clock
+    deadline themselves; the lease only clears etcd. Safe across threads (the
+    cluster thread publishes, the SPA thread claims)."""
+
+    def __init__(self, client):
+        self.client = client
+        self.lock = threading.Lock()
+        # deadline's second (wall clock, rounded up) -> (lease id, when it
+        # ends at the earliest, on this host's monotonic clock: a step of the
+        # wall clock must not hand out a lease about to end)
+        self.by_second = {}
+
+    def until(self, deadline_wall_ns, now_wall_ns=None):
+        """The id of a lease that lives at least until deadline_wall_ns."""
+        now = time.time_ns() if now_wall_ns is None else now_wall_ns
+        second = -(-max(deadline_wall_ns, now + LEASE_MARGIN_NS) // SECOND_NS)
+        with self.lock:   # held over the grant: one lease per second, never two
+            lease_id, ends = self.by_second.get(second, (None, 0))
+            asked = time.monotonic_ns()
+            if lease_id is None or ends - asked < LEASE_MARGIN_NS:
+                ttl = max(2, math.ceil((second * SECOND_NS - now) / SECOND_NS))
+                lease_id = self.client.lease(ttl).id
+                # Leases too close to their end to hand out again: forgotten.
+                self.by_second = {s: (i, e) for s, (i, e) in self.by_second.items() if e - asked >= LEASE_MARGIN_NS}
+                self.by_second[second] = (lease_id, asked + ttl * SECOND_NS)
+            return lease_id
+
+
 class Connection:
     """A client of one endpoint, found by trying each in turn."""
 
     def __init__(self, cluster, start_at=0):
         self.cluster = cluster
         self.client = None
+        self.leases = None
         self.endpoint = None
         self.index = start_at
         etcd3 = _etcd3()
@@ -126,6 +168,7 @@ class Connection:
                 errors.append(f"{scheme}://{_hostport(host, port)}: {describe(err)}")
                 continue
             self.client, self.endpoint, self.index = client, f"{scheme}://{_hostport(host, port)}", index
+            self.leases = SharedLeases(client)   # per connection: a new etcd may not know the old ones
             return
         raise ClusterUnavailable("etcd unreachable: " + "; ".join(errors))
 
@@ -168,23 +211,35 @@ class Connection:
                 return revision, kvs
             start = response.kvs[-1].key + b"\0"
 
-    def put_grants(self, grant_records):
-        """One transaction: each grant under one lease for its lifetime."""
-        if not grant_records:
+    def put_all(self, entries):
+        """One transaction of at most MAX_TXN_OPS puts: every (key, value,
+        until_wall_ns) under the shared lease of its deadline's second. All
+        or nothing. etcd refuses a key twice in one transaction: the caller
+        gives each key once."""
+        if len(entries) > MAX_TXN_OPS:
+            raise ValueError(f"{len(entries)} puts in one transaction: etcd takes {MAX_TXN_OPS}")
+        if not entries:
             return
-        now_wall = time.time_ns()
-        end = max(record.end_wall_ns for record in grant_records)
-        ttl = max(2, math.ceil((end - now_wall) / 1e9) + 1)
-        lease = self.client.lease(ttl)
-        prefix = self.cluster.prefix
-        puts = [self.client.transactions.put(records.grant_key(prefix, r.source, r.proto, r.port),
-                                             records.encode_grant(r), lease=lease) for r in grant_records]
+        now = time.time_ns()
+        puts = [self.client.transactions.put(key, value, lease=self.leases.until(until, now))
+                for key, value, until in entries]
         self.client.transaction(compare=[], success=puts, failure=[])
+
+    def put_grants(self, grant_records):
+        """Each grant under a lease for its lifetime, in transactions of at
+        most MAX_TXN_OPS (the last record of a key wins)."""
+        by_key = {}
+        for record in grant_records:
+            entry = grant_entry(self.cluster.prefix, record)
+            by_key[entry[0]] = entry
+        entries = list(by_key.values())
+        for start in range(0, len(entries), MAX_TXN_OPS):
+            self.put_all(entries[start:start + MAX_TXN_OPS])
 
     def revoke(self, source, node):
         """Deletes the source's grants and leaves a tombstone, in one transaction."""
         prefix = self.cluster.prefix
-        lease = self.client.lease(records.TOMBSTONE_TTL_S)
+        lease = self._tombstone_lease()
         grants_prefix = records.source_grants_prefix(prefix, source)
         self.client.transaction(compare=[], success=[
             self.client.transactions.delete(grants_prefix, range_end=_prefix_end(grants_prefix)),
@@ -193,33 +248,43 @@ class Connection:
         ], failure=[])
 
     def put_ban(self, source, until_wall_ns, node):
-        prefix = self.cluster.prefix
-        now_wall = time.time_ns()
-        lease = self.client.lease(max(2, math.ceil((until_wall_ns - now_wall) / 1e9) + 1))
-        self.client.put(records.ban_key(prefix, source), records.encode_event(node, until=until_wall_ns),
-                        lease=lease)
+        self.put_all([ban_entry(self.cluster.prefix, source, until_wall_ns, node)])
 
     def unban(self, source, node):
         prefix = self.cluster.prefix
-        lease = self.client.lease(records.TOMBSTONE_TTL_S)
+        lease = self._tombstone_lease()
         self.client.transaction(compare=[], success=[
             self.client.transactions.delete(records.ban_key(prefix, source)),
             self.client.transactions.put(records.unbanned_key(prefix, source), records.encode_event(node),
                                          lease=lease),
         ], failure=[])
 
+    def _tombstone_lease(self):
+        return self.leases.until(time.time_ns() + records.TOMBSTONE_TTL_S * SECOND_NS)
+
     def claim_digest(self, digest, ttl_s, node):
         """True when this node created the digest's key (create-if-absent in
         one transaction), False when another node had: then the packet is a replay."""
         key = records.spa_key(self.cluster.prefix, digest)
-        lease = self.client.lease(max(2, int(ttl_s)))
+        # Its own transaction, never batched with another packet's: a
+        # transaction's compares are all or nothing, so one lost claim would
+        # fail the others. The lease is shared, so a lost claim leaves it be.
+        lease_id = self.leases.until(time.time_ns() + int(ttl_s * SECOND_NS))
         created, _ = self.client.transaction(
             compare=[self.client.transactions.create(key) == 0],
-            success=[self.client.transactions.put(key, records.encode_event(node), lease=lease)],
+            success=[self.client.transactions.put(key, records.encode_event(node), lease=lease_id)],
             failure=[])
-        if not created:
-            self.client.revoke_lease(lease.id)
         return created
+
+
+def grant_entry(prefix, record):
+    """(key, value, until_wall_ns) of a grant, for Connection.put_all."""
+    return (records.grant_key(prefix, record.source, record.proto, record.port), records.encode_grant(record),
+            record.end_wall_ns)
+
+
+def ban_entry(prefix, source, until_wall_ns, node):
+    return records.ban_key(prefix, source), records.encode_event(node, until=until_wall_ns), until_wall_ns
 
 
 def _prefix_end(prefix):

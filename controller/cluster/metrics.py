@@ -19,6 +19,8 @@ COUNTERS = (
     ("outages", "xknock_cluster_outages", "Times etcd became unreachable from this node."),
     ("bad_records", "xknock_cluster_bad_records", "Keys under the prefix that xknock did not write, ignored."),
     ("publish_failed", "xknock_cluster_publish_failed", "Publications that failed and were kept to retry."),
+    ("publish_txns", "xknock_cluster_publish_transactions",
+     "Transactions in etcd that this node's publications went out in (several grants each under load)."),
     ("grants_full", "xknock_cluster_grants_refused_full",
      "Grants of other nodes not written here because this node's grants map was full."),
 )

@@ -4,8 +4,9 @@ grant is made here, an SPA digest is about to be accepted, or a source is
 banned (docs/cluster.md).
 
 The kernel never waits on it: grants made here are written to the maps first
-and published after, from a queue; what other nodes publish is written into
-the maps by this thread through state/grants.py. When etcd is away the node
+and published after, from a queue, whatever waits there together in one etcd
+transaction (bounded; docs/cluster.md, "Publishing"); what other nodes
+publish is written into the maps by this thread through state/grants.py. When etcd is away the node
 keeps deciding alone, counts the outage, keeps what it made meanwhile to
 publish later, and on return resyncs the whole prefix, then watches from that
 revision.
@@ -27,13 +28,16 @@ from ..spa.spa import ReplayClaimLost
 from ..spa.spa_replay import ReplayCacheError
 from ..state import bans, grants, status as state_status
 from . import records
-from .etcd import ClusterUnavailable, Connection, describe
+from .etcd import MAX_TXN_OPS, ClusterUnavailable, Connection, ban_entry, describe, grant_entry
 
 log = logging.getLogger("xknock.cluster")
 
 HEALTH_EVERY_S = 1.0
 RETRY_EVERY_S = 1.0
 MAX_PENDING = 10_000
+# Inbox items taken per turn of the thread: their publications go out
+# together, in transactions of MAX_TXN_OPS puts.
+DRAIN_MAX = 4 * MAX_TXN_OPS
 FULL_LOG_EVERY_S = 60.0   # a full grants map logs one line, then at most one a minute
 
 
@@ -60,7 +64,8 @@ class ClusterNode:
         self.down_since = time.monotonic()
         self.counts = {"published": 0, "received": 0, "revokes_received": 0, "bans_received": 0,
                        "claims_won": 0, "claims_lost": 0, "claims_refused": 0, "claims_local": 0,
-                       "resyncs": 0, "outages": 0, "bad_records": 0, "publish_failed": 0, "grants_full": 0}
+                       "resyncs": 0, "outages": 0, "bad_records": 0, "publish_failed": 0, "publish_txns": 0,
+                       "grants_full": 0}
         self.last_lag_s = 0.0
         self.next_full_log = 0.0
         # on_received(record): a grant of another node was just written into
@@ -189,8 +194,11 @@ class ClusterNode:
             self._drain(timeout=HEALTH_EVERY_S, healthy_check=True)
 
     def _drain(self, timeout, healthy_check=False):
+        """One turn: the first inbox item (waited for), then what else is
+        there (up to DRAIN_MAX); watch responses applied in order, the
+        publications queued meanwhile sent together after them."""
         try:
-            kind, item = self.inbox.get(timeout=max(0.0, timeout))
+            items = [self.inbox.get(timeout=max(0.0, timeout))]
         except queue.Empty:
             if healthy_check and self.connection is not None:
                 try:
@@ -198,15 +206,27 @@ class ClusterNode:
                 except Exception as err:   # noqa: BLE001
                     self._lost(err)
             return
-        try:
-            if kind == "publish":
-                self._publish(*item)
-            elif kind == "watch":
-                generation, response = item
-                if generation == self.generation:
-                    self._on_watch(response)
-        except Exception as err:   # noqa: BLE001 (etcd or a map: logged, the thread goes on)
-            log.error("cluster: %s", describe(err), extra={"fields": {"error": describe(err)}})
+        while len(items) < DRAIN_MAX:
+            try:
+                items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        publications = []
+        for kind, item in items:
+            try:
+                if kind == "publish":
+                    publications.append(item)
+                elif kind == "watch":
+                    generation, response = item
+                    if generation == self.generation:
+                        self._on_watch(response)
+            except Exception as err:   # noqa: BLE001 (etcd or a map: logged, the thread goes on)
+                log.error("cluster: %s", describe(err), extra={"fields": {"error": describe(err)}})
+        if publications:
+            try:
+                self._publish(publications)
+            except Exception as err:   # noqa: BLE001
+                log.error("cluster: %s", describe(err), extra={"fields": {"error": describe(err)}})
 
     def _connect(self):
         start_at = (self.connection.index + 1) if self.connection else 0
@@ -224,8 +244,7 @@ class ClusterNode:
             "endpoint": connection.endpoint, "revision": self.revision, "down_for": f"{was_down:.1f}s"}})
         with self.pending_lock:
             pending, self.pending = self.pending, []
-        for kind, payload in pending:
-            self._publish(kind, payload)
+        self._publish(pending)
 
     def serve_spa(self, receiver):
         """Hooks an SPA receiver (at attach, or one a reload that added [spa]
@@ -280,24 +299,43 @@ class ClusterNode:
         if connection is not None:
             connection.close()
 
-    def _publish(self, kind, payload):
+    def _publish(self, publications):
+        """[(kind, payload)], in the order queued, in as few transactions as
+        fit (MAX_TXN_OPS puts each). What is dead already is dropped; a key
+        queued twice is published once, as queued last. When etcd fails, the
+        publications not yet written are kept for its return."""
         if self.connection is None or not self.reachable:
-            self._keep(kind, payload)
+            for kind, payload in publications:
+                self._keep(kind, payload)
             return
-        try:
+        now_wall = time.time_ns()
+        by_key = {}   # key -> (entry, the publication it came from, grants in it)
+        for kind, payload in publications:
             if kind == "grants":
-                now_wall = time.time_ns()
-                live = [r for r in payload if r.end_wall_ns > now_wall]
-                self.connection.put_grants(live)
-                self.counts["published"] += len(live)
+                for record in payload:
+                    if record.end_wall_ns > now_wall:
+                        entry = grant_entry(self.prefix, record)
+                        by_key.pop(entry[0], None)   # re-queued: its place is the last one's
+                        by_key[entry[0]] = (entry, ("grants", [record]), 1)
             elif kind == "ban":
                 source, until_wall = payload
-                if until_wall > time.time_ns():
-                    self.connection.put_ban(source, until_wall, self.node)
-        except Exception as err:   # noqa: BLE001
-            self.counts["publish_failed"] += 1
-            self._keep(kind, payload)
-            self._lost(err)
+                if until_wall > now_wall:
+                    entry = ban_entry(self.prefix, source, until_wall, self.node)
+                    by_key.pop(entry[0], None)
+                    by_key[entry[0]] = (entry, (kind, payload), 0)
+        queued = list(by_key.values())
+        for start in range(0, len(queued), MAX_TXN_OPS):
+            chunk = queued[start:start + MAX_TXN_OPS]
+            try:
+                self.connection.put_all([entry for entry, _, _ in chunk])
+            except Exception as err:   # noqa: BLE001
+                self.counts["publish_failed"] += 1
+                for _, publication, _ in queued[start:]:
+                    self._keep(*publication)
+                self._lost(err)
+                return
+            self.counts["published"] += sum(grant_count for _, _, grant_count in chunk)
+            self.counts["publish_txns"] += 1
 
     def _keep(self, kind, payload):
         with self.pending_lock:

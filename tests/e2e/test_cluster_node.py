@@ -352,3 +352,82 @@ def test_grpc_never_ran_in_the_pytest_process():
     import sys
 
     assert "grpc" not in sys.modules and "etcd3" not in sys.modules
+
+
+def queue_grants(maps, node, count, first=0x0A100000, window_s=30):
+    """count grants in the maps, each handed to node as a completed knock's."""
+    sources = [ipaddress.ip_address(first + i) for i in range(count)]
+    for source in sources:
+        grants.write_grants(maps, source, [("tcp", 22)], window_s * SECOND, 60 * SECOND, seq_uid=5)
+        node.publish_local_grants(source, 5)
+    return sources
+
+
+@in_child
+def test_grants_waiting_together_go_out_in_few_transactions_under_shared_leases(xk, etcd, clean):
+    node = ClusterNode(cluster_of(etcd), xk.maps)
+    sources = queue_grants(xk.maps, node, 300)   # queued before the node connects: they wait together
+    # One source again, with a longer window: one key, as queued last (etcd
+    # refuses a key twice in one transaction).
+    grants.write_grants(xk.maps, sources[0], [("tcp", 22)], 45 * SECOND, 60 * SECOND, seq_uid=5)
+    node.publish_local_grants(sources[0], 5)
+    node.start()
+    try:
+        assert wait_for(lambda: node.counts["published"] == 300, 20), node.status()
+        assert (node.counts["publish_txns"], node.counts["publish_failed"]) == (3, 0)   # 128 + 128 + 44 puts
+        with Connection(cluster_of(etcd, node="other")) as connection:
+            _, kvs = connection.read_prefix(PREFIX + "grants/")
+            assert len(kvs) == 300
+            leases = {kv.lease for kv in kvs if kv.key != records.grant_key(PREFIX, sources[0], "tcp", 22).encode()}
+            assert len(leases) <= 2   # their deadlines fall in one second (or two, straddling one)
+            [longer] = [kv for kv in kvs if kv.key == records.grant_key(PREFIX, sources[0], "tcp", 22).encode()]
+            record = records.decode_grant(PREFIX, longer.key.decode(), longer.value)
+            assert 40 * SECOND < record.window_end_wall_ns - time.time_ns() <= 45 * SECOND
+            # Each key lives at least until its grant is dead, and under two seconds longer.
+            for kv in (kvs[0], longer):
+                record = records.decode_grant(PREFIX, kv.key.decode(), kv.value)
+                ttl = connection.client.get_lease_info(kv.lease).TTL
+                left = (record.end_wall_ns - time.time_ns()) / SECOND
+                assert left - 1 <= ttl <= left + 2, (ttl, left)
+    finally:
+        node.close()
+
+
+@in_child
+def test_a_batch_etcd_fails_halfway_is_kept_and_published_whole_on_return(xk, etcd, clean, caplog):
+    from xknock.controller.cluster import etcd as etcd_module
+
+    calls = []
+    put_all = etcd_module.Connection.put_all
+
+    def fails_second(self, entries):
+        calls.append(len(entries))
+        if len(calls) == 2:
+            raise ConnectionError("etcd went away mid-batch")
+        return put_all(self, entries)
+
+    etcd_module.Connection.put_all = fails_second   # this child's alone
+    node = ClusterNode(cluster_of(etcd), xk.maps)
+    queue_grants(xk.maps, node, 300)
+    node.start()
+    try:
+        assert wait_for(lambda: len(etcd.get_prefix(PREFIX + "grants/")) == 300, 30), node.status()
+        assert node.counts["publish_failed"] == 1 and node.counts["outages"] == 1 and node.counts["resyncs"] == 2
+        assert node.counts["published"] == 300 and calls[:2] == [128, 128]
+    finally:
+        node.close()
+
+
+@in_child
+def test_a_lost_claim_leaves_the_shared_lease_and_the_keys_on_it(etcd, clean):
+    """Claims share leases (one per second of expiry): a lost claim must not
+    revoke the lease, which holds other packets' claims."""
+    with Connection(cluster_of(etcd, node="x")) as x, Connection(cluster_of(etcd, node="y")) as y:
+        assert x.claim_digest(b"\5" * 32, 30, "x")
+        assert y.claim_digest(b"\6" * 32, 30, "y")        # y's lease for that second
+        assert not y.claim_digest(b"\5" * 32, 30, "y")    # a replay to y: lost, on the same lease
+        assert y.claim_digest(b"\7" * 32, 30, "y")
+        _, kvs = y.read_prefix(PREFIX + "spa/")
+        by_digest = {kv.key.decode().rpartition("/")[2]: kv for kv in kvs}
+        assert set(by_digest) == {(b"\5" * 32).hex(), (b"\6" * 32).hex(), (b"\7" * 32).hex()}
+        assert y.client.get_lease_info(by_digest[(b"\6" * 32).hex()].lease).TTL >= 29
