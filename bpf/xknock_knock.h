@@ -454,7 +454,7 @@ static __always_inline void handle_knock(struct xk_packet *pkt, struct xk_port_v
 	if (*(volatile __u8 *)&pkt->took)
 		mark_knocking(pkt, *(volatile __u64 *)&pkt->now / 1000);
 	else
-		touch_if_knocking(pkt, *(volatile __u64 *)&pkt->now / 1000, set);
+		touch_if_knocking(pkt, set);
 }
 
 #endif
