@@ -20,6 +20,7 @@
 #include "xknock_parsing.h"
 #include "xknock_maps.h"
 #include "xknock_hash.h"
+#include "xknock_clock.h"
 #include "xknock_hints.h"
 #include "xknock_stats.h"
 #include "xknock_policy.h"
@@ -57,14 +58,9 @@ static __always_inline __u32 decide(struct xk_ctx *ctx, struct xk_settings **set
 	if (!set)
 		return XK_DROP_MALFORMED;
 	*set_out = set;
-#ifdef XK_TEST_CLOCK
-	__u64 now = ctl->test_now_ns;
-#else
-	__u64 now = bpf_ktime_get_ns();
-#endif
 
+	/* pkt->now stays 0 until a path asks for the time (xknock_clock.h) */
 	__builtin_memset(pkt, 0, sizeof(*pkt));
-	pkt->now = now;
 	pkt->parsed = parse_packet(data, data_end, pkt);
 	/* Read back from map memory: every parse path joins into one state here. */
 	__u8 parsed = *(volatile __u8 *)&pkt->parsed;
@@ -85,7 +81,7 @@ static __always_inline __u32 decide(struct xk_ctx *ctx, struct xk_settings **set
 		return XK_DROP_MALFORMED;
 	if (source_denied(set, bank, pkt))
 		return XK_DROP_DENYLIST;
-	int banned = (set->flags & XK_SET_BANS) && source_banned(pkt, now);
+	int banned = (set->flags & XK_SET_BANS) && source_banned(pkt);
 	if (banned && set->ban_scope == XK_BAN_EVERYWHERE)
 		return XK_DROP_BANNED;
 	if (parsed == XK_PARSED_FRAGMENT)
@@ -109,7 +105,7 @@ static __always_inline __u32 decide(struct xk_ctx *ctx, struct xk_settings **set
 	 * (knock ports judge their own packets, in handle_knock). */
 	if ((set->flags & XK_SET_STRICT) && opens_connection(pkt) &&
 	    !(port && (port->flags & (XK_PORT_GUARDED | XK_PORT_KNOCK)) == XK_PORT_KNOCK))
-		touch_if_knocking(pkt, now / 1000, set);
+		touch_if_knocking(pkt, set);
 	if (!port) {
 		/* NAT-T: ESP in UDP, decrypted after XDP. Refused as an unused
 		 * port would be: the host answers it when nothing listens. */
@@ -128,11 +124,11 @@ static __always_inline __u32 decide(struct xk_ctx *ctx, struct xk_settings **set
 	if (banned)
 		return XK_DROP_BANNED;   /* banned on knock and guarded ports only */
 	if (port->flags & XK_PORT_SPA)
-		return handle_spa(ctx, pkt, set, now);
+		return handle_spa(ctx, pkt, set, packet_now(pkt));
 	if (port->flags & XK_PORT_GUARDED)
-		return guarded_verdict(pkt, set, bank, now);
+		return guarded_verdict(pkt, set, bank);
 	if (port->flags & XK_PORT_KNOCK) {
-		handle_knock(pkt, port, now, set, bank);
+		handle_knock(pkt, port, packet_now(pkt), set, bank);
 		/* The host answers an echo knock's ping, as it always did. */
 		return pkt->proto == XK_PROTO_ICMP ? XK_PASS_ECHO : XK_DROP_KNOCK;
 	}

@@ -35,6 +35,7 @@
 #include "xknock_parsing.h"
 #include "xknock_maps.h"
 #include "xknock_stats.h"
+#include "xknock_clock.h"
 
 #define XK_ETH_ALEN 6
 #define XK_IP_DF 0x4000
@@ -681,7 +682,7 @@ static __always_inline int answer(struct xk_ctx *ctx, struct xk_settings *set)
 	struct xk_packet *pkt = scratch.lookup(&zero);
 	if (!pkt || !*(volatile __u8 *)&pkt->answerable)
 		return XK_VERDICT_DROP;   /* deny-listed, banned everywhere, malformed: dropped */
-	__u64 now = *(volatile __u64 *)&pkt->now;
+	__u64 now = packet_now(pkt);
 	__u8 how = *(volatile __u8 *)&pkt->answerable;
 	struct xk_asked q = {};
 	int due = xk_make_linear(ctx) == 0 &&

@@ -21,6 +21,22 @@
 #include "xknock_policy.h"
 #include "xknock_strict.h"
 
+/* The knock code's own scratch: per CPU, in map memory for the same reason
+ * as struct xk_packet (the verifier does not track values there, so the loop
+ * over a port's sequences and the compare-and-swap loop join into one state),
+ * and apart from it so that packets that are no knock neither zero nor carry it. */
+struct xk_knock_scratch {
+	__u8 seq_idx;     /* which of the port's sequences is being knocked */
+	__u8 took;        /* a knock some sequence took (advanced, completed or repeated) */
+	__u16 pad;
+	__u32 bank;       /* re-read through map memory on each pass of the sequence loop */
+	__u32 knock;      /* what a knock did: enum xk_knock_outcome | XK_KNOCK_* bits */
+	__u32 first;      /* enum xk_first_result */
+	__u64 first_us;   /* when the first step held in `firsts` came */
+	__u64 touched_us; /* strict mode: the source's last new connection elsewhere, us; 0: none */
+};
+BPF_PERCPU_ARRAY(knock_scratch, struct xk_knock_scratch, 1);
+
 #define XK_STATE(step, ts_us) ((((__u64)(ts_us)) << 8) | ((__u64)(step) & 0xff))
 #define XK_STATE_STEP(s) ((__u32)((s) & 0xff))
 #define XK_STATE_TS_US(s) ((s) >> 8)
@@ -136,7 +152,8 @@ static __always_inline void count_seq(__u32 uid, int advanced, int reset, int ti
  * would: a first step advances, its repeat is ignored, a right second step is
  * handed back (*first_us: when the first came), anything else resets or times
  * out the first step. */
-static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, struct xk_seq *seq, __u32 mask,
+static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, struct xk_knock_scratch *ks,
+							 struct xk_seq *seq, __u32 mask,
 							 __u64 now_us, __u64 timeout_us, __u64 *first_us,
 							 struct xk_settings *set, __u32 bank, __u64 now)
 {
@@ -166,7 +183,7 @@ static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, s
 		__u32 age = first_age(old, now_us);
 		int fresh = age <= timeout_us;
 		/* Strict mode: a packet to another port since the first step ended it. */
-		struck = fresh && *(volatile __u64 *)&pkt->touched_us > now_us - age;
+		struck = fresh && *(volatile __u64 *)&ks->touched_us > now_us - age;
 		if (fresh && !struck && (mask & 1)) {
 			/* The first step again: it starts the sequence anew, so it
 			 * takes its own time. The slot stays young, and a repeated
@@ -174,7 +191,7 @@ static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, s
 			 * until the second comes. Lost to another CPU: held anyway. */
 			__sync_val_compare_and_swap(mine, old, XK_FIRST_WORD(tag, now_us));
 			count(XK_KNOCK_REPEATED);
-			pkt->took = 1;
+			ks->took = 1;
 			return XK_FIRST_DONE;
 		}
 		if (__sync_val_compare_and_swap(mine, old, 0) != old) {
@@ -221,16 +238,17 @@ static __always_inline enum xk_first_result first_knock(struct xk_packet *pkt, s
 	if (placed == XK_OUT_ADVANCED) {
 		count(XK_KNOCK_ADVANCED);
 		count_seq(seq->uid, 1, 0, 0);
-		pkt->took = 1;
+		ks->took = 1;
 	} else {
-		pkt->took = placed == XK_OUT_REPEATED;
+		ks->took = placed == XK_OUT_REPEATED;
 		count(placed == XK_OUT_REPEATED ? XK_KNOCK_REPEATED : XK_KNOCK_CONTENDED);
 	}
 	return XK_FIRST_DONE;
 }
 
 /* One knock against one sequence this port belongs to. */
-static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port_seq *ps, __u64 now,
+static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_knock_scratch *ks,
+					   struct xk_port_seq *ps, __u64 now,
 					   struct xk_settings *set, __u32 bank)
 {
 	__u32 slot = ps->slot;
@@ -250,12 +268,12 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 	if (nsteps > 1 && (!state || XK_STATE_STEP(*state) == 0)) {
 		/* Nothing in progress here: the first step is in `firsts`. */
 		__u64 first_us = 0;
-		pkt->first = first_knock(pkt, seq, mask, now_us, timeout_us, &first_us, set, bank, now);
-		pkt->first_us = first_us;
+		ks->first = first_knock(pkt, ks, seq, mask, now_us, timeout_us, &first_us, set, bank, now);
+		ks->first_us = first_us;
 		/* Through map memory, so that what follows is verified once. */
-		if (*(volatile __u32 *)&pkt->first != XK_FIRST_STEP_TWO)
+		if (*(volatile __u32 *)&ks->first != XK_FIRST_STEP_TWO)
 			return;
-		u64 one = XK_STATE(1, *(volatile __u64 *)&pkt->first_us);
+		u64 one = XK_STATE(1, *(volatile __u64 *)&ks->first_us);
 		if (!state) {
 			progress.insert(&key, &one);   /* losing to another CPU is fine: it is there */
 			state = progress.lookup(&key);
@@ -287,7 +305,7 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 
 	enum xk_knock_outcome outcome = XK_OUT_CONTENDED;
 	int timed_out = 0, reset = 0, to_firsts = 0, struck = 0;
-	__u64 touched_us = *(volatile __u64 *)&pkt->touched_us;
+	__u64 touched_us = *(volatile __u64 *)&ks->touched_us;
 	__u32 reached = 0;
 #pragma clang loop unroll(disable)
 	for (int attempt = 0; attempt < XK_CAS_ATTEMPTS; attempt++) {
@@ -344,10 +362,10 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 
 	/* Through map memory, so that what follows is verified once, not once
 	 * for every path through the loop above. */
-	pkt->knock = outcome | (timed_out ? XK_KNOCK_WAS_TIMED_OUT : 0) | (reset ? XK_KNOCK_WAS_RESET : 0) |
+	ks->knock = outcome | (timed_out ? XK_KNOCK_WAS_TIMED_OUT : 0) | (reset ? XK_KNOCK_WAS_RESET : 0) |
 		     (to_firsts ? XK_KNOCK_TO_FIRSTS : 0) | (struck ? XK_KNOCK_WAS_STRICT : 0) |
 		     (reached << XK_KNOCK_REACHED_SHIFT);
-	__u32 knock = *(volatile __u32 *)&pkt->knock;
+	__u32 knock = *(volatile __u32 *)&ks->knock;
 	outcome = knock & XK_KNOCK_OUTCOME;
 	timed_out = knock & XK_KNOCK_WAS_TIMED_OUT;
 	struck = knock & XK_KNOCK_WAS_STRICT;
@@ -396,16 +414,16 @@ static __always_inline void knock_sequence(struct xk_packet *pkt, struct xk_port
 	switch (outcome) {
 	case XK_OUT_ADVANCED:
 		count(XK_KNOCK_ADVANCED);
-		pkt->took = 1;
+		ks->took = 1;
 		break;
 	case XK_OUT_COMPLETED:
 		count(XK_KNOCK_COMPLETED);
 		write_grants(seq, pkt, now);
-		pkt->took = 1;
+		ks->took = 1;
 		break;
 	case XK_OUT_REPEATED:
 		count(XK_KNOCK_REPEATED);
-		pkt->took = 1;
+		ks->took = 1;
 		break;
 	case XK_OUT_RACED:
 		count(XK_KNOCK_CONTENDED);
@@ -427,23 +445,26 @@ static __always_inline void handle_knock(struct xk_packet *pkt, struct xk_port_v
 		count(XK_KNOCK_IGNORED);   /* TCP knocks are SYNs only */
 		return;
 	}
+	__u32 zero = 0;
+	struct xk_knock_scratch *ks = knock_scratch.lookup(&zero);
+	if (!ks)
+		return;
 	/* The index, the clock and the bank go through map memory: what the body
 	 * learnt about them (ranges from comparisons) would otherwise make every
 	 * pass start in a state of its own, and the verifier's work multiply. */
-	pkt->seq_idx = 0;
+	__builtin_memset(ks, 0, sizeof(*ks));
 	pkt->now = now;
-	pkt->bank = bank;
-	pkt->took = 0;
+	ks->bank = bank;
 	if (set->flags & XK_SET_STRICT)
-		pkt->touched_us = last_touch_us(pkt, now / 1000, set);
+		ks->touched_us = last_touch_us(pkt, now / 1000, set);
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < XK_MAX_SEQS_PER_PORT; i++) {
-		__u32 idx = *(volatile __u8 *)&pkt->seq_idx;
+		__u32 idx = *(volatile __u8 *)&ks->seq_idx;
 		if (idx >= port->nseqs || idx >= XK_MAX_SEQS_PER_PORT)
 			break;
-		knock_sequence(pkt, &port->seqs[idx], *(volatile __u64 *)&pkt->now, set,
-			       *(volatile __u32 *)&pkt->bank & 1);
-		pkt->seq_idx = idx + 1;
+		knock_sequence(pkt, ks, &port->seqs[idx], *(volatile __u64 *)&pkt->now, set,
+			       *(volatile __u32 *)&ks->bank & 1);
+		ks->seq_idx = idx + 1;
 	}
 	/* Read again, not kept in a register: a flag live across the loop
 	 * would have the verifier walk the loop once for each of its values. */
@@ -451,10 +472,10 @@ static __always_inline void handle_knock(struct xk_packet *pkt, struct xk_port_v
 		return;
 	/* A knock some sequence here took keeps its source knocking; any other
 	 * (the step of a sequence this source is not at) intervenes in the rest. */
-	if (*(volatile __u8 *)&pkt->took)
+	if (*(volatile __u8 *)&ks->took)
 		mark_knocking(pkt, *(volatile __u64 *)&pkt->now / 1000);
 	else
-		touch_if_knocking(pkt, *(volatile __u64 *)&pkt->now / 1000, set);
+		touch_if_knocking(pkt, set);
 }
 
 #endif

@@ -30,21 +30,13 @@ struct xk_packet {
 	__u32 l4_room;    /* bytes after the IP headers, as the IP header says */
 	__u8 first_frag;  /* a first fragment with more to come */
 	__u8 parsed;      /* enum xk_parse */
-	__u8 seq_idx;     /* which of the port's sequences is being knocked */
+	__u8 answerable;  /* refused on a guarded, knock or SPA port: answer = "closed" applies */
 	__u8 ipv4;        /* the source is IPv4 (stored mapped in src) */
-	__u32 knock;      /* what a knock did: enum xk_knock_outcome | XK_KNOCK_* bits */
-	__u32 first;      /* enum xk_first_result */
-	__u64 first_us;   /* when the first step held in `firsts` came */
-	__u64 now;        /* the clock and the bank, re-read through map memory on each */
-	__u32 bank;       /* pass of the sequence loop so its verifier states join */
-	__u32 pad2;
-	__u64 touched_us; /* strict mode: the source's last new connection elsewhere, us; 0: none */
+	__u64 now;        /* the packet's time, 0 until a path reads it (xknock_clock.h) */
 	__u16 l3_off;     /* where the IP header starts (after Ethernet and VLAN tags) */
 	__u16 l4_off;     /* where the TCP, UDP or ICMP header starts */
-	__u8 answerable;  /* refused on a guarded, knock or SPA port: answer = "closed" applies */
-	__u8 took;        /* a knock some sequence took (advanced, completed or repeated) */
 	__u8 unseen;      /* XK_UNSEEN_*: IPsec or a transport whose destination xknock cannot open */
-	__u8 pad3;
+	__u8 pad[3];
 };
 
 /* How far parsing got. */

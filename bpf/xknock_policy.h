@@ -11,6 +11,7 @@
 #include "xknock_maps.h"
 #include "xknock_stats.h"
 #include "xknock_hints.h"
+#include "xknock_clock.h"
 
 /* The trie's key for the packet's source, as long as it can be. */
 static __always_inline void source_key(struct xk_lpm_key *key, __u32 bank, struct xk_packet *pkt)
@@ -41,12 +42,12 @@ static __always_inline int source_denied(struct xk_settings *set, __u32 bank, st
 }
 
 /* Is the source banned now? A ban found over is removed on the way. */
-static __always_inline int source_banned(struct xk_packet *pkt, __u64 now)
+static __always_inline int source_banned(struct xk_packet *pkt)
 {
 	struct xk_ban *ban = bans.lookup(&pkt->src);
 	if (!ban)
 		return 0;
-	if (now < ban->until_ns)
+	if (packet_now(pkt) < ban->until_ns)
 		return 1;
 	if (bans.delete(&pkt->src) == 0)
 		count(XK_BAN_EXPIRED);
@@ -113,8 +114,7 @@ static __always_inline __u32 unseen_verdict(struct xk_packet *pkt, struct xk_set
 
 /* A TCP SYN opens a connection and needs the grant's window; everything else
  * (established TCP, UDP) is kept alive by the idle clock too. */
-static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_settings *set, __u32 bank,
-					     __u64 now)
+static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_settings *set, __u32 bank)
 {
 	if (source_allowed(set, bank, pkt))
 		return XK_PASS_ALLOWLIST;
@@ -126,6 +126,7 @@ static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_se
 	struct xk_grant *grant = grants.lookup(&key);
 	if (!grant)
 		return XK_DROP_NO_GRANT;
+	__u64 now = packet_now(pkt);   /* only a grant's clocks need the time */
 
 	int opens = pkt->proto == XK_PROTO_TCP && (pkt->tcp_flags & XK_TCP_SYN) &&
 		    !(pkt->tcp_flags & XK_TCP_ACK);

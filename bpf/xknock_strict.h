@@ -17,6 +17,7 @@
 #include "xknock_parsing.h"
 #include "xknock_maps.h"
 #include "xknock_hash.h"
+#include "xknock_clock.h"
 
 #define XK_RECENT_TIME_BITS 40
 #define XK_RECENT_TIME_MASK ((1ULL << XK_RECENT_TIME_BITS) - 1)
@@ -59,13 +60,14 @@ static __always_inline void mark_knocking(struct xk_packet *pkt, __u64 now_us)
 }
 
 /* A new connection to a port that is not a step: remembered only if the
- * source is knocking. */
-static __always_inline void touch_if_knocking(struct xk_packet *pkt, __u64 now_us, struct xk_settings *set)
+ * source is knocking. A slot that is not the source's needs no clock. */
+static __always_inline void touch_if_knocking(struct xk_packet *pkt, struct xk_settings *set)
 {
 	__u32 tag;
 	struct xk_recent *slot = recent_slot(pkt, &tag);
-	if (!slot)
+	if (!slot || XK_RECENT_TAG(slot->knock) != tag)
 		return;
+	__u64 now_us = packet_now(pkt) / 1000;
 	if (recent_age(slot->knock, tag, now_us, set->knock_window_us) == ~0ULL)
 		return;
 	slot->touch = XK_RECENT_WORD(tag, now_us);
