@@ -134,8 +134,12 @@ def test_a_one_second_flood_reaches_the_servers_xknock(net, path, ports, reason,
     assert sent - 10 <= sum(way.values()) <= sent + 200, (sent, way)
     # Every frame that arrived was judged, once.
     assert abs(sum(grown.values()) - way["arrived"]) <= 50, (way, grown)
-    # And the flood is what reached it: most frames, with the expected verdict.
-    assert judged >= sent * 0.5, (sent, way, grown)
+    # And the flood is what reached it, with the expected verdict. How much of
+    # it a full ring on the way dropped is the machine's load, not xknock's
+    # doing (a busy CI host has lost 58% on the bridge): the frames that did
+    # arrive are counted, and there must be enough of them to be a flood.
+    assert way["arrived"] > 10_000, (sent, way)
+    assert judged >= way["arrived"] - 200, (sent, way, grown)
     assert sum(grown.values()) - judged < 200, grown
 
 
