@@ -67,3 +67,24 @@ def test_completing_a_command_name_imports_no_command():
                            "_XKNOCK_COMPLETE='zsh_complete')\nfrom xknock.cli.main import main\n"
                            "try:\n    main(prog_name='xknock')\nexcept SystemExit:\n    pass")
     assert not loaded & {f"xknock.cli.{module}" for module, _, _ in cli_main.COMMANDS.values()}
+
+
+def test_the_controller_imports_neither_bcc_nor_all_of_pyroute2():
+    # What the foreground controller imports once attach has handed over:
+    # its loop, events, metrics, hooks, the SPA receiver, the link watcher.
+    loaded = modules_after(
+        "from xknock.cli.main import main\nmain.get_command(None, 'attach')\n"
+        "from xknock.controller.daemon import daemon, events, hooks, links, metrics, webconfig\n"
+        "from xknock.controller.spa import spa\nfrom xknock.cli import cluster")
+    assert "bcc" not in loaded
+    assert "pyroute2.iproute.linux" in loaded and "pyroute2.netlink.rtnl.marshal" in loaded
+    whole = {"pyroute2.ndb.main", "pyroute2.ipdb", "pyroute2.conntrack", "pyroute2.netlink.nl80211", "pyroute2.iwutil"}
+    assert not loaded & whole, "pyroute2's __init__ ran: kernel/pyroute2_parts.py was bypassed"
+    others = {f"xknock.cli.{module}" for module, _, _ in cli_main.COMMANDS.values()} - {"xknock.cli.attach"}
+    assert not loaded & others
+
+
+def test_the_whole_pyroute2_is_there_for_who_asks():
+    loaded = modules_after("import xknock.controller.kernel\nfrom pyroute2 import NetNS, IPRoute\n"
+                           "import pyroute2\nassert pyroute2.__version__ and NetNS and IPRoute")
+    assert "pyroute2.ndb.main" in loaded
