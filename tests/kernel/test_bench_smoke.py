@@ -60,3 +60,16 @@ def test_the_bpftool_harness_runs_quick(tmp_path):
     for path, verdict in (("unguarded TCP pass", "PASS"), ("guarded drop", "DROP"), ("granted pass", "PASS"),
                           ("allow-list pass", "PASS"), ("deny-list drop", "DROP")):
         assert f"| {path} | " in text and text.split(f"| {path} | ")[1].split("\n")[0].endswith(f"| {verdict} |")
+
+
+def test_the_lists_benchmark_runs_quick_beside_a_revision(tmp_path):
+    """bench/run lists --against=REV: both trees' rows, lists, memory, attach."""
+    env = dict(os.environ, XKNOCK_VENV=os.path.dirname(os.path.dirname(sys.executable)),
+               XKNOCK_BENCH_RESULTS=str(tmp_path))
+    result = subprocess.run([os.path.join(ROOT, "bench", "run"), "lists", "--quick", "--against=HEAD"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    text = (tmp_path / "latest-lists.md").read_text()
+    assert "| what | this tree | HEAD | this / HEAD |" in text
+    for row in ("`xknock top` lists", "`xknock status`", "foreground controller VmRSS", "import xknock.cli.main"):
+        assert f"| {row}" in text, row
