@@ -1,11 +1,11 @@
-"""bench/run's entry: `python -m bench [datapath|bpftool|controlplane|flood|knockd|nft|spa|spa-verify|answers|cluster|report|all]
+"""bench/run's entry: `python -m bench [datapath|bpftool|controlplane|lists|flood|knockd|nft|spa|spa-verify|answers|cluster|report|all]
 [--quick] [--against=REV]` (REV: a git revision whose data path `datapath` times side by side, bench/against.py)."""
 
 import sys
 
-from . import answers, bpftool_run, cluster, controlplane, datapath, flood, fwknop, knockd, nftingress, report, spa_verify
+from . import answers, bpftool_run, cluster, controlplane, datapath, flood, fwknop, knockd, lists, nftingress, report, spa_verify
 
-COMMANDS = ("datapath", "bpftool", "controlplane", "flood", "knockd", "nft", "spa", "spa-verify", "answers", "cluster", "report", "all")
+COMMANDS = ("datapath", "bpftool", "controlplane", "lists", "flood", "knockd", "nft", "spa", "spa-verify", "answers", "cluster", "report", "all")
 
 
 def main(argv):
@@ -19,6 +19,8 @@ def main(argv):
         datapath.run_datapath(quick, against)
     if which in ("controlplane", "all"):
         controlplane.run_controlplane(quick)
+    if which == "lists":   # top's and status's lists at 1M, the controller's memory; beside REV with --against
+        lists.run_lists(quick, against)
     if which == "bpftool":   # the second harness: bpftool prog run on the attached program
         bpftool_run.run_bpftool(quick)
     if which == "flood":

@@ -6,7 +6,6 @@ import json
 import sys
 
 import click
-from pyroute2.netlink.exceptions import NetlinkError
 
 from xknock.controller.config import ConfigError, load_config
 from xknock.controller.errors import XknockError
@@ -31,11 +30,18 @@ def fail_cleanly(fn=None, *, config_status=1):
             for line in str(err).splitlines():
                 click.echo(f"xknock: {line}", err=True)
             sys.exit(config_status)
-        except (XknockError, BpfError, NetlinkError, OSError) as err:
+        except (XknockError, BpfError, OSError, *_netlink_errors()) as err:
             click.echo(f"xknock: {err}", err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def _netlink_errors():
+    """pyroute2's NetlinkError, if pyroute2 was imported: if it was not, nothing
+    raised it, and importing it only to catch it costs every command ~20 MiB."""
+    exceptions = sys.modules.get("pyroute2.netlink.exceptions")
+    return (exceptions.NetlinkError,) if exceptions else ()
 
 
 def json_option(fn):

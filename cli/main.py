@@ -3,26 +3,41 @@ in cli/, arguments in, one library call, a table or JSON out."""
 
 import click
 
-from xknock.cli.attach import attach
-from xknock.cli.bans import ban, bans, unban
-from xknock.cli.check import check
-from xknock.cli.detach import detach
-from xknock.cli.diff import diff
-from xknock.cli.grants import grant, grants, revoke
-from xknock.cli.importers import import_
-from xknock.cli.knock import knock
-from xknock.cli.reload import reload
-from xknock.cli.spa import keygen, spa
-from xknock.cli.ssh_proxy import ssh_proxy
-from xknock.cli.status import status
-from xknock.cli.top import top
+from xknock.cli.lazy_group import LazyGroup
 from xknock.controller.daemon.events import FORMATS as LOG_FORMATS, setup_logging
 
-# Commands import the controller modules only they use inside their function
-# (the daemon, prometheus-client's metrics, status, grants, the knock client),
-# so that the other commands, shell completion (which runs the program at every
-# <Tab>) and --help do not load them. None of these imports hides a cycle:
-# tests/unit/test_structure.py checks that.
+# name: (module in cli/, the command's attribute, its short help). A command's
+# module is imported only when that command runs (or its own arguments are
+# completed), so that --help, completion of command names (the program runs at
+# every <Tab>) and the long-running controller load no other command's imports.
+# The short help is the command's own first sentence, copied here so listing
+# needs no import; tests/unit/test_lazy_cli.py keeps the copy equal. Listed in
+# --help by name; in this order in the man pages.
+COMMANDS = {
+    "attach": ("attach", "attach", "Load the filter, attach it to IFACES and run the controller."),
+    "detach": ("detach", "detach", "Remove the filter from IFACES (and its pins when no interface uses them)."),
+    "status": ("status", "status", "Attached interfaces, policy, counters, live grants, knocks in progress."),
+    "reload": ("reload", "reload", "Validate CONFIG and make it the live policy; grants and knocks survive."),
+    "grant": ("grants", "grant", "Open guarded ports to ADDR, as a completed knock would."),
+    "revoke": ("grants", "revoke", "End every grant (both clocks) and knock in progress of ADDR."),
+    "grants": ("grants", "grants", "The live grants of the filter on IFACE: source, port, origin, time left on both "
+                                   "clocks."),
+    "ban": ("bans", "ban", "Ban ADDR as too many failed knocks would: dropped on the ports of the live [ban] scope."),
+    "unban": ("bans", "unban", "Lift the ban of ADDR and forget its failed knocks."),
+    "bans": ("bans", "bans", "The sources banned on IFACE now, with the time left."),
+    "knock": ("knock", "knock", "Send a knock sequence to HOST (the client; ICMP knocks use a raw socket as root, "
+                                "else a ping socket)."),
+    "check": ("check", "check", "Check CONFIG as attach and reload would: every error and warning, nothing applied."),
+    "diff": ("diff", "diff", "What reloading CONFIG would change in the live policy on IFACE: + added, - removed, "
+                             "~ changed."),
+    "top": ("top", "top", "Live packet rates by reason, knocks per sequence, grants, knocks in progress."),
+    "spa": ("spa", "spa", "Send one SPA packet asking HOST to open ports to this client."),
+    "keygen": ("spa", "keygen", "Make a random encryption key and HMAC key in `fwknop --key-gen` format, or with "
+                                "--public a key pair."),
+    "ssh-proxy": ("ssh_proxy", "ssh_proxy", "Knock HOST for tcp/PORT, then connect and relay stdin/stdout (for "
+                                            "ssh's ProxyCommand)."),
+    "import": ("importers", "import_", "Convert another port knocker's configuration into an xknock config."),
+}
 
 
 def _print_version(ctx, param, value):
@@ -35,7 +50,7 @@ def _print_version(ctx, param, value):
     ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Show the version and exit.")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
@@ -46,11 +61,6 @@ def main(log_format, verbose):
     """Port knocking in XDP: guarded ports stay dark until a source knocks."""
     setup_logging(log_format=log_format, verbose=verbose)
 
-
-for command in (attach, detach, status, reload, grant, revoke, grants, ban, unban, bans, knock, check, diff, top, spa,
-                keygen, ssh_proxy):
-    main.add_command(command)
-main.add_command(import_, name="import")
 
 
 if __name__ == "__main__":

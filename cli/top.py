@@ -98,10 +98,10 @@ class Lists:
 
 def walk(maps):
     started = time.monotonic()
-    alive = [g for g in grants.list_grants(maps) if g.alive]
+    alive, listed = grants.first_live_grants(maps, LISTED)
     in_progress, knocks = grants.knocks_in_progress(maps, limit=LISTED)
     done = time.monotonic()
-    return Lists(done, done - started, alive[:LISTED], len(alive), in_progress, knocks)
+    return Lists(done, done - started, listed, alive, in_progress, knocks)
 
 
 @dataclass

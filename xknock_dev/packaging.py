@@ -46,7 +46,7 @@ def man_pages(target):
     from xknock.cli.main import main
 
     os.makedirs(target, exist_ok=True)
-    write_man_pages("xknock", main, version=importlib.metadata.version("xknock"), target_dir=target)
+    write_man_pages("xknock", main.loaded(), version=importlib.metadata.version("xknock"), target_dir=target)
     names = []
     for path, command in _commands(main):
         name = "-".join(("xknock",) + path) + ".1"

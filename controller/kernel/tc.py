@@ -19,7 +19,7 @@ import errno
 import os
 import struct
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import bpfsys

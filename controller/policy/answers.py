@@ -174,7 +174,7 @@ def attach_warnings(config, modes, drops=None):
 
 def is_veth(ifname):
     """Is ifname a veth (netlink's link kind)?"""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute.linux import IPRoute
 
     try:
         with IPRoute() as ipr:

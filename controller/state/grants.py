@@ -6,7 +6,9 @@ dead grants nobody touched again, so the map does not fill with them.
 """
 
 import ctypes
+import heapq
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -123,28 +125,79 @@ def revoke(maps, source):
     return removed
 
 
+# The grants map's entries as the batches lay them out: decoded in bulk, not
+# as two ctypes objects and an ipaddress object per entry (seconds at 64k).
+_GRANT_KEY = struct.Struct("=16sBxH")      # layout.GrantKey: src, proto, pad, port
+_GRANT = struct.Struct("=QQQII")           # layout.Grant: window_end, idle_timeout, last_seen, seq_uid, flags
+assert _GRANT_KEY.size == ctypes.sizeof(layout.GrantKey) and _GRANT.size == ctypes.sizeof(layout.Grant)
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _address_text(raw):
+    """str(from_addr(raw)) for 16 bytes of layout.Addr, through inet_ntop."""
+    if raw[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:])
+    if raw[:12] == bytes(12):   # ::/96: inet_ntop writes a dotted quad where ipaddress does not
+        return str(ipaddress.IPv6Address(raw))
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def _grant_rows(maps, now):
+    """[(source text, proto name, port, window left s, idle left s, seq_uid, flags, raw source)]."""
+    rows = []
+    for n, keys, values in maps.grants.chunks():
+        entries = zip(_GRANT_KEY.iter_unpack(memoryview(keys)[: n * _GRANT_KEY.size]),
+                      _GRANT.iter_unpack(memoryview(values)[: n * _GRANT.size]))
+        for (src, proto, port), (window_end, idle_timeout, last_seen, seq_uid, flags) in entries:
+            rows.append((_address_text(src), layout.PROTO_NAMES.get(proto, str(proto)), port,
+                         max(0, window_end - now) / 1e9, max(0, last_seen + idle_timeout - now) / 1e9,
+                         seq_uid, flags, src))
+    return rows
+
+
+def _view(row, names):
+    text, proto, port, window_left_s, idle_left_s, seq_uid, flags, src = row
+    return GrantView(source=from_addr(layout.Addr.from_buffer_copy(src)), proto=proto, port=port,
+                     window_left_s=window_left_s, idle_left_s=idle_left_s,
+                     sequence=_origin(seq_uid, flags, names))
+
+
+def _sequence_names(maps):
+    return {seq.uid: seq.name.decode(errors="replace") for seq in live_sequences(maps).values()}
+
+
 def list_grants(maps, now=None):
+    """Every grant as a GrantView, by source (as text), protocol and port."""
     now = monotonic_ns() if now is None else now
-    names = {seq.uid: seq.name.decode(errors="replace") for seq in live_sequences(maps).values()}
-    views = []
-    for key, val in maps.grants.items():
-        views.append(GrantView(
-            source=from_addr(key.src),
-            proto=layout.PROTO_NAMES.get(key.proto, str(key.proto)),
-            port=key.port,
-            window_left_s=max(0, val.window_end_ns - now) / 1e9,
-            idle_left_s=max(0, val.last_seen_ns + val.idle_timeout_ns - now) / 1e9,
-            sequence=_grant_origin(val, names),
-        ))
-    return sorted(views, key=lambda g: (str(g.source), g.proto, g.port))
+    names = _sequence_names(maps)
+    return [_view(row, names) for row in sorted(_grant_rows(maps, now), key=lambda r: r[:3])]
 
 
-def _grant_origin(val, names):
-    if val.flags & layout.GRANT_SPA:
+def live_grant_texts(maps, now=None):
+    """The live grants in list_grants' order, their sources as text:
+    [(source, proto, port, window left s, idle left s, origin)], no address objects (status, `xknock grants`)."""
+    now = monotonic_ns() if now is None else now
+    names = _sequence_names(maps)
+    alive = sorted((row for row in _grant_rows(maps, now) if row[3] > 0 or row[4] > 0), key=lambda r: r[:3])
+    return [(text, proto, port, window, idle, _origin(uid, flags, names))
+            for text, proto, port, window, idle, uid, flags, _ in alive]
+
+
+def first_live_grants(maps, limit, now=None):
+    """(how many grants are alive, the first `limit` of them in list_grants' order):
+    what `xknock top` shows, without a view of every grant."""
+    now = monotonic_ns() if now is None else now
+    alive = [row for row in _grant_rows(maps, now) if row[3] > 0 or row[4] > 0]
+    names = _sequence_names(maps)
+    return len(alive), [_view(row, names) for row in heapq.nsmallest(limit, alive, key=lambda r: r[:3])]
+
+
+def _origin(seq_uid, flags, names):
+    if flags & layout.GRANT_SPA:
         return "spa"
-    if val.seq_uid == 0:
+    if seq_uid == 0:
         return "operator"
-    return names.get(val.seq_uid, f"uid {val.seq_uid:#x}")
+    return names.get(seq_uid, f"uid {seq_uid:#x}")
 
 
 def grant_dead(grant, now):
@@ -176,21 +229,21 @@ def knocks_in_progress(maps, limit=50, now=None):
     total, shown = firsts.fresh(maps, longest_us, now_us), []
     limits = {uid: (seq.nsteps, seq.step_timeout_ns // 1000) for uid, seq in seqs.items()}
     key_size = ctypes.sizeof(layout.ProgressKey)
-    # Read from the batches' buffers: a million entries as ctypes objects would take seconds.
+    # Read from the batches' buffers, a tight loop over (uid, state) pairs:
+    # a million entries as ctypes objects (or a call per field) take seconds.
     for n, keys, values in maps.progress.chunks():
         raw_keys = memoryview(keys).cast("B")[: n * key_size]
         states = memoryview(values).cast("B")[: n * 8].cast("Q")
-        for i, (uid,) in enumerate(_PROGRESS_UID.iter_unpack(raw_keys)):
+        for i, ((uid,), state) in enumerate(zip(_PROGRESS_UID.iter_unpack(raw_keys), states)):
             limit_of = limits.get(uid)
             if limit_of is None:
                 continue
-            state = states[i]
-            step, ts_us = layout.progress_step(state), layout.progress_ts_us(state)
-            if not 0 < step < limit_of[0] or now_us - ts_us > limit_of[1]:
+            step = state & 0xFF                    # layout.progress_step
+            if not 0 < step < limit_of[0] or now_us - (state >> 8) > limit_of[1]:   # >> 8: progress_ts_us
                 continue
             total += 1
             if len(shown) < limit:
                 key = layout.ProgressKey.from_buffer_copy(raw_keys, i * key_size)
                 shown.append((from_addr(key.src), seqs[uid].name.decode(errors="replace"), step,
-                              (now_us - ts_us) / 1e6))
+                              (now_us - (state >> 8)) / 1e6))
     return total, shown

@@ -121,9 +121,9 @@ def controller_status(maps):
 def live_grants(maps, now=None):
     """The live grants as status and `xknock grants` show them: [dict]."""
     return [
-        {"source": str(g.source), "port": f"{g.proto}:{g.port}", "sequence": g.sequence,
-         "window_left_s": round(g.window_left_s, 1), "idle_left_s": round(g.idle_left_s, 1)}
-        for g in grants.list_grants(maps, now=now) if g.alive
+        {"source": source, "port": f"{proto}:{port}", "sequence": origin,
+         "window_left_s": round(window_left_s, 1), "idle_left_s": round(idle_left_s, 1)}
+        for source, proto, port, window_left_s, idle_left_s, origin in grants.live_grant_texts(maps, now=now)
     ]
 
 

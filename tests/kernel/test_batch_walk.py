@@ -166,3 +166,29 @@ def test_lists_on_batches_and_walked_say_the_same(xk, no_batch, walked):
     assert bans.expire_bans(xk.maps, now=now) == 1
     assert grants.revoke(xk.maps, "10.2.0.1") == 0 and grants.revoke(xk.maps, "2001:db8::0:1") == 1
     assert not any(bytes(k.src.b) == bytes(to_addr("10.2.0.1").b) for k in xk.maps.progress.keys())
+
+
+def test_the_bulk_grant_lists_are_the_views_built_one_by_one(xk):
+    # list_grants, first_live_grants (top) and live_grant_texts (status) decode
+    # the batches' buffers in bulk: the same grants, in the same order, as a
+    # view made from each entry's ctypes objects and sorted by its text.
+    from xknock.controller.kernel.maps import from_addr
+
+    now = xk.now_ns
+    _fill_grants(xk, 500, now)
+    for text in ("10.9.0.2", "10.9.0.10", "::1", "::", "::10.9.0.3", "2001:db8::5", "2001:0:0:1::1", "fe80::1:0:0:2"):
+        xk.maps.grants.update(layout.GrantKey(src=to_addr(text), proto=layout.PROTO_UDP, port=53),
+                              layout.Grant(window_end_ns=now + 10**9, idle_timeout_ns=10**9, last_seen_ns=now,
+                                           flags=layout.GRANT_SPA))
+    one_by_one = sorted(((str(from_addr(k.src)), layout.PROTO_NAMES[k.proto], k.port), k, v)
+                        for k, v in ((k, v) for k, v in xk.maps.grants.items()))
+    listed = grants.list_grants(xk.maps, now=now)
+    assert [(str(g.source), g.proto, g.port) for g in listed] == [key for key, _, _ in one_by_one]
+    assert [g.source for g in listed] == [from_addr(k.src) for _, k, _ in one_by_one]
+    assert [g.sequence for g in listed] == ["spa" if v.flags else "operator" if v.seq_uid == 0 else f"uid {v.seq_uid:#x}"
+                                            for _, _, v in one_by_one]
+    alive = [g for g in listed if g.alive]
+    assert 0 < len(alive) < len(listed)
+    assert grants.first_live_grants(xk.maps, 20, now=now) == (len(alive), alive[:20])
+    assert grants.live_grant_texts(xk.maps, now=now) == [
+        (str(g.source), g.proto, g.port, g.window_left_s, g.idle_left_s, g.sequence) for g in alive]

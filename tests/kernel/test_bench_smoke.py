@@ -80,3 +80,16 @@ def test_the_cluster_benchmark_runs_quick(tmp_path):
     churn = [row for row in rows if len(row) == 11]
     assert [row[6] for row in churn] == ["0", "0"], text   # not arrived: none, in either variant
     assert "| 10,000 | " in text and text.rstrip().endswith("| 10,000 |"), text   # resynced: all in the maps
+
+
+def test_the_lists_benchmark_runs_quick_beside_a_revision(tmp_path):
+    """bench/run lists --against=REV: both trees' rows, lists, memory, attach."""
+    env = dict(os.environ, XKNOCK_VENV=os.path.dirname(os.path.dirname(sys.executable)),
+               XKNOCK_BENCH_RESULTS=str(tmp_path))
+    result = subprocess.run([os.path.join(ROOT, "bench", "run"), "lists", "--quick", "--against=HEAD"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    text = (tmp_path / "latest-lists.md").read_text()
+    assert "| what | this tree | HEAD | this / HEAD |" in text
+    for row in ("`xknock top` lists", "`xknock status`", "foreground controller VmRSS", "import xknock.cli.main"):
+        assert f"| {row}" in text, row
