@@ -153,15 +153,20 @@ static __always_inline int ipv4_answerable(__be32 saddr, __be32 daddr)
 	return 1;
 }
 
+/* Unspecified, loopback, IPv4-compatible and IPv4-mapped: ip6_rcv_core drops
+ * a packet with one of these at either end. */
+static __always_inline int ipv6_embeds_ipv4(__u8 *addr)
+{
+	__u32 w[3];
+	__builtin_memcpy(w, addr, sizeof(w));
+	return w[0] == 0 && w[1] == 0 && (w[2] == 0 || w[2] == bpf_htonl(0xffff));
+}
+
 static __always_inline int ipv6_answerable(__u8 *saddr, __u8 *daddr)
 {
-	__u32 w[4];
-	__builtin_memcpy(w, saddr, sizeof(w));
 	if (saddr[0] == 0xff || daddr[0] == 0xff)   /* multicast */
 		return 0;
-	if (w[0] == 0 && w[1] == 0 && (w[2] == 0 || w[2] == bpf_htonl(0xffff)))
-		return 0;   /* unspecified, loopback, IPv4-compatible and IPv4-mapped */
-	return 1;
+	return !ipv6_embeds_ipv4(saddr) && !ipv6_embeds_ipv4(daddr);
 }
 
 /* Keyed by the controller's random seed: an observer cannot predict it, as

@@ -147,6 +147,9 @@ IP_CASES = {
                                                        src="127.0.0.9"),
     "IPv4 multicast source (no answer)": lambda: frame4(UDP(sport=43013, dport=GUARDED_UDP) / Raw(b"m"),
                                                         src="224.0.0.9"),
+    "IPv4-mapped IPv6 destination (no answer)": lambda: raw(ether() / IPv6(src="2001:db8:77::27",
+                                                                            dst="::ffff:" + SERVER4)
+                                                            / TCP(sport=43017, dport=GUARDED_TCP, flags="S")),
     "IPv6 multicast destination (no answer)": lambda: raw(Ether(src="02:00:00:00:00:02", dst="33:33:00:00:00:01")
                                                           / IPv6(src="2001:db8:77::25", dst="ff02::1")
                                                           / UDP(sport=43014, dport=GUARDED_UDP) / Raw(b"m")),
