@@ -347,8 +347,9 @@ def test_protocols_the_kernel_has_get_no_answer(xk, example_config):
     assert answered(xk, frame4(Raw(b"\x00" * 16), proto=50))[0] == XDP_TX
     assert answered(xk, frame4(Raw(b"\x00" * 16), proto=132))[0] == XDP_DROP
     assert answered(xk, frame6(Raw(b"\x00" * 16), nh=50))[0] == XDP_DROP
+    assert answered(xk, udplite("198.51.100.30", 4, sport=47011, dport=9, payload=b"x"))[0] == XDP_DROP
     c = xk.counters()
-    assert (c[Reason.ANSWER_UNREACH], c[Reason.ANSWER_NONE]) == (1, 2)
+    assert (c[Reason.ANSWER_UNREACH], c[Reason.ANSWER_NONE]) == (1, 3)
 
 
 @pytest.mark.netns
@@ -363,6 +364,9 @@ def test_the_probe_finds_what_this_kernel_answers(kernel, family):
         frame = frame4(Raw(bytes(16)), proto=proto) if family == 4 else frame6(Raw(bytes(16)), nh=proto)
         answers_it = kernel.reply(frame) is not None
         assert answers_it == (proto in (found.ipv4 if family == 4 else found.ipv6)), proto
+    src = "198.51.100.29" if family == 4 else "2001:db8:77::29"
+    answers_udplite = kernel.reply(udplite(src, family, sport=47010, dport=9, payload=b"x")) is not None
+    assert answers_udplite == (found.udplite_ipv4 if family == 4 else found.udplite_ipv6)
 
 
 @pytest.mark.netns
@@ -371,4 +375,61 @@ def test_an_ah_header_cut_short_is_answered_as_ah(closed, kernel, family):
     """nmap -sO sends AH with no room for its header: a kernel without AH
     answers it as any packet of a protocol it lacks."""
     frame = frame4(Raw(b"\x06\x04"), proto=51) if family == 4 else frame6(Raw(b"\x06"), nh=51)
+    assert_same_answer(closed, kernel, frame)
+
+def udplite(src, family, sport, dport, payload, coverage=0, checksum=None):
+    """A UDP-Lite datagram (IP protocol 136, RFC 3828): the length field is the
+    checksum's coverage (0: all of it); the pseudo-header's length is the
+    datagram's, whatever the coverage."""
+    import socket
+    import struct
+
+    from scapy.utils import checksum as inet_checksum
+
+    header = struct.pack("!HHHH", sport, dport, coverage, 0)
+    datagram = header + payload
+    if checksum is None:
+        if family == 4:
+            ph = struct.pack("!4s4sBBH", socket.inet_aton(src), socket.inet_aton(SERVER4), 0, 136, len(datagram))
+        else:
+            ph = struct.pack("!16s16sI3xB", socket.inet_pton(socket.AF_INET6, src),
+                             socket.inet_pton(socket.AF_INET6, SERVER6), len(datagram), 136)
+        covered = datagram[:coverage or len(datagram)]
+        checksum = inet_checksum(ph + covered) or 0xFFFF
+    datagram = header[:6] + struct.pack("!H", checksum) + payload
+    if family == 4:
+        return raw(ether() / IP(src=src, dst=SERVER4, proto=136) / Raw(datagram))
+    return raw(ether() / IPv6(src=src, dst=SERVER6, nh=136) / Raw(datagram))
+
+
+# UDP-Lite reaches sockets no grant opens, so it is refused on every port
+# (other_transports = "drop"): a kernel that has it answers an unused port
+# with a port unreachable, and so must the program.
+UDPLITE_CASES = {
+    "full coverage": dict(sport=47000, dport=GUARDED_UDP, payload=b"lite"),
+    "empty, nmap -sO": dict(sport=47001, dport=9999, payload=b""),
+    "partial coverage": dict(sport=47002, dport=GUARDED_UDP, payload=b"p" * 40, coverage=12),
+    "coverage of the header alone": dict(sport=47003, dport=GUARDED_UDP, payload=b"h" * 9, coverage=8),
+    "large (quote cut)": dict(sport=47004, dport=GUARDED_UDP, payload=b"q" * 1300),
+    "zero checksum (no answer)": dict(sport=47005, dport=GUARDED_UDP, payload=b"z", checksum=0),
+    "bad checksum (no answer)": dict(sport=47006, dport=GUARDED_UDP, payload=b"b", checksum=0x1234),
+    "coverage below the header (no answer)": dict(sport=47007, dport=GUARDED_UDP, payload=b"c" * 8, coverage=7),
+    "coverage past the end (no answer)": dict(sport=47008, dport=GUARDED_UDP, payload=b"e" * 8, coverage=17),
+}
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("case", sorted(UDPLITE_CASES))
+@pytest.mark.parametrize("family", [4, 6])
+def test_udplite_is_answered_as_the_kernel_answers(closed, kernel, family, case):
+    src = "198.51.100.28" if family == 4 else "2001:db8:77::28"
+    assert_same_answer(closed, kernel, udplite(src, family, **UDPLITE_CASES[case]))
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("family", [4, 6])
+def test_udplite_without_its_header_gets_no_answer(closed, kernel, family):
+    """nmap -sO sends protocol 136 with no header: the kernel drops it (so
+    the scan reads open|filtered, with or without xknock), and so do we."""
+    frame = frame4(Raw(b""), proto=136) if family == 4 else frame6(Raw(b""), nh=136)
     assert_same_answer(closed, kernel, frame)
