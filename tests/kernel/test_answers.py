@@ -13,7 +13,7 @@ from xknock_dev.packets import (
     ICMP, IP, TCP, UDP, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, Raw, SERVER4, SERVER6, ether, raw, step, tcp,
     udp,
 )
-from scapy.layers.inet import IPOption_NOP
+from scapy.layers.inet import IPOption, IPOption_NOP, IPOption_RR
 from scapy.layers.l2 import Ether
 
 from xknock.controller.kernel.layout import Reason
@@ -95,12 +95,20 @@ TCP_CASES = {
     "RST (no answer)": TCP(sport=41008, dport=GUARDED_TCP, flags="R", seq=1),
     "RST|ACK (no answer)": TCP(sport=41009, dport=GUARDED_TCP, flags="RA", seq=1, ack=2),
     "bad checksum (no answer)": TCP(sport=41011, dport=GUARDED_TCP, flags="S", seq=3, chksum=0x1234),
+    "SYN|FIN": TCP(sport=41012, dport=GUARDED_TCP, flags="SF", seq=40),
+    "FIN|ACK (scan -sM)": TCP(sport=41013, dport=GUARDED_TCP, flags="FA", seq=41, ack=99),
+    "zero window": TCP(sport=41014, dport=GUARDED_TCP, flags="S", seq=42, window=0),
+    "FIN|PSH|URG with urgent pointer (nmap T7)": TCP(sport=41015, dport=GUARDED_TCP, flags="FPU", seq=43,
+                                                     urgptr=0xffff, window=65535),
+    "ACK with data, from port 53": TCP(sport=53, dport=GUARDED_TCP, flags="A", seq=44, ack=45) / Raw(b"a" * 40),
 }
 UDP_CASES = {
     "datagram": UDP(sport=42000, dport=GUARDED_UDP) / Raw(b"probe"),
     "empty datagram (scan -sU)": UDP(sport=42001, dport=GUARDED_UDP),
     "large datagram (quote cut)": UDP(sport=42002, dport=GUARDED_UDP) / Raw(b"q" * 1300),
     "bad checksum (no answer)": UDP(sport=42004, dport=GUARDED_UDP, chksum=0x1234) / Raw(b"probe"),
+    "from port 53, 40 bytes": UDP(sport=53, dport=GUARDED_UDP) / Raw(b"\x00" * 40),
+    "length below the header (no answer)": UDP(sport=42005, dport=GUARDED_UDP, len=4) / Raw(b"cut"),
 }
 
 
@@ -147,6 +155,10 @@ IP_CASES = {
                                                        src="127.0.0.9"),
     "IPv4 multicast source (no answer)": lambda: frame4(UDP(sport=43013, dport=GUARDED_UDP) / Raw(b"m"),
                                                         src="224.0.0.9"),
+    "IPv4 record route (nmap --ip-options R)": lambda: frame4(TCP(sport=43015, dport=GUARDED_TCP, flags="S"),
+                                                              options=[IPOption_RR(routers=["0.0.0.0"] * 9)]),
+    "IPv4 timestamp (nmap --ip-options T)": lambda: frame4(UDP(sport=43016, dport=GUARDED_UDP) / Raw(b"t"),
+                                                           options=[IPOption(b"\x44\x28\x05\x00" + bytes(36))]),
     "IPv4-mapped IPv6 destination (no answer)": lambda: raw(ether() / IPv6(src="2001:db8:77::27",
                                                                             dst="::ffff:" + SERVER4)
                                                             / TCP(sport=43017, dport=GUARDED_TCP, flags="S")),
@@ -156,8 +168,16 @@ IP_CASES = {
 }
 
 
+# The kernel echoes these options in its reset and its ICMP error (the
+# route with its address recorded, its timestamps); the program does not:
+# a residual (docs/threat-model.md, (g)). Strict, so that a fix shows.
+OPTIONS_ECHOED = {"IPv4 record route (nmap --ip-options R)", "IPv4 timestamp (nmap --ip-options T)"}
+
+
 @pytest.mark.netns
-@pytest.mark.parametrize("case", sorted(IP_CASES))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.xfail(
+    strict=True, reason="IP options are not echoed (docs/threat-model.md)")) if case in OPTIONS_ECHOED else case
+    for case in sorted(IP_CASES)])
 def test_ip_variants_match_the_kernel(closed, kernel, case):
     assert_same_answer(closed, kernel, IP_CASES[case]())
 
@@ -376,6 +396,7 @@ def test_an_ah_header_cut_short_is_answered_as_ah(closed, kernel, family):
     answers it as any packet of a protocol it lacks."""
     frame = frame4(Raw(b"\x06\x04"), proto=51) if family == 4 else frame6(Raw(b"\x06"), nh=51)
     assert_same_answer(closed, kernel, frame)
+
 
 def udplite(src, family, sport, dport, payload, coverage=0, checksum=None):
     """A UDP-Lite datagram (IP protocol 136, RFC 3828): the length field is the
