@@ -8,6 +8,7 @@
  *   UDP  an ICMP / ICMPv6 port unreachable quoting the datagram as icmp_send
  *        and icmp6_send do, within Linux's rate limits (per destination and
  *        for the host, read from its sysctls).
+ *   UDP-Lite (refused on every port) as UDP, where the kernel has UDP-Lite.
  *   ESP, AH, DCCP, SCTP (refused on every port) where this host's kernel
  *        lacks the protocol: an ICMP protocol unreachable / ICMPv6 parameter
  *        problem (unrecognized next header), quoting the packet, as
@@ -154,15 +155,20 @@ static __always_inline int ipv4_answerable(__be32 saddr, __be32 daddr)
 	return 1;
 }
 
+/* Unspecified, loopback, IPv4-compatible and IPv4-mapped: ip6_rcv_core drops
+ * a packet with one of these at either end. */
+static __always_inline int ipv6_embeds_ipv4(__u8 *addr)
+{
+	__u32 w[3];
+	__builtin_memcpy(w, addr, sizeof(w));
+	return w[0] == 0 && w[1] == 0 && (w[2] == 0 || w[2] == bpf_htonl(0xffff));
+}
+
 static __always_inline int ipv6_answerable(__u8 *saddr, __u8 *daddr)
 {
-	__u32 w[4];
-	__builtin_memcpy(w, saddr, sizeof(w));
 	if (saddr[0] == 0xff || daddr[0] == 0xff)   /* multicast */
 		return 0;
-	if (w[0] == 0 && w[1] == 0 && (w[2] == 0 || w[2] == bpf_htonl(0xffff)))
-		return 0;   /* unspecified, loopback, IPv4-compatible and IPv4-mapped */
-	return 1;
+	return !ipv6_embeds_ipv4(saddr) && !ipv6_embeds_ipv4(daddr);
 }
 
 /* Keyed by the controller's random seed: an observer cannot predict it, as
@@ -283,9 +289,10 @@ static __always_inline int ipv4_header_ok(struct xk_ctx *ctx, struct xk_answer_s
 	return csum_fold(csum_scratch(s, ihl, 0)) == 0;
 }
 
-/* Is the L4 checksum right, over n bytes at l4 with the pseudo-header? */
+/* Is the L4 checksum right, over the first `covered` of n bytes at l4 with
+ * the pseudo-header (of length n)? covered < n only for UDP-Lite. */
 static __always_inline int l4_checksum_ok(struct xk_ctx *ctx, struct xk_answer_scratch *s, struct xk_packet *pkt,
-					  __u8 *saddr, __u8 *daddr, __u32 l4, __u32 n, __u8 proto)
+					  __u8 *saddr, __u8 *daddr, __u32 l4, __u32 n, __u32 covered, __u8 proto)
 {
 	__s64 seed;
 	if (pkt->ipv4) {
@@ -303,9 +310,9 @@ static __always_inline int l4_checksum_ok(struct xk_ctx *ctx, struct xk_answer_s
 		ph.nexthdr = proto;
 		seed = bpf_csum_diff(NULL, 0, (void *)&ph, sizeof(ph), 0);
 	}
-	if (seed < 0 || load_scratch(ctx, s, l4, n) < 0)
+	if (seed < 0 || load_scratch(ctx, s, l4, covered) < 0)
 		return 0;
-	return csum_fold(csum_scratch(s, n, (__u32)seed)) == 0;
+	return csum_fold(csum_scratch(s, covered, (__u32)seed)) == 0;
 }
 
 /* What every answer checks first: unicast MACs, not a first fragment (Linux
@@ -369,7 +376,7 @@ static __always_inline int read_asked(struct xk_ctx *ctx, struct xk_packet *pkt,
 		q->seq = th->seq;
 		q->ack_seq = th->ack_seq;
 		q->payload = n - doff;
-		return l4_checksum_ok(ctx, s, pkt, q->saddr, q->daddr, l4, n, IPPROTO_TCP);
+		return l4_checksum_ok(ctx, s, pkt, q->saddr, q->daddr, l4, n, n, IPPROTO_TCP);
 	}
 	if (pkt->proto == XK_PROTO_UDP) {
 		struct udphdr *uh = data + l4;
@@ -383,7 +390,7 @@ static __always_inline int read_asked(struct xk_ctx *ctx, struct xk_packet *pkt,
 		if (uh->check == 0) {
 			if (!pkt->ipv4)
 				return 0;   /* IPv6 UDP needs a checksum: Linux drops it */
-		} else if (!l4_checksum_ok(ctx, s, pkt, q->saddr, q->daddr, l4, ulen, IPPROTO_UDP)) {
+		} else if (!l4_checksum_ok(ctx, s, pkt, q->saddr, q->daddr, l4, ulen, ulen, IPPROTO_UDP)) {
 			return 0;
 		}
 		/* Linux trims the datagram to the UDP length, then quotes from the IP header. */
@@ -393,6 +400,37 @@ static __always_inline int read_asked(struct xk_ctx *ctx, struct xk_packet *pkt,
 		return 1;
 	}
 	return 0;   /* a guarded ICMP echo: Linux would answer it, we may not */
+}
+
+/* A refused UDP-Lite datagram: is it one Linux answers (__udp4_lib_rcv,
+ * udplite_checksum_init)? The length field is the checksum's coverage, 0 for
+ * all of it; a zero checksum, a coverage under the header or past the end,
+ * or a wrong sum over the covered bytes (the pseudo-header's length is the
+ * datagram's) gets nothing. */
+static __always_inline int udplite_answerable(struct xk_ctx *ctx, struct xk_answer_scratch *s,
+					      struct xk_packet *pkt, struct xk_asked *q)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	pkt->l4_off = pkt->off;   /* parsing stops at the IP headers for a protocol without ports for us */
+	__u32 l4 = pkt->l4_off & XK_MAX_HDR_OFFSET;
+	int n = l4_length(data, data_end, pkt);
+	struct udphdr *uh = data + l4;
+	if (n < (int)sizeof(*uh) || (void *)(uh + 1) > data_end || uh->check == 0)
+		return 0;
+	q->sport = uh->source;
+	q->dport = uh->dest;
+	__u64 covered = bpf_ntohs(uh->len);
+	if (covered == 0)
+		covered = n;
+	if (covered < sizeof(*uh) || covered > (__u32)n)
+		return 0;
+	/* a bound the verifier sees on the register itself (n's does not carry over) */
+	asm volatile("" : "+r"(covered));
+	if (covered > XK_ANSWER_MAX_L4)
+		return 0;
+	asm volatile("" : "+r"(covered));
+	return l4_checksum_ok(ctx, s, pkt, q->saddr, q->daddr, l4, n, covered, XK_PROTO_UDPLITE);
 }
 
 /* The settings flag that says the kernel lacks protocol proto (IPv4 or IPv6). */
@@ -412,7 +450,9 @@ static __always_inline __u32 unreach_flag(__u8 proto, int ipv4)
 }
 
 /* A refused ESP, AH, DCCP or SCTP packet: an answer is due (1) where the
- * kernel lacks the protocol the IP header names, and Linux would answer it.
+ * kernel lacks the protocol the IP header names, and Linux would answer it;
+ * refused UDP-Lite, where the kernel has it: the port unreachable of an
+ * unused port (q->unknown cleared), if Linux would send it.
  * IPv6 is answered only when the fixed header names the protocol: behind
  * extension headers the kernel's pointer would lie deeper, and we drop. */
 static __always_inline int read_unknown(struct xk_ctx *ctx, struct xk_packet *pkt, struct xk_settings *set,
@@ -425,7 +465,7 @@ static __always_inline int read_unknown(struct xk_ctx *ctx, struct xk_packet *pk
 	if (!s || !read_ends(data, data_end, pkt, q))
 		return 0;
 	__u32 l3 = pkt->l3_off & 31;
-	__u32 total, flag;
+	__u32 total, proto;
 	q->unknown = 1;
 	if (pkt->ipv4) {
 		struct iphdr *iph = data + l3;
@@ -435,18 +475,26 @@ static __always_inline int read_unknown(struct xk_ctx *ctx, struct xk_packet *pk
 		total = bpf_ntohs(iph->tot_len);
 		if (ihl < sizeof(*iph) || total < ihl || !ipv4_header_ok(ctx, s, l3, ihl))
 			return 0;
-		flag = unreach_flag(iph->protocol, 1);
+		proto = iph->protocol;
 	} else {
 		struct ipv6hdr *ip6h = data + l3;
 		if ((void *)(ip6h + 1) > data_end)
 			return 0;
 		total = sizeof(*ip6h) + bpf_ntohs(ip6h->payload_len);
-		flag = unreach_flag(ip6h->nexthdr, 0);
+		proto = ip6h->nexthdr;   /* behind extension headers: not answered */
 	}
-	if (!flag || !(set->flags & flag))
-		return 0;
 	if (total > (__u32)(data_end - (data + l3)))
 		return 0;   /* cut short: Linux drops it */
+	__u32 flag = unreach_flag(proto, pkt->ipv4);
+	if (proto == XK_PROTO_UDPLITE &&
+	    (set->flags & (pkt->ipv4 ? XK_SET_UDPLITE_PORTS4 : XK_SET_UDPLITE_PORTS6))) {
+		/* the kernel has UDP-Lite: a port unreachable, as for an unused UDP port */
+		q->unknown = 0;
+		if (!udplite_answerable(ctx, s, pkt, q))
+			return 0;
+	} else if (!flag || !(set->flags & flag)) {
+		return 0;
+	}
 	__u32 most = pkt->ipv4 ? XK_ICMP_QUOTE : XK_ICMP6_QUOTE;
 	q->quote = total < most ? total : most;
 	return 1;

@@ -142,6 +142,10 @@
 #define XK_SET_UNREACH_AH6     (1U << 12)
 #define XK_SET_UNREACH_DCCP6   (1U << 13)
 #define XK_SET_UNREACH_SCTP6   (1U << 14)
+/* Refused UDP-Lite gets the port unreachable this host's kernel sends for
+ * an unused UDP-Lite port (the controller asks it, as above). */
+#define XK_SET_UDPLITE_PORTS4  (1U << 15)
+#define XK_SET_UDPLITE_PORTS6  (1U << 16)
 
 /* Transports whose ports the kernel delivers to sockets that xknock cannot
  * open (grants are TCP and UDP). */

@@ -118,6 +118,10 @@ def unreachable_flags(unreachable):
     for family, protos in ((layout.SET_UNREACH4, unreachable.ipv4), (layout.SET_UNREACH6, unreachable.ipv6)):
         for proto in protos:
             flags |= family.get(proto, 0)
+    if unreachable.udplite_ipv4:
+        flags |= layout.SET_UDPLITE_PORTS4
+    if unreachable.udplite_ipv6:
+        flags |= layout.SET_UDPLITE_PORTS6
     return flags
 
 

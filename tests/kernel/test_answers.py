@@ -13,7 +13,7 @@ from xknock_dev.packets import (
     ICMP, IP, TCP, UDP, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, Raw, SERVER4, SERVER6, ether, raw, step, tcp,
     udp,
 )
-from scapy.layers.inet import IPOption_NOP
+from scapy.layers.inet import IPOption, IPOption_NOP, IPOption_RR
 from scapy.layers.l2 import Ether
 
 from xknock.controller.kernel.layout import Reason
@@ -95,12 +95,20 @@ TCP_CASES = {
     "RST (no answer)": TCP(sport=41008, dport=GUARDED_TCP, flags="R", seq=1),
     "RST|ACK (no answer)": TCP(sport=41009, dport=GUARDED_TCP, flags="RA", seq=1, ack=2),
     "bad checksum (no answer)": TCP(sport=41011, dport=GUARDED_TCP, flags="S", seq=3, chksum=0x1234),
+    "SYN|FIN": TCP(sport=41012, dport=GUARDED_TCP, flags="SF", seq=40),
+    "FIN|ACK (scan -sM)": TCP(sport=41013, dport=GUARDED_TCP, flags="FA", seq=41, ack=99),
+    "zero window": TCP(sport=41014, dport=GUARDED_TCP, flags="S", seq=42, window=0),
+    "FIN|PSH|URG with urgent pointer (nmap T7)": TCP(sport=41015, dport=GUARDED_TCP, flags="FPU", seq=43,
+                                                     urgptr=0xffff, window=65535),
+    "ACK with data, from port 53": TCP(sport=53, dport=GUARDED_TCP, flags="A", seq=44, ack=45) / Raw(b"a" * 40),
 }
 UDP_CASES = {
     "datagram": UDP(sport=42000, dport=GUARDED_UDP) / Raw(b"probe"),
     "empty datagram (scan -sU)": UDP(sport=42001, dport=GUARDED_UDP),
     "large datagram (quote cut)": UDP(sport=42002, dport=GUARDED_UDP) / Raw(b"q" * 1300),
     "bad checksum (no answer)": UDP(sport=42004, dport=GUARDED_UDP, chksum=0x1234) / Raw(b"probe"),
+    "from port 53, 40 bytes": UDP(sport=53, dport=GUARDED_UDP) / Raw(b"\x00" * 40),
+    "length below the header (no answer)": UDP(sport=42005, dport=GUARDED_UDP, len=4) / Raw(b"cut"),
 }
 
 
@@ -147,14 +155,29 @@ IP_CASES = {
                                                        src="127.0.0.9"),
     "IPv4 multicast source (no answer)": lambda: frame4(UDP(sport=43013, dport=GUARDED_UDP) / Raw(b"m"),
                                                         src="224.0.0.9"),
+    "IPv4 record route (nmap --ip-options R)": lambda: frame4(TCP(sport=43015, dport=GUARDED_TCP, flags="S"),
+                                                              options=[IPOption_RR(routers=["0.0.0.0"] * 9)]),
+    "IPv4 timestamp (nmap --ip-options T)": lambda: frame4(UDP(sport=43016, dport=GUARDED_UDP) / Raw(b"t"),
+                                                           options=[IPOption(b"\x44\x28\x05\x00" + bytes(36))]),
+    "IPv4-mapped IPv6 destination (no answer)": lambda: raw(ether() / IPv6(src="2001:db8:77::27",
+                                                                            dst="::ffff:" + SERVER4)
+                                                            / TCP(sport=43017, dport=GUARDED_TCP, flags="S")),
     "IPv6 multicast destination (no answer)": lambda: raw(Ether(src="02:00:00:00:00:02", dst="33:33:00:00:00:01")
                                                           / IPv6(src="2001:db8:77::25", dst="ff02::1")
                                                           / UDP(sport=43014, dport=GUARDED_UDP) / Raw(b"m")),
 }
 
 
+# The kernel echoes these options in its reset and its ICMP error (the
+# route with its address recorded, its timestamps); the program does not:
+# a residual (docs/threat-model.md, (g)). Strict, so that a fix shows.
+OPTIONS_ECHOED = {"IPv4 record route (nmap --ip-options R)", "IPv4 timestamp (nmap --ip-options T)"}
+
+
 @pytest.mark.netns
-@pytest.mark.parametrize("case", sorted(IP_CASES))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.xfail(
+    strict=True, reason="IP options are not echoed (docs/threat-model.md)")) if case in OPTIONS_ECHOED else case
+    for case in sorted(IP_CASES)])
 def test_ip_variants_match_the_kernel(closed, kernel, case):
     assert_same_answer(closed, kernel, IP_CASES[case]())
 
@@ -344,8 +367,9 @@ def test_protocols_the_kernel_has_get_no_answer(xk, example_config):
     assert answered(xk, frame4(Raw(b"\x00" * 16), proto=50))[0] == XDP_TX
     assert answered(xk, frame4(Raw(b"\x00" * 16), proto=132))[0] == XDP_DROP
     assert answered(xk, frame6(Raw(b"\x00" * 16), nh=50))[0] == XDP_DROP
+    assert answered(xk, udplite("198.51.100.30", 4, sport=47011, dport=9, payload=b"x"))[0] == XDP_DROP
     c = xk.counters()
-    assert (c[Reason.ANSWER_UNREACH], c[Reason.ANSWER_NONE]) == (1, 2)
+    assert (c[Reason.ANSWER_UNREACH], c[Reason.ANSWER_NONE]) == (1, 3)
 
 
 @pytest.mark.netns
@@ -360,6 +384,9 @@ def test_the_probe_finds_what_this_kernel_answers(kernel, family):
         frame = frame4(Raw(bytes(16)), proto=proto) if family == 4 else frame6(Raw(bytes(16)), nh=proto)
         answers_it = kernel.reply(frame) is not None
         assert answers_it == (proto in (found.ipv4 if family == 4 else found.ipv6)), proto
+    src = "198.51.100.29" if family == 4 else "2001:db8:77::29"
+    answers_udplite = kernel.reply(udplite(src, family, sport=47010, dport=9, payload=b"x")) is not None
+    assert answers_udplite == (found.udplite_ipv4 if family == 4 else found.udplite_ipv6)
 
 
 @pytest.mark.netns
@@ -368,4 +395,62 @@ def test_an_ah_header_cut_short_is_answered_as_ah(closed, kernel, family):
     """nmap -sO sends AH with no room for its header: a kernel without AH
     answers it as any packet of a protocol it lacks."""
     frame = frame4(Raw(b"\x06\x04"), proto=51) if family == 4 else frame6(Raw(b"\x06"), nh=51)
+    assert_same_answer(closed, kernel, frame)
+
+
+def udplite(src, family, sport, dport, payload, coverage=0, checksum=None):
+    """A UDP-Lite datagram (IP protocol 136, RFC 3828): the length field is the
+    checksum's coverage (0: all of it); the pseudo-header's length is the
+    datagram's, whatever the coverage."""
+    import socket
+    import struct
+
+    from scapy.utils import checksum as inet_checksum
+
+    header = struct.pack("!HHHH", sport, dport, coverage, 0)
+    datagram = header + payload
+    if checksum is None:
+        if family == 4:
+            ph = struct.pack("!4s4sBBH", socket.inet_aton(src), socket.inet_aton(SERVER4), 0, 136, len(datagram))
+        else:
+            ph = struct.pack("!16s16sI3xB", socket.inet_pton(socket.AF_INET6, src),
+                             socket.inet_pton(socket.AF_INET6, SERVER6), len(datagram), 136)
+        covered = datagram[:coverage or len(datagram)]
+        checksum = inet_checksum(ph + covered) or 0xFFFF
+    datagram = header[:6] + struct.pack("!H", checksum) + payload
+    if family == 4:
+        return raw(ether() / IP(src=src, dst=SERVER4, proto=136) / Raw(datagram))
+    return raw(ether() / IPv6(src=src, dst=SERVER6, nh=136) / Raw(datagram))
+
+
+# UDP-Lite reaches sockets no grant opens, so it is refused on every port
+# (other_transports = "drop"): a kernel that has it answers an unused port
+# with a port unreachable, and so must the program.
+UDPLITE_CASES = {
+    "full coverage": dict(sport=47000, dport=GUARDED_UDP, payload=b"lite"),
+    "empty, nmap -sO": dict(sport=47001, dport=9999, payload=b""),
+    "partial coverage": dict(sport=47002, dport=GUARDED_UDP, payload=b"p" * 40, coverage=12),
+    "coverage of the header alone": dict(sport=47003, dport=GUARDED_UDP, payload=b"h" * 9, coverage=8),
+    "large (quote cut)": dict(sport=47004, dport=GUARDED_UDP, payload=b"q" * 1300),
+    "zero checksum (no answer)": dict(sport=47005, dport=GUARDED_UDP, payload=b"z", checksum=0),
+    "bad checksum (no answer)": dict(sport=47006, dport=GUARDED_UDP, payload=b"b", checksum=0x1234),
+    "coverage below the header (no answer)": dict(sport=47007, dport=GUARDED_UDP, payload=b"c" * 8, coverage=7),
+    "coverage past the end (no answer)": dict(sport=47008, dport=GUARDED_UDP, payload=b"e" * 8, coverage=17),
+}
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("case", sorted(UDPLITE_CASES))
+@pytest.mark.parametrize("family", [4, 6])
+def test_udplite_is_answered_as_the_kernel_answers(closed, kernel, family, case):
+    src = "198.51.100.28" if family == 4 else "2001:db8:77::28"
+    assert_same_answer(closed, kernel, udplite(src, family, **UDPLITE_CASES[case]))
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("family", [4, 6])
+def test_udplite_without_its_header_gets_no_answer(closed, kernel, family):
+    """nmap -sO sends protocol 136 with no header: the kernel drops it (so
+    the scan reads open|filtered, with or without xknock), and so do we."""
+    frame = frame4(Raw(b""), proto=136) if family == 4 else frame6(Raw(b""), nh=136)
     assert_same_answer(closed, kernel, frame)

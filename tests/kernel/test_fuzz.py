@@ -512,6 +512,7 @@ def never_answered_destination(ip):
 
 
 UNKNOWN_PROTOCOLS = {50, 51, 33, 132}   # what this kernel lacks (policy/protocols.py asks it)
+UDPLITE = 136                            # refused on every port, answered as an unused UDP-Lite port
 
 
 def answer_problems(frame, verdict, out, granted):
@@ -530,8 +531,11 @@ def answer_problems(frame, verdict, out, granted):
     view = ip_view(frame)
     # ESP, AH, DCCP, SCTP named by the IP header: this kernel lacks them, so
     # a refusal is answered as a protocol it lacks, whatever they carry
-    as_unknown = view is not None and frame[view[0] + (9 if view[1].version == 4 else 6)] in UNKNOWN_PROTOCOLS
-    if target not in ANSWERED and not as_unknown:
+    named = frame[view[0] + (9 if view[1].version == 4 else 6)] if view is not None else None
+    as_unknown = named in UNKNOWN_PROTOCOLS
+    # UDP-Lite, which this kernel has: refused on every port, answered as an unused port
+    as_udplite = named == UDPLITE
+    if target not in ANSWERED and not as_unknown and not as_udplite:
         problems.append(("target", f"answered a frame aimed at {target}"))
     if frame[0] & 1 or frame[6] & 1:
         problems.append(("mac", "answered a frame from or to a MAC address that is not unicast"))
@@ -543,12 +547,12 @@ def answer_problems(frame, verdict, out, granted):
         problems.append(("source", f"answered a frame from {s}"))
     if never_answered_destination(d):
         problems.append(("destination", f"answered a frame to {d}"))
-    if s in granted and target in GUARDED and not as_unknown:   # IPsec is refused to grants too ([filter] ipsec)
+    if s in granted and target in GUARDED and not as_unknown and not as_udplite:   # IPsec is refused to grants too ([filter] ipsec)
         problems.append(("granted", f"answered {s}, which holds a live grant for {target}"))
     # IPv6 whose fixed header names a protocol this kernel lacks: the kernel
     # answers before it would read a fragment header behind it (IPv4's
     # fragments are reassembled first, so they still count)
-    if fragment and not (as_unknown and s.version == 6):
+    if fragment and not (as_unknown and s.version == 6):   # UDP-Lite: reassembled first, as UDP
         if first_fragment_header_undone(frame):
             problems.append(("fragment", "answered a first fragment whose later fragment header says "
                              "offset 0, no more"))
@@ -567,6 +571,9 @@ def answer_problems(frame, verdict, out, granted):
             if (out_proto, out[at:at + 2]) not in ((1, b"\x03\x02"), (58, b"\x04\x01")):
                 problems.append(("kind", "a protocol this kernel lacks answered with something other than "
                                          "a protocol unreachable"))
+        elif as_udplite:
+            if (out_proto, out[at:at + 2]) not in ((1, b"\x03\x03"), (58, b"\x01\x04")):
+                problems.append(("kind", "UDP-Lite answered with something other than a port unreachable"))
         elif target in ANSWERED and target[0] == "tcp":
             if out_proto != 6 or not out[at + 13] & TCP_RST:
                 problems.append(("kind", "a TCP segment answered with something other than a RST"))
