@@ -1,11 +1,12 @@
-"""bench/run's entry: `python -m bench [datapath|bpftool|controlplane|lists|flood|knockd|nft|spa|spa-verify|answers|cluster|report|all]
+"""bench/run's entry: `python -m bench [datapath|bpftool|controlplane|lists|flood|knockd|nft|spa|spa-verify|answers|cluster|cluster-resync|report|all]
 [--quick] [--against=REV]` (REV: a git revision whose data path `datapath` times side by side, bench/against.py)."""
 
 import sys
 
 from . import answers, bpftool_run, cluster, controlplane, datapath, flood, fwknop, knockd, lists, nftingress, report, spa_verify
 
-COMMANDS = ("datapath", "bpftool", "controlplane", "lists", "flood", "knockd", "nft", "spa", "spa-verify", "answers", "cluster", "report", "all")
+COMMANDS = ("datapath", "bpftool", "controlplane", "lists", "flood", "knockd", "nft", "spa", "spa-verify", "answers",
+            "cluster", "cluster-resync", "report", "all")
 
 
 def main(argv):
@@ -29,6 +30,8 @@ def main(argv):
         answers.run_answers(quick)
     if which == "cluster":   # three nodes and a real etcd: grant latency under churn, writes, resync
         cluster.run_cluster(quick)
+    if which == "cluster-resync":   # the resync alone: received grants written in batches and one by one
+        cluster.run_cluster(quick, resync_only=True)
     if which == "spa-verify":   # the verifier's cost per candidate, in process: no lab, no root
         print(fwknop.cost_markdown(fwknop.candidate_costs(0.5 if quick else 3.0)))
         print()   # and both protocols side by side: junk, forged, authentic

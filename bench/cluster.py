@@ -89,6 +89,38 @@ def _unbatched_node_class():
     return OnePerTxn
 
 
+def _one_by_one_node_class():
+    """ClusterNode as it wrote received grants before batching: each one on
+    its own (a lookup, then write_grants: a map lock, a lookup and an update),
+    the "one by one" variant of the resync."""
+    from xknock.controller.cluster import records
+    from xknock.controller.cluster.node import ClusterNode
+    from xknock.controller.kernel import layout
+    from xknock.controller.kernel.maps import to_addr
+    from xknock.controller.state import grants
+
+    class OneByOne(ClusterNode):
+        def _batch_grant(self, record, resync):
+            offset = records.clock_offset_ns()
+            now = time.time_ns() - offset
+            window_end, last_seen = records.to_local(record, offset)
+            if window_end <= now and last_seen + record.idle_timeout_ns <= now:
+                return
+            key = layout.GrantKey(src=to_addr(record.source), proto=layout.PROTO_NUMBERS[record.proto],
+                                  port=record.port)
+            current = self.maps.grants.lookup(key)
+            if current is not None and current.window_end_ns >= window_end and \
+                    current.last_seen_ns + current.idle_timeout_ns >= last_seen + record.idle_timeout_ns:
+                return
+            grants.write_grants(self.maps, record.source, [(record.proto, record.port)], window_end - last_seen,
+                                record.idle_timeout_ns, now=last_seen, seq_uid=record.seq_uid, flags=record.flags)
+            self.counts["received"] += 1
+            if self.on_received is not None:
+                self.on_received(record)
+
+    return OneByOne
+
+
 def _cluster(endpoints, node):
     from xknock.controller.config.cluster_config import Cluster
 
@@ -168,7 +200,9 @@ class NodeServer:
     def start(self, variant="batched"):
         from xknock.controller.cluster.node import ClusterNode
 
-        kind = ClusterNode if variant == "batched" else _unbatched_node_class()
+        kind = {"batched": ClusterNode, "unbatched": _unbatched_node_class,
+                "one by one": _one_by_one_node_class}[variant]
+        kind = kind if variant == "batched" else kind()
         self.stop()
         started = time.monotonic()
         self.node = kind(_cluster(self.endpoints, self.name), self.maps)
@@ -333,24 +367,35 @@ class Run:
                 "writes": {k: after[k] - before[k] for k in ETCD_COUNTERS}, "txns": counts["publish_txns"],
                 "published": counts["published"]}
 
-    def resync(self, count):
-        """count grants in etcd; node C restarted with empty maps reads and writes them all."""
+    def resync(self, count, rounds):
+        """count grants in etcd; node C restarted with empty maps reads and
+        writes them all, its received grants written in batches and one by
+        one (before), rounds of each, interleaved."""
         a, _, c = self.nodes
-        check = self.etcd.ctl("del", "--prefix", PREFIX, timeout=60)
-        if check.returncode != 0:
+        for _ in range(5):   # etcd under a loaded machine's churn may time a request out: try again
+            check = self.etcd.ctl("del", "--prefix", PREFIX, timeout=60)
+            if check.returncode == 0:
+                break
+            time.sleep(2)
+        else:
             raise SystemExit(f"bench: etcdctl del failed: {check.stderr.strip()}")
         load_s = a.call("load", self.sources(count), count)
         c.call("stop")
-        c.call("clear")
-        read_s, keys = c.call("read_prefix")
-        total_s = c.call("start")
-        written = c.call("grants_in_maps")
-        c.call("stop")
-        return {"count": count, "load_s": load_s, "read_s": read_s, "keys": keys, "total_s": total_s,
-                "written": written}
+        results = {}
+        for _ in range(rounds):
+            for name, variant in RESYNC_VARIANTS:
+                c.call("clear")
+                read_s, keys = c.call("read_prefix")
+                total_s = c.call("start", variant)
+                written = c.call("grants_in_maps")
+                c.call("stop")
+                results.setdefault(name, []).append({"read_s": read_s, "keys": keys, "total_s": total_s,
+                                                     "written": written})
+        return {"count": count, "load_s": load_s, "variants": results}
 
 
 VARIANTS = (("batched", "batched"), ("one per txn (before)", "unbatched"))
+RESYNC_VARIANTS = (("in batches of 1,000", "batched"), ("one by one (before)", "one by one"))
 
 
 def pooled(rounds):
@@ -377,6 +422,13 @@ def _ms(seconds):
 def markdown(churn, flat_out, spa, resync, settings):
     lines = ["## Cluster: grants shared through etcd (three nodes, three etcd members on loopback)", "",
              *settings, ""]
+    if churn is not None:
+        lines += _sharing_markdown(churn, flat_out, spa)
+    return "\n".join(lines + _resync_markdown(resync))
+
+
+def _sharing_markdown(churn, flat_out, spa):
+    lines = []
     header = ["variant", "grants", "made at", "p50 to every node", "p99", "max", "not arrived",
               "grants per txn", "raft writes per grant", "puts", "lease grants"]
     rows = []
@@ -412,16 +464,27 @@ def markdown(churn, flat_out, spa, resync, settings):
               "Each: the replay claim (its own create-if-absent transaction; the packet waits for it), the "
               "grant written into A's maps, then published.", "",
               common.markdown_table(header, rows), ""]
-    rows = [[f"{resync['count']:,}", f"{resync['load_s']:.2f} s", f"{resync['read_s']:.2f} s",
-             f"{resync['total_s']:.2f} s", f"{resync['written']:,}"]]
-    lines += ["### Resync: a node that starts with empty maps", "",
-              common.markdown_table(["grants in etcd", "loaded (batched, 128 a txn)", "read alone (pages of 2,000)",
-                                     "node start to resynced (read + written into its maps)",
+    return lines
+
+
+def _resync_markdown(resync):
+    rows = [[name, f"{resync['count']:,}", f"{resync['load_s']:.2f} s",
+             " / ".join(f"{r['read_s']:.2f}" for r in results) + " s",
+             " / ".join(f"{r['total_s']:.2f}" for r in results) + " s",
+             f"{common.median([r['total_s'] for r in results]):.2f} s",
+             " / ".join(f"{r['written']:,}" for r in results)] for name, results in resync["variants"].items()]
+    lines = ["### Resync: a node that starts with empty maps", "",
+              "Received grants written into the maps in batches (one map lock and one BPF_MAP_UPDATE_BATCH per "
+              "1,000) and one by one (before: a map lock, two lookups and an update each); rounds interleaved.", "",
+              common.markdown_table(["writes", "grants in etcd", "loaded (batched, 128 a txn)",
+                                     "read alone (pages of 2,000), each round",
+                                     "node start to resynced (read + written), each round", "median",
                                      "grants in its maps"], rows), ""]
-    return "\n".join(lines)
+    return lines
 
 
-def run_cluster(quick):
+def run_cluster(quick, resync_only=False):
+    """Every table; with resync_only (`bench/run cluster-resync`), the resync's alone."""
     churn_s = 2 if quick else 10
     rounds = 1 if quick else 3
     flat_count = 1000 if quick else 10_000
@@ -444,22 +507,32 @@ def run_cluster(quick):
                     node.call("start")
                 run = Run(etcd, nodes, quick)
                 variants = [(name, variant) for name, variant in VARIANTS]
-                churn = {name: pooled(results) for name, results in common.interleaved(
-                    variants, rounds, lambda v: run.round(v, "churn", RATE * churn_s)).items()}
-                flat_out = {name: pooled(results) for name, results in common.interleaved(
-                    variants, 1, lambda v: run.round(v, "flat out", flat_count)).items()}
-                spa = {name: pooled(results) for name, results in common.interleaved(
-                    variants, 1, lambda v: run.round(v, "spa", spa_packets)).items()}
-                resync = run.resync(resync_count)
+                churn = flat_out = spa = None
+                if not resync_only:
+                    churn, flat_out, spa = _sharing(run, variants, churn_s, rounds, flat_count, spa_packets)
+                resync = run.resync(resync_count, rounds)
             finally:
                 for node in nodes:
                     node.close()
     settings = ["- nodes: three processes, each the real program's maps (BCC, no interface) and the product's "
                 "ClusterNode; etcd: Debian's, three members on loopback (heartbeat 100 ms)",
-                f"- churn: {RATE} grants a second for {churn_s} s, {rounds} round(s) per variant, interleaved; "
-                f"flat out: {flat_count} grants; {spa_packets} SPA packets per variant; grants map of {GRANT_ENTRIES:,} entries",
+                *([] if resync_only else [
+                    f"- churn: {RATE} grants a second for {churn_s} s, {rounds} round(s) per variant, interleaved; "
+                    f"flat out: {flat_count} grants; {spa_packets} SPA packets per variant"]),
+                f"- resync: {rounds} round(s) per variant, interleaved; grants map of {GRANT_ENTRIES:,} entries",
                 *common.machine()]
     text = markdown(churn, flat_out, spa, resync, settings)
     print(text)
-    print(f"written to {common.write_results('cluster', text)}")
+    print(f"written to {common.write_results('cluster-resync' if resync_only else 'cluster', text)}")
     return text
+
+
+def _sharing(run, variants, churn_s, rounds, flat_count, spa_packets):
+    """The churn, flat-out and SPA rounds, both ways of publishing interleaved."""
+    churn = {name: pooled(results) for name, results in common.interleaved(
+        variants, rounds, lambda v: run.round(v, "churn", RATE * churn_s)).items()}
+    flat_out = {name: pooled(results) for name, results in common.interleaved(
+        variants, 1, lambda v: run.round(v, "flat out", flat_count)).items()}
+    spa = {name: pooled(results) for name, results in common.interleaved(
+        variants, 1, lambda v: run.round(v, "spa", spa_packets)).items()}
+    return churn, flat_out, spa

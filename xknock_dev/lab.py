@@ -5,6 +5,7 @@ a fourth ("sw"), so that a filter on the server's one interface sees both.
     server  srv0-<tok> ─┐
     client  cli0-<tok> ─┼─ br-<tok>   (in the sw namespace)
     attacker atk0-<tok> ┘
+    router  rtr0-<tok> ─┘   (Lab(router=True): ECMP to the servers' SERVICE address)
 
 Every namespace and interface name carries a token unique to the lab
 (namespaces: <prefix>-<pid>-<tok>-<role>), so labs of several processes live
@@ -46,6 +47,10 @@ EXTRA_SERVERS = {
     "srv2": ("10.77.0.4", "fd00:77::4"),
     "srv3": ("10.77.0.5", "fd00:77::5"),
 }
+# The ECMP router of Lab(router=True), on the bridge too, and the service
+# address it spreads over the servers (each has it on lo: anycast).
+ROUTER = ("rtr", ("10.77.0.253", "fd00:77::fd"))
+SERVICE = ("10.77.100.1", "fd00:77:100::1")
 IFA_F_NODAD = 0x02  # the address is usable at once, no duplicate detection
 IFA_F_TENTATIVE = 0x40
 READY_TIMEOUT = 10.0
@@ -118,7 +123,7 @@ def stop_process(process, timeout=3.0):
 class Lab:
     """The namespaces, built on __enter__ and removed on __exit__."""
 
-    def __init__(self, prefix="xk", ipv6=True, servers=1):
+    def __init__(self, prefix="xk", ipv6=True, servers=1, router=False):
         if not re.fullmatch(r"[A-Za-z0-9_]+", prefix):
             raise ValueError(f"lab prefix {prefix!r}: use letters, digits and _ only")
         if not 1 <= servers <= 1 + len(EXTRA_SERVERS):
@@ -129,8 +134,10 @@ class Lab:
         stem = f"{prefix}-{os.getpid()}-{self.token}"
         self.hosts = {
             role: Host(f"{stem}-{role}", f"{role}0-{self.token}", v4, v6 if ipv6 else None)
-            for role, (v4, v6) in [*ADDRESSES.items(), *list(EXTRA_SERVERS.items())[:servers - 1]]
+            for role, (v4, v6) in [*ADDRESSES.items(), *list(EXTRA_SERVERS.items())[:servers - 1],
+                                   *([ROUTER] if router else [])]
         }
+        self.router = self.hosts.get(ROUTER[0])
         self.switch = f"{stem}-{SWITCH}"
         self.bridge = f"br-{self.token}"
         self._namespaces = []  # made so far: what teardown removes
@@ -148,6 +155,11 @@ class Lab:
     def servers(self):
         """srv, then srv2, srv3 of a lab built with servers=2 or 3."""
         return [host for role, host in self.hosts.items() if role.startswith("srv")]
+
+    @property
+    def service(self):
+        """The address the router spreads over the servers: (IPv4, IPv6 or None)."""
+        return SERVICE[0], SERVICE[1] if self.ipv6 else None
 
     @property
     def namespaces(self):
@@ -187,7 +199,47 @@ class Lab:
         self._pass_on_ports(*self.hosts)
         for host in self.hosts.values():
             self._configure(host)
+        if self.router:
+            self._route_service()
         self._wait_until_ready()
+
+    def _route_service(self):
+        """The service address on every server's lo; the router's multipath
+        route to it over the servers' addresses, hashed on L4 (policy 1);
+        client and attacker reach it through the router. Everything shares
+        one bridge, so the router sends each packet back out where it came
+        from: no redirects, or the client would learn to skip the router.
+        The servers answer the client directly (direct server return)."""
+        router, service = self.router, self.service
+        families = [("-4", service[0], 32, [s.ipv4 for s in self.servers], "ipv4")]
+        if self.ipv6:
+            families.append(("-6", service[1], 128, [s.ipv6 for s in self.servers], "ipv6"))
+        self._sysctl(router.name, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0",
+                     "net.ipv4.conf.default.send_redirects=0", f"net.ipv4.conf.{router.iface}.send_redirects=0",
+                     "net.ipv4.fib_multipath_hash_policy=1")
+        if self.ipv6:
+            self._sysctl(router.name, "net.ipv6.conf.all.forwarding=1", "net.ipv6.fib_multipath_hash_policy=1")
+        for host in (self.client, self.attacker):
+            self._sysctl(host.name, "net.ipv4.conf.all.accept_redirects=0",
+                         f"net.ipv4.conf.{host.iface}.accept_redirects=0")
+            if self.ipv6:
+                self._sysctl(host.name, "net.ipv6.conf.all.accept_redirects=0",
+                             f"net.ipv6.conf.{host.iface}.accept_redirects=0")
+        for flag, address, length, gateways, family in families:
+            for server in self.servers:
+                _ip(server.name, flag, "addr", "add", f"{address}/{length}", "dev", "lo")
+            hops = [word for gateway in gateways for word in ("nexthop", "via", gateway, "dev", router.iface)]
+            _ip(router.name, flag, "route", "add", f"{address}/{length}", *hops)
+            router_address = router.ipv4 if family == "ipv4" else router.ipv6
+            for host in (self.client, self.attacker):
+                _ip(host.name, flag, "route", "add", f"{address}/{length}", "via", router_address)
+
+    def set_multipath_hash(self, policy):
+        """The router's hash: 0 on addresses only (L3), 1 on the 5-tuple (L4)."""
+        settings = [f"net.ipv4.fib_multipath_hash_policy={policy}"]
+        if self.ipv6:
+            settings.append(f"net.ipv6.fib_multipath_hash_policy={policy}")
+        self._sysctl(self.router.name, *settings)
 
     def _port(self, role):
         return f"{role}1-{self.token}"
@@ -299,6 +351,10 @@ def _ethtool(namespace, iface, *features):
                    check=True, capture_output=True, timeout=30)
 
 
+def _ip(namespace, *args):
+    subprocess.run(["ip", "netns", "exec", namespace, "ip", *args], check=True, capture_output=True, timeout=30)
+
+
 def _usable(ns, iface):
     links = ns.get_links(ifname=iface)
     if not links or links[0].get_attr("IFLA_OPERSTATE") != "UP":
@@ -340,7 +396,7 @@ def in_netns(name):
 
 def remove_stale_labs(prefix="xk"):
     """Remove namespaces left by labs of this prefix whose process is gone."""
-    pattern = re.compile(rf"{re.escape(prefix)}-(\d+)-[0-9a-f]{{6}}-(?:{'|'.join((*ROLES, *EXTRA_SERVERS, SWITCH))})")
+    pattern = re.compile(rf"{re.escape(prefix)}-(\d+)-[0-9a-f]{{6}}-(?:{'|'.join((*ROLES, *EXTRA_SERVERS, ROUTER[0], SWITCH))})")
     for name in netns.listnetns():
         match = pattern.fullmatch(name)
         if match and not _alive(int(match.group(1))):
@@ -359,9 +415,9 @@ def _alive(pid):
 
 
 @contextlib.contextmanager
-def lab(prefix="xk", ipv6=True, servers=1):
+def lab(prefix="xk", ipv6=True, servers=1, router=False):
     """Build a lab, yield it, remove it."""
-    with Lab(prefix, ipv6, servers) as built:
+    with Lab(prefix, ipv6, servers, router) as built:
         yield built
 
 

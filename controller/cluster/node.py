@@ -39,6 +39,9 @@ MAX_PENDING = 10_000
 # together, in transactions of MAX_TXN_OPS puts.
 DRAIN_MAX = 4 * MAX_TXN_OPS
 FULL_LOG_EVERY_S = 60.0   # a full grants map logs one line, then at most one a minute
+# Received grants written per map lock: a resync of 100,000 is 100 batches,
+# and an `xknock grant` or a reload waits behind one batch at most (a few ms).
+WRITE_BATCH = 1000
 
 
 class ClusterNode:
@@ -68,6 +71,7 @@ class ClusterNode:
                        "grants_full": 0}
         self.last_lag_s = 0.0
         self.next_full_log = 0.0
+        self.batch = {}                # received grants not yet written: bytes(key) -> (record, key, value, resync)
         # on_received(record): a grant of another node was just written into
         # the maps (daemon/hooks.py runs on_open for it). Called on this thread.
         self.on_received = None
@@ -255,11 +259,13 @@ class ClusterNode:
     def _resync(self, connection):
         """The whole prefix, then a watch from the revision read."""
         revision, kvs = connection.read_prefix(self.prefix)
+        self.batch = {}   # what a resync or watch that failed left queued: this one reads it all again
         seen_before = self.revision
         revoked = set()   # sources revoked by this resync: their later grants of this node are written back
         for kv in sorted(kvs, key=lambda kv: kv.mod_revision):
             self._apply_put(kv.key.decode(errors="replace"), kv.value, kv.mod_revision,
                             resync=True, seen_before=seen_before, revoked=revoked)
+        self._write_batch()
         self.revision = revision
         self.counts["resyncs"] += 1
         self.generation += 1
@@ -280,6 +286,7 @@ class ClusterNode:
             if type(event).__name__ == "PutEvent":
                 self._apply_put(key, event.value, event.mod_revision)
             self.revision = max(self.revision, event.mod_revision)
+        self._write_batch()
 
     def _lost(self, err):
         text = describe(err)
@@ -352,8 +359,9 @@ class ClusterNode:
                 # Its own grants are in its maps already, unless a revoke this
                 # resync applied came before them (they were made after it).
                 if record.node != self.node or (revoked and record.source in revoked):
-                    self._write_grant(record, resync)
+                    self._batch_grant(record, resync)
             elif kind in ("revoked", "unbanned", "bans"):
+                self._write_batch()   # what came before a tombstone or ban is written before it
                 fields = records.decode_event(key, value)
                 source = records.source_of(rest)
                 if fields["node"] == self.node:
@@ -380,36 +388,52 @@ class ClusterNode:
             self.counts["bad_records"] += 1
             if self.counts["bad_records"] <= 10:
                 log.warning("cluster: ignored a key xknock did not write", extra={"fields": {"why": str(err)}})
-        except grants.GrantsFull as err:
-            # That grant is not written here (write_grants leaves every entry
-            # as it was); the other keys of this resync or watch go on.
-            self.counts["grants_full"] += 1
-            if time.monotonic() >= self.next_full_log:
-                self.next_full_log = time.monotonic() + FULL_LOG_EVERY_S
-                log.warning("cluster: a grant of another node did not fit here", extra={"fields": {
-                    "key": key, "error": str(err), "refused_so_far": self.counts["grants_full"]}})
 
-    def _write_grant(self, record, resync):
+    def _batch_grant(self, record, resync):
+        """Queue a received grant for the next batch write; both clocks
+        converted to this node's monotonic clock."""
         offset = records.clock_offset_ns()
         now = time.time_ns() - offset
         window_end, last_seen = records.to_local(record, offset)
         if window_end <= now and last_seen + record.idle_timeout_ns <= now:
             return   # dead already
         key = layout.GrantKey(src=to_addr(record.source), proto=layout.PROTO_NUMBERS[record.proto], port=record.port)
-        current = self.maps.grants.lookup(key)
-        if current is not None and current.window_end_ns >= window_end and \
-                current.last_seen_ns + current.idle_timeout_ns >= last_seen + record.idle_timeout_ns:
-            return   # this node holds as much already
-        grants.write_grants(self.maps, record.source, [(record.proto, record.port)], window_end - last_seen,
-                            record.idle_timeout_ns, now=last_seen, seq_uid=record.seq_uid, flags=record.flags)
-        self.counts["received"] += 1
-        if not resync:
-            self.last_lag_s = max(0.0, (time.time_ns() - record.last_seen_wall_ns) / 1e9)
-        if self.on_received is not None:
-            try:
-                self.on_received(record)
-            except Exception:   # noqa: BLE001 (hooks must never stop the sync)
-                log.exception("cluster: could not hand a received grant to the hooks")
+        value = layout.Grant(window_end_ns=window_end, idle_timeout_ns=record.idle_timeout_ns, last_seen_ns=last_seen,
+                             seq_uid=record.seq_uid, flags=record.flags)
+        if bytes(key) in self.batch:   # a key twice in a batch: the first is written (or kept) before the second
+            self._write_batch()
+        self.batch[bytes(key)] = (record, key, value, resync)
+        if len(self.batch) >= WRITE_BATCH:
+            self._write_batch()
+
+    def _write_batch(self):
+        """The queued grants into the maps, under one map lock; a grant this
+        node holds as much of already is left as it is (grants.write_batch).
+        A grant that does not fit the full map is skipped and counted; the
+        others are written."""
+        if not self.batch:
+            return
+        batch, self.batch = list(self.batch.values()), {}
+        written, refused = grants.write_batch(self.maps, [(key, value) for _, key, value, _ in batch])
+        for index in written:
+            record, _, _, resync = batch[index]
+            self.counts["received"] += 1
+            if not resync:
+                self.last_lag_s = max(0.0, (time.time_ns() - record.last_seen_wall_ns) / 1e9)
+            if self.on_received is not None:
+                try:
+                    self.on_received(record)
+                except Exception:   # noqa: BLE001 (hooks must never stop the sync)
+                    log.exception("cluster: could not hand a received grant to the hooks")
+        for index in refused:
+            record = batch[index][0]
+            self.counts["grants_full"] += 1
+            if time.monotonic() >= self.next_full_log:
+                self.next_full_log = time.monotonic() + FULL_LOG_EVERY_S
+                log.warning("cluster: a grant of another node did not fit here", extra={"fields": {
+                    "key": records.grant_key(self.prefix, record.source, record.proto, record.port),
+                    "error": f"the grants map is full ({self.maps.grants.max_entries} entries)",
+                    "refused_so_far": self.counts["grants_full"]}})
 
     def _write_ban(self, source, fields):
         until_wall = fields.get("until")

@@ -323,6 +323,17 @@ def map_update_batch(fd, keys, values, count):
     return written.value
 
 
+def map_update_batch_from(fd, keys, values, start, count):
+    """BPF_MAP_UPDATE_BATCH of the pairs start .. start+count-1 of two ctypes
+    arrays. The kernel writes them in order and stops at the first it
+    refuses: returns (how many it wrote, 0 or the errno of the one it refused)."""
+    written = ctypes.c_uint32(count)
+    ret = lib().bpf_map_update_batch(fd, ctypes.byref(keys, start * ctypes.sizeof(keys._type_)),
+                                     ctypes.byref(values, start * ctypes.sizeof(values._type_)),
+                                     ctypes.byref(written), None)
+    return written.value, (0 if ret >= 0 else errno_of(ret))
+
+
 def test_run(prog_fd, data, repeat=1, flags=0, batch_size=0, ctx=None, data_out_size=None):
     """BPF_PROG_TEST_RUN: returns (retval, duration_ns, data_out)."""
     buf_in = ctypes.create_string_buffer(bytes(data), len(data))

@@ -6,8 +6,10 @@ dead grants nobody touched again, so the map does not fill with them.
 """
 
 import ctypes
+import errno
 import heapq
 import ipaddress
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -96,8 +98,71 @@ def write_grants(maps, source, ports, for_ns, idle_ns, now=None, seq_uid=0, flag
                                  f"for {proto}:{key.port}") from err
             written.append(key)
         created = sum(1 for key in keys if old[bytes(key)] is None)
-        maps.count_by_controller(layout.Reason.SPA_GRANT_CREATED if flags & layout.GRANT_SPA
-                                 else layout.Reason.GRANT_OPERATOR, created)
+        maps.count_by_controller(_reason(flags), created)
+
+
+def holds_at_least(current, new):
+    """Does the grant current keep its source open as long as new would, on
+    both clocks (new connections, and idle traffic)?"""
+    return current.window_end_ns >= new.window_end_ns and \
+        current.last_seen_ns + current.idle_timeout_ns >= new.last_seen_ns + new.idle_timeout_ns
+
+
+_NO_BATCH_ERRNOS = {errno.EINVAL, errno.EOPNOTSUPP, 524}   # 524: the kernel's ENOTSUPP
+
+
+def write_batch(maps, entries):
+    """[(GrantKey, Grant)] written under one map lock, with as few
+    BPF_MAP_UPDATE_BATCH calls as the map allows (an update each where the
+    kernel has no batch for it). Keys must be distinct. An entry whose key
+    holds at least as much already (holds_at_least) is left as it is, never
+    shortened; one the full map refuses (a new key) is skipped and the rest
+    written. Counted as write_grants counts. Returns (indexes written,
+    indexes refused by the full map)."""
+    written, refused = [], []
+    with map_lock(maps):
+        todo = []
+        created = {}   # controller reason -> new keys
+        for index, (key, value) in enumerate(entries):
+            current = maps.grants.lookup(key)
+            if current is None or not holds_at_least(current, value):
+                todo.append((index, current is None))
+        if not todo:
+            return written, refused
+        keys = (layout.GrantKey * len(todo))(*(entries[i][0] for i, _ in todo))
+        values = (layout.Grant * len(todo))(*(entries[i][1] for i, _ in todo))
+        start = 0
+        while start < len(todo):
+            done, err = bpfsys.map_update_batch_from(maps.grants.fd, keys, values, start, len(todo) - start)
+            if err in _NO_BATCH_ERRNOS and done == 0:
+                done, err = _update_one(maps, keys[start], values[start])
+            written += [todo[i][0] for i in range(start, start + done)]
+            for i in range(start, start + done):
+                if todo[i][1]:
+                    reason = _reason(values[i].flags)
+                    created[reason] = created.get(reason, 0) + 1
+            start += done
+            if err == errno.E2BIG:
+                refused.append(todo[start][0])
+                start += 1
+            elif err:
+                raise bpfsys.BpfError(err, f"map batch update: {os.strerror(err)}")
+        for reason, n in created.items():
+            maps.count_by_controller(reason, n)
+    return written, refused
+
+
+def _update_one(maps, key, value):
+    """One entry through BPF_MAP_UPDATE_ELEM: (1, 0) or (0, its errno)."""
+    try:
+        maps.grants.update(key, value)
+    except bpfsys.BpfError as err:
+        return 0, err.errno
+    return 1, 0
+
+
+def _reason(flags):
+    return layout.Reason.SPA_GRANT_CREATED if flags & layout.GRANT_SPA else layout.Reason.GRANT_OPERATOR
 
 
 def _undo(maps, written, old):

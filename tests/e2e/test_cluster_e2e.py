@@ -12,6 +12,8 @@ open locally, and when etcd returns the nodes converge.
 """
 
 import base64
+import errno
+import ipaddress
 import os
 import signal
 import subprocess
@@ -465,3 +467,80 @@ def test_a_node_cut_from_etcd_converges_when_reconnected(cluster):
     assert wait_for(lambda: c.cluster_status()["reachable"], 30), c.controller.log.read_all(0.5)
     assert opens(client, c.addr, timeout=10), c.controller.log.read_all(0.5)
     assert closes(attacker, c.addr), c.controller.log.read_all(0.5)
+
+
+def fill_grants(host, count):
+    """count grants of sources 10.200.0.0 and up (within 10.200.0.0/15), written straight into
+    host's grants map (its program found from the interface), alive for an
+    hour: a full map in one system call."""
+    import ctypes
+
+    from xknock.controller.kernel import bpfsys, layout
+    from xknock.controller.kernel.maps import FilterMaps, to_addr
+    from xknock_dev.e2e import xdp_prog_id
+
+    with FilterMaps.from_prog(xdp_prog_id(host, host.iface)) as maps:
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        keys = (layout.GrantKey * count)(*(layout.GrantKey(src=to_addr(ipaddress.ip_address(0x0AC80000 + i)),
+                                                           proto=6, port=GUARDED) for i in range(count)))
+        value = layout.Grant(window_end_ns=now + 3600 * 10**9, idle_timeout_ns=3600 * 10**9, last_seen_ns=now)
+        values = (layout.Grant * count)(*([value] * count))
+        written, err = bpfsys.map_update_batch_from(maps.grants.fd, keys, values, 0, count)
+        return written, err
+
+
+def empty_filler(host):
+    from xknock.controller.kernel.maps import FilterMaps, from_addr
+    from xknock_dev.e2e import xdp_prog_id
+
+    filler = ipaddress.ip_network("10.200.0.0/15")
+    with FilterMaps.from_prog(xdp_prog_id(host, host.iface)) as maps:
+        maps.grants.delete_where(lambda key: from_addr(key.src) in filler)
+
+
+def test_a_grant_that_does_not_fit_a_full_node_is_refused_there_alone(cluster):
+    """C's grants map full: a grant made on B opens A and B, is counted and
+    logged on C, whose sync goes on: once C has room, the next grant arrives."""
+    a, b, c = cluster.nodes
+    client, attacker = cluster.net.client, cluster.net.attacker
+    fresh(cluster)
+    before = c.cluster_status()["grants_full"]
+    try:
+        written, err = fill_grants(c.host, 65536 + 1)   # one more than the map holds: full, whatever was there
+        assert err == errno.E2BIG and written > 60000, (written, err)
+        check(b.xknock("grant", b.host.iface, attacker.ipv4, "--for", "45s", "-c", b.config_path))
+        for node in (a, b):
+            assert opens(attacker, node.addr), node.controller.log.read_all(0.5)
+        assert c.controller.log.wait_for(lambda line: "a grant of another node did not fit here" in line, 10), \
+            c.controller.log.read_all(0.5)
+        assert wait_for(lambda: c.cluster_status()["grants_full"] == before + 1, 5)
+        assert shut(attacker, c.addr)
+    finally:
+        empty_filler(c.host)
+    knock(client, a.addr, *SEQUENCE)   # C has room again: the watch goes on
+    assert opens(client, c.addr), c.controller.log.read_all(0.5)
+    fresh(cluster)
+
+
+def test_keys_under_the_prefix_written_by_something_else_are_ignored_and_the_sync_goes_on(cluster):
+    a, b, c = cluster.nodes
+    client = cluster.net.client
+    fresh(cluster)
+    foreign = {f"{PREFIX}grants/not-an-address/tcp:{GUARDED}": "{}", f"{PREFIX}grants/{client.ipv4}/tcp:{GUARDED}":
+               "not json", f"{PREFIX}elsewhere/thing": "x"}
+    before = {node.name: node.cluster_status()["bad_records"] for node in (b, c)}
+    try:
+        for key, value in foreign.items():
+            result = cluster.etcd.ctl("put", key, value)
+            assert result.returncode == 0, result.stderr
+        for node in (b, c):
+            assert wait_for(lambda: node.cluster_status()["bad_records"] == before[node.name] + len(foreign), 10), \
+                node.controller.log.read_all(0.5)
+            assert shut(client, node.addr)   # a grant's key with a value xknock did not write opens nothing
+        knock(client, a.addr, *SEQUENCE)
+        for node in (b, c):
+            assert opens(client, node.addr), node.controller.log.read_all(0.5)
+    finally:
+        for key in foreign:
+            cluster.etcd.ctl("del", key)
+    fresh(cluster)
