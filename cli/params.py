@@ -15,7 +15,27 @@ from xknock.controller.config import DEFAULT_PATH, parse_duration, parse_step
 SYS_CLASS_NET = "/sys/class/net"
 
 
-class StepType(click.ParamType):
+class ParsedType(click.ParamType):
+    """A value read by one parser: parse() returns it or raises ValueError,
+    which becomes click's usage error (exit 2) of one line, "'VALUE': why".
+    A value that is not a string is a default, already parsed."""
+
+    def parse(self, value):
+        raise NotImplementedError
+
+    def failure(self, value, err):
+        return f"{value!r}: {err}"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            return self.parse(value)
+        except ValueError as err:
+            self.fail(self.failure(value, err), param, ctx)
+
+
+class StepType(ParsedType):
     """A knock or port step: tcp:7000, udp:8000, icmp; tcp/7000 as fwknop writes it.
     ports_only refuses icmp (a port to open, not a knock)."""
 
@@ -26,20 +46,15 @@ class StepType(click.ParamType):
         if ports_only:
             self.name = "PORT"
 
-    def convert(self, value, param, ctx):
-        if not isinstance(value, str):
-            return value
+    def parse(self, value):
         spec = value.replace("/", ":", 1) if value.count("/") == 1 and ":" not in value else value
-        try:
-            step = parse_step(spec)
-        except ValueError as err:
-            self.fail(f"{value!r}: {err}", param, ctx)
+        step = parse_step(spec)
         if self.ports_only and step.proto == "icmp":
-            self.fail(f"{value!r}: icmp has no port: write tcp:PORT or udp:PORT", param, ctx)
+            raise ValueError("icmp has no port: write tcp:PORT or udp:PORT")
         return step
 
 
-class DurationType(click.ParamType):
+class DurationType(ParsedType):
     """A duration as the config writes it (500ms, 30s, 1m30s, 2h) -> nanoseconds.
     seconds_ok also takes a bare number of seconds (0.2), for the options that
     took seconds before they took durations."""
@@ -49,9 +64,7 @@ class DurationType(click.ParamType):
     def __init__(self, seconds_ok=False):
         self.seconds_ok = seconds_ok
 
-    def convert(self, value, param, ctx):
-        if not isinstance(value, str):
-            return value
+    def parse(self, value):
         if self.seconds_ok:
             try:
                 seconds = float(value)
@@ -59,22 +72,19 @@ class DurationType(click.ParamType):
                 pass
             else:
                 if not 0 <= seconds <= 365 * 86400:
-                    self.fail(f"{value!r}: must be between 0 and 365d", param, ctx)
+                    raise ValueError("must be between 0 and 365d")
                 return round(seconds * 1e9)
-        try:
-            return parse_duration(value)
-        except ValueError as err:
-            self.fail(f"{value!r}: {err}", param, ctx)
+        return parse_duration(value)
 
 
-class AddressType(click.ParamType):
+class AddressType(ParsedType):
     name = "ADDR"
 
-    def convert(self, value, param, ctx):
-        try:
-            return ipaddress.ip_address(value)
-        except ValueError:
-            self.fail(f"{value!r} is not an IPv4 or IPv6 address", param, ctx)
+    def parse(self, value):
+        return ipaddress.ip_address(value)
+
+    def failure(self, value, err):
+        return f"{value!r} is not an IPv4 or IPv6 address"
 
 
 class InterfaceType(click.ParamType):

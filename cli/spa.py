@@ -7,6 +7,7 @@ import time
 import click
 
 from xknock.cli.common import echo_result, fail_cleanly, json_option
+from xknock.cli.params import ParsedType
 from xknock.controller.client.spa_client import DEFAULT_PORT, parse_access, send_spa
 from xknock.controller.wire import spa_message
 from xknock.controller.wire import spa_pubkey_keys as pubkey_keys
@@ -15,14 +16,11 @@ from xknock.controller.wire.spa_keys import (
 )
 
 
-class AccessType(click.ParamType):
+class AccessType(ParsedType):
     name = "PROTO/PORT"
 
-    def convert(self, value, param, ctx):
-        try:
-            return parse_access(value)
-        except ValueError as err:
-            self.fail(f"{value!r}: {err}", param, ctx)
+    def parse(self, value):
+        return parse_access(value)
 
 
 @click.command(epilog="""\b

@@ -238,9 +238,10 @@ def _warn_scannable_sequences(report, sequences, strict):
     """Sequences a port scan could complete. Strict mode resets a knock on any
     other new connection, so a scan opens a sequence only by sending exactly
     its knocks one after another: ascending neighbours of one protocol (a
-    sequential scan sends them in that order). Without strict mode, every
-    sequence whose steps ascend in one protocol is completed by a sequential
-    scan, and two-step sequences by random-order scans within a step timeout."""
+    sequential scan sends them in that order), or two steps of one protocol,
+    which a random-order scan of N ports sends back to back about once in N
+    scans, strict mode or not. Without strict mode, every sequence whose steps
+    ascend in one protocol is completed by a sequential scan as well."""
     for sequence in sequences:
         if sequence.totp is not None:
             continue
@@ -251,17 +252,22 @@ def _warn_scannable_sequences(report, sequences, strict):
         ports = [step.port for step in steps]
         ascending = all(a < b for a, b in zip(ports, ports[1:]))
         adjacent = all(b == a + 1 for a, b in zip(ports, ports[1:]))
+        knock = " ".join(map(str, steps))
         if len(steps) == 1:
             report.warn(f"sequence {sequence.name}", "a single knock: any scan of its port opens it")
         elif adjacent:
             report.warn(f"sequence {sequence.name}",
-                        f"knock {' '.join(map(str, steps))}: neighbouring ports in ascending order, which a "
+                        f"knock {knock}: neighbouring ports in ascending order, which a "
                         "sequential port scan sends exactly so: it would open this sequence")
-        elif not strict and (ascending or len(steps) == 2):
+        elif not strict and ascending:
             report.warn(f"sequence {sequence.name}",
-                        f"knock {' '.join(map(str, steps))}: with strict = false, a "
-                        + ("sequential" if ascending else "random-order") + " port scan can complete it; "
+                        f"knock {knock}: with strict = false, a sequential port scan can complete it; "
                         "keep strict = true, mix protocols or reorder the ports")
+        elif len(steps) == 2:
+            report.warn(f"sequence {sequence.name}",
+                        f"knock {knock}: two steps of one protocol, which a random-order port scan of N ports "
+                        "sends back to back about once in N scans, with strict = true as well; "
+                        "use three steps or more, mix protocols, or SPA")
 
 
 def _parse_ban(report, table):

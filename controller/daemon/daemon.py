@@ -16,7 +16,7 @@ from ..config import ConfigError, config_hash, load_config
 from ..config.cluster_config import reload_refusal
 from ..errors import XknockError
 from ..kernel import layout
-from ..policy import policy, totp
+from ..policy import answers, policy, totp
 from ..spa.spa import SpaReceiver
 from ..state import bans, controller_record, grants
 from . import build
@@ -68,6 +68,10 @@ class Controller:
         self.rotation = totp.Rotation(config)
         self.next_rotation_ns = self.rotation.next_change_ns() if self.rotation.active else None
         self.rotate_now = False
+        # The host's answer settings (sysctls, and protocols probed on loopback),
+        # read at reload, at the first rotation after attach, and kept for the
+        # rotations in between: a rotation changes knock ports, not the host.
+        self.host = None
         self.full_bans = bans.FullBansWatch(attached.maps)
         # Who serves this filter, for `xknock reload` and `status` (state/controller_record.py).
         self.record = controller_record.Record(attached.maps.control.id, ifnames, config_path, build.version())
@@ -104,7 +108,8 @@ class Controller:
         try:
             rotation = totp.Rotation(config)
             rotation.spent = self.rotation.spent
-            policy.apply_policy(self.attached.maps, rotation.concrete())
+            host = answers.read_host()
+            policy.apply_policy(self.attached.maps, rotation.concrete(), host=host)
         except (XknockError, OSError) as err:
             if self.spa:
                 self.spa.abandon(replay_cache)
@@ -116,6 +121,7 @@ class Controller:
             self.cluster.spa_max_age_ns = config.spa.max_age_ns if config.spa is not None else None
         self.config = config
         self.rotation = rotation
+        self.host = host
         self.next_rotation_ns = rotation.next_change_ns() if rotation.active else None
         if self.events:
             self.events.refresh_names()
@@ -164,7 +170,9 @@ class Controller:
         """Writes the live windows of the time-based sequences (same policy otherwise)."""
         self.rotate_now = False
         try:
-            policy.apply_policy(self.attached.maps, self.rotation.concrete())
+            if self.host is None:
+                self.host = answers.read_host()
+            policy.apply_policy(self.attached.maps, self.rotation.concrete(), host=self.host)
         except (XknockError, OSError) as err:
             log.error("rotating time-based sequences failed; retrying", extra={"fields": {"error": str(err)}})
             self.rotate_now = True

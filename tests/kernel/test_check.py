@@ -83,6 +83,16 @@ def test_warnings_alone_pass(public_dir):
         in result.stderr.splitlines()
 
 
+def test_a_two_step_one_protocol_sequence_is_warned_about_in_strict_mode(public_dir):
+    path = write(public_dir, "two.toml", config_text(knock=("tcp:7000", "tcp:8000")))
+    result = as_nobody("check", "-c", path)
+    assert result.returncode == 0, result.stderr
+    assert "strict = false" not in config_text(knock=("tcp:7000", "tcp:8000"))
+    assert f'xknock: warning: {path}: sequence ssh: knock tcp:7000 tcp:8000: two steps of one protocol, which a ' \
+        "random-order port scan of N ports sends back to back about once in N scans, with strict = true as well; " \
+        "use three steps or more, mix protocols, or SPA" in result.stderr.splitlines()
+
+
 @pytest.mark.parametrize("case", ["missing", "unreadable", "directory"])
 def test_a_file_that_cannot_be_read_is_a_config_error(public_dir, case):
     path = os.path.join(public_dir, "x.toml")

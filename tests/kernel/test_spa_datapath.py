@@ -14,6 +14,7 @@ from xknock.controller.kernel.maps import from_addr
 from xknock.controller.kernel.ring import Ring
 from xknock.controller.config import parse_config
 from xknock_dev.testrun import XDP_DROP, XDP_PASS
+from monitor_mode import assert_monitor_passes_what_enforce_refuses
 
 SPA_PORT = 62201
 KEY = base64.b64encode(b"k" * 32).decode()
@@ -153,12 +154,10 @@ def test_the_users_ports_are_guarded(spa):
     assert spa.counters()[R.DROP_NO_GRANT] == 1
 
 
-def test_monitor_mode_passes_spa_packets_but_still_queues_them(harness):
-    harness.reset_state()
-    harness.apply(spa_config(mode="monitor"))
-    assert harness.run(udp("198.51.100.7", SPA_PORT, payload=candidate(200))) == XDP_PASS
-    assert len(harness.spa_candidates()) == 1
-    assert harness.counters()[R.MONITOR_PASSED] == 1
+def test_monitor_mode_passes_spa_packets_but_still_queues_them(spa):
+    assert_monitor_passes_what_enforce_refuses(spa, spa_config(), udp("198.51.100.7", SPA_PORT, payload=candidate(200)),
+                                               R.SPA_QUEUED)
+    assert len(spa.spa_candidates()) == 1   # the monitor run's: reset_state drained the enforce run's
 
 
 def test_without_spa_the_port_is_just_a_port(xk):
