@@ -96,17 +96,13 @@ static __always_inline __u32 decide(struct xk_ctx *ctx, struct xk_settings **set
 	if (parsed == XK_PARSED_OTHER_L4)
 		return XK_PASS_OTHER_L4;
 
-	struct xk_port_key pkey = {};
-	pkey.bank = bank;
-	pkey.proto = pkt->proto;
-	pkey.port = pkt->dport;
-	struct xk_port_val *port = port_may_be_classified(bank, pkt) ? ports.lookup(&pkey) : NULL;
+	__u32 flags = port_flags_of(bank, pkt);
 	/* Strict mode: a new connection anywhere but a knock port intervenes
 	 * (knock ports judge their own packets, in handle_knock). */
 	if ((set->flags & XK_SET_STRICT) && opens_connection(pkt) &&
-	    !(port && (port->flags & (XK_PORT_GUARDED | XK_PORT_KNOCK)) == XK_PORT_KNOCK))
+	    (flags & (XK_PORT_GUARDED | XK_PORT_KNOCK)) != XK_PORT_KNOCK)
 		touch_if_knocking(pkt, set);
-	if (!port) {
+	if (!flags) {
 		/* NAT-T: ESP in UDP, decrypted after XDP. Refused as an unused
 		 * port would be: the host answers it when nothing listens. */
 		if (pkt->proto == XK_PROTO_UDP && pkt->dport == XK_NATT_PORT) {
@@ -120,15 +116,22 @@ static __always_inline __u32 decide(struct xk_ctx *ctx, struct xk_settings **set
 		return XK_PASS_UNGUARDED;
 	}
 	/* From here on a refusal is answered as an unused port would be. */
-	pkt->answerable = (port->flags & XK_PORT_GUARDED) ? XK_ANSWERED_HERE : XK_ANSWERED_BY_HOST;
+	pkt->answerable = (flags & XK_PORT_GUARDED) ? XK_ANSWERED_HERE : XK_ANSWERED_BY_HOST;
 	if (banned)
 		return XK_DROP_BANNED;   /* banned on knock and guarded ports only */
-	if (port->flags & XK_PORT_SPA)
+	if (flags & XK_PORT_SPA)
 		return handle_spa(ctx, pkt, set, packet_now(pkt));
-	if (port->flags & XK_PORT_GUARDED)
+	if (flags & XK_PORT_GUARDED)
 		return guarded_verdict(pkt, set, bank);
-	if (port->flags & XK_PORT_KNOCK) {
-		handle_knock(pkt, port, packet_now(pkt), set, bank);
+	if (flags & XK_PORT_KNOCK) {
+		struct xk_port_key pkey = {};
+		pkey.bank = bank;
+		pkey.proto = pkt->proto;
+		pkey.port = pkt->dport;
+		/* written before port_flags with the bank: missing only if the two disagree */
+		struct xk_port_val *port = ports.lookup(&pkey);
+		if (port)
+			handle_knock(pkt, port, packet_now(pkt), set, bank);
 		/* The host answers an echo knock's ping, as it always did. */
 		return pkt->proto == XK_PROTO_ICMP ? XK_PASS_ECHO : XK_DROP_KNOCK;
 	}

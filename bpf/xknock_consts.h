@@ -104,10 +104,13 @@
 #define XK_PORT_KNOCK   (1U << 1)   /* a step of one or more sequences */
 #define XK_PORT_SPA     (1U << 2)   /* the SPA port: candidates go to the controller */
 
-/* port_bits and list_bits: bitmaps of 65536 bits, XK_BITMAP_WORDS words each,
+/* port_flags: the XK_PORT_* flags of every (bank, transport, port), a byte
+ * each, eight to a word: XK_PORT_FLAG_WORDS words per bank and transport. */
+#define XK_PORT_FLAG_WORDS 8192      /* 65536 ports / 8 */
+/* list_bits: bitmaps of 65536 bits, XK_BITMAP_WORDS words each,
  * that say where a lookup could find something (xknock_hints.h). */
 #define XK_BITMAP_WORDS 1024
-#define XK_PORT_CLASSES 3            /* port_bits' bitmaps per bank: tcp, udp, icmp */
+#define XK_PORT_CLASSES 3            /* port_flags' tables per bank: tcp, udp, icmp */
 #define XK_LIST_ALLOW 0              /* list_bits' bitmaps per bank: list * 3 + kind */
 #define XK_LIST_DENY 1
 #define XK_BITS_IPV4 0               /* kinds: an IPv4 /16 */

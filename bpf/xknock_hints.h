@@ -1,5 +1,6 @@
-/* xknock_hints.h: bitmaps that spare the common packet its lookups. A clear
- * bit in port_bits: the port has no entry in `ports`. A clear bit in
+/* xknock_hints.h: arrays that spare the common packet its lookups.
+ * port_flags: the flags of the port's entry in `ports` (0: none), so that
+ * only knock steps look `ports` up. A clear bit in
  * list_bits: no entry of the list covers the source's IPv4 /16 (or the hash
  * of its IPv6 /32 or /48). A set bit only says "look": the lookup decides, so the
  * verdicts are those of the lookups alone. controller/policy/hints.py
@@ -17,13 +18,14 @@ static __always_inline int bit_set(u64 *word, __u32 bit)
 	return word && ((*word >> (bit & 63)) & 1);
 }
 
-/* May (bank, protocol, port) have an entry in `ports`? */
-static __always_inline int port_may_be_classified(__u32 bank, struct xk_packet *pkt)
+/* The XK_PORT_* flags of (bank, protocol, port): 0 when it has no entry in `ports`. */
+static __always_inline __u32 port_flags_of(__u32 bank, struct xk_packet *pkt)
 {
 	__u32 class = pkt->proto == XK_PROTO_TCP ? 0 : (pkt->proto == XK_PROTO_UDP ? 1 : 2);
 	__u32 port = pkt->dport;
-	__u32 idx = (bank * XK_PORT_CLASSES + class) * XK_BITMAP_WORDS + (port >> 6);
-	return bit_set(port_bits.lookup(&idx), port);
+	__u32 idx = (bank * XK_PORT_CLASSES + class) * XK_PORT_FLAG_WORDS + (port >> 3);
+	u64 *word = port_flags.lookup(&idx);
+	return word ? (*word >> ((port & 7) * 8)) & 0xff : 0;
 }
 
 static __always_inline int list_bit(__u32 bank, __u32 list, __u32 kind, __u32 bit)

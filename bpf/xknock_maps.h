@@ -15,12 +15,15 @@
 BPF_TABLE_PINNED("array", u32, struct xk_control, control, 1, XK_PIN_DIR "/control");
 /* per bank: enforce or monitor, and which lists are non-empty */
 BPF_TABLE_PINNED("array", u32, struct xk_settings, settings, 2, XK_PIN_DIR "/settings");
-/* (bank, protocol, port) -> guarded, or which steps of which sequences */
+/* (bank, protocol, port) -> guarded, or which steps of which sequences;
+ * looked up for knock steps only: port_flags classifies every packet */
 BPF_TABLE_PINNED("hash", struct xk_port_key, struct xk_port_val, ports, XK_PORT_ENTRIES,
 		 XK_PIN_DIR "/ports");
-/* per bank and transport (tcp, udp, icmp), a bit for every port with an entry
- * in `ports`: a clear bit spares the hash lookup (xknock_hints.h) */
-BPF_TABLE_PINNED("array", u32, u64, port_bits, 2 * XK_PORT_CLASSES * XK_BITMAP_WORDS, XK_PIN_DIR "/port_bits");
+/* per bank and transport (tcp, udp, icmp), the XK_PORT_* flags of every port,
+ * a byte each (0: no entry in `ports`): one array load classifies a packet
+ * (xknock_hints.h) */
+BPF_TABLE_PINNED("array", u32, u64, port_flags, 2 * XK_PORT_CLASSES * XK_PORT_FLAG_WORDS,
+		 XK_PIN_DIR "/port_flags");
 /* sequence definitions: slot = bank * XK_MAX_SEQUENCES + index */
 BPF_TABLE_PINNED("array", u32, struct xk_seq, seqs, 2 * XK_MAX_SEQUENCES, XK_PIN_DIR "/seqs");
 /* knock progress per (source, sequence uid); the least recently used goes first */

@@ -33,9 +33,11 @@ PROTO_UDP = 17
 PROTO_NAMES = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp"}
 PROTO_NUMBERS = {name: number for number, name in PROTO_NAMES.items()}
 
-# port_bits and list_bits (bpf/xknock_hints.h): bitmaps of 65536 bits each
+# port_flags (bpf/xknock_hints.h): a byte of PORT_* flags per port, eight to a word
+PORT_FLAG_WORDS = 8192
+PORT_CLASSES = 3          # port_flags' tables per bank: tcp, udp, icmp
+# list_bits (bpf/xknock_hints.h): bitmaps of 65536 bits each
 BITMAP_WORDS = 1024
-PORT_CLASSES = 3          # port_bits' bitmaps per bank: tcp, udp, icmp
 LIST_ALLOW = 0            # list_bits' bitmaps per bank: list * 3 + kind
 LIST_DENY = 1
 BITS_IPV4 = 0             # kinds: an IPv4 /16, the hash of an IPv6 /32 (entries shorter than /48), of a /48
@@ -360,7 +362,7 @@ MAPS = {
     "bans": (Addr, Ban),
     "spa_known": (Addr, ctypes.c_uint64),
     "recent": (ctypes.c_uint32, Recent),
-    "port_bits": (ctypes.c_uint32, ctypes.c_uint64),
+    "port_flags": (ctypes.c_uint32, ctypes.c_uint64),
     "list_bits": (ctypes.c_uint32, ctypes.c_uint64),
 }
 

@@ -1,8 +1,8 @@
-"""The bitmaps that spare the data path its lookups (bpf/xknock_hints.h),
+"""The arrays that spare the data path its lookups (bpf/xknock_hints.h),
 computed from one bank's policy and written with it.
 
-port_bits: per bank and transport (tcp, udp, icmp), the ports that have an
-entry in `ports`. list_bits: per bank and list (allow, deny), the IPv4
+port_flags: per bank and transport (tcp, udp, icmp), the PORT_* flags of
+every port's entry in `ports`, a byte each (0: none), eight to a word. list_bits: per bank and list (allow, deny), the IPv4
 /16s, the hashes of the IPv6 /32s (entries shorter than /48) and of the IPv6
 /48s (the others) that an entry covers. A set bit
 only tells the data path to look, so a bitmap may cover more than its list
@@ -24,12 +24,14 @@ PORT_CLASS = {layout.PROTO_TCP: 0, layout.PROTO_UDP: 1, layout.PROTO_ICMP: 2}
 IPV6_ENUMERATION = 1 << 16
 
 
-def port_bitmaps(ports):
-    """[bitmap per transport] (ints of BITS bits) of ports: (proto, port) -> value."""
-    bitmaps = [0] * layout.PORT_CLASSES
-    for proto, port in ports:
-        bitmaps[PORT_CLASS[proto]] |= 1 << port
-    return bitmaps
+def port_flag_words(ports):
+    """The words of one bank's part of port_flags, of ports: (proto, port) -> layout.PortVal."""
+    words = [0] * (layout.PORT_CLASSES * layout.PORT_FLAG_WORDS)
+    for (proto, port), val in ports.items():
+        if val.flags & ~0xFF:
+            raise ValueError(f"port flags {val.flags:#x} do not fit port_flags' byte")
+        words[PORT_CLASS[proto] * layout.PORT_FLAG_WORDS + (port >> 3)] |= val.flags << ((port & 7) * 8)
+    return words
 
 
 def _word(address_bytes, start):
@@ -83,18 +85,18 @@ def _words(bitmaps):
 
 
 def bank_words(policy_ports, allow, deny):
-    """(port_bits words, list_bits words) of one bank, in the maps' order."""
+    """(port_flags words, list_bits words) of one bank, in the maps' order."""
     lists = [*list_bitmaps(allow), *list_bitmaps(deny)]   # LIST_ALLOW * 3 + kind, LIST_DENY * 3 + kind
-    return _words(port_bitmaps(policy_ports)), _words(lists)
+    return port_flag_words(policy_ports), _words(lists)
 
 
 def write(array, bank, words):
-    """The bank's part of a bitmap array, all of it in one batch (zeros clear)."""
+    """The bank's part of a hint array, all of it in one batch (zeros clear)."""
     n = len(words)
     keys = (ctypes.c_uint32 * n)(*range(bank * n, (bank + 1) * n))
     bpfsys.map_update_batch(array.fd, keys, (ctypes.c_uint64 * n)(*words), n)
 
 
 def clear(maps, bank):
-    write(maps.port_bits, bank, [0] * (layout.PORT_CLASSES * layout.BITMAP_WORDS))
+    write(maps.port_flags, bank, [0] * (layout.PORT_CLASSES * layout.PORT_FLAG_WORDS))
     write(maps.list_bits, bank, [0] * (layout.LIST_BITMAPS * layout.BITMAP_WORDS))

@@ -36,7 +36,7 @@ class Policy:
     ports: dict = field(default_factory=dict)   # (proto, port) -> layout.PortVal
     allow: list = field(default_factory=list)   # layout.LpmKey
     deny: list = field(default_factory=list)
-    port_bits: list = field(default_factory=list)   # words of the bank's bitmaps (policy/hints.py)
+    port_flags: list = field(default_factory=list)   # words of the bank's hint arrays (policy/hints.py)
     list_bits: list = field(default_factory=list)
 
 
@@ -118,7 +118,7 @@ def compile_policy(config, bank, cpus=None, host=None):
     settings.knock_window_us = max((seq.step_timeout_ns // 1000 for seq in config.sequences), default=0)
     policy.allow = [lpm_key(net, bank) for net in config.allow]
     policy.deny = [lpm_key(net, bank) for net in config.deny]
-    policy.port_bits, policy.list_bits = hints.bank_words(policy.ports, config.allow, config.deny)
+    policy.port_flags, policy.list_bits = hints.bank_words(policy.ports, config.allow, config.deny)
     return policy
 
 
@@ -169,7 +169,7 @@ def _write_bank(maps, policy):
         maps.allow.update(key, one)
     for key in policy.deny:
         maps.deny.update(key, one)
-    hints.write(maps.port_bits, policy.bank, policy.port_bits)
+    hints.write(maps.port_flags, policy.bank, policy.port_flags)
     hints.write(maps.list_bits, policy.bank, policy.list_bits)
     # Per-sequence counters: created before the sequence goes live; kept when
     # an unchanged sequence (same uid) survives the reload.

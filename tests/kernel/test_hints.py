@@ -1,5 +1,6 @@
-"""The bitmaps that spare the data path its lookups (bpf/xknock_hints.h,
-controller/policy/hints.py): they cover every address of their lists, and
+"""The arrays that spare the data path its lookups (bpf/xknock_hints.h,
+controller/policy/hints.py): port_flags classifies every port alone; the
+list bitmaps cover every address of their lists, and
 the program reads the very bit the controller computes, so a clear bit
 spares the lookup and a set one sends the packet to it."""
 
@@ -102,17 +103,54 @@ def test_the_program_reads_the_bit_the_controller_computes_for_a_source(harness,
     harness.apply(parse_config(CONFIG, listening=set()))
 
 
-def test_the_program_reads_the_bit_the_controller_computes_for_a_port(harness):
+def live_port_flags(harness, proto, port):
+    """The flags the live bank's port_flags holds for (proto, port)."""
+    index = ((harness.maps.active_bank() * layout.PORT_CLASSES + hints.PORT_CLASS[proto]) * layout.PORT_FLAG_WORDS
+             + (port >> 3))
+    return harness.maps.port_flags.lookup(ctypes.c_uint32(index)).value >> ((port & 7) * 8) & 0xFF
+
+
+def test_port_flags_hold_each_port_s_flags_and_nothing_else(harness):
+    harness.apply(parse_config(CONFIG, listening=set()))
+    assert live_port_flags(harness, layout.PROTO_TCP, 22) == layout.PORT_GUARDED
+    assert live_port_flags(harness, layout.PROTO_TCP, 7000) == layout.PORT_KNOCK
+    assert live_port_flags(harness, layout.PROTO_UDP, 8000) == layout.PORT_KNOCK
+    # neighbours in the same word, and the same port of another transport
+    for proto, port in [(layout.PROTO_TCP, 23), (layout.PROTO_TCP, 7001), (layout.PROTO_UDP, 22),
+                        (layout.PROTO_UDP, 7000), (layout.PROTO_ICMP, 22), (layout.PROTO_TCP, 8000)]:
+        assert live_port_flags(harness, proto, port) == 0, (proto, port)
+
+
+def test_the_program_classifies_a_port_by_port_flags_alone(harness):
     harness.reset_state()
     harness.apply(parse_config(CONFIG, listening=set()))
-    words = layout.PORT_CLASSES * layout.BITMAP_WORDS
-    tcp_class = hints.PORT_CLASS[layout.PROTO_TCP]
-    set_only(harness, harness.maps.port_bits, words, tcp_class, 22)
+    words = layout.PORT_CLASSES * layout.PORT_FLAG_WORDS
+    tcp_22 = hints.PORT_CLASS[layout.PROTO_TCP] * layout.PORT_FLAG_WORDS + (22 >> 3)
     assert harness.run(tcp("198.51.100.7", 22)) == XDP_DROP
-    set_only(harness, harness.maps.port_bits, words, tcp_class, None)
+    hints.write(harness.maps.port_flags, harness.maps.active_bank(), [0] * words)
     before = harness.counters()[Reason.PASS_UNGUARDED]
-    assert harness.run(tcp("198.51.100.7", 22)) == XDP_PASS   # a clear bit: `ports` is not asked
+    assert harness.run(tcp("198.51.100.7", 22)) == XDP_PASS   # no flags: unguarded, whatever `ports` holds
     assert harness.counters()[Reason.PASS_UNGUARDED] == before + 1
+    flagged = [0] * words
+    flagged[tcp_22] = layout.PORT_GUARDED << ((23 & 7) * 8)   # guarded 23, in 22's word
+    hints.write(harness.maps.port_flags, harness.maps.active_bank(), flagged)
+    assert harness.run(tcp("198.51.100.7", 23)) == XDP_DROP   # `ports` has no entry for 23
+    assert harness.run(tcp("198.51.100.7", 22)) == XDP_PASS
+    harness.apply(parse_config(CONFIG, listening=set()))
+
+
+def test_a_knock_port_whose_entry_is_missing_is_refused_and_advances_nothing(harness):
+    harness.reset_state()
+    harness.apply(parse_config(CONFIG, listening=set()))
+    words = [0] * (layout.PORT_CLASSES * layout.PORT_FLAG_WORDS)
+    words[hints.PORT_CLASS[layout.PROTO_TCP] * layout.PORT_FLAG_WORDS + (7001 >> 3)] = (
+        layout.PORT_KNOCK << ((7001 & 7) * 8))
+    hints.write(harness.maps.port_flags, harness.maps.active_bank(), words)
+    before = harness.counters()
+    assert harness.run(tcp("198.51.100.7", 7001)) == XDP_DROP
+    after = harness.counters()
+    assert after[Reason.DROP_KNOCK] == before[Reason.DROP_KNOCK] + 1
+    assert all(after[r] == before[r] for r in Reason if r.name.startswith("KNOCK_")), "a knock was judged"
     harness.apply(parse_config(CONFIG, listening=set()))
 
 
@@ -122,4 +160,5 @@ def test_a_reload_clears_the_old_bank_s_bitmaps(harness):
     harness.apply(parse_config(CONFIG, listening=set()))
     n = layout.LIST_BITMAPS * layout.BITMAP_WORDS
     assert all(harness.maps.list_bits.lookup(ctypes.c_uint32(old * n + i)).value == 0 for i in range(n))
-    assert harness.maps.port_bits.lookup(ctypes.c_uint32(old * layout.PORT_CLASSES * layout.BITMAP_WORDS)).value == 0
+    n = layout.PORT_CLASSES * layout.PORT_FLAG_WORDS
+    assert all(harness.maps.port_flags.lookup(ctypes.c_uint32(old * n + i)).value == 0 for i in range(n))
