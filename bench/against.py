@@ -8,11 +8,14 @@ in the same rounds. Maps whose layout changed in between cannot be shared:
 the build fails and the section says so.
 """
 
+import ctypes
 import pathlib
 import re
 import subprocess
 import tempfile
 
+from xknock.controller.kernel import layout
+from xknock.controller.policy import hints
 from xknock_dev import testrun
 
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$')
@@ -41,6 +44,22 @@ def revision_source(rev):
         return inline("xknock.bpf.c")
 
 
+def fill_port_bits(bpf, h):
+    """Revisions before port_flags classify ports by port_bits, a bit per
+    (bank, transport, port) with an entry in `ports`: a map of their own
+    here, written from the shared `ports` so that they see the same policy."""
+    try:
+        table = bpf[b"port_bits"]
+    except KeyError:
+        return
+    words = {}
+    for key, _ in h.maps.ports.items():
+        index = (key.bank * layout.PORT_CLASSES + hints.PORT_CLASS[key.proto]) * 1024 + (key.port >> 6)
+        words[index] = words.get(index, 0) | 1 << (key.port & 63)
+    for index, word in words.items():
+        table[ctypes.c_uint32(index)] = ctypes.c_uint64(word)
+
+
 class Revision:
     """The data path of rev loaded on the maps pinned by harness h."""
 
@@ -52,6 +71,7 @@ class Revision:
                  f"-DXK_RECENT_SLOTS={testrun.TEST_RECENT_SLOTS}"]
         self.bpf = BPF(text=revision_source(rev).encode(), cflags=flags)
         self.fd = self.bpf.load_func(b"xdp_knock", BPF.XDP).fd
+        fill_port_bits(self.bpf, h)
 
     def close(self):
         self.bpf.cleanup()
