@@ -36,7 +36,10 @@ VERDICTS = {1: "DROP", 2: "PASS", 3: "TX"}
 
 
 def _run(*argv):
-    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        raise SystemExit(f"bench: {' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
+    return done
 
 
 def prog_run(spec, frame_path, repeat):
@@ -66,9 +69,9 @@ def run(quick):
     floor_pin = f"/sys/fs/bpf/xkbt-floor-{os.getpid()}"
     work = tempfile.mkdtemp(prefix="xkbt-")
     repeat, rounds = (20_000, 2) if quick else (1_000_000, 5)
+    inside = ["nsenter", f"--net=/run/netns/{netns}"]   # one bpffs for attach and grant
     _run("ip", "netns", "add", netns)
     try:
-        inside = ["nsenter", f"--net=/run/netns/{netns}"]   # one bpffs for attach and grant
         _run(*inside, "ip", "link", "add", "xkbt0", "type", "veth", "peer", "name", "xkbt1")
         for name in ("xkbt0", "xkbt1"):
             _run(*inside, "ip", "link", "set", name, "up")
@@ -89,6 +92,9 @@ def run(quick):
                     for which, spec in (("xknock", ["id", str(prog_id)]), ("floor", ["pinned", floor_pin]))]
         results = common.interleaved(variants, rounds, lambda v: prog_run(v[0], v[1], repeat))
     finally:
+        # the pins live in the host's bpffs, under the namespace's id: a later
+        # namespace given the same id would find them
+        subprocess.run([*inside, XKNOCK, "detach", "xkbt0"], capture_output=True)
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         if os.path.exists(floor_pin):
             os.unlink(floor_pin)
