@@ -124,7 +124,7 @@ static __always_inline __u32 handle_spa(struct xk_ctx *ctx, struct xk_packet *pk
 	__u16 sport = 0;
 	xk_load_bytes(ctx, off - sizeof(struct udphdr), &sport, sizeof(sport));
 	ev->sport = bpf_ntohs(sport);
-	ev->ts_ns = now;
+	ev->ts_ns = precise_now(pkt);   /* the controller's latency_ms starts here */
 	ev->src = pkt->src;
 	ev->port = pkt->dport;
 	ev->len = n;
