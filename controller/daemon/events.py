@@ -127,6 +127,7 @@ MESSAGE_EVENTS = tuple((re.compile(pattern), name) for pattern, name in (
     (r"could not restore .* after a failed attach", "restore_failed"),
     (r"after the upgrade's swap, carrying what the old program wrote meanwhile failed", "upgrade_carry_failed"),
     (r"carried the old filter's state into maps of the new layout", "upgrade_carried"),
+    (r"removed the pins of .* by a network namespace that is gone", "stale_namespace_pins"),
     (r"the new maps stay pinned in ", "pin_move_failed"),
     (r"the bans map is full", "bans_full"),   # state/bans.py's FullBansWatch, logged by the loop
     (r"reload refused", "reload_refused"),

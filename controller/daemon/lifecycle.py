@@ -82,6 +82,11 @@ def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cf
 
     directory = datapath.pin_dir(sorted(ifnames))
     datapath.ensure_bpffs()
+    stale = datapath.claim_namespace_pins()
+    if stale:
+        log.warning(f"removed the pins of {', '.join(stale)} left in {os.path.dirname(directory)} by a network "
+                    "namespace that is gone (the kernel gave its number to this one): their grants, bans and "
+                    "knocks were never this namespace's")
     steps = _Steps(ifnames, current, config, xdp_mode, before_attach, cflags, share, priority)
     if adopted_from and datapath.running_layout(adopted_from) != layout.fingerprint():
         attached = _upgrade(steps, adopted_from, directory)

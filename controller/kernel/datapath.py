@@ -16,6 +16,7 @@ import errno
 import os
 import stat
 import re
+import socket
 from dataclasses import dataclass
 from importlib import resources
 
@@ -142,6 +143,54 @@ def pin_dir(ifnames):
     group = "+".join(ifnames)
     ns = netns_id()
     return f"{PIN_ROOT}/{group}" if ns is None else f"{PIN_ROOT}/netns-{ns}/{group}"
+
+
+# netns-<inode>/namespace-cookie-<cookie>: which namespace the pins under
+# netns-<inode>/ are of. Longer than an interface name can be (15), so never
+# taken for an interface group's directory.
+NAMESPACE_MARK = "namespace-cookie-"
+SO_NETNS_COOKIE = 71   # Linux 5.14; not in Python's socket module
+
+
+def netns_cookie():
+    """This network namespace's cookie, which (unlike its inode number) no
+    other namespace is ever given while the system runs; None before 5.14."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    except OSError:
+        return None
+
+
+def claim_namespace_pins():
+    """Make netns-<inode>/ this namespace's before anything in it is adopted,
+    and return the group directories removed doing so. A namespace's inode
+    number is given to the next namespace once it is gone, while pins outlive
+    a namespace deleted with xknock attached: that next namespace would adopt
+    their maps, grants and all, on an interface of the same name. So the
+    directory carries a marker named after the namespace's cookie, and the
+    pins under another cookie's marker, left by a namespace that is gone, are
+    removed. Pins from before markers (none there) are taken as this
+    namespace's: nothing can tell, and a running filter may be using them."""
+    ns, cookie = netns_id(), netns_cookie()
+    if ns is None or cookie is None:
+        return []
+    parent = f"{PIN_ROOT}/netns-{ns}"
+    mine = f"{NAMESPACE_MARK}{cookie}"
+    entries = os.listdir(parent) if os.path.isdir(parent) else []
+    removed = []
+    if mine not in entries and any(entry.startswith(NAMESPACE_MARK) for entry in entries):
+        for entry in sorted(entries):
+            path = os.path.join(parent, entry)
+            if entry.startswith(NAMESPACE_MARK):
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+            elif os.path.isdir(path) and not os.path.islink(path):
+                remove_pins(path)
+                removed.append(entry)
+    if mine not in entries:
+        make_private_dirs(os.path.join(parent, mine))
+    return removed
 
 
 def pin_dirs_of_interface(ifname):
@@ -287,7 +336,12 @@ def remove_pins(directory, keep=()):
             removed.append(name)
     with contextlib.suppress(OSError):
         os.rmdir(directory)
-        os.rmdir(os.path.dirname(directory))   # netns-<ino>/, when now empty
+        parent = os.path.dirname(directory)
+        left = os.listdir(parent)
+        if os.path.basename(parent).startswith("netns-") and all(e.startswith(NAMESPACE_MARK) for e in left):
+            for entry in left:   # netns-<ino>/ holds no group any more: its marker goes too
+                os.rmdir(os.path.join(parent, entry))
+        os.rmdir(parent)
     return removed
 
 

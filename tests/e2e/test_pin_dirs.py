@@ -192,3 +192,67 @@ def test_attaching_again_re_uses_the_kept_program_and_detach_removes_it(server_n
         time.sleep(0.05)
     else:
         pytest.fail(f"program {first.loaded.prog_id} outlived its detach")
+
+
+# --- pins left by a namespace that is gone: its inode number is given to the
+# next namespace, which must not adopt them (a grant there would open a port
+# to a source this namespace never let in).
+
+def _attach_with_a_grant(net):
+    from xknock.controller.daemon import lifecycle
+    from xknock.controller.state import grants
+
+    attached = lifecycle.attach([net.server_iface], _config())
+    try:
+        grants.grant(attached.maps, "198.51.100.9", None, 30 * 60 * 10**9)
+    finally:
+        attached.maps.close()
+    from xknock_dev.e2e import remove_xdp
+    remove_xdp(net.server, net.server_iface)   # the program goes (as when its interface is deleted), the pins stay
+
+
+def _grants_after_attaching_again(net):
+    from xknock.controller.daemon import lifecycle
+    from xknock.controller.state import grants
+
+    attached = lifecycle.attach([net.server_iface], _config())
+    try:
+        return sorted({str(view.source) for view in grants.list_grants(attached.maps)})
+    finally:
+        attached.maps.close()
+
+
+def _marker(net):
+    parent = os.path.dirname(datapath.pin_dir([net.server_iface]))
+    [marker] = [e for e in os.listdir(parent) if e.startswith(datapath.NAMESPACE_MARK)]
+    return parent, marker
+
+
+def test_this_namespace_s_pins_are_adopted_again(server_ns):
+    net = server_ns
+    _attach_with_a_grant(net)
+    parent, marker = _marker(net)
+    assert marker == f"{datapath.NAMESPACE_MARK}{datapath.netns_cookie()}"
+    assert _grants_after_attaching_again(net) == ["198.51.100.9"]
+
+
+def test_pins_of_a_namespace_that_is_gone_are_removed_not_adopted(server_ns, caplog):
+    net = server_ns
+    _attach_with_a_grant(net)
+    parent, marker = _marker(net)
+    # as a namespace deleted with its filter attached leaves them for the next one given its number
+    os.rename(os.path.join(parent, marker), os.path.join(parent, f"{datapath.NAMESPACE_MARK}1"))
+    with caplog.at_level("WARNING", logger="xknock"):
+        assert _grants_after_attaching_again(net) == []
+    assert f"removed the pins of {net.server_iface} left in {parent} by a network namespace that is gone" in caplog.text
+    assert _marker(net) == (parent, marker)
+
+
+def test_detach_removes_the_marker_with_the_last_pins(server_ns):
+    from xknock.controller.daemon import lifecycle
+
+    net = server_ns
+    lifecycle.attach([net.server_iface], _config()).maps.close()
+    parent, _ = _marker(net)
+    lifecycle.detach(net.server_iface)
+    assert not os.path.exists(parent)
