@@ -17,6 +17,7 @@ import time
 from . import common
 from .controlplane import Namespace, ScrapeSizes, controller_rss_kib, fill_grants
 from .datapath import EXAMPLE_CONFIG, example_harness, fill_progress
+from .serving import serving_rss_kib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -146,6 +147,10 @@ def run_lists(quick, against):
             f.write(EXAMPLE_CONFIG)
         os.chmod(config, 0o600)
         costs = controller_costs(trees, rounds, config)
+        serving = {}
+        for name, tree in trees:
+            with _tree_env(tree):
+                serving[name] = serving_rss_kib()
         rng = random.Random(11)
         with example_harness(cflags=sizes.cflags) as h:
             from xknock.controller.kernel.maps import live_sequences
@@ -178,6 +183,10 @@ def run_lists(quick, against):
                  *[f"{attach[name]:.2f} s" for name in names], *([common.ratio(attach[names[0]], attach[names[1]])] if against else [])))
     rows.append(("foreground controller VmRSS, handed over, after a metrics scrape",
                  *[f"{rss[name] / 1024:.1f} MiB" for name in names], *([common.ratio(rss[names[0]], rss[names[1]])] if against else [])))
+    for i, (what, _) in enumerate(serving[names[0]]):
+        kib = {name: serving[name][i][1] for name in names}
+        rows.append((f"serving controller VmRSS: {what}", *[f"{kib[name] / 1024:.1f} MiB" for name in names],
+                     *([common.ratio(kib[names[0]], kib[names[1]])] if against else [])))
     header = ["what", *names] + (["this / " + against] if against else [])
     text = "\n".join([
         f"# xknock lists and controller memory ({time.strftime('%Y-%m-%d %H:%M')})",
@@ -189,6 +198,8 @@ def run_lists(quick, against):
         + (" — QUICK run, numbers are not meaningful" if quick else ""),
         "- memory: VmRSS of a fresh interpreter of each tree after its imports (no BCC); the controller's on a veth in "
         "a fresh netns (bench/controlplane.py controller_rss_kib: the example config, --metrics-addr, one scrape)",
+        "- serving: the foreground controller in a lab (bench/serving.py: a sequence with an on_open hook, [spa], "
+        "--metrics-addr), VmRSS after each of a knock from `xknock knock`, an SPA packet from `xknock spa`, a scrape",
         f"- attach: wall time of the whole `xknock attach --once` process, median of {rounds} interleaved rounds",
         "",
         common.markdown_table(header, rows),

@@ -93,5 +93,6 @@ def test_the_lists_benchmark_runs_quick_beside_a_revision(tmp_path):
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
     text = (tmp_path / "latest-lists.md").read_text()
     assert "| what | this tree | HEAD | this / HEAD |" in text
-    for row in ("`xknock top` lists", "`xknock status`", "foreground controller VmRSS", "import xknock.cli.main"):
+    for row in ("`xknock top` lists", "`xknock status`", "foreground controller VmRSS", "import xknock.cli.main",
+                "serving controller VmRSS: + an SPA packet accepted"):
         assert f"| {row}" in text, row
