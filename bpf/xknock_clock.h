@@ -9,7 +9,16 @@
  * one under bpftool prog run. Every time the data path keeps is compared with
  * its own later readings (non-decreasing on every CPU) or is a deadline the
  * controller wrote on CLOCK_MONOTONIC, which a lagging reading can pass a tick
- * late, never early. Latencies use precise_now(). */
+ * late, never early.
+ *
+ * Knocks and strict mode's touches read precise_now() instead: strict mode
+ * orders a source's packets by their times (a connection elsewhere after the
+ * last step ends the knock), which one tick cannot do, so that a scan's
+ * packets right after a step would not count. A knock's grant, ban and
+ * failures then hold precise times, which the coarse readings of later
+ * packets compare the safe way (a deadline passed a tick late; a rate's
+ * credit added a tick late). So does the SPA event's arrival time, where the
+ * controller's latency_ms starts. */
 #ifndef XKNOCK_CLOCK_H
 #define XKNOCK_CLOCK_H
 
@@ -33,8 +42,8 @@ static __always_inline __u64 packet_now(struct xk_packet *pkt)
 	return now;
 }
 
-/* The precise clock, for a time the controller measures a latency from (the
- * SPA event's arrival). */
+/* The precise clock: knocks, strict mode's touches, the SPA event's arrival.
+ * Not kept: each path that needs it reads it once. */
 static __always_inline __u64 precise_now(struct xk_packet *pkt)
 {
 #ifdef XK_TEST_CLOCK

@@ -67,7 +67,7 @@ static __always_inline void touch_if_knocking(struct xk_packet *pkt, struct xk_s
 	struct xk_recent *slot = recent_slot(pkt, &tag);
 	if (!slot || XK_RECENT_TAG(slot->knock) != tag)
 		return;
-	__u64 now_us = packet_now(pkt) / 1000;
+	__u64 now_us = precise_now(pkt) / 1000;   /* ordered against the steps' times: precise */
 	if (recent_age(slot->knock, tag, now_us, set->knock_window_us) == ~0ULL)
 		return;
 	slot->touch = XK_RECENT_WORD(tag, now_us);

@@ -556,6 +556,32 @@ def test_strict_only_new_connections_intervene(xk, description, frame, intervene
     assert counted(xk, Reason.KNOCK_STRICT_RESET) == (1 if intervenes else 0)
 
 
+@pytest.fixture(scope="module")
+def production():
+    """The program as attach builds it: the kernel's clocks, not the test clock."""
+    from xknock_dev.testrun import Harness
+
+    with Harness(test_clock=False) as h:
+        yield h
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "lenient"])
+def test_with_the_kernel_clock_a_connection_right_after_a_step_intervenes(production, example_config, strict):
+    """Back to back, as a scan sends them: step 1, a SYN elsewhere, the rest,
+    microseconds apart. Strict mode orders them by time, which the coarse
+    clock (a tick, 1-4 ms) cannot: knocks and touches read the precise one
+    (bpf/xknock_clock.h). Without strict mode the knock opens as usual."""
+    production.reset_state()
+    production.apply(example_config if strict else _lenient(example_config))
+    assert production.run(step(STRANGER4, SSH[0])) == XDP_DROP
+    assert production.run(tcp(STRANGER4, 80)) == XDP_PASS
+    for s in SSH[1:]:
+        assert production.run(step(STRANGER4, s)) == XDP_DROP
+    assert production.run(tcp(STRANGER4, 22)) == (XDP_DROP if strict else XDP_PASS)
+    assert counted(production, Reason.KNOCK_STRICT_RESET) == (1 if strict else 0)
+    assert counted(production, Reason.GRANT_ISSUED) == (0 if strict else 1)
+
+
 def test_strict_a_knock_of_another_sequence_intervenes(xk):
     """The seed's "no intervening packets": a knock no sequence of this
     source takes is an intervening packet like any other."""
