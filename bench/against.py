@@ -54,7 +54,7 @@ def fill_port_bits(bpf, h):
         return
     words = {}
     for key, _ in h.maps.ports.items():
-        index = (key.bank * layout.PORT_CLASSES + hints.PORT_CLASS[key.proto]) * 1024 + (key.port >> 6)
+        index = (key.bank * layout.PORT_CLASSES + hints.PORT_CLASS[key.proto]) * layout.BITMAP_WORDS + (key.port >> 6)
         words[index] = words.get(index, 0) | 1 << (key.port & 63)
     for index, word in words.items():
         table[ctypes.c_uint32(index)] = ctypes.c_uint64(word)

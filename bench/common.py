@@ -64,6 +64,15 @@ def write_results(kind, text):
     return dated
 
 
+def vmrss_kib(pid):
+    """A process's resident memory (VmRSS in /proc/PID/status), KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise SystemExit(f"bench: no VmRSS in /proc/{pid}/status")
+
+
 def ratio(value, reference):
     return f"{value / reference:.2f}x" if reference else "-"
 

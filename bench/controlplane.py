@@ -138,11 +138,7 @@ def controller_rss_kib(ns, config, timeout=120, detach=True):
             raise SystemExit(f"bench: the controller exited before running: {''.join(seen)}")
         scrape = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read()"
         subprocess.run(["nsenter", f"--net=/run/netns/{ns.name}", sys.executable, "-c", scrape], check=True)
-        with open(f"/proc/{proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise SystemExit("bench: no VmRSS in /proc status")
+        return common.vmrss_kib(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

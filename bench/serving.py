@@ -11,6 +11,8 @@ import time
 from xknock_dev.e2e import XKNOCK, Foreground, knock, served_lab, spa_verdicts, write_config
 from xknock_dev.lab import HELPER_PYTHON, can_connect, wait_for
 
+from . import common
+
 GUARDED = 22
 SPA_PORT = 62201
 CONFIG = """
@@ -34,11 +36,6 @@ open_for = "30s"
 """
 
 
-def _rss_kib(pid):
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-
-
 def _scrape(net, port):
     done = net.server.run([HELPER_PYTHON, "-c",
                            f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read()"])
@@ -59,15 +56,15 @@ def serving_rss_kib(rounds=3):
         with Foreground(net, path, "--metrics-addr", f"127.0.0.1:{metrics_port}") as controller:
             controller.wait_ready()
             pid = controller.process.pid
-            found.append(("attached, handed over (no BCC)", _rss_kib(pid)))
+            found.append(("attached, handed over (no BCC)", common.vmrss_kib(pid)))
             _scrape(net, metrics_port)
-            found.append(("+ a metrics scrape", _rss_kib(pid)))
+            found.append(("+ a metrics scrape", common.vmrss_kib(pid)))
             for round_ in range(1, rounds + 1):
                 knock(net.client, net.server.ipv4, "tcp:7000", "udp:8000", "tcp:9000")
                 if not wait_for(lambda: os.path.exists(hooked) and len(open(hooked).readlines()) >= round_, 10):
                     raise SystemExit(f"bench: the on_open hook did not run:\n{controller.log.read_all(0.5)}")
                 if round_ == 1:
-                    found.append(("+ a knock, its on_open hook run", _rss_kib(pid)))
+                    found.append(("+ a knock, its on_open hook run", common.vmrss_kib(pid)))
                 spa = net.client.run([XKNOCK, "spa", net.server.ipv4, "-A", f"tcp/{GUARDED}", "--key-base64", key,
                                       "--hmac-key-base64", hmac, "--user", "alice", "--port", str(SPA_PORT)])
                 if spa.returncode:
@@ -76,10 +73,10 @@ def serving_rss_kib(rounds=3):
                     raise SystemExit(f"bench: the SPA packet was not accepted: {spa_verdicts(net)}\n"
                                      f"{controller.log.read_all(0.5)}")
                 if round_ == 1:
-                    found.append(("+ an SPA packet accepted", _rss_kib(pid)))
+                    found.append(("+ an SPA packet accepted", common.vmrss_kib(pid)))
                 _scrape(net, metrics_port)
             if not can_connect(net.client, net.server.ipv4, GUARDED, timeout=2):
                 raise SystemExit("bench: the guarded port did not open for the client")
             time.sleep(1)   # the controller's once-a-second work (counters, sweeps) after the last of it
-            found.append((f"+ {rounds - 1} more knocks, SPA packets and scrapes", _rss_kib(pid)))
+            found.append((f"+ {rounds - 1} more knocks, SPA packets and scrapes", common.vmrss_kib(pid)))
     return found
