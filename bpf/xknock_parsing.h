@@ -274,9 +274,87 @@ static __always_inline int parse_l4(void *data, void *data_end, int proto, struc
 	return 1;
 }
 
+/* The common frame at fixed offsets: untagged Ethernet, then IPv4 without
+ * options or IPv6 without extension headers, unfragmented, then a whole TCP
+ * or UDP header. Fills pkt exactly as the walk below would (a test compares
+ * the two on fuzzed frames), without the walk's cursor, whose every step is
+ * a store and a load of pkt->off in map memory: that chain was most of a
+ * common packet's parsing time. Returns 0, having written nothing, for
+ * every other frame, which then takes the walk. */
+static __always_inline int parse_common(void *data, void *data_end, struct xk_packet *pkt)
+{
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	__u32 l4_room;
+	__u8 l4_proto;
+	void *l4;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *iph = (void *)(eth + 1);
+		if ((void *)(iph + 1) > data_end)
+			return 0;
+		/* version 4, ihl 5; neither a fragment nor a first one */
+		if (*(__u8 *)iph != 0x45 || (iph->frag_off & bpf_htons(XK_IP_MF | XK_IP_OFFSET)))
+			return 0;
+		__u32 tot_len = bpf_ntohs(iph->tot_len);
+		if (tot_len < sizeof(*iph))
+			return 0;
+		l4_room = tot_len - sizeof(*iph);
+		l4_proto = iph->protocol;
+		l4 = iph + 1;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6h = (void *)(eth + 1);
+		if ((void *)(ip6h + 1) > data_end || ip6h->version != 6)
+			return 0;
+		l4_room = bpf_ntohs(ip6h->payload_len);
+		l4_proto = ip6h->nexthdr;
+		l4 = ip6h + 1;
+	} else {
+		return 0;
+	}
+	if (l4_proto == IPPROTO_TCP) {
+		if (l4 + sizeof(struct tcphdr) > data_end || l4_room < sizeof(struct tcphdr))
+			return 0;
+	} else if (l4_proto == IPPROTO_UDP) {
+		if (l4 + sizeof(struct udphdr) > data_end || l4_room < sizeof(struct udphdr))
+			return 0;
+	} else {
+		return 0;
+	}
+
+	__u16 l4_off = l4 - data;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *iph = (void *)(eth + 1);
+		pkt->ipv4 = 1;
+		pkt->src.b[10] = 0xff;
+		pkt->src.b[11] = 0xff;
+		__builtin_memcpy(&pkt->src.b[12], &iph->saddr, 4);
+	} else {
+		struct ipv6hdr *ip6h = (void *)(eth + 1);
+		__builtin_memcpy(&pkt->src, &ip6h->saddr, sizeof(pkt->src));
+	}
+	pkt->l3_off = sizeof(*eth);
+	pkt->l4_off = l4_off;
+	pkt->off = l4_off;
+	pkt->l4_room = l4_room;
+	/* the ports are at the same place in both headers */
+	pkt->dport = bpf_ntohs(((struct udphdr *)l4)->dest);
+	if (l4_proto == IPPROTO_TCP) {
+		pkt->proto = XK_PROTO_TCP;
+		pkt->tcp_flags = ((__u8 *)l4)[13];
+	} else {
+		pkt->proto = XK_PROTO_UDP;
+	}
+	return 1;
+}
+
 /* Fills pkt from the frame and says how far parsing got. */
 static __always_inline enum xk_parse parse_packet(void *data, void *data_end, struct xk_packet *pkt)
 {
+#ifndef XK_NO_FAST_PARSE   /* tests build the walk alone to compare the two */
+	if (parse_common(data, data_end, pkt))
+		return XK_PARSED_L4;
+#endif
 	int proto;
 	int eth_type = parse_ethhdr(data, data_end, pkt);
 	if (eth_type < 0)
