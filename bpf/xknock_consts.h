@@ -117,6 +117,13 @@
 #define XK_BITS_IPV6_32 1            /* the hash of an IPv6 /32: entries shorter than /48 */
 #define XK_BITS_IPV6_48 2            /* the hash of an IPv6 /48: entries of /48 and longer */
 #define XK_LIST_BITMAPS 6
+/* granted: a byte per slot hashed from a source, set when a grant for the
+ * source is written, cleared only by the controller's rebuild
+ * (xknock_hints.h). Two halves of XK_GRANTED_WORDS words, then the selector
+ * word: 0 (not built: every packet looks `grants` up), or 1 + the live half. */
+#define XK_GRANTED_SLOTS 65536       /* per half; a multiple of 8, a power of two */
+#define XK_GRANTED_WORDS (XK_GRANTED_SLOTS / 8)
+#define XK_GRANTED_SELECTOR (2 * XK_GRANTED_WORDS)
 
 /* xk_settings.mode */
 #define XK_MODE_ENFORCE 0

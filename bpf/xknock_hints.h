@@ -4,7 +4,14 @@
  * list_bits: no entry of the list covers the source's IPv4 /16 (or the hash
  * of its IPv6 /32 or /48). A set bit only says "look": the lookup decides, so the
  * verdicts are those of the lookups alone. controller/policy/hints.py
- * mirrors the indexing and writes the bitmaps with the bank they describe. */
+ * mirrors the indexing and writes the bitmaps with the bank they describe.
+ * granted: a clear byte of the live half: the source holds no grant. Whoever
+ * writes a grant sets its source's byte in both halves after the write (the
+ * data path with an atomic OR, the controller with a byte store through
+ * mmap); only the controller's rebuild clears, the idle half alone, before
+ * it scans `grants` and sets the byte of every grant it finds, then makes it
+ * the live one (controller/state/grants.py rebuild_granted). A byte cleared
+ * there belongs to a grant written before the clear, which the scan finds. */
 #ifndef XKNOCK_HINTS_H
 #define XKNOCK_HINTS_H
 
@@ -26,6 +33,45 @@ static __always_inline __u32 port_flags_of(__u32 bank, struct xk_packet *pkt)
 	__u32 idx = (bank * XK_PORT_CLASSES + class) * XK_PORT_FLAG_WORDS + (port >> 3);
 	u64 *word = port_flags.lookup(&idx);
 	return word ? (*word >> ((port & 7) * 8)) & 0xff : 0;
+}
+
+/* The source's slot in each half of `granted`: mirrored by controller/kernel/granted.py. */
+static __always_inline __u32 granted_slot(struct xk_addr *src)
+{
+	__u32 w[4];
+	__builtin_memcpy(w, src->b, sizeof(w));
+	return xk_mix32(w[3] ^ xk_mix32(w[0] ^ w[1] ^ w[2])) & (XK_GRANTED_SLOTS - 1);
+}
+
+/* May the source hold a grant? 0 only when the live half's byte is clear. */
+static __always_inline int source_may_hold_grant(struct xk_packet *pkt)
+{
+	__u32 idx = XK_GRANTED_SELECTOR;
+	u64 *selector = granted.lookup(&idx);
+	if (!selector)
+		return 1;
+	__u64 live = *selector;
+	if (live != 1 && live != 2)
+		return 1;   /* not built (yet): the lookup decides */
+	__u32 slot = granted_slot(&pkt->src);
+	idx = (live - 1) * XK_GRANTED_WORDS + slot / 8;
+	u64 *word = granted.lookup(&idx);
+	return !word || ((*word >> ((slot & 7) * 8)) & 0xff);
+}
+
+/* After a grant for the source is written: its byte in both halves. */
+static __always_inline void mark_granted(struct xk_packet *pkt)
+{
+	__u32 slot = granted_slot(&pkt->src);
+	__u64 byte = 1ULL << ((slot & 7) * 8);
+	__u32 idx = slot / 8;
+	u64 *word = granted.lookup(&idx);
+	if (word)
+		__sync_fetch_and_or(word, byte);
+	idx += XK_GRANTED_WORDS;
+	word = granted.lookup(&idx);
+	if (word)
+		__sync_fetch_and_or(word, byte);
 }
 
 static __always_inline int list_bit(__u32 bank, __u32 list, __u32 kind, __u32 bit)

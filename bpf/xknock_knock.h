@@ -134,6 +134,7 @@ static __always_inline void write_grants(struct xk_seq *seq, struct xk_packet *p
 			failed = 1;
 		}
 	}
+	mark_granted(pkt);   /* after the writes: a byte set means its grant is there */
 	emit(failed ? XK_EV_GRANT_FAILED : XK_EV_GRANTED, now, pkt, seq->uid, seq->nsteps);
 }
 

@@ -43,6 +43,11 @@ BPF_TABLE_PINNED7("lpm_trie", struct xk_lpm_key, u32, deny, XK_LIST_ENTRIES, XK_
 /* per bank, list and family, a bit for every IPv4 /16 (or hash of an IPv6
  * /32) that an entry of `allow` or `deny` covers: a clear bit spares the trie */
 BPF_TABLE_PINNED("array", u32, u64, list_bits, 2 * XK_LIST_BITMAPS * XK_BITMAP_WORDS, XK_PIN_DIR "/list_bits");
+/* a byte per source slot: may the source hold a grant? (xknock_hints.h);
+ * mmapable, so that the controller sets a slot with a byte store, never
+ * rewriting a word a CPU is setting another byte of */
+BPF_TABLE_PINNED7("array", u32, u64, granted, XK_GRANTED_SELECTOR + 1, XK_PIN_DIR "/granted",
+		  BPF_F_MMAPABLE);
 /* failed sequences per source, for bans */
 BPF_TABLE_PINNED("lru_hash", struct xk_addr, struct xk_failures, failures, XK_FAILURE_ENTRIES,
 		 XK_PIN_DIR "/failures");

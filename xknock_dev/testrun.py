@@ -14,6 +14,7 @@ from xknock.controller.kernel import bpfsys, datapath, layout
 from xknock.controller.kernel.maps import FilterMaps
 from xknock.controller.kernel.ring import Ring
 from xknock.controller.policy import policy
+from xknock.controller.state import grants
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICT_NAMES = {XDP_ABORTED: "ABORTED", XDP_DROP: "DROP", XDP_PASS: "PASS", XDP_TX: "TX", XDP_REDIRECT: "REDIRECT"}
@@ -47,6 +48,7 @@ class Harness:
         try:
             self.loaded = datapath.compile_and_load(self.pin_dir, cflags=cflags, test_clock=test_clock, hook=hook)
             self.maps = FilterMaps.from_prog(self.loaded.prog_id, self.loaded.layout)
+            grants.rebuild_granted(self.maps)   # as attach does: the tests run the granted bytes' path
         except BaseException:
             datapath.remove_pins(self.pin_dir)   # a failed start leaves nothing behind
             raise

@@ -18,7 +18,7 @@ from ..errors import LoadError, XknockError
 from ..kernel import bpfsys, datapath, layout, libxdp
 from ..kernel.maps import FilterMaps
 from ..policy import policy
-from ..state import carry
+from ..state import carry, grants
 from . import sharing
 
 log = logging.getLogger("xknock")
@@ -94,6 +94,9 @@ def attach(ifnames, config, xdp_mode="auto", force=False, before_attach=None, cf
         attached = steps.run(directory, adopt=adopted_from)
     if share:
         sharing.leave_replaced(current, attached.replaced)
+    # Once this program is the only writer: grants another version's program
+    # wrote up to the swap are in the map, and the scan finds them.
+    grants.rebuild_granted(attached.maps)
     return attached
 
 

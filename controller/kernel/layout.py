@@ -44,6 +44,10 @@ BITS_IPV4 = 0             # kinds: an IPv4 /16, the hash of an IPv6 /32 (entries
 BITS_IPV6_32 = 1
 BITS_IPV6_48 = 2
 LIST_BITMAPS = 6
+# granted (bpf/xknock_hints.h): a byte per source slot, two halves, then the selector word
+GRANTED_SLOTS = 65536
+GRANTED_WORDS = GRANTED_SLOTS // 8
+GRANTED_SELECTOR = 2 * GRANTED_WORDS
 
 PORT_GUARDED = 1 << 0
 PORT_KNOCK = 1 << 1
@@ -364,6 +368,7 @@ MAPS = {
     "recent": (ctypes.c_uint32, Recent),
     "port_flags": (ctypes.c_uint32, ctypes.c_uint64),
     "list_bits": (ctypes.c_uint32, ctypes.c_uint64),
+    "granted": (ctypes.c_uint32, ctypes.c_uint64),
 }
 
 

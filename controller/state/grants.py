@@ -12,11 +12,13 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from ..errors import XknockError
 from ..kernel import bpfsys, firsts, layout
 from ..kernel.clock import monotonic_ns
+from ..kernel.granted import GrantedView
 from ..kernel.lock import map_lock
 from ..kernel.maps import from_addr, live_sequences, to_addr
 
@@ -97,6 +99,7 @@ def write_grants(maps, source, ports, for_ns, idle_ns, now=None, seq_uid=0, flag
                 raise GrantsFull(f"the grants map is full ({maps.grants.max_entries} entries): no grant written "
                                  f"for {proto}:{key.port}") from err
             written.append(key)
+        mark_granted(maps, [bytes(key.src.b) for key in keys[:1]])
         created = sum(1 for key in keys if old[bytes(key)] is None)
         maps.count_by_controller(_reason(flags), created)
 
@@ -147,6 +150,7 @@ def write_batch(maps, entries):
                 start += 1
             elif err:
                 raise bpfsys.BpfError(err, f"map batch update: {os.strerror(err)}")
+        mark_granted(maps, {bytes(entries[i][0].src.b) for i in written})
         for reason, n in created.items():
             maps.count_by_controller(reason, n)
     return written, refused
@@ -272,12 +276,53 @@ def grant_dead(grant, now):
 
 
 def expire_grants(maps, now=None):
-    """Delete grants dead on both clocks. Returns how many."""
+    """Delete grants dead on both clocks, then rebuild `granted` if any were
+    (or it was never built). Returns how many."""
     now = monotonic_ns() if now is None else now
     with map_lock(maps):
         removed = maps.grants.delete_where(lambda key: (grant := maps.grants.lookup(key)) is not None and grant_dead(grant, now))
         maps.count_by_controller(layout.Reason.GRANT_REMOVED, removed)
+        with GrantedView(maps.granted) as view:
+            if removed or view.live_half is None:
+                _rebuild(maps, view)
     return removed
+
+
+# `granted` (bpf/xknock_hints.h): a byte per source slot, set for every source
+# that holds a grant, so that a guarded port's packet from any other source
+# is dropped without a miss in the grants hash. Whoever writes a grant sets
+# the byte afterwards, in both halves; only a rebuild clears, and only the
+# idle half.
+
+GRANTED_GRACE_S = 0.01   # after a flip, far above an XDP run that read the old selector
+
+
+def mark_granted(maps, raw_sources):
+    """Set the bytes of sources (16 bytes of layout.Addr each) whose grants were just written."""
+    with GrantedView(maps.granted) as view:
+        view.mark(raw_sources)
+
+
+def rebuild_granted(maps):
+    """Clear the idle half of `granted`, set the byte of every grant the map
+    holds, make that half the live one. A grant the data path writes
+    meanwhile sets its byte after its write: before the clear, and the scan
+    finds the grant; after, and the byte stays."""
+    with map_lock(maps), GrantedView(maps.granted) as view:
+        _rebuild(maps, view)
+
+
+def _rebuild(maps, view):
+    live = view.live_half
+    idle = 0 if live is None else 1 - live
+    view.clear(idle)
+    sources = set()
+    for n, keys, _ in maps.grants.chunks():
+        raw = memoryview(keys)[: n * _GRANT_KEY.size]
+        sources.update(src for src, _, _ in _GRANT_KEY.iter_unpack(raw))
+    view.mark(sources, halves=(idle,))
+    view.set_live(idle)
+    time.sleep(GRANTED_GRACE_S)   # the next rebuild clears what was live until now
 
 
 _PROGRESS_UID = struct.Struct("<16xI")    # layout.ProgressKey: src, uid

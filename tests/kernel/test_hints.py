@@ -162,3 +162,148 @@ def test_a_reload_clears_the_old_bank_s_bitmaps(harness):
     assert all(harness.maps.list_bits.lookup(ctypes.c_uint32(old * n + i)).value == 0 for i in range(n))
     n = layout.PORT_CLASSES * layout.PORT_FLAG_WORDS
     assert all(harness.maps.port_flags.lookup(ctypes.c_uint32(old * n + i)).value == 0 for i in range(n))
+
+
+# -- granted: a byte per source slot in front of the grants hash ----------------------
+
+GRANTED_SOURCES = ["198.51.100.21", "2001:db8:77::21", "0.0.0.1", "2001:db8:77:ffff::"]
+
+
+def granted_view(harness):
+    from xknock.controller.kernel.granted import GrantedView
+
+    return GrantedView(harness.maps.granted)
+
+
+def raw(source):
+    from xknock.controller.kernel.maps import to_addr
+
+    return bytes(to_addr(ipaddress.ip_address(source)).b)
+
+
+def test_a_grant_written_by_the_controller_sets_its_source_s_byte_in_both_halves(harness):
+    from xknock.controller.state import grants
+
+    harness.reset_state()
+    harness.apply(parse_config(CONFIG, listening=set()))
+    grants.rebuild_granted(harness.maps)
+    with granted_view(harness) as view:
+        for source in GRANTED_SOURCES:
+            grants.write_grants(harness.maps, source, [("tcp", 22)], 30 * 10**9, 30 * 10**9, now=harness.now_ns)
+            assert view.is_set(0, raw(source)) and view.is_set(1, raw(source)), source
+            assert harness.run(tcp(source, 22)) == XDP_PASS, source
+
+
+@pytest.mark.parametrize("source", GRANTED_SOURCES)
+def test_the_program_reads_the_byte_the_controller_computes_for_a_source(harness, source):
+    """The live half cleared but for the source's byte (kernel/granted.py's
+    slot): its grant passes. Cleared: dropped, though the grant is there.
+    Not built (selector 0): the grants hash decides again."""
+    from xknock.controller.state import grants
+
+    harness.reset_state()
+    harness.apply(parse_config(CONFIG, listening=set()))
+    grants.write_grants(harness.maps, source, [("tcp", 22)], 30 * 10**9, 30 * 10**9, now=harness.now_ns)
+    try:
+        with granted_view(harness) as view:
+            live = view.live_half
+            view.clear(live)
+            view.mark([raw(source)], halves=(live,))
+            assert view.slots_set(live) == 1
+            assert harness.run(tcp(source, 22)) == XDP_PASS
+            view.clear(live)
+            before = harness.counters()[Reason.DROP_NO_GRANT]
+            assert harness.run(tcp(source, 22)) == XDP_DROP   # the byte alone decided
+            assert harness.counters()[Reason.DROP_NO_GRANT] == before + 1
+            view.set_not_built()
+            assert harness.run(tcp(source, 22)) == XDP_PASS
+    finally:
+        grants.rebuild_granted(harness.maps)
+
+
+def test_a_completed_knock_sets_its_source_s_byte_in_both_halves(harness):
+    from xknock_dev.packets import step
+
+    from xknock.controller.state import grants
+
+    harness.reset_state()
+    harness.apply(parse_config(CONFIG, listening=set()))
+    source = "198.51.100.33"
+    with granted_view(harness) as view:
+        for half in (0, 1):
+            view.clear(half)
+        view.set_live(0)
+        assert harness.run(tcp(source, 22)) == XDP_DROP
+        for knock in ("tcp:7000", "udp:8000"):
+            harness.run(step(source, knock))
+        assert view.is_set(0, raw(source)) and view.is_set(1, raw(source))
+        assert view.slots_set(0) == view.slots_set(1) == 1
+        assert harness.run(tcp(source, 22)) == XDP_PASS
+    grants.rebuild_granted(harness.maps)
+
+
+def test_a_rebuild_keeps_every_grant_s_byte_and_clears_the_rest(harness):
+    from xknock.controller.state import grants
+
+    harness.reset_state()
+    harness.apply(parse_config(CONFIG, listening=set()))
+    kept, gone = "198.51.100.41", "2001:db8:77::42"
+    for source in (kept, gone):
+        grants.write_grants(harness.maps, source, [("tcp", 22)], 10**9, 10**9, now=harness.now_ns)
+    grants.write_grants(harness.maps, kept, [("tcp", 22)], 60 * 10**9, 60 * 10**9, now=harness.now_ns)
+    with granted_view(harness) as view:
+        was = view.live_half
+        harness.advance(5)
+        assert grants.expire_grants(harness.maps, now=harness.now_ns) == 1   # the sweep rebuilds after removing
+        assert view.live_half == 1 - was
+        assert view.is_set(view.live_half, raw(kept)) and not view.is_set(view.live_half, raw(gone))
+        assert view.slots_set(view.live_half) == 1
+        assert harness.run(tcp(kept, 22)) == XDP_PASS
+        assert harness.run(tcp(gone, 22)) == XDP_DROP
+        assert grants.expire_grants(harness.maps, now=harness.now_ns) == 0
+        assert view.live_half == 1 - was   # nothing removed: nothing rebuilt
+
+
+def test_a_grant_the_data_path_writes_during_a_rebuild_keeps_its_byte(harness):
+    """The two orders a knock's grant and a rebuild's clear can take: the
+    clear after the knock's byte (the scan finds the grant), or before it
+    (the byte stays)."""
+    from xknock_dev.packets import step
+
+    from xknock.controller.state import grants
+
+    harness.reset_state()
+    harness.apply(parse_config(CONFIG, listening=set()))
+    early, late = "198.51.100.51", "198.51.100.52"
+    with granted_view(harness) as view:
+        idle = 1 - view.live_half
+        for knock in ("tcp:7000", "udp:8000"):
+            harness.run(step(early, knock))
+        view.clear(idle)                          # the rebuild's clear, after early's byte
+        harness.run(step(late, "tcp:7000"))
+        harness.run(step(late, "udp:8000"))       # late's grant and byte, after the clear
+        view.mark({raw(str(src)) for src, _, _ in harness.grants()}, halves=(idle,))   # the scan
+        view.set_live(idle)
+        for source in (early, late):
+            assert view.is_set(idle, raw(source))
+            assert harness.run(tcp(source, 22)) == XDP_PASS, source
+    grants.rebuild_granted(harness.maps)
+
+
+def test_grants_written_in_a_batch_set_their_sources_bytes(harness):
+    """write_batch: what the fleet (controller/cluster) and a resync write."""
+    from xknock.controller.kernel.maps import to_addr
+    from xknock.controller.state import grants
+
+    harness.reset_state()
+    harness.apply(parse_config(CONFIG, listening=set()))
+    sources = [f"198.51.100.{60 + i}" for i in range(5)] + ["2001:db8:77::60"]
+    entries = [(layout.GrantKey(src=to_addr(ipaddress.ip_address(s)), proto=layout.PROTO_TCP, port=22),
+                layout.Grant(window_end_ns=harness.now_ns + 10**10, idle_timeout_ns=10**10, last_seen_ns=harness.now_ns))
+               for s in sources]
+    written, refused = grants.write_batch(harness.maps, entries)
+    assert len(written) == len(sources) and not refused
+    with granted_view(harness) as view:
+        for source in sources:
+            assert view.is_set(0, raw(source)) and view.is_set(1, raw(source)), source
+            assert harness.run(tcp(source, 22)) == XDP_PASS, source
