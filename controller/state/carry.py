@@ -29,6 +29,7 @@ import os
 from ..errors import XknockError
 from ..kernel import batch, bpfsys, btf, datapath, layout
 from ..kernel.lock import control_lock
+from . import grants
 
 KEYED = ("grants", "bans", "failures", "spa_known")
 COUNTS = ("counters", "seqstats")
@@ -120,7 +121,7 @@ class OldFilter:
         """Copy grants, bans, failures and spa_known into maps (a FilterMaps of
         this version). only_missing: keys the new maps do not have yet (the
         second pass, after the swap). Returns {name: entries copied}."""
-        copied = {}
+        copied, carried = {}, set()
         for name in KEYED:
             old, new = self.maps.get(name), getattr(maps, name)
             copied[name] = 0
@@ -141,6 +142,9 @@ class OldFilter:
                     raise XknockError(f"the new program's {name} map is full ({new.max_entries} entries) before "
                                       f"every entry of the running filter's was carried: nothing was attached")
                 copied[name] += 1
+                if name == "grants":
+                    carried.add(bytes(key.src.b))
+        grants.mark_granted(maps, carried)   # as after every grant write: the sources' bytes
         return copied
 
     def add_counts(self, maps):
