@@ -134,26 +134,33 @@ def write_batch(maps, entries):
             return written, refused
         keys = (layout.GrantKey * len(todo))(*(entries[i][0] for i, _ in todo))
         values = (layout.Grant * len(todo))(*(entries[i][1] for i, _ in todo))
-        start = 0
-        while start < len(todo):
-            done, err = bpfsys.map_update_batch_from(maps.grants.fd, keys, values, start, len(todo) - start)
-            if err in _NO_BATCH_ERRNOS and done == 0:
-                done, err = _update_one(maps, keys[start], values[start])
-            written += [todo[i][0] for i in range(start, start + done)]
-            for i in range(start, start + done):
-                if todo[i][1]:
-                    reason = _reason(values[i].flags)
-                    created[reason] = created.get(reason, 0) + 1
-            start += done
-            if err == errno.E2BIG:
-                refused.append(todo[start][0])
-                start += 1
-            elif err:
-                raise bpfsys.BpfError(err, f"map batch update: {os.strerror(err)}")
-        mark_granted(maps, {bytes(entries[i][0].src.b) for i in written})
+        try:
+            _write_todo(maps, todo, keys, values, written, refused, created)
+        finally:   # also when a batch fails part way: an extra byte costs a lookup, a missing one a grant
+            mark_granted(maps, {bytes(key.src.b) for key in keys})
         for reason, n in created.items():
             maps.count_by_controller(reason, n)
     return written, refused
+
+
+def _write_todo(maps, todo, keys, values, written, refused, created):
+    """The batches of write_batch: the indexes written and refused, new keys by reason, added as they go."""
+    start = 0
+    while start < len(todo):
+        done, err = bpfsys.map_update_batch_from(maps.grants.fd, keys, values, start, len(todo) - start)
+        if err in _NO_BATCH_ERRNOS and done == 0:
+            done, err = _update_one(maps, keys[start], values[start])
+        written += [todo[i][0] for i in range(start, start + done)]
+        for i in range(start, start + done):
+            if todo[i][1]:
+                reason = _reason(values[i].flags)
+                created[reason] = created.get(reason, 0) + 1
+        start += done
+        if err == errno.E2BIG:
+            refused.append(todo[start][0])
+            start += 1
+        elif err:
+            raise bpfsys.BpfError(err, f"map batch update: {os.strerror(err)}")
 
 
 def _update_one(maps, key, value):
