@@ -16,9 +16,15 @@
 /* The trie's key for the packet's source, as long as it can be. */
 static __always_inline void source_key(struct xk_lpm_key *key, __u32 bank, struct xk_packet *pkt)
 {
+	if (pkt->ipv4) {
+		key->prefixlen = 8 + 32;
+		key->bank = bank | XK_LPM_IPV4;
+		__builtin_memcpy(key->prefix, &pkt->src.b[12], 4);
+		return;
+	}
 	key->prefixlen = 8 + 128;
-	key->bank = bank | (pkt->ipv4 ? XK_LPM_IPV4 : 0);
-	__builtin_memcpy(key->addr, pkt->src.b, sizeof(key->addr));
+	key->bank = bank;
+	__builtin_memcpy(key->prefix, pkt->src.b, sizeof(key->prefix));
 }
 
 /* Is the source on the bank's allow-list? The flag and the bitmap answer

@@ -84,7 +84,9 @@ struct xk_grant {
 struct xk_lpm_key {
 	__u32 prefixlen;         /* 8 bits of bank and family + the address prefix */
 	__u8 bank;               /* the bank, | XK_LPM_IPV4 for IPv4 */
-	__u8 addr[16];
+	/* An IPv4 address in the first 4 bytes: a lookup compares no more bits
+	 * than its prefixlen, so IPv4 keys cost 40 bits, not 136. */
+	__u8 prefix[16];
 	__u8 pad[3];
 };
 

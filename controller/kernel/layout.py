@@ -236,7 +236,7 @@ class LpmKey(ctypes.Structure):
     _fields_ = [
         ("prefixlen", ctypes.c_uint32),
         ("bank", ctypes.c_uint8),
-        ("addr", ctypes.c_uint8 * 16),
+        ("prefix", ctypes.c_uint8 * 16),   # an IPv4 address in the first 4 bytes
         ("pad", ctypes.c_uint8 * 3),
     ]
 

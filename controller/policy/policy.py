@@ -17,7 +17,6 @@ from ..config import BAN_SCOPES, spa_config
 from ..errors import XknockError
 from ..kernel import bpfsys, layout
 from ..kernel.lock import map_lock
-from ..kernel.maps import to_addr
 from . import answers, hints, totp
 from .uid import sequence_uid
 
@@ -41,12 +40,14 @@ class Policy:
 
 
 def lpm_key(network, bank):
+    """The trie key of network in bank: an IPv4 network's address in the
+    first 4 bytes, so that its lookups compare 40 bits at most (bpf source_key)."""
     network = ipaddress.ip_network(network)
-    prefix = network.prefixlen + (96 if network.version == 4 else 0)
     key = layout.LpmKey()
-    key.prefixlen = 8 + prefix
+    key.prefixlen = 8 + network.prefixlen
     key.bank = bank | (layout.LPM_IPV4 if network.version == 4 else 0)
-    ctypes.memmove(key.addr, to_addr(network.network_address).b, 16)
+    packed = network.network_address.packed
+    ctypes.memmove(key.prefix, packed, len(packed))
     return key
 
 

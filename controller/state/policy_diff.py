@@ -117,10 +117,9 @@ def step_text(proto, port):
 def network_of(key):
     """The network an LPM key of the allow or deny trie holds."""
     prefix = key.prefixlen - 8
-    address = ipaddress.IPv6Address(bytes(key.addr))
     if key.bank & layout.LPM_IPV4:
-        return str(ipaddress.ip_network(f"{address.ipv4_mapped}/{prefix - 96}"))
-    return str(ipaddress.ip_network(f"{address}/{prefix}"))
+        return str(ipaddress.ip_network(f"{ipaddress.IPv4Address(bytes(key.prefix[:4]))}/{prefix}"))
+    return str(ipaddress.ip_network(f"{ipaddress.IPv6Address(bytes(key.prefix))}/{prefix}"))
 
 
 def changes(live, wanted):
