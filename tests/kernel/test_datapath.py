@@ -582,6 +582,23 @@ def test_with_the_kernel_clock_a_connection_right_after_a_step_intervenes(produc
     assert counted(production, Reason.GRANT_ISSUED) == (0 if strict else 1)
 
 
+def test_with_the_kernel_clock_a_grant_ends_on_time(production, example_config):
+    """The coarse clock is cached per CPU for a jiffy (bpf/xknock_clock.h):
+    a reading kept past its tick would let a grant outlive its deadline. A
+    grant of 200 ms passes, then, 300 ms later (many ticks at any HZ), the
+    same SYN finds it over on both clocks."""
+    import time
+    from xknock.controller.state import grants
+
+    production.reset_state()
+    production.apply(example_config)
+    grants.grant(production.maps, STRANGER4, [("tcp", 22)], for_ns=200_000_000)
+    assert production.run(tcp(STRANGER4, 22)) == XDP_PASS
+    time.sleep(0.3)
+    assert production.run(tcp(STRANGER4, 22)) == XDP_DROP
+    assert counted(production, Reason.GRANT_EXPIRED) == 1
+
+
 def test_strict_a_knock_of_another_sequence_intervenes(xk):
     """The seed's "no intervening packets": a knock no sequence of this
     source takes is an intervening packet like any other."""
