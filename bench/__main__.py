@@ -1,5 +1,6 @@
 """bench/run's entry: `python -m bench [datapath|bpftool|controlplane|lists|flood|knockd|nft|spa|spa-verify|answers|cluster|cluster-resync|report|all]
-[--quick] [--against=REV]` (REV: a git revision whose data path `datapath` times side by side, bench/against.py)."""
+[--quick] [--against=REV]` (REV: a git revision whose data path `datapath` times side by side on the same maps, bench/against.py;
+`bpftool` attaches REV's build beside this one; `lists` runs REV's controller)."""
 
 import sys
 
@@ -23,7 +24,7 @@ def main(argv):
     if which == "lists":   # top's and status's lists at 1M, the controller's memory; beside REV with --against
         lists.run_lists(quick, against)
     if which == "bpftool":   # the second harness: bpftool prog run on the attached program
-        bpftool_run.run_bpftool(quick)
+        bpftool_run.run_bpftool(quick, against)
     if which == "flood":
         flood.run_flood(quick)
     if which == "answers":

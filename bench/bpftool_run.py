@@ -35,8 +35,8 @@ FRAMES = {   # the common paths of issue 16's goal, on the example policy
 VERDICTS = {1: "DROP", 2: "PASS", 3: "TX"}
 
 
-def _run(*argv):
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+def _run(*argv, env=None):
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     if done.returncode:
         raise SystemExit(f"bench: {' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
     return done
@@ -62,66 +62,131 @@ def _pin_floor(path):
     bpfsys.obj_pin(floor.load_func(b"xk_floor", BPF.XDP).fd, path)
 
 
-def run(quick):
+def _tree_env(tree):
+    """The environment in which the venv's `xknock` is tree's (None: this one's)."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if tree:
+        env["PYTHONPATH"] = tree
+    return env
+
+
+class Attached:
+    """One build of xknock attached with the example policy and a grant, in a
+    namespace of its own (its pins apart from any other build's)."""
+
+    def __init__(self, netns, config, tree=None):
+        self.netns, self.env = netns, _tree_env(tree)
+        self.inside = ["nsenter", f"--net=/run/netns/{netns}"]   # one bpffs for attach and grant
+        self.attached = False
+        _run("ip", "netns", "add", netns)
+        try:
+            _run(*self.inside, "ip", "link", "add", "xkbt0", "type", "veth", "peer", "name", "xkbt1")
+            for name in ("xkbt0", "xkbt1"):
+                _run(*self.inside, "ip", "link", "set", name, "up")
+            self.attached = True   # from here on, whatever attach left is detached
+            _run(*self.inside, XKNOCK, "attach", "xkbt0", "-c", config, "--once", "--xdp-mode", "native", env=self.env)
+            _run(*self.inside, XKNOCK, "grant", "xkbt0", GRANTED, "--port", "tcp:22", "--for", "30m", "-c", config,
+                 env=self.env)
+            [link] = json.loads(_run("ip", "-n", netns, "-j", "-d", "link", "show", "xkbt0").stdout)
+            self.spec = ["id", str(link["xdp"]["prog"]["id"])]
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        # the pins live in the host's bpffs, under the namespace's id: a later
+        # namespace given the same id would find them
+        if self.attached:
+            subprocess.run([*self.inside, XKNOCK, "detach", "xkbt0"], capture_output=True, env=self.env)
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+
+
+def run(quick, against=None):
+    """{"rows": [...]}; with against (a git revision), that revision's build
+    attached beside this one and timed in the same rounds."""
     if not shutil.which("bpftool"):
         raise SystemExit("bpftool is not installed (scripts/setup test installs it)")
-    netns = f"xkbt-{os.getpid()}"
+    from .lists import revision_tree
+
     floor_pin = f"/sys/fs/bpf/xkbt-floor-{os.getpid()}"
     work = tempfile.mkdtemp(prefix="xkbt-")
     repeat, rounds = (20_000, 2) if quick else (1_000_000, 5)
-    inside = ["nsenter", f"--net=/run/netns/{netns}"]   # one bpffs for attach and grant
-    _run("ip", "netns", "add", netns)
+    builds = {}
     try:
-        _run(*inside, "ip", "link", "add", "xkbt0", "type", "veth", "peer", "name", "xkbt1")
-        for name in ("xkbt0", "xkbt1"):
-            _run(*inside, "ip", "link", "set", name, "up")
         config = os.path.join(work, "example.toml")
         with open(os.open(config, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
             f.write(EXAMPLE_CONFIG)
-        _run(*inside, XKNOCK, "attach", "xkbt0", "-c", config, "--once", "--xdp-mode", "native")
-        _run(*inside, XKNOCK, "grant", "xkbt0", GRANTED, "--port", "tcp:22", "--for", "30m", "-c", config)
-        [link] = json.loads(_run("ip", "-n", netns, "-j", "-d", "link", "show", "xkbt0").stdout)
-        prog_id = link["xdp"]["prog"]["id"]
+        builds["xknock"] = Attached(f"xkbt-{os.getpid()}", config)
+        if against:
+            tree = revision_tree(against, tempfile.mkdtemp(prefix="tree-", dir=work))
+            builds[against] = Attached(f"xkbt-{os.getpid()}-rev", config, tree)
         _pin_floor(floor_pin)
         paths = {}
         for name, frame in FRAMES.items():
             paths[name] = os.path.join(work, name.replace(" ", "-"))
             with open(paths[name], "wb") as f:
                 f.write(bytes(frame()))
-        variants = [((name, which), (spec, path)) for name, path in paths.items()
-                    for which, spec in (("xknock", ["id", str(prog_id)]), ("floor", ["pinned", floor_pin]))]
+        programs = [(which, build.spec) for which, build in builds.items()] + [("floor", ["pinned", floor_pin])]
+        variants = [((name, which), (spec, path)) for name, path in paths.items() for which, spec in programs]
         results = common.interleaved(variants, rounds, lambda v: prog_run(v[0], v[1], repeat))
     finally:
-        # the pins live in the host's bpffs, under the namespace's id: a later
-        # namespace given the same id would find them
-        subprocess.run([*inside, XKNOCK, "detach", "xkbt0"], capture_output=True)
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+        for build in builds.values():
+            build.close()
         if os.path.exists(floor_pin):
             os.unlink(floor_pin)
         shutil.rmtree(work, ignore_errors=True)
     rows = []
     for name in FRAMES:
-        ours = common.median([ns for ns, _ in results[(name, "xknock")]])
-        floor = common.median([ns for ns, _ in results[(name, "floor")]])
-        verdict = results[(name, "xknock")][-1][1]
-        rows.append({"path": name, "xknock_ns": ours, "floor_ns": floor, "verdict": VERDICTS.get(verdict, verdict)})
-    return {"rows": rows, "repeat": repeat, "rounds": rounds}
+        row = {"path": name, "verdict": VERDICTS.get(results[(name, "xknock")][-1][1], "?")}
+        for which in [*builds, "floor"]:
+            row[f"{which}_ns"] = common.median([ns for ns, _ in results[(name, which)]])
+        if against:
+            row["against_verdict"] = VERDICTS.get(results[(name, against)][-1][1], "?")
+        rows.append(row)
+    return {"rows": rows, "repeat": repeat, "rounds": rounds, "against": against}
+
+
+# Issue 16's own measurement (bpftool prog run, best of three, an earlier run):
+# the "before" of its goals, quoted beside this run's ratios.
+ISSUE_BASELINE = {"unguarded TCP pass": "4.4x", "unguarded UDP pass": "4.4x", "guarded drop": "5.9x",
+                  "granted pass": "6.3x", "knock repeated": "7.3x"}
+GOALS = {"knock repeated": "3x"}
 
 
 def markdown(data):
+    against = data.get("against")
     lines = ["# bpftool prog run: the attached program beside an empty one", "", *common.machine(),
              f"- method: `bpftool prog run` with repeat={data['repeat']}, median of {data['rounds']} interleaved "
-             "rounds (xknock, floor in turn on the same frame); xknock attached by `xknock attach --once` with the "
+             "rounds (every program in turn on the same frame); xknock attached by `xknock attach --once` with the "
              "example policy (answer = \"drop\"), production build (kernel clock), a grant from `xknock grant`",
-             "- floor: an XDP program returning XDP_DROP, loaded by BCC and pinned", ""]
-    lines.append(common.markdown_table(
-        ["path", "xknock ns", "floor ns", "vs floor", "verdict"],
-        [[r["path"], r["xknock_ns"], r["floor_ns"], common.ratio(r["xknock_ns"], r["floor_ns"]), r["verdict"]]
-         for r in data["rows"]]))
+             "- floor: an XDP program returning XDP_DROP, loaded by BCC and pinned",
+             *([f"- {against}: that revision's build, attached the same way in a namespace of its own, timed in "
+                "the same rounds"] if against else []),
+             "- issue 16: the ratios the issue measured when it was filed (an earlier run, so only a hint); "
+             "goal: the issue's bound for the path", ""]
+    header = ["path", "xknock ns", "floor ns", "vs floor"]
+    if against:
+        header[2:2] = [f"{against} ns"]
+        header += [f"{against} vs floor", f"this / {against}"]
+    header += ["issue 16", "goal", "verdict"]
+    rows = []
+    for r in data["rows"]:
+        cells = [r["path"], r["xknock_ns"]]
+        if against:
+            cells.append(r[f"{against}_ns"])
+        cells += [r["floor_ns"], common.ratio(r["xknock_ns"], r["floor_ns"])]
+        if against:
+            cells += [common.ratio(r[f"{against}_ns"], r["floor_ns"]), common.ratio(r["xknock_ns"], r[f"{against}_ns"])]
+        verdict = r["verdict"] if not against or r["against_verdict"] == r["verdict"] else \
+            f"{r['verdict']} ({against}: {r['against_verdict']})"
+        cells += [ISSUE_BASELINE.get(r["path"], "-"), GOALS.get(r["path"], "2.5x"), verdict]
+        rows.append(cells)
+    lines.append(common.markdown_table(header, rows))
     return "\n".join(lines) + "\n"
 
 
-def run_bpftool(quick):
-    text = markdown(run(quick))
+def run_bpftool(quick, against=None):
+    text = markdown(run(quick, against))
     print(text)
     print(f"written to {common.write_results('bpftool', text)}")
