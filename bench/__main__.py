@@ -38,7 +38,7 @@ def main(argv):
         print()   # and both protocols side by side: junk, forged, authentic
         print(spa_verify.markdown(spa_verify.verifications(0.3 if quick else 1.0)))
     if which == "report":
-        report.run_report(quick)
+        report.run_report(quick, against)
     for name, bench in (("knockd", knockd), ("nft", nftingress), ("spa", fwknop)):
         if which == name:
             print(bench.markdown(bench.run(quick)))

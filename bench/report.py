@@ -14,7 +14,7 @@ import time
 from xknock_dev import traffic
 from xknock_dev.lab import lab
 
-from . import answers, common, controlplane, datapath, fwknop, knockd, nftingress, plots, sidebyside as sb
+from . import answers, bpftool_run, common, controlplane, datapath, fwknop, knockd, nftingress, plots, sidebyside as sb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,11 +113,14 @@ def headline(dp, kn, nf_cells, nf, fw, gen):
     return lines
 
 
-def run_report(quick):
+def run_report(quick, against=None):
+    """against: a git revision whose build the bpftool section times beside this one."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d")
     started = time.monotonic()
     print("report: data path", flush=True)
     dp = datapath.run_datapath(quick)
+    print("report: the attached program (bpftool prog run)", flush=True)
+    bt = bpftool_run.run(quick, against)
     print("report: control plane", flush=True)
     cp_text = controlplane.run_controlplane(quick)
     print("report: traffic generator", flush=True)
@@ -160,6 +163,8 @@ def run_report(quick):
                "(the filter runs in the same chain on the same CPU): the rates each flood reached are in the tables.",
                "", "## Data path (BPF_PROG_TEST_RUN)", "", *images("datapath"),
                body(dp["text"]).replace("\n## ", "\n### "), "",
+               "## Data path, the attached program (bpftool prog run)", "",
+               body(bpftool_run.markdown(bt)).replace("\n## ", "\n### "), "",
                "## Control plane", "", body(cp_text), "",
                knockd.markdown(kn), *images("knockd"),
                nftingress.markdown(nf), *images("nft"),
@@ -168,7 +173,7 @@ def run_report(quick):
         return "\n".join(out) + "\n"
 
     with open(os.path.join(directory, "data.json"), "w") as f:
-        json.dump({"datapath": {k: v for k, v in dp.items() if k != "text"}, "knockd": kn,
+        json.dump({"datapath": {k: v for k, v in dp.items() if k != "text"}, "bpftool": bt, "knockd": kn,
                    "nft": {**nf, "rows": {" / ".join(k): v for k, v in nf["rows"].items()}},
                    "spa": fw, "generator_pps": gen, "answers": answers.json_data(an)}, f, indent=1, default=str)
     report_path = os.path.join(directory, "report.md")
