@@ -237,11 +237,14 @@ static __always_inline int icmp_allowed(struct xk_packet *pkt, struct xk_setting
 	__u64 cost = set->icmp_host_cost_ns, burst = set->icmp_host_burst_ns;
 	bpf_spin_lock(&host->lock);
 	__u64 credit = host->credit_ns;
-	if (now > host->last_ns)
+	/* Only forward: another CPU's clock may be a tick behind this one's
+	 * (xknock_clock.h), and moving last back would credit that tick twice. */
+	if (now > host->last_ns) {
 		credit += now - host->last_ns;
+		host->last_ns = now;
+	}
 	if (credit > burst)
 		credit = burst;
-	host->last_ns = now;
 	host->credit_ns = credit;
 	bpf_spin_unlock(&host->lock);
 	if (credit < cost)

@@ -9,7 +9,7 @@
  * most: about 20 ns cheaper than the precise one under bpftool prog run, and
  * 20 more than a cached reading. Every time the data path keeps is compared with
  * its own later readings (non-decreasing on every CPU) or is a deadline the
- * controller wrote on CLOCK_MONOTONIC, which a lagging reading can pass a tick
+ * controller wrote on CLOCK_MONOTONIC, which a lagging reading can pass two ticks
  * late, never early.
  *
  * Knocks and strict mode's touches read precise_now() instead: strict mode
@@ -17,8 +17,8 @@
  * last step ends the knock), which one tick cannot do, so that a scan's
  * packets right after a step would not count. A knock's grant, ban and
  * failures then hold precise times, which the coarse readings of later
- * packets compare the safe way (a deadline passed a tick late; a rate's
- * credit added a tick late). So does the SPA event's arrival time, where the
+ * packets compare the safe way (a deadline passed up to two ticks late; a rate's
+ * credit added as late). So does the SPA event's arrival time, where the
  * controller's latency_ms starts. */
 #ifndef XKNOCK_CLOCK_H
 #define XKNOCK_CLOCK_H

@@ -74,7 +74,7 @@ static __always_inline void record_failure(struct xk_packet *pkt, struct xk_sett
 		fresh.window_start_ns = now;
 		fresh.count = 1;
 		failures.update(&pkt->src, &fresh);
-	} else if (now - seen->window_start_ns > set->ban_within_ns) {
+	} else if (now > seen->window_start_ns && now - seen->window_start_ns > set->ban_within_ns) {
 		seen->window_start_ns = now;
 		seen->count = 1;
 	} else {

@@ -18,11 +18,14 @@
 static __always_inline int bucket_take(struct xk_bucket *b, __u64 now, __u64 cost, __u64 burst)
 {
 	__u64 credit = b->credit_ns;
-	if (now > b->last_ns)
+	/* Only forward: readings of other CPUs may lag a tick (xknock_clock.h),
+	 * and moving last back would credit that tick twice. */
+	if (now > b->last_ns) {
 		credit += now - b->last_ns;
+		b->last_ns = now;
+	}
 	if (credit > burst)
 		credit = burst;
-	b->last_ns = now;
 	if (credit < cost) {
 		b->credit_ns = credit;
 		return 0;

@@ -134,6 +134,28 @@ def test_each_source_has_its_own_token_bucket(harness):
     assert harness.counters()[R.SPA_RATE_LIMITED] == 4
 
 
+def test_a_lagging_clock_credits_a_bucket_nothing_twice(harness):
+    """Another CPU's coarse clock may be a tick behind (bpf/xknock_clock.h):
+    a bucket's last time only moves forward, or the time between the lagging
+    reading and the next would be credited again."""
+    harness.reset_state()
+    start = 1_000_000_000_000
+    harness.set_clock(start)
+    harness.apply(spa_config(rate=2))
+    payload = candidate(200)
+    for _ in range(3):
+        harness.run(udp("198.51.100.7", SPA_PORT, payload=payload))
+    assert len(harness.spa_candidates()) == 2   # the burst; the third is limited
+    harness.set_clock(start + 500_000_000)      # one more token at 2 a second
+    harness.run(udp("198.51.100.7", SPA_PORT, payload=payload))
+    harness.set_clock(start)                     # a reading from behind
+    harness.run(udp("198.51.100.7", SPA_PORT, payload=payload))
+    harness.set_clock(start + 500_000_000)      # no time has passed since the token
+    harness.run(udp("198.51.100.7", SPA_PORT, payload=payload))
+    assert len(harness.spa_candidates()) == 1
+    assert harness.counters()[R.SPA_RATE_LIMITED] == 3
+
+
 def test_a_flood_from_many_sources_is_capped_by_the_total_rate(harness):
     harness.reset_state()
     harness.set_clock(1_000_000_000_000)
