@@ -140,6 +140,7 @@ static __always_inline __u32 decide(struct xk_ctx *ctx, struct xk_settings **set
 
 static __always_inline int knock(struct xk_ctx *ctx)
 {
+	refresh_coarse_clock();
 	struct xk_settings *set = NULL;
 	__u32 reason = decide(ctx, &set);
 	count(reason);

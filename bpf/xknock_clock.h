@@ -5,7 +5,7 @@
  * guarded without a grant) never look at the time. 0 means "not read yet".
  *
  * It is the coarse clock (CLOCK_MONOTONIC_COARSE: CLOCK_MONOTONIC as of the
- * last tick), read once a tick per CPU (coarse_now), two 1/HZ behind at
+ * last tick), read once a tick per CPU (refresh_coarse_clock), two 1/HZ behind at
  * most: about 20 ns cheaper than the precise one under bpftool prog run, and
  * 20 more than a cached reading. Every time the data path keeps is compared with
  * its own later readings (non-decreasing on every CPU) or is a deadline the
@@ -39,19 +39,27 @@ struct xk_coarse_cache {
 };
 BPF_PERCPU_ARRAY(coarse_cache, struct xk_coarse_cache, 1);
 
-static __always_inline __u64 coarse_now(void)
+/* Called first for every packet: one place where the helper may be called,
+ * before anything is live but the context, so that the two ways join at once
+ * for the verifier. packet_now() then only reads the cache. */
+static __always_inline void refresh_coarse_clock(void)
 {
+#ifndef XK_TEST_CLOCK
 	__u64 jiffies = bpf_jiffies64();
 	__u32 zero = 0;
 	struct xk_coarse_cache *cache = coarse_cache.lookup(&zero);
-	if (!cache)
-		return bpf_ktime_get_coarse_ns();
-	if (cache->jiffies == jiffies && cache->ns)
-		return cache->ns;
-	__u64 now = bpf_ktime_get_coarse_ns();
-	cache->ns = now;   /* before its jiffy: a torn pair is only older */
-	cache->jiffies = jiffies;
-	return now;
+	if (cache && cache->jiffies != jiffies) {   /* 0 at first: jiffies never are */
+		cache->ns = bpf_ktime_get_coarse_ns();   /* before its jiffy: a torn pair is only older */
+		cache->jiffies = jiffies;
+	}
+#endif
+}
+
+static __always_inline __u64 coarse_now(void)
+{
+	__u32 zero = 0;
+	struct xk_coarse_cache *cache = coarse_cache.lookup(&zero);
+	return cache ? cache->ns : bpf_ktime_get_coarse_ns();
 }
 
 static __always_inline __u64 packet_now(struct xk_packet *pkt)
