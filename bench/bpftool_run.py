@@ -19,6 +19,7 @@ from xknock_dev.example import EXAMPLE_CONFIG
 from xknock_dev.packets import step, tcp, udp
 
 from . import common
+from .lists import revision_tree, tree_environ
 
 XKNOCK = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "xknock")
 FLOOR_C = "int xk_floor(struct xdp_md *ctx) { return XDP_DROP; }"
@@ -62,21 +63,12 @@ def _pin_floor(path):
     bpfsys.obj_pin(floor.load_func(b"xk_floor", BPF.XDP).fd, path)
 
 
-def _tree_env(tree):
-    """The environment in which the venv's `xknock` is tree's (None: this one's)."""
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    if tree:
-        env["PYTHONPATH"] = tree
-    return env
-
-
 class Attached:
     """One build of xknock attached with the example policy and a grant, in a
     namespace of its own (its pins apart from any other build's)."""
 
     def __init__(self, netns, config, tree=None):
-        self.netns, self.env = netns, _tree_env(tree)
+        self.netns, self.env = netns, tree_environ(tree)
         self.inside = ["nsenter", f"--net=/run/netns/{netns}"]   # one bpffs for attach and grant
         self.attached = False
         _run("ip", "netns", "add", netns)
@@ -107,7 +99,6 @@ def run(quick, against=None):
     attached beside this one and timed in the same rounds."""
     if not shutil.which("bpftool"):
         raise SystemExit("bpftool is not installed (scripts/setup test installs it)")
-    from .lists import revision_tree
 
     floor_pin = f"/sys/fs/bpf/xkbt-floor-{os.getpid()}"
     work = tempfile.mkdtemp(prefix="xkbt-")

@@ -82,11 +82,17 @@ def revision_tree(rev, into):
     return str(into)
 
 
-def run_in(tree, code, *args):
+def tree_environ(tree):
+    """os.environ in which the venv's python imports tree's xknock (None: this one's)."""
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     if tree:
         env["PYTHONPATH"] = tree
+    return env
+
+
+def run_in(tree, code, *args):
+    env = tree_environ(tree)
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
                           check=False)
     if done.returncode:
