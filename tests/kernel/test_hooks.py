@@ -459,8 +459,9 @@ def test_the_controller_loop_runs_the_hooks(xk, reader, tmp_path, monkeypatch):
         slow = tmp_path / "slow.done"
         path.write_text(hooked_text(tmp_path, web_open=["/bin/sh", "-c", f"sleep 0.5; touch {slow}"]))
         signals.reload = True
+        # the loop thread sets the controller's config, then the hooks': wait for both
         assert wait_for(lambda: controller.config.sequences[1].on_open[-1] == f"sleep 0.5; touch {slow}")
-        assert controller.hooks.sequences["web"].on_open[-1] == f"sleep 0.5; touch {slow}"
+        assert wait_for(lambda: controller.hooks.sequences["web"].on_open[-1] == f"sleep 0.5; touch {slow}")
         knock(xk, SOURCE6, WEB)
         assert wait_for(lambda: controller.hooks.runner.running == 1 or slow.exists())
     finally:
