@@ -332,7 +332,9 @@ def _rebuild(maps, view):
     time.sleep(GRANTED_GRACE_S)   # the next rebuild clears what was live until now
 
 
-_PROGRESS_UID = struct.Struct("<16xI")    # layout.ProgressKey: src, uid
+# layout.ProgressKey in 32-bit words: src (4), uid
+_PROGRESS_UID_WORD = layout.ProgressKey.uid.offset // 4
+_PROGRESS_KEY_WORDS = ctypes.sizeof(layout.ProgressKey) // 4
 
 
 def knocks_in_progress(maps, limit=50, now=None):
@@ -344,23 +346,22 @@ def knocks_in_progress(maps, limit=50, now=None):
     seqs = {seq.uid: seq for seq in live_sequences(maps).values()}
     longest_us = max((seq.step_timeout_ns // 1000 for seq in seqs.values() if seq.nsteps > 1), default=0)
     total, shown = firsts.fresh(maps, longest_us, now_us), []
-    limits = {uid: (seq.nsteps, seq.step_timeout_ns // 1000) for uid, seq in seqs.items()}
-    key_size = ctypes.sizeof(layout.ProgressKey)
-    # Read from the batches' buffers, a tight loop over (uid, state) pairs:
-    # a million entries as ctypes objects (or a call per field) take seconds.
+    # Per sequence: its step count, and the lowest state (ts_us << 8 | step)
+    # not timed out: a state below it stepped longer ago than the timeout.
+    floors = {uid: (seq.nsteps, max(now_us - seq.step_timeout_ns // 1000, 0) << 8) for uid, seq in seqs.items()}
+    floor_of = floors.get
+    # Read from the batches' buffers as (uid, state) integers: a million
+    # entries as ctypes objects (or a call per field) take seconds.
     for n, keys, values in maps.progress.chunks():
-        raw_keys = memoryview(keys).cast("B")[: n * key_size]
+        uids = memoryview(keys).cast("B")[: n * 4 * _PROGRESS_KEY_WORDS].cast("I")[_PROGRESS_UID_WORD::_PROGRESS_KEY_WORDS]
         states = memoryview(values).cast("B")[: n * 8].cast("Q")
-        for i, ((uid,), state) in enumerate(zip(_PROGRESS_UID.iter_unpack(raw_keys), states)):
-            limit_of = limits.get(uid)
-            if limit_of is None:
-                continue
-            step = state & 0xFF                    # layout.progress_step
-            if not 0 < step < limit_of[0] or now_us - (state >> 8) > limit_of[1]:   # >> 8: progress_ts_us
-                continue
-            total += 1
-            if len(shown) < limit:
-                key = layout.ProgressKey.from_buffer_copy(raw_keys, i * key_size)
-                shown.append((from_addr(key.src), seqs[uid].name.decode(errors="replace"), step,
-                              (now_us - (state >> 8)) / 1e6))
+        # step = state & 0xff (layout.progress_step), its time state >> 8 (progress_ts_us)
+        listed = [i for i, (uid, state) in enumerate(zip(uids, states))
+                  if (floor := floor_of(uid)) and 0 < (state & 0xFF) < floor[0] and state >= floor[1]]
+        total += len(listed)
+        for i in listed[: max(limit - len(shown), 0)]:
+            key = layout.ProgressKey.from_buffer_copy(keys, i * 4 * _PROGRESS_KEY_WORDS)
+            state = states[i]
+            shown.append((from_addr(key.src), seqs[key.uid].name.decode(errors="replace"), state & 0xFF,
+                          (now_us - (state >> 8)) / 1e6))
     return total, shown

@@ -310,6 +310,8 @@ def test_status_and_metrics_show_the_cluster(cluster):
     fresh(cluster)
     knock(cluster.net.client, a.addr, *SEQUENCE)
     assert opens(cluster.net.client, c.addr)
+    # the node writes its report about once a second: the grant's arrival may be in the next one
+    assert wait_for(lambda: c.cluster_status()["received"] >= 1, 5)
     shown = c.cluster_status()
     assert shown["node"] == "c" and shown["reachable"] and not shown["stale"] and shown["received"] >= 1
     text = check(xknock(c.host, "status", c.host.iface)).stdout
