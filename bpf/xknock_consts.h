@@ -124,6 +124,15 @@
 #define XK_GRANTED_SLOTS 65536       /* per half; a multiple of 8, a power of two */
 #define XK_GRANTED_WORDS (XK_GRANTED_SLOTS / 8)
 #define XK_GRANTED_SELECTOR (2 * XK_GRANTED_WORDS)
+/* grant_cache: per CPU, copies of grants a packet passed on, at a slot hashed
+ * from (source, protocol, port); epochs: what a copy must have been taken
+ * under to count (xknock_hints.h). */
+#ifndef XK_GRANT_CACHE_SLOTS
+#define XK_GRANT_CACHE_SLOTS 4096    /* a power of two; 64 bytes each, per CPU */
+#endif
+#define XK_EPOCH_GRANTS_CONTROLLER 0 /* epochs: written by the controller after it changes `grants` */
+#define XK_EPOCH_GRANTS_DATAPATH 1   /* incremented by the data path after it writes or removes a grant */
+#define XK_EPOCH_WORDS 2
 
 /* xk_settings.mode */
 #define XK_MODE_ENFORCE 0

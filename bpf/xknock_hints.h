@@ -11,7 +11,20 @@
  * mmap); only the controller's rebuild clears, the idle half alone, before
  * it scans `grants` and sets the byte of every grant it finds, then makes it
  * the live one (controller/state/grants.py rebuild_granted). A byte cleared
- * there belongs to a grant written before the clear, which the scan finds. */
+ * there belongs to a grant written before the clear, which the scan finds.
+ * grant_cache: per CPU, a copy of a grant a packet passed on, so that the
+ * flow's next packets pass without the grants hash (a call, about 40 ns of a
+ * granted packet). A copy counts only while the two grants words of `epochs` are
+ * those it was taken under, and for XK_GRANT_REFRESH_NS after it was taken;
+ * then the hash is looked up again and the grant's idle clock refreshed, as
+ * every packet did before. The controller writes a new value (never one seen
+ * before) to its word after each change it makes to `grants` (revoke, the
+ * sweep, an operator's grant, SPA, the cluster); the data path increments its
+ * word after it writes a grant (a knock completed) or removes a dead one. The epochs are read before
+ * the hash, so a copy taken under a value written after a change was looked
+ * up after that change. A copy passes nothing the hash would refuse: its
+ * window is the grant's, its last_seen no later than the grant's, and a grant
+ * the data path removes is dead on both clocks, its copies with it. */
 #ifndef XKNOCK_HINTS_H
 #define XKNOCK_HINTS_H
 
@@ -72,6 +85,69 @@ static __always_inline void mark_granted(struct xk_packet *pkt)
 	word = granted.lookup(&idx);
 	if (word)
 		__sync_fetch_and_or(word, byte);
+}
+
+struct xk_grant_epochs {
+	__u64 controller;
+	__u64 datapath;
+};
+
+static __always_inline void read_grant_epochs(struct xk_grant_epochs *seen)
+{
+	__u32 idx = XK_EPOCH_GRANTS_CONTROLLER;
+	u64 *word = epochs.lookup(&idx);
+	seen->controller = word ? *(volatile u64 *)word : 0;
+	idx = XK_EPOCH_GRANTS_DATAPATH;
+	word = epochs.lookup(&idx);
+	seen->datapath = word ? *(volatile u64 *)word : 0;
+}
+
+/* After the data path wrote or removed a grant: every CPU's copies are taken again. */
+static __always_inline void datapath_wrote_grants(void)
+{
+	__u32 idx = XK_EPOCH_GRANTS_DATAPATH;
+	u64 *word = epochs.lookup(&idx);
+	if (word)
+		__sync_fetch_and_add(word, 1);
+}
+
+static __always_inline struct xk_grant_copy *grant_copy_slot(struct xk_grant_key *key)
+{
+	__u32 w[5];
+	__builtin_memcpy(w, key, sizeof(w));
+	__u32 slot = xk_mix32(w[3] ^ xk_mix32(w[0] ^ w[1] ^ w[2] ^ w[4])) & (XK_GRANT_CACHE_SLOTS - 1);
+	return grant_cache.lookup(&slot);
+}
+
+/* This CPU's copy of key's grant, when it counts (see grant_cache above);
+ * NULL: the hash decides. */
+static __always_inline struct xk_grant_copy *grant_copy(struct xk_grant_key *key, struct xk_grant_epochs *seen, __u64 now)
+{
+	struct xk_grant_copy *copy = grant_copy_slot(key);
+	if (!copy || !copy->filled || copy->epoch_controller != seen->controller ||
+	    copy->epoch_datapath != seen->datapath || now > copy->last_seen_ns + XK_GRANT_REFRESH_NS)
+		return NULL;
+	__u32 want[5], have[5];
+	__builtin_memcpy(want, key, sizeof(want));
+	__builtin_memcpy(have, &copy->key, sizeof(have));
+	if ((want[0] ^ have[0]) | (want[1] ^ have[1]) | (want[2] ^ have[2]) | (want[3] ^ have[3]) | (want[4] ^ have[4]))
+		return NULL;
+	return copy;
+}
+
+/* After grant passed a packet: this CPU's copy of it, under the epochs read before the hash. */
+static __always_inline void keep_grant_copy(struct xk_grant_key *key, struct xk_grant *grant, struct xk_grant_epochs *seen)
+{
+	struct xk_grant_copy *copy = grant_copy_slot(key);
+	if (!copy)
+		return;
+	copy->key = *key;
+	copy->filled = 1;
+	copy->epoch_controller = seen->controller;
+	copy->epoch_datapath = seen->datapath;
+	copy->window_end_ns = grant->window_end_ns;
+	copy->idle_timeout_ns = grant->idle_timeout_ns;
+	copy->last_seen_ns = grant->last_seen_ns;
 }
 
 static __always_inline int list_bit(__u32 bank, __u32 list, __u32 kind, __u32 bit)

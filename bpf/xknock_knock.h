@@ -135,6 +135,7 @@ static __always_inline void write_grants(struct xk_seq *seq, struct xk_packet *p
 		}
 	}
 	mark_granted(pkt);   /* after the writes: a byte set means its grant is there */
+	datapath_wrote_grants();   /* a rewritten grant's copies no longer count */
 	emit(failed ? XK_EV_GRANT_FAILED : XK_EV_GRANTED, now, pkt, seq->uid, seq->nsteps);
 }
 

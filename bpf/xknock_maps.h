@@ -48,6 +48,13 @@ BPF_TABLE_PINNED("array", u32, u64, list_bits, 2 * XK_LIST_BITMAPS * XK_BITMAP_W
  * rewriting a word a CPU is setting another byte of */
 BPF_TABLE_PINNED7("array", u32, u64, granted, XK_GRANTED_SELECTOR + 1, XK_PIN_DIR "/granted",
 		  BPF_F_MMAPABLE);
+/* the epochs copies are taken under (XK_EPOCH_*, xknock_hints.h); mmapable,
+ * so that the controller writes its words with one 8-byte store each */
+BPF_TABLE_PINNED7("array", u32, u64, epochs, XK_EPOCH_WORDS, XK_PIN_DIR "/epochs", BPF_F_MMAPABLE);
+/* per CPU, copies of the grants packets passed on: a granted packet is
+ * judged without the hash (xknock_hints.h); not pinned: a new program starts
+ * with none */
+BPF_PERCPU_ARRAY(grant_cache, struct xk_grant_copy, XK_GRANT_CACHE_SLOTS);
 /* failed sequences per source, for bans */
 BPF_TABLE_PINNED("lru_hash", struct xk_addr, struct xk_failures, failures, XK_FAILURE_ENTRIES,
 		 XK_PIN_DIR "/failures");

@@ -133,13 +133,18 @@ static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_se
 	key.src = pkt->src;
 	key.proto = pkt->proto;
 	key.port = pkt->dport;
+	struct xk_grant_epochs seen;
+	read_grant_epochs(&seen);   /* before the hash (xknock_hints.h, grant_cache) */
+	__u64 now = packet_now(pkt);   /* only a grant's clocks need the time */
+	int opens = pkt->proto == XK_PROTO_TCP && (pkt->tcp_flags & XK_TCP_SYN) &&
+		    !(pkt->tcp_flags & XK_TCP_ACK);
+	struct xk_grant_copy *copy = grant_copy(&key, &seen, now);
+	if (copy && (now < copy->window_end_ns || (!opens && now < copy->last_seen_ns + copy->idle_timeout_ns)))
+		return XK_PASS_GRANT;
+
 	struct xk_grant *grant = grants.lookup(&key);
 	if (!grant)
 		return XK_DROP_NO_GRANT;
-	__u64 now = packet_now(pkt);   /* only a grant's clocks need the time */
-
-	int opens = pkt->proto == XK_PROTO_TCP && (pkt->tcp_flags & XK_TCP_SYN) &&
-		    !(pkt->tcp_flags & XK_TCP_ACK);
 	__u64 last_seen = grant->last_seen_ns;
 	int in_window = now < grant->window_end_ns;
 	int idle_alive = now < last_seen + grant->idle_timeout_ns;
@@ -147,12 +152,14 @@ static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_se
 		/* Coarse refresh: one store a second at most, not one per packet. */
 		if (now > last_seen + XK_GRANT_REFRESH_NS)
 			grant->last_seen_ns = now;
+		keep_grant_copy(&key, grant, &seen);
 		return XK_PASS_GRANT;
 	}
 	if (!idle_alive) {
 		/* Dead on both clocks: remove it so the map does not fill with corpses. */
 		__u32 seq_uid = grant->seq_uid;
 		if (grants.delete(&key) == 0) {   /* another CPU or the sweep may have won */
+			datapath_wrote_grants();   /* its copies are dead too; this says so on any clock */
 			count(XK_GRANT_EXPIRED);
 			emit(XK_EV_EXPIRED, now, pkt, seq_uid, 0);
 		}

@@ -80,6 +80,18 @@ struct xk_grant {
 	__u32 flags;
 };
 
+/* grant_cache: a grant as a packet found it in `grants`, and the epochs it
+ * was found under (xknock_hints.h). */
+struct xk_grant_copy {
+	struct xk_grant_key key;
+	__u32 filled;            /* 0: an empty slot */
+	__u64 epoch_controller;
+	__u64 epoch_datapath;
+	__u64 window_end_ns;
+	__u64 idle_timeout_ns;
+	__u64 last_seen_ns;      /* as written in `grants` when copied */
+};
+
 /* allow and deny: LPM tries keyed by (bank, address). */
 struct xk_lpm_key {
 	__u32 prefixlen;         /* 8 bits of bank and family + the address prefix */

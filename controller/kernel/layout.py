@@ -48,6 +48,11 @@ LIST_BITMAPS = 6
 GRANTED_SLOTS = 65536
 GRANTED_WORDS = GRANTED_SLOTS // 8
 GRANTED_SELECTOR = 2 * GRANTED_WORDS
+# epochs (bpf/xknock_hints.h): the words a grant's copy is taken under
+EPOCH_WORDS = 2
+GRANT_CACHE_SLOTS = 4096   # per CPU (XK_GRANT_CACHE_SLOTS)
+EPOCH_GRANTS_CONTROLLER = 0
+EPOCH_GRANTS_DATAPATH = 1
 
 PORT_GUARDED = 1 << 0
 PORT_KNOCK = 1 << 1
@@ -369,6 +374,7 @@ MAPS = {
     "port_flags": (ctypes.c_uint32, ctypes.c_uint64),
     "list_bits": (ctypes.c_uint32, ctypes.c_uint64),
     "granted": (ctypes.c_uint32, ctypes.c_uint64),
+    "epochs": (ctypes.c_uint32, ctypes.c_uint64),
 }
 
 

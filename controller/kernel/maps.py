@@ -12,6 +12,7 @@ import os
 from ..errors import XknockError
 from . import batch, bpfsys, layout, stamp
 from .datapath import running_map_ids
+from .epochs import Epochs
 
 
 def to_addr(ip):
@@ -95,6 +96,36 @@ class Map:
         """Every key (as items())."""
         for key, _ in self.items():
             yield key
+
+
+class GrantsMap(Map):
+    """`grants`: every change made through it is followed by a new controller
+    epoch (kernel/epochs.py), so that no CPU's copy of a grant changed
+    or removed here passes another packet. Writers that use the fd directly
+    (batch updates) call changed() themselves."""
+
+    epochs = None   # an Epochs, once FilterMaps has one
+
+    def update(self, key, value, flags=bpfsys.BPF_ANY):
+        try:
+            super().update(key, value, flags)
+        finally:   # a failed update may still have replaced the entry
+            self.changed()
+
+    def delete(self, key):
+        try:
+            return super().delete(key)
+        finally:
+            self.changed()
+
+    def changed(self):
+        if self.epochs is not None:
+            self.epochs.advance(layout.EPOCH_GRANTS_CONTROLLER)
+
+    def close(self):
+        if self.epochs is not None:
+            self.epochs.close()
+        super().close()
 
 
 class _PerCpu:
@@ -183,6 +214,8 @@ class FilterMaps:
                     maps[name] = PerCpuArray(fd, name)
                 elif name == "seqstats":
                     maps[name] = PerCpuHash(fd, name, *layout.MAPS[name])
+                elif name == "grants":
+                    maps[name] = GrantsMap(fd, name, *layout.MAPS[name])
                 else:
                     key_type, value_type = layout.MAPS[name]
                     maps[name] = Map(fd, name, key_type, value_type)
@@ -190,6 +223,8 @@ class FilterMaps:
             for fd in fds.values():
                 os.close(fd)
             raise
+        if "grants" in maps and "epochs" in maps:
+            maps["grants"].epochs = Epochs(maps["epochs"])
         return cls(maps)
 
     def __getattr__(self, name):

@@ -138,6 +138,7 @@ def write_batch(maps, entries):
             _write_todo(maps, todo, keys, values, written, refused, created)
         finally:   # also when a batch fails part way: an extra byte costs a lookup, a missing one a grant
             mark_granted(maps, {bytes(key.src.b) for key in keys})
+            maps.grants.changed()   # the batches wrote through the fd: no CPU's old copy counts
         for reason, n in created.items():
             maps.count_by_controller(reason, n)
     return written, refused
