@@ -132,7 +132,13 @@
 #endif
 #define XK_EPOCH_GRANTS_CONTROLLER 0 /* epochs: written by the controller after it changes `grants` */
 #define XK_EPOCH_GRANTS_DATAPATH 1   /* incremented by the data path after it writes or removes a grant */
-#define XK_EPOCH_WORDS 2
+#define XK_EPOCH_LISTS 2             /* written by the controller before it writes a bank of the lists */
+#define XK_EPOCH_WORDS 3
+/* list_cache: per CPU, sources found on a list (xknock_hints.h) */
+#ifndef XK_LIST_CACHE_SLOTS
+#define XK_LIST_CACHE_SLOTS 4096     /* a power of two; 40 bytes each, per CPU */
+#endif
+#define XK_COPY_FOR_NS 1000000000ULL /* a list's copy counts this long; then the trie is asked again */
 
 /* xk_settings.mode */
 #define XK_MODE_ENFORCE 0

@@ -24,7 +24,15 @@
  * the hash, so a copy taken under a value written after a change was looked
  * up after that change. A copy passes nothing the hash would refuse: its
  * window is the grant's, its last_seen no later than the grant's, and a grant
- * the data path removes is dead on both clocks, its copies with it. */
+ * the data path removes is dead on both clocks, its copies with it.
+ * list_cache: per CPU, a source found on the allow- or deny-list of a bank,
+ * so that its next packets are judged without the trie (a call). A copy
+ * counts under the lists' epoch it was taken under, and for XK_COPY_FOR_NS.
+ * The controller writes a new value to that word before it writes a bank
+ * (controller/policy/policy.py apply_policy): a copy of the bank's old
+ * entries was taken while that bank was live, under an older value, and none
+ * is taken of a bank that is not live (a packet reads the live bank first,
+ * and a bank is rewritten a grace period after it stopped being live). */
 #ifndef XKNOCK_HINTS_H
 #define XKNOCK_HINTS_H
 
@@ -148,6 +156,44 @@ static __always_inline void keep_grant_copy(struct xk_grant_key *key, struct xk_
 	copy->window_end_ns = grant->window_end_ns;
 	copy->idle_timeout_ns = grant->idle_timeout_ns;
 	copy->last_seen_ns = grant->last_seen_ns;
+}
+
+static __always_inline struct xk_list_copy *list_copy_slot(struct xk_addr *src, __u32 tag)
+{
+	__u32 w[4];
+	__builtin_memcpy(w, src->b, sizeof(w));
+	__u32 slot = xk_mix32(w[3] ^ xk_mix32(w[0] ^ w[1] ^ w[2] ^ tag)) & (XK_LIST_CACHE_SLOTS - 1);
+	return list_cache.lookup(&slot);
+}
+
+static __always_inline __u64 lists_epoch(void)
+{
+	__u32 idx = XK_EPOCH_LISTS;
+	u64 *word = epochs.lookup(&idx);
+	return word ? *(volatile u64 *)word : 0;
+}
+
+/* Does this CPU's copy say src is on the list of tag (see list_cache above)? */
+static __always_inline int list_copy_counts(struct xk_list_copy *copy, struct xk_addr *src, __u32 tag,
+					    __u64 epoch, __u64 now)
+{
+	if (!copy || copy->tag != tag || copy->epoch != epoch || now > copy->found_ns + XK_COPY_FOR_NS)
+		return 0;
+	__u32 want[4], have[4];
+	__builtin_memcpy(want, src->b, sizeof(want));
+	__builtin_memcpy(have, copy->src.b, sizeof(have));
+	return !((want[0] ^ have[0]) | (want[1] ^ have[1]) | (want[2] ^ have[2]) | (want[3] ^ have[3]));
+}
+
+static __always_inline void keep_list_copy(struct xk_list_copy *copy, struct xk_addr *src, __u32 tag,
+					   __u64 epoch, __u64 now)
+{
+	if (!copy)
+		return;
+	copy->src = *src;
+	copy->tag = tag;
+	copy->epoch = epoch;
+	copy->found_ns = now;
 }
 
 static __always_inline int list_bit(__u32 bank, __u32 list, __u32 kind, __u32 bit)

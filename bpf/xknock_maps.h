@@ -55,6 +55,9 @@ BPF_TABLE_PINNED7("array", u32, u64, epochs, XK_EPOCH_WORDS, XK_PIN_DIR "/epochs
  * judged without the hash (xknock_hints.h); not pinned: a new program starts
  * with none */
 BPF_PERCPU_ARRAY(grant_cache, struct xk_grant_copy, XK_GRANT_CACHE_SLOTS);
+/* per CPU, sources found on the allow- or deny-list: their next packets are
+ * judged without the trie (xknock_hints.h); not pinned */
+BPF_PERCPU_ARRAY(list_cache, struct xk_list_copy, XK_LIST_CACHE_SLOTS);
 /* failed sequences per source, for bans */
 BPF_TABLE_PINNED("lru_hash", struct xk_addr, struct xk_failures, failures, XK_FAILURE_ENTRIES,
 		 XK_PIN_DIR "/failures");

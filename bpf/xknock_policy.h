@@ -29,8 +29,28 @@ static __always_inline void source_key(struct xk_lpm_key *key, __u32 bank, struc
 	__builtin_memcpy(key->prefix, words, sizeof(words));
 }
 
-/* Is the source on the bank's allow-list? The flag and the bitmap answer
- * most packets before the trie is walked. */
+/* Is the source on the bank's list (XK_LIST_ALLOW, XK_LIST_DENY)? The flag
+ * and the bitmap answer most packets, this CPU's copy most of the rest
+ * (list_cache), before the trie is walked. */
+static __always_inline int source_listed(struct xk_settings *set, __u32 bank, __u32 list, struct xk_packet *pkt)
+{
+	__u32 has = list == XK_LIST_ALLOW ? XK_SET_HAS_ALLOW : XK_SET_HAS_DENY;
+	if (!(set->flags & has) || !source_may_be_listed(bank, list, pkt))
+		return 0;
+	__u64 epoch = lists_epoch();   /* before the trie (xknock_hints.h, list_cache) */
+	__u64 now = packet_now(pkt);
+	__u32 tag = 1 + bank + 2 * list;
+	struct xk_list_copy *copy = list_copy_slot(&pkt->src, tag);
+	if (list_copy_counts(copy, &pkt->src, tag, epoch, now))
+		return 1;
+	struct xk_lpm_key key = {};
+	source_key(&key, bank, pkt);
+	int found = (list == XK_LIST_ALLOW ? allow.lookup(&key) : deny.lookup(&key)) != NULL;
+	if (found)
+		keep_list_copy(copy, &pkt->src, tag, epoch, now);
+	return found;
+}
+
 static __always_inline int source_allowed(struct xk_settings *set, __u32 bank, struct xk_packet *pkt)
 {
 	if (!(set->flags & XK_SET_HAS_ALLOW) || !source_may_be_listed(bank, XK_LIST_ALLOW, pkt))
@@ -42,11 +62,7 @@ static __always_inline int source_allowed(struct xk_settings *set, __u32 bank, s
 
 static __always_inline int source_denied(struct xk_settings *set, __u32 bank, struct xk_packet *pkt)
 {
-	if (!(set->flags & XK_SET_HAS_DENY) || !source_may_be_listed(bank, XK_LIST_DENY, pkt))
-		return 0;
-	struct xk_lpm_key key = {};
-	source_key(&key, bank, pkt);
-	return deny.lookup(&key) != NULL;
+	return source_listed(set, bank, XK_LIST_DENY, pkt);
 }
 
 /* Is the source banned now? A ban found over is removed on the way. */
@@ -124,7 +140,7 @@ static __always_inline __u32 unseen_verdict(struct xk_packet *pkt, struct xk_set
  * (established TCP, UDP) is kept alive by the idle clock too. */
 static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_settings *set, __u32 bank)
 {
-	if (source_allowed(set, bank, pkt))
+	if (source_listed(set, bank, XK_LIST_ALLOW, pkt))
 		return XK_PASS_ALLOWLIST;
 
 	if (!source_may_hold_grant(pkt))

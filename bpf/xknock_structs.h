@@ -92,6 +92,15 @@ struct xk_grant_copy {
 	__u64 last_seen_ns;      /* as written in `grants` when copied */
 };
 
+/* list_cache: a source found on a list of a bank (xknock_hints.h). */
+struct xk_list_copy {
+	struct xk_addr src;
+	__u32 tag;               /* 0: an empty slot; else 1 + bank + 2 * list (XK_LIST_*) */
+	__u32 pad;
+	__u64 epoch;             /* epochs[XK_EPOCH_LISTS] before the trie was asked */
+	__u64 found_ns;
+};
+
 /* allow and deny: LPM tries keyed by (bank, address). */
 struct xk_lpm_key {
 	__u32 prefixlen;         /* 8 bits of bank and family + the address prefix */

@@ -78,9 +78,10 @@ class Harness:
         control.test_now_ns = now_ns
         self.maps.control.update(ctypes.c_uint32(0), control)
         if went_back:
-            # Grant copies (bpf/xknock_hints.h) rely on a clock that never
-            # goes back; this one can: none taken before counts after.
-            self.maps.grants.changed()
+            # Copies of grants and list entries (bpf/xknock_hints.h) rely on
+            # a clock that never goes back; this one can: none taken before counts after.
+            for word in (layout.EPOCH_GRANTS_CONTROLLER, layout.EPOCH_LISTS):
+                self.maps.advance_epoch(word)
 
     def advance(self, seconds):
         self.set_clock(self.now_ns + int(seconds * 1e9))

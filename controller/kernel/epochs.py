@@ -1,8 +1,9 @@
 """The controller's words of `epochs` (bpf/xknock_hints.h): each CPU keeps
-copies of what its packets found in `grants` (grant_cache), and a copy
-counts only under the epochs it was taken under. After every change to
-`grants`, the controller writes its word a value it never held before, so
-that no copy taken before the change counts after it. Written through mmap
+copies of what its packets found in `grants` (grant_cache) and in the
+allow- and deny-lists (list_cache), and a copy counts only under the epochs
+it was taken under. After every change to `grants`, and before it writes a
+bank of the lists, the controller writes the word a value it never held
+before, so that no copy taken before counts after. Written through mmap
 with one aligned 8-byte store: a reader never sees half of it."""
 
 import ctypes

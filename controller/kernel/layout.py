@@ -48,11 +48,13 @@ LIST_BITMAPS = 6
 GRANTED_SLOTS = 65536
 GRANTED_WORDS = GRANTED_SLOTS // 8
 GRANTED_SELECTOR = 2 * GRANTED_WORDS
-# epochs (bpf/xknock_hints.h): the words a grant's copy is taken under
-EPOCH_WORDS = 2
+# epochs (bpf/xknock_hints.h): the words the copies of grants and of list entries are taken under
+EPOCH_WORDS = 3
 GRANT_CACHE_SLOTS = 4096   # per CPU (XK_GRANT_CACHE_SLOTS)
 EPOCH_GRANTS_CONTROLLER = 0
 EPOCH_GRANTS_DATAPATH = 1
+EPOCH_LISTS = 2
+LIST_CACHE_SLOTS = 4096    # per CPU (XK_LIST_CACHE_SLOTS)
 
 PORT_GUARDED = 1 << 0
 PORT_KNOCK = 1 << 1

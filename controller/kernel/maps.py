@@ -104,7 +104,7 @@ class GrantsMap(Map):
     or removed here passes another packet. Writers that use the fd directly
     (batch updates) call changed() themselves."""
 
-    epochs = None   # an Epochs, once FilterMaps has one
+    epochs = None   # FilterMaps' Epochs (it closes it), once it has one
 
     def update(self, key, value, flags=bpfsys.BPF_ANY):
         try:
@@ -121,11 +121,6 @@ class GrantsMap(Map):
     def changed(self):
         if self.epochs is not None:
             self.epochs.advance(layout.EPOCH_GRANTS_CONTROLLER)
-
-    def close(self):
-        if self.epochs is not None:
-            self.epochs.close()
-        super().close()
 
 
 class _PerCpu:
@@ -181,6 +176,12 @@ class FilterMaps:
 
     def __init__(self, maps):
         self._maps = maps
+        self.epoch_writer = None   # an Epochs on the `epochs` map, when the program has one
+
+    def advance_epoch(self, word):
+        """No CPU's copy taken under word (layout.EPOCH_*) counts after this (kernel/epochs.py)."""
+        if self.epoch_writer is not None:
+            self.epoch_writer.advance(word)
 
     @classmethod
     def from_prog(cls, prog_id, expected_layout=None):
@@ -223,9 +224,12 @@ class FilterMaps:
             for fd in fds.values():
                 os.close(fd)
             raise
-        if "grants" in maps and "epochs" in maps:
-            maps["grants"].epochs = Epochs(maps["epochs"])
-        return cls(maps)
+        filter_maps = cls(maps)
+        if "epochs" in maps:
+            filter_maps.epoch_writer = Epochs(maps["epochs"])
+            if "grants" in maps:
+                maps["grants"].epochs = filter_maps.epoch_writer
+        return filter_maps
 
     def __getattr__(self, name):
         try:
@@ -239,6 +243,8 @@ class FilterMaps:
     def close(self):
         for m in self._maps.values():
             m.close()
+        if self.epoch_writer is not None:
+            self.epoch_writer.close()
 
     def __enter__(self):
         return self

@@ -137,6 +137,9 @@ def apply_policy(maps, config, host=None):
         live = maps.active_bank()
         target = 1 - live
         policy = compile_policy(config, target, host=host)
+        # Copies of list entries (bpf/xknock_hints.h, list_cache) were taken
+        # under the word's old value: none of the target bank's old entries counts again.
+        maps.advance_epoch(layout.EPOCH_LISTS)
         _clear_bank(maps, target)
         try:
             _write_bank(maps, policy)

@@ -109,7 +109,8 @@ def test_limits_and_flags_mirror_the_c_defines():
                  "SET_STRICT", "SET_ANSWER", "SET_DROP_IPSEC", "SET_DROP_TRANSPORTS", "ICMP_PEER_ENTRIES", "BAN_EVERYWHERE", "BAN_KNOCK_PORTS", "MODE_ENFORCE", "MODE_MONITOR", "SET_HAS_ALLOW", "SET_HAS_DENY", "SET_UNREACH_ESP4", "SET_UNREACH_AH4",
                  "SET_UNREACH_DCCP4", "SET_UNREACH_SCTP4", "SET_UNREACH_ESP6", "SET_UNREACH_AH6", "SET_UNREACH_DCCP6",
                  "SET_UNREACH_SCTP6", "SET_UDPLITE_PORTS4", "SET_UDPLITE_PORTS6", "GRANTED_SLOTS",
-                 "GRANT_CACHE_SLOTS", "EPOCH_WORDS", "EPOCH_GRANTS_CONTROLLER", "EPOCH_GRANTS_DATAPATH"):
+                 "GRANT_CACHE_SLOTS", "EPOCH_WORDS", "EPOCH_GRANTS_CONTROLLER", "EPOCH_GRANTS_DATAPATH", "EPOCH_LISTS",
+                 "LIST_CACHE_SLOTS"):
         assert defines[name] == getattr(layout, name), name
     for event in layout.Event:
         assert defines["EV_" + event.name] == event.value
