@@ -127,13 +127,14 @@ static __always_inline struct xk_grant_copy *grant_copy_slot(struct xk_grant_key
 	return grant_cache.lookup(&slot);
 }
 
-/* This CPU's copy of key's grant, when it counts (see grant_cache above);
- * NULL: the hash decides. */
-static __always_inline struct xk_grant_copy *grant_copy(struct xk_grant_key *key, struct xk_grant_epochs *seen, __u64 now)
+/* This CPU's copy of key's grant, taken under the epochs seen (see
+ * grant_cache above); NULL: the hash decides. Its age is the caller's to
+ * judge: the time is read only for a copy or a grant. */
+static __always_inline struct xk_grant_copy *grant_copy(struct xk_grant_key *key, struct xk_grant_epochs *seen)
 {
 	struct xk_grant_copy *copy = grant_copy_slot(key);
 	if (!copy || !copy->filled || copy->epoch_controller != seen->controller ||
-	    copy->epoch_datapath != seen->datapath || now > copy->last_seen_ns + XK_GRANT_REFRESH_NS)
+	    copy->epoch_datapath != seen->datapath)
 		return NULL;
 	__u32 want[5], have[5];
 	__builtin_memcpy(want, key, sizeof(want));
@@ -173,11 +174,11 @@ static __always_inline __u64 lists_epoch(void)
 	return word ? *(volatile u64 *)word : 0;
 }
 
-/* Does this CPU's copy say src is on the list of tag (see list_cache above)? */
-static __always_inline int list_copy_counts(struct xk_list_copy *copy, struct xk_addr *src, __u32 tag,
-					    __u64 epoch, __u64 now)
+/* Is this CPU's copy one of src on the list of tag, under epoch (see
+ * list_cache above)? Its age is the caller's to judge. */
+static __always_inline int list_copy_of(struct xk_list_copy *copy, struct xk_addr *src, __u32 tag, __u64 epoch)
 {
-	if (!copy || copy->tag != tag || copy->epoch != epoch || now > copy->found_ns + XK_COPY_FOR_NS)
+	if (!copy || copy->tag != tag || copy->epoch != epoch)
 		return 0;
 	__u32 want[4], have[4];
 	__builtin_memcpy(want, src->b, sizeof(want));

@@ -38,16 +38,15 @@ static __always_inline int source_listed(struct xk_settings *set, __u32 bank, __
 	if (!(set->flags & has) || !source_may_be_listed(bank, list, pkt))
 		return 0;
 	__u64 epoch = lists_epoch();   /* before the trie (xknock_hints.h, list_cache) */
-	__u64 now = packet_now(pkt);
 	__u32 tag = 1 + bank + 2 * list;
 	struct xk_list_copy *copy = list_copy_slot(&pkt->src, tag);
-	if (list_copy_counts(copy, &pkt->src, tag, epoch, now))
+	if (list_copy_of(copy, &pkt->src, tag, epoch) && packet_now(pkt) <= copy->found_ns + XK_COPY_FOR_NS)
 		return 1;
 	struct xk_lpm_key key = {};
 	source_key(&key, bank, pkt);
 	int found = (list == XK_LIST_ALLOW ? allow.lookup(&key) : deny.lookup(&key)) != NULL;
 	if (found)
-		keep_list_copy(copy, &pkt->src, tag, epoch, now);
+		keep_list_copy(copy, &pkt->src, tag, epoch, packet_now(pkt));
 	return found;
 }
 
@@ -151,16 +150,20 @@ static __always_inline __u32 guarded_verdict(struct xk_packet *pkt, struct xk_se
 	key.port = pkt->dport;
 	struct xk_grant_epochs seen;
 	read_grant_epochs(&seen);   /* before the hash (xknock_hints.h, grant_cache) */
-	__u64 now = packet_now(pkt);   /* only a grant's clocks need the time */
 	int opens = pkt->proto == XK_PROTO_TCP && (pkt->tcp_flags & XK_TCP_SYN) &&
 		    !(pkt->tcp_flags & XK_TCP_ACK);
-	struct xk_grant_copy *copy = grant_copy(&key, &seen, now);
-	if (copy && (now < copy->window_end_ns || (!opens && now < copy->last_seen_ns + copy->idle_timeout_ns)))
-		return XK_PASS_GRANT;
+	struct xk_grant_copy *copy = grant_copy(&key, &seen);
+	if (copy) {
+		__u64 now = packet_now(pkt);   /* only a grant's clocks need the time */
+		if (now <= copy->last_seen_ns + XK_GRANT_REFRESH_NS &&
+		    (now < copy->window_end_ns || (!opens && now < copy->last_seen_ns + copy->idle_timeout_ns)))
+			return XK_PASS_GRANT;
+	}
 
 	struct xk_grant *grant = grants.lookup(&key);
 	if (!grant)
 		return XK_DROP_NO_GRANT;
+	__u64 now = packet_now(pkt);
 	__u64 last_seen = grant->last_seen_ns;
 	int in_window = now < grant->window_end_ns;
 	int idle_alive = now < last_seen + grant->idle_timeout_ns;
