@@ -126,13 +126,29 @@ def _is_bpffs(path):
         return False
 
 
+# The inodes the kernel gives its initial namespaces: the PID namespace's
+# since Linux 3.8, the network namespace's in recent kernels (older ones number
+# it as any other, from 0xF0000000 up, so this value is never another's).
+PROC_PID_INIT_INO = 0xEFFFFFFC
+PROC_NET_INIT_INO = 0xEFFFFFF9
+
+
 def netns_id():
-    """The inode of this process's network namespace, or None in the initial one."""
+    """The inode of this process's network namespace, or None in the initial
+    one. PID 1 is the host's init only in the initial PID namespace: in a
+    container's (xknock its entrypoint, or under one) it shares the
+    container's network namespace, which must not pass for the initial one,
+    or two containers on the host's bpffs would share their pins. Where
+    nothing can tell, the namespace is taken as not the initial one."""
     mine = os.stat("/proc/self/ns/net").st_ino
+    if mine == PROC_NET_INIT_INO:
+        return None
     try:
+        if os.stat("/proc/self/ns/pid").st_ino != PROC_PID_INIT_INO:
+            return mine
         initial = os.stat("/proc/1/ns/net").st_ino
     except OSError:
-        initial = None
+        return mine
     return None if mine == initial else mine
 
 
