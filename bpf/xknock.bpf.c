@@ -131,7 +131,7 @@ static __always_inline __u32 decide(struct xk_ctx *ctx, struct xk_settings **set
 		/* written before port_flags with the bank: missing only if the two disagree */
 		struct xk_port_val *port = ports.lookup(&pkey);
 		if (port)
-			handle_knock(pkt, port, precise_now(pkt), set, bank);
+			handle_knock(pkt, port, knock_now(pkt, set), set, bank);
 		/* The host answers an echo knock's ping, as it always did. */
 		return pkt->proto == XK_PROTO_ICMP ? XK_PASS_ECHO : XK_DROP_KNOCK;
 	}

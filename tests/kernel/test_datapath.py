@@ -582,6 +582,40 @@ def test_with_the_kernel_clock_a_connection_right_after_a_step_intervenes(produc
     assert counted(production, Reason.GRANT_ISSUED) == (0 if strict else 1)
 
 
+SHORT_STEPS = """
+[filter]
+strict = {strict}
+answer = "drop"
+
+[[sequence]]
+name = "quick"
+knock = ["tcp:7000", "udp:8000", "tcp:9000"]
+step_timeout = "300ms"
+open = ["tcp:22"]
+"""
+
+
+@pytest.mark.parametrize("strict", ["true", "false"], ids=["strict", "lenient"])
+def test_with_the_kernel_clock_a_step_times_out(production, strict):
+    """Strict knocks read the precise clock, lenient ones the coarse one
+    (knock_now, bpf/xknock_clock.h): either way a step 400 ms after the last
+    (a step timeout of 300 ms) starts over, and steps back to back open."""
+    import time
+    from xknock.controller.config import parse_config
+
+    production.reset_state()
+    production.apply(parse_config(SHORT_STEPS.format(strict=strict), listening=set()))
+    production.run(step(STRANGER4, "tcp:7000"))
+    production.run(step(STRANGER4, "udp:8000"))
+    time.sleep(0.4)
+    production.run(step(STRANGER4, "tcp:9000"))
+    assert production.run(tcp(STRANGER4, 22)) == XDP_DROP
+    assert counted(production, Reason.KNOCK_TIMED_OUT) == 1
+    for knock in ("tcp:7000", "udp:8000", "tcp:9000"):
+        production.run(step(STRANGER4, knock))
+    assert production.run(tcp(STRANGER4, 22)) == XDP_PASS
+
+
 def test_with_the_kernel_clock_a_grant_ends_on_time(production, example_config):
     """The coarse clock is cached per CPU for a jiffy (bpf/xknock_clock.h):
     a reading kept past its tick would let a grant outlive its deadline. A
