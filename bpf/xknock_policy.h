@@ -50,6 +50,8 @@ static __always_inline int source_listed(struct xk_settings *set, __u32 bank, __
 	return found;
 }
 
+/* The allow-list without copies: for bans and IPsec refusals, rare paths
+ * where copies cost the verifier a third more states (docs/architecture.md). */
 static __always_inline int source_allowed(struct xk_settings *set, __u32 bank, struct xk_packet *pkt)
 {
 	if (!(set->flags & XK_SET_HAS_ALLOW) || !source_may_be_listed(bank, XK_LIST_ALLOW, pkt))
