@@ -69,6 +69,18 @@ def private_spent_file(tmp_path, monkeypatch):
     return path
 
 
+@pytest.fixture
+def one_cpu():
+    """The test's runs on one CPU (its lowest allowed), for what the program
+    keeps per CPU (copies, rate shares); yields the CPUs it was allowed before."""
+    was = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(was)})
+    try:
+        yield sorted(was)
+    finally:
+        os.sched_setaffinity(0, was)
+
+
 @pytest.fixture(scope="session")
 def harness():
     """The real program, built with the test clock, loaded once per session."""

@@ -37,15 +37,8 @@ idle_timeout = "15m"
 """
 
 
-@pytest.fixture(autouse=True)
-def one_cpu():
-    """Copies are per CPU: each test's runs on one, so that a run finds the last one's copy."""
-    was = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(was)})
-    try:
-        yield sorted(was)
-    finally:
-        os.sched_setaffinity(0, was)
+# Copies are per CPU: each test's runs on one, so that a run finds the last one's copy.
+pytestmark = pytest.mark.usefixtures("one_cpu")
 
 
 def ack(source, port=22):

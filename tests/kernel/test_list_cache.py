@@ -6,7 +6,6 @@ second; so a reload that drops an entry ends its copies at once, and an
 entry removed behind xknock's back (bpftool) is missed for a second at most."""
 
 import ipaddress
-import os
 
 import pytest
 from xknock_dev.packets import tcp
@@ -41,15 +40,8 @@ def config(allow=(f'"{ALLOWED}"', '"2001:db8:a::/48"'), deny=('"203.0.113.0/24"'
     return parse_config(CONFIG.format(allow=", ".join(allow), deny=", ".join(deny)), listening=set())
 
 
-@pytest.fixture(autouse=True)
-def one_cpu():
-    """Copies are per CPU: each test's runs on one."""
-    was = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(was)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, was)
+# Copies are per CPU: each test's runs on one.
+pytestmark = pytest.mark.usefixtures("one_cpu")
 
 
 @pytest.fixture
