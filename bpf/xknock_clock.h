@@ -63,21 +63,35 @@ static __always_inline __u64 coarse_now(void)
 	return cache ? cache->ns : bpf_ktime_get_coarse_ns();
 }
 
+/* The clock packet_now() keeps: the test's or the coarse one. */
+static __always_inline __u64 clock_reading(void)
+{
+#ifdef XK_TEST_CLOCK
+	/* tests set the time in control[0]; 0 there is read again, and is 0 again */
+	__u32 zero = 0;
+	struct xk_control *ctl = control.lookup(&zero);
+	return ctl ? ctl->test_now_ns : 0;
+#else
+	return coarse_now();
+#endif
+}
+
 static __always_inline __u64 packet_now(struct xk_packet *pkt)
 {
 	__u64 now = *(volatile __u64 *)&pkt->now;
 	if (now)
 		return now;
-#ifdef XK_TEST_CLOCK
-	/* tests set the time in control[0]; 0 there is read again, and is 0 again */
-	__u32 zero = 0;
-	struct xk_control *ctl = control.lookup(&zero);
-	now = ctl ? ctl->test_now_ns : 0;
-#else
-	now = coarse_now();
-#endif
+	now = clock_reading();
 	pkt->now = now;
 	return now;
+}
+
+/* The packet's time without keeping it: for a hint's age, where the packet's
+ * own judgement does not look at the time. */
+static __always_inline __u64 peek_now(struct xk_packet *pkt)
+{
+	__u64 now = *(volatile __u64 *)&pkt->now;
+	return now ? now : clock_reading();
 }
 
 /* The precise clock: strict mode's knocks and touches, the SPA event's

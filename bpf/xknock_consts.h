@@ -40,6 +40,13 @@
 #ifndef XK_RECENT_SLOTS             /* strict mode: knocking sources' last knock and intervening packet; a power of two */
 #define XK_RECENT_SLOTS (1 << 18)
 #endif
+/* strict mode: `knocking`, when a source hashed to each slot last knocked, in
+ * front of `recent` (xknock_strict.h); then the word of the time it was begun */
+#ifndef XK_KNOCKING_SLOTS
+#define XK_KNOCKING_SLOTS 8192       /* a power of two, at most 65536; 8 bytes each */
+#endif
+#define XK_KNOCKING_SINCE XK_KNOCKING_SLOTS
+#define XK_KNOCKING_SLACK_NS 10000000ULL   /* 10 ms: marks two CPUs write out of order */
 #ifndef XK_ICMP_PEER_ENTRIES        /* sources with an ICMP error rate bucket (answers), LRU */
 #define XK_ICMP_PEER_ENTRIES 65536
 #endif
@@ -89,6 +96,9 @@
 #endif
 #if (XK_RECENT_SLOTS & (XK_RECENT_SLOTS - 1)) != 0
 #error "XK_RECENT_SLOTS must be a power of two"
+#endif
+#if (XK_KNOCKING_SLOTS & (XK_KNOCKING_SLOTS - 1)) != 0 || XK_KNOCKING_SLOTS > 65536
+#error "XK_KNOCKING_SLOTS must be a power of two, at most 65536"
 #endif
 #if XK_MAX_STEPS > 32
 #error "XK_MAX_STEPS must fit the 32-bit step mask"

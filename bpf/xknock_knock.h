@@ -475,7 +475,7 @@ static __always_inline void handle_knock(struct xk_packet *pkt, struct xk_port_v
 	/* A knock some sequence here took keeps its source knocking; any other
 	 * (the step of a sequence this source is not at) intervenes in the rest. */
 	if (*(volatile __u8 *)&ks->took)
-		mark_knocking(pkt, *(volatile __u64 *)&pkt->now / 1000);
+		mark_knocking(pkt, *(volatile __u64 *)&pkt->now);
 	else
 		touch_if_knocking(pkt, set);
 }

@@ -65,6 +65,11 @@ BPF_TABLE_PINNED("lru_hash", struct xk_addr, struct xk_failures, failures, XK_FA
  * another port, at a slot hashed from the source (xknock_strict.h); an array,
  * so a source that is not knocking costs a read, never an insert */
 BPF_TABLE_PINNED("array", u32, struct xk_recent, recent, XK_RECENT_SLOTS, XK_PIN_DIR "/recent");
+/* strict mode: when a source of each slot last knocked, so that a new
+ * connection from a source that is not knocking reads a word of 64 KB, not a
+ * slot of `recent`'s 4 MB (xknock_strict.h); not pinned: a new program trusts
+ * it only once a step timeout has passed since its first packet */
+BPF_ARRAY(knocking, u64, XK_KNOCKING_SLOTS + 1);
 /* banned sources and until when */
 BPF_TABLE_PINNED("hash", struct xk_addr, struct xk_ban, bans, XK_BAN_ENTRIES, XK_PIN_DIR "/bans");
 /* per-CPU counters indexed by enum xk_reason; the controller sums them */

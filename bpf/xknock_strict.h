@@ -8,7 +8,14 @@
  * knocking costs one read of its slot, never a write or an insert: a flood of
  * new sources cannot fill anything. Two sources sharing a slot overwrite each
  * other's words, which makes strictness forget a touch (the tags tell them
- * apart): never a reset of anyone's knock. */
+ * apart): never a reset of anyone's knock.
+ *
+ * `knocking` sits in front of `recent`: a word per hash of the source, the
+ * last time a source of that hash knocked. A new connection from a source
+ * whose word is older than the longest step timeout reads nothing else: a
+ * flood of SYNs from random sources reads words of a 64 KB array, not slots
+ * of a 4 MB one that miss the cache (measured: 70 ns a frame live). A word only
+ * ever says "look": a slot of `recent` it hides is too old to count. */
 #ifndef XKNOCK_STRICT_H
 #define XKNOCK_STRICT_H
 
@@ -50,19 +57,54 @@ static __always_inline __u64 recent_age(__u64 word, __u32 tag, __u64 now_us, __u
 	return age <= window_us ? age : ~0ULL;
 }
 
-/* A knock was taken: the source is knocking for the next step timeout. */
-static __always_inline void mark_knocking(struct xk_packet *pkt, __u64 now_us)
+static __always_inline u64 *knocking_word(struct xk_addr *src)
 {
+	__u32 idx = (recent_hash(src) >> 16) & (XK_KNOCKING_SLOTS - 1);
+	return knocking.lookup(&idx);
+}
+
+/* May the source be knocking: has a source of its word knocked within the
+ * longest step timeout (and the microsecond recent_age rounds to)? A map that
+ * has not yet seen a step timeout pass since its first packet answers yes: a
+ * new program's map is empty, while `recent` kept the old program's knocks. */
+static __always_inline int may_be_knocking(struct xk_packet *pkt, struct xk_settings *set)
+{
+	__u32 idx = XK_KNOCKING_SINCE;
+	u64 *since = knocking.lookup(&idx);
+	u64 *word = knocking_word(&pkt->src);
+	if (!since || !word)
+		return 1;
+	__u64 now = peek_now(pkt);   /* coarse: never ahead of the precise time a step wrote */
+	__u64 window_ns = (set->knock_window_us + 1) * 1000 + XK_KNOCKING_SLACK_NS;
+	__u64 begun = *(volatile u64 *)since;
+	if (!begun) {
+		__sync_val_compare_and_swap(since, 0, now | 1);
+		return 1;
+	}
+	if (now < begun || now - begun <= window_ns)
+		return 1;
+	return (__s64)(now - *(volatile u64 *)word) <= (__s64)window_ns;
+}
+
+/* A knock was taken: the source is knocking for the next step timeout.
+ * now: the knock's time, ns (precise in strict mode). */
+static __always_inline void mark_knocking(struct xk_packet *pkt, __u64 now)
+{
+	u64 *word = knocking_word(&pkt->src);
+	if (word && *(volatile u64 *)word < now)
+		*word = now;   /* before the slot: a reader that sees the slot's knock sees this */
 	__u32 tag;
 	struct xk_recent *slot = recent_slot(pkt, &tag);
 	if (slot)
-		slot->knock = XK_RECENT_WORD(tag, now_us);
+		slot->knock = XK_RECENT_WORD(tag, now / 1000);
 }
 
 /* A new connection to a port that is not a step: remembered only if the
  * source is knocking. A slot that is not the source's needs no clock. */
 static __always_inline void touch_if_knocking(struct xk_packet *pkt, struct xk_settings *set)
 {
+	if (!may_be_knocking(pkt, set))
+		return;
 	__u32 tag;
 	struct xk_recent *slot = recent_slot(pkt, &tag);
 	if (!slot || XK_RECENT_TAG(slot->knock) != tag)

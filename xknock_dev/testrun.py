@@ -130,8 +130,19 @@ class Harness:
             array = getattr(self.maps, name)
             slots = array.max_entries
             bpfsys.map_update_batch(array.fd, (ctypes.c_uint32 * slots)(*range(slots)), (value_type * slots)(), slots)
+        self.trust_knocking()
         for key in list(self.maps.seqstats.keys()):
             self.maps.seqstats.update(key, [layout.SeqStats()] * self.maps.seqstats.cpus)
+
+    def trust_knocking(self, since_ns=1):
+        """Empty strict mode's `knocking` words (bpf/xknock_strict.h), begun
+        at since_ns: 1 (the default) has them trusted from the first packet,
+        so that every case runs the words' path; 0 as a new program finds them."""
+        fd = self.loaded.bpf[b"knocking"].map_fd
+        slots = layout.KNOCKING_SLOTS + 1
+        words = (ctypes.c_uint64 * slots)()
+        words[layout.KNOCKING_SINCE] = since_ns
+        bpfsys.map_update_batch(fd, (ctypes.c_uint32 * slots)(*range(slots)), words, slots)
 
     def drain_events(self, ring=b"events"):
         """Read and drop whatever a ring buffer holds, so that one case's

@@ -55,6 +55,9 @@ EPOCH_GRANTS_DATAPATH = 1
 EPOCH_LISTS = 2
 GRANT_CACHE_SLOTS = 4096   # per CPU (XK_GRANT_CACHE_SLOTS)
 LIST_CACHE_SLOTS = 4096    # per CPU (XK_LIST_CACHE_SLOTS)
+# knocking (bpf/xknock_strict.h): a word per hash of a source, then the word of when it was begun
+KNOCKING_SLOTS = 8192
+KNOCKING_SINCE = KNOCKING_SLOTS
 
 PORT_GUARDED = 1 << 0
 PORT_KNOCK = 1 << 1

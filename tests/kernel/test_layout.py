@@ -110,7 +110,7 @@ def test_limits_and_flags_mirror_the_c_defines():
                  "SET_UNREACH_DCCP4", "SET_UNREACH_SCTP4", "SET_UNREACH_ESP6", "SET_UNREACH_AH6", "SET_UNREACH_DCCP6",
                  "SET_UNREACH_SCTP6", "SET_UDPLITE_PORTS4", "SET_UDPLITE_PORTS6", "GRANTED_SLOTS",
                  "GRANT_CACHE_SLOTS", "EPOCH_WORDS", "EPOCH_GRANTS_CONTROLLER", "EPOCH_GRANTS_DATAPATH", "EPOCH_LISTS",
-                 "LIST_CACHE_SLOTS"):
+                 "LIST_CACHE_SLOTS", "KNOCKING_SLOTS"):
         assert defines[name] == getattr(layout, name), name
     for event in layout.Event:
         assert defines["EV_" + event.name] == event.value
