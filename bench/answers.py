@@ -629,7 +629,13 @@ def answers_lab(settings):
             pins = datapath.pin_dir([net.server_iface])
         try:
             fresh_attach(net, path)
-            yield net, status_json(net.server)[0]["interfaces"][0]["prog_id"]
+            prog_id = status_json(net.server)[0]["interfaces"][0]["prog_id"]
+            prog_fd = bpfsys.prog_fd_by_id(prog_id)
+            try:
+                common.wait_out_knocking_words(prog_fd, 5)   # CONFIG's step timeout
+            finally:
+                os.close(prog_fd)
+            yield net, prog_id
         finally:
             xknock(net.server, "detach", net.server_iface)
             datapath.remove_pins(pins)

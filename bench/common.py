@@ -88,3 +88,18 @@ def prog_run_time(prog_id):
         return info.run_time_ns, info.run_cnt
     finally:
         os.close(fd)
+
+
+def wait_out_knocking_words(prog_fd, step_timeout_s):
+    """Until the longest step timeout has passed since a new program's first
+    packet, strict mode reads `recent` slots beside its `knocking` words
+    (bpf/xknock_strict.h): its first packet (a SYN to an unused port from a
+    source that is not knocking), then that wait, so that what is measured
+    after is the program as it runs from then on."""
+    import time
+
+    from xknock.controller.kernel import bpfsys
+    from xknock_dev.packets import tcp
+
+    bpfsys.test_run(prog_fd, bytes(tcp("192.0.2.250", 80)))
+    time.sleep(step_timeout_s + 0.2)

@@ -60,6 +60,7 @@ def load_floor():
 
 def example_harness(cflags=(), strict=False):
     h = Harness(cflags=cflags)
+    h.trust_knocking()   # strict mode's words as a program has them a step timeout after its first packet
     config = parse_config(EXAMPLE_CONFIG, listening=set())
     h.apply(dataclasses.replace(config, strict=strict))
     return h
@@ -174,10 +175,10 @@ def bench_single_advance(h, floor_fd, settings):
 STRICT_PATHS = [
     # (row, frame, expected verdict, what exactly runs with strict = true)
     ("unguarded pass, IPv4", lambda: tcp(STRANGER4, 80), XDP_PASS,
-     "TCP SYN to port 80 from a source that is not knocking: strict mode reads its `recent` slot, writes nothing"),
+     "TCP SYN to port 80 from a source that is not knocking: strict mode reads its `knocking` word (old: no `recent` slot), writes nothing"),
     ("unguarded pass, knocking source, IPv4", lambda: tcp(KNOCKER4, 80), XDP_PASS,
      "TCP SYN to port 80 from a source at step 1: strict mode writes the touch into its slot"),
-    ("guarded drop, IPv4", lambda: tcp(STRANGER4, 22), XDP_DROP, "SYN to guarded tcp:22, no grant: a slot read too"),
+    ("guarded drop, IPv4", lambda: tcp(STRANGER4, 22), XDP_DROP, "SYN to guarded tcp:22, no grant: a `knocking` word read too"),
     ("knock repeated, IPv4", lambda: tcp(KNOCKER4, 7000), XDP_DROP,
      "SYN to tcp:7000 from a source at step 1: strict mode reads the slot before and writes its knock after"),
 ]
@@ -205,7 +206,7 @@ def bench_strict(plain, floor_fd, settings):
                 runs[name].append(timed(fd, frame, 1)[1])
         rows.append(("unguarded pass, new source, IPv4 (repeat=1)",
                      {name: (XDP_PASS, common.median(values)) for name, values in runs.items()},
-                     f"TCP SYN to port 80 from a source never seen before: a slot read, no insert; median of "
+                     f"TCP SYN to port 80 from a source never seen before: a `knocking` word read, no insert; median of "
                      f"{settings.single_runs} single runs, each including the fixed cost of one BPF_PROG_TEST_RUN"))
     return rows
 

@@ -47,6 +47,7 @@ FLOODS = {
     "unguarded ports": ["tcp:*", "udp:*"],  # every frame passed on to the stack
 }
 ALLOW_BASE = ipaddress.IPv4Network("10.128.0.0/9")
+STEP_TIMEOUT_S = 2   # config_text's
 
 
 class Settings:
@@ -99,6 +100,7 @@ class Server:
         self.prog_id = status_json(net.server)[0]["interfaces"][0]["prog_id"]
         self.xknock_fd = bpfsys.prog_fd_by_id(self.prog_id)
         self.maps = FilterMaps.from_prog(self.prog_id)
+        common.wait_out_knocking_words(self.xknock_fd, STEP_TIMEOUT_S)
         self.bpf = BPF(text=b"int xkb_pass(struct xdp_md *c) { return XDP_PASS; }\n"
                             b"int xkb_drop(struct xdp_md *c) { return XDP_DROP; }")
         self.pass_fd = self.bpf.load_func(b"xkb_pass", BPF.XDP).fd
