@@ -17,31 +17,17 @@ from model import recent_place
 from xknock_dev.packets import step, tcp
 from xknock_dev.testrun import TEST_RECENT_SLOTS, XDP_DROP, XDP_PASS
 
-from xknock.controller.config import parse_config
 from xknock.controller.kernel import layout
 from xknock.controller.kernel.layout import Reason
 
-SOURCE = "198.51.100.7"
-STEP_TIMEOUT_S = 5
-
-CONFIG = """
-[filter]
-answer = "drop"
-
-[[sequence]]
-name = "ssh"
-knock = ["tcp:7000", "udp:8000", "tcp:9000"]
-step_timeout = "5s"
-open = ["tcp:22"]
-"""
+SOURCE = "198.51.100.7"   # knocks nothing in the example policy's lists
+STEP_TIMEOUT_S = 5        # the example policy's longest step timeout
 
 
 @pytest.fixture
-def strict(harness):
-    harness.reset_state()
-    harness.set_clock(harness.now_ns + 10**9)
-    harness.apply(parse_config(CONFIG, listening=set()))
-    return harness
+def strict(xk):
+    """The example policy (strict mode on), the words trusted (the xk fixture)."""
+    return xk
 
 
 def recent_of(xk, source):
@@ -79,7 +65,7 @@ def test_a_new_program_reads_the_slots_until_a_step_timeout_has_passed(strict):
     knocks: until a step timeout has passed since its first packet, every
     new connection elsewhere reads its slot, as before the words."""
     strict.trust_knocking(0)   # as a new program finds them
-    assert strict.run(tcp("192.0.2.99", 443)) == XDP_PASS   # its first packet: the words begin
+    assert strict.run(tcp("192.0.2.99", 80)) == XDP_PASS   # its first packet: the words begin
     forge_knocking(strict, SOURCE)
     strict.advance(STEP_TIMEOUT_S - 0.5)
     assert strict.run(tcp(SOURCE, 80)) == XDP_PASS
